@@ -1,0 +1,223 @@
+"""The IDC index shipped by ``idc-index-data``: where it is, which release it is, and queries on it.
+
+Everything is read lazily from the package's Parquet files with DuckDB; nothing loads the
+whole index into memory. ``IndexSource`` can point at another folder with the same files
+(``IDC_INDEX_DIR``), which is how tests use a small fixture index and how a team can pin
+a release it has copied somewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from .errors import IndexUnavailableError, UnknownCollectionError
+
+#: Bundled indices this project reads. Others (sm_index, clinical_index, ...) are fetched
+#: on demand from the internet by idc-index; see ``available_indices``.
+BUNDLED = ("idc_index", "collections_index", "prior_versions_index", "version_metadata_index")
+
+#: Columns of ``idc_index`` the project relies on (manifests, downloads, checks).
+REQUIRED_COLUMNS = (
+    "collection_id",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "BodyPartExamined",
+    "instanceCount",
+    "series_size_MB",
+    "crdc_series_uuid",
+    "series_aws_url",
+    "aws_bucket",
+    "license_short_name",
+    "source_DOI",
+    "series_revised_idc_version",
+)
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class IndexSource:
+    """A folder holding the index Parquet files, and the package version it came from."""
+
+    directory: Path
+    package_version: str | None = None
+
+    @classmethod
+    def installed(cls) -> IndexSource:
+        """The index bundled with the installed ``idc-index-data`` package."""
+        try:
+            import idc_index_data
+        except ImportError as exc:  # pragma: no cover - a broken install
+            raise IndexUnavailableError(
+                "idc-index-data is not installed; install it with `pip install idc-index-data`"
+            ) from exc
+        return cls(Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH).parent, idc_index_data.__version__)
+
+    @classmethod
+    def from_env(cls, directory: str | os.PathLike[str] | None = None) -> IndexSource:
+        """``directory``, else ``$IDC_INDEX_DIR``, else the installed package."""
+        chosen = directory or os.environ.get("IDC_INDEX_DIR")
+        if chosen:
+            return cls(Path(chosen), None)
+        return cls.installed()
+
+    def path(self, name: str) -> Path:
+        """Path of a bundled index's Parquet file; a clear error when it is not there."""
+        path = self.directory / f"{name}.parquet"
+        if not path.is_file():
+            raise IndexUnavailableError(
+                f"index file {path} does not exist; expected the idc-index-data Parquet files "
+                f"({', '.join(n + '.parquet' for n in BUNDLED)}) in {self.directory}"
+            )
+        if not os.access(path, os.R_OK):
+            raise IndexUnavailableError(f"index file {path} is not readable (check its permissions)")
+        return path
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with one view per bundled index found in the folder."""
+        con = duckdb.connect()
+        for name in BUNDLED:
+            if name != "idc_index" and not (self.directory / f"{name}.parquet").is_file():
+                continue
+            path = self.path(name)
+            try:
+                con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(str(path))})")
+                con.execute(f"SELECT * FROM {name} LIMIT 0")
+            except duckdb.Error as exc:
+                con.close()
+                raise IndexUnavailableError(f"index file {path} cannot be read as Parquet: {exc}") from exc
+        check_columns(con)
+        return con
+
+    def release(self) -> int:
+        """The IDC data release (e.g. 25 for v25) this index describes."""
+        with self.connect() as con:
+            return release_of(con)
+
+
+def check_columns(con: duckdb.DuckDBPyConnection, table: str = "idc_index") -> None:
+    """Raise if ``table`` lacks a column the project relies on."""
+    present = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
+    missing = [c for c in REQUIRED_COLUMNS if c not in present]
+    if missing:
+        raise IndexUnavailableError(
+            f"{table} lacks the column(s) {', '.join(missing)}; present: {', '.join(sorted(present))}"
+        )
+
+
+def release_of(con: duckdb.DuckDBPyConnection) -> int:
+    """IDC release of the index behind ``con``: the newest version in ``version_metadata_index``,
+    else the newest ``series_revised_idc_version`` of ``idc_index``."""
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if "version_metadata_index" in tables:
+        (release,) = con.execute("SELECT max(idc_version) FROM version_metadata_index").fetchone()
+    else:
+        (release,) = con.execute("SELECT max(series_revised_idc_version) FROM idc_index").fetchone()
+    return int(release)
+
+
+def collection_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """All collection ids of the index, sorted."""
+    rows = con.execute(
+        "SELECT DISTINCT collection_id FROM idc_index WHERE collection_id IS NOT NULL ORDER BY 1"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def require_collection(con: duckdb.DuckDBPyConnection, collection_id: str) -> None:
+    """Raise ``UnknownCollectionError`` with close matches when the id is not in the index."""
+    known = collection_ids(con)
+    if collection_id in known:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(collection_id, known, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownCollectionError(
+        f"unknown collection {collection_id!r}: the index has {len(known)} collections "
+        f"(list them with `dataset idc collections`){hint}"
+    )
+
+
+def index_summary(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Totals of the index: series, instances, collections, patients, studies, bytes."""
+    series, instances, collections, patients, studies, size_bytes = con.execute(
+        """
+        SELECT count(*), sum(instanceCount), count(DISTINCT collection_id),
+               count(DISTINCT PatientID), count(DISTINCT StudyInstanceUID),
+               CAST(round(sum(round(series_size_MB * 1e6))) AS BIGINT)
+        FROM idc_index
+        """
+    ).fetchone()
+    return {
+        "series": int(series),
+        "instances": int(instances or 0),
+        "collections": int(collections),
+        "patients": int(patients),
+        "studies": int(studies),
+        "bytes": int(size_bytes or 0),
+    }
+
+
+COLLECTIONS_SQL = """
+WITH stats AS (
+    SELECT collection_id,
+           count(DISTINCT PatientID)        AS patients,
+           count(DISTINCT StudyInstanceUID) AS studies,
+           count(*)                         AS series,
+           sum(instanceCount)               AS instances,
+           CAST(sum(round(series_size_MB * 1e6)) AS BIGINT) AS size_bytes,
+           string_agg(DISTINCT Modality, ',' ORDER BY Modality) AS modalities,
+           string_agg(DISTINCT license_short_name, ', ' ORDER BY license_short_name) AS licenses
+    FROM idc_index GROUP BY collection_id
+), meta AS (
+    SELECT collection_id, collection_name, subjects, cancer_types, tumor_locations, species,
+           status, updated,
+           list_transform(list_filter(sources, lambda s: s.source_type = 'original_data'),
+                          lambda s: s.source_doi)[1]  AS doi,
+           list_transform(sources, lambda s: s.citation)[1] AS citation
+    FROM collections_index
+)
+SELECT s.collection_id, coalesce(m.collection_name, s.collection_id) AS collection_name,
+       m.subjects, s.patients, s.studies, s.series, s.instances, s.size_bytes,
+       s.modalities, s.licenses, m.doi, m.citation, m.cancer_types, m.tumor_locations,
+       m.species, m.status, m.updated
+FROM stats s LEFT JOIN meta m USING (collection_id)
+ORDER BY s.collection_id
+"""
+
+
+def collections_table(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """One row per collection: counts and size from ``idc_index``, names/licence/DOI from
+    ``collections_index`` (left join: a collection without metadata still appears)."""
+    return con.execute(COLLECTIONS_SQL).df()
+
+
+def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource) -> None:
+    """(Re)create the bundled indices as tables in ``con`` (a DuckDB database file), atomically."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for name in BUNDLED:
+            if name != "idc_index" and not (source.directory / f"{name}.parquet").is_file():
+                continue
+            path = source.path(name)
+            con.execute(
+                f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM read_parquet({_sql_str(str(path))})"
+            )
+        check_columns(con)
+        con.execute("COMMIT")
+    except duckdb.Error as exc:
+        con.execute("ROLLBACK")
+        raise IndexUnavailableError(f"loading the index from {source.directory} failed: {exc}") from exc
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise

@@ -1,0 +1,229 @@
+"""Layout templates: where each series goes below the download root.
+
+A template such as ``%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID/``
+names index columns with ``%column`` (the longest column name that matches wins, so
+``%Modality_%SeriesInstanceUID`` reads ``Modality``, ``_``, ``SeriesInstanceUID``; ``%%`` is a
+literal ``%``). Values are made safe as path components, vectorised with Arrow so that
+600,000 series render in well under a second:
+
+* ``/``, ``\\``, NUL, control characters and ``:*?"<>|`` become ``_``;
+* trailing dots and spaces are removed, so no value can be ``.`` or ``..``; an empty result is ``_``;
+* Windows-reserved names (``CON``, ``NUL``, ``COM1``, ...) get a ``_`` prefix;
+* a missing (NULL) value is ``unknown``.
+
+A rendered directory can therefore never leave the download root. Paths longer than
+``max_path`` characters (or with a component over 255 bytes) are either replaced by a
+deterministic hashed directory or reported, per ``long_paths``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import LayoutError
+
+DEFAULT_LAYOUT = "%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID/"
+#: Length of an instance file name: ``<crdc_instance_uuid>.dcm``.
+FILE_NAME_LENGTH = 36 + len(".dcm")
+MAX_PATH_DEFAULT = 260
+NAME_MAX_BYTES = 255
+LongPaths = Literal["hash", "error"]
+
+_UNSAFE = r'[\x00-\x1f\x7f/\\:*?"<>|]'
+_RESERVED = r"^(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$"
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parsed template: per path component, a list of ``("lit", text)`` / ``("col", name)``."""
+
+    template: str
+    components: tuple[tuple[tuple[str, str], ...], ...]
+
+    @property
+    def columns(self) -> list[str]:
+        """Index columns the template uses, in order of first use."""
+        seen: dict[str, None] = {}
+        for comp in self.components:
+            for kind, value in comp:
+                if kind == "col":
+                    seen.setdefault(value, None)
+        return list(seen)
+
+    @classmethod
+    def parse(cls, template: str, columns: Iterable[str]) -> Layout:
+        """Parse ``template`` against the available ``columns``; a clear error when it is malformed."""
+        known = sorted(set(columns), key=len, reverse=True)
+        if not template or not template.strip():
+            raise LayoutError("layout template is empty; example: " + DEFAULT_LAYOUT)
+        if template.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", template):
+            raise LayoutError(f"layout {template!r} is absolute; it must be relative to the download root")
+        parts = template.rstrip("/").split("/")
+        components = []
+        for part in parts:
+            if part == "":
+                raise LayoutError(f"layout {template!r} has an empty path component ('//')")
+            components.append(cls._parse_component(template, part, known))
+        layout = cls(template, tuple(components))
+        if not layout.columns:
+            raise LayoutError(
+                f"layout {template!r} uses no %column placeholder, so every series would share one "
+                "directory; example: " + DEFAULT_LAYOUT
+            )
+        return layout
+
+    @staticmethod
+    def _parse_component(template: str, part: str, known: Sequence[str]) -> tuple[tuple[str, str], ...]:
+        tokens: list[tuple[str, str]] = []
+        literal = ""
+        i = 0
+        while i < len(part):
+            ch = part[i]
+            if ch != "%":
+                literal += ch
+                i += 1
+                continue
+            if part.startswith("%%", i):
+                literal += "%"
+                i += 2
+                continue
+            name = next((c for c in known if part.startswith(c, i + 1)), None)
+            if name is None:
+                m = _IDENT.match(part, i + 1)
+                token = "%" + (m.group(0) if m else part[i + 1 : i + 2])
+                raise LayoutError(
+                    f"layout {template!r} has an unknown placeholder {token!r}; "
+                    f"valid placeholders are %column for any index column, e.g. "
+                    f"{', '.join('%' + c for c in sorted(known)[:12])}, ..."
+                )
+            if literal:
+                tokens.append(("lit", literal))
+                literal = ""
+            tokens.append(("col", name))
+            i += 1 + len(name)
+        if literal:
+            tokens.append(("lit", literal))
+        literal_text = "".join(v for k, v in tokens if k == "lit")
+        if re.search(_UNSAFE, literal_text):
+            raise LayoutError(
+                f"layout {template!r}: the text {literal_text!r} contains a character that is not "
+                'allowed in a path component (\\, control characters or :*?"<>|)'
+            )
+        if all(k == "lit" for k, _ in tokens) and part in (".", ".."):
+            raise LayoutError(f"layout {template!r} contains {part!r}, which would leave the download root")
+        if tokens[-1][0] == "lit" and tokens[-1][1][-1] in ". ":
+            raise LayoutError(f"layout {template!r}: component {part!r} ends with a dot or space")
+        return tuple(tokens)
+
+    def render(
+        self,
+        table: pa.Table | pa.RecordBatch,
+        *,
+        root_length: int = 0,
+        max_path: int = MAX_PATH_DEFAULT,
+        long_paths: LongPaths = "hash",
+    ) -> pa.Array:
+        """Relative target directory (ending in ``/``) for every row of ``table``.
+
+        ``root_length`` is the length of the absolute download root, so that the full path of
+        every file (root, directory, ``<uuid>.dcm``) is checked against ``max_path``.
+        """
+        return self.finish(self.render_unchecked(table), root_length=root_length, max_path=max_path, long_paths=long_paths)
+
+    def render_unchecked(self, table: pa.Table | pa.RecordBatch) -> pa.Array:
+        """Directories before the length and uniqueness checks (for rendering batch by batch)."""
+        rendered_components = []
+        for comp in self.components:
+            pieces = [pa.scalar(value) if kind == "lit" else sanitize(table.column(value)) for kind, value in comp]
+            if all(isinstance(p, pa.Scalar) for p in pieces):  # a literal-only component
+                pieces.insert(0, pa.nulls(table.num_rows, pa.string()).fill_null(""))
+            rendered_components.append(pc.binary_join_element_wise(*pieces, ""))
+        dirs = pc.binary_join_element_wise(*rendered_components, "/")
+        dirs = pc.binary_join_element_wise(dirs, "/", "")
+        return dirs
+
+    def finish(
+        self,
+        dirs: pa.Array | pa.ChunkedArray,
+        *,
+        root_length: int = 0,
+        max_path: int = MAX_PATH_DEFAULT,
+        long_paths: LongPaths = "hash",
+    ) -> pa.Array:
+        """Shorten or reject long paths and require one directory per series."""
+        dirs = _shorten_long(self.template, dirs, root_length, max_path, long_paths)
+        _check_distinct(self.template, dirs)
+        return dirs
+
+
+def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Make every value a safe single path component (see the module docstring)."""
+    text = pc.cast(values, pa.string()) if values.type != pa.string() else values
+    text = pc.fill_null(text, "unknown")
+    text = pc.replace_substring_regex(text, pattern=_UNSAFE, replacement="_")
+    text = pc.utf8_rtrim(text, characters=". ")
+    text = pc.if_else(pc.equal(text, ""), "_", text)
+    reserved = pc.match_substring_regex(text, pattern=_RESERVED)
+    return pc.if_else(reserved, pc.binary_join_element_wise("_", text, ""), text)
+
+
+def sanitize_value(value: object) -> str:
+    """``sanitize`` for one value (the CLI and tests use it)."""
+    return sanitize(pa.array([value], type=pa.string() if value is None else None))[0].as_py()
+
+
+def _too_long(path: str, root_length: int, max_path: int) -> bool:
+    if root_length + 1 + len(path) + FILE_NAME_LENGTH > max_path:
+        return True
+    return any(len(c.encode()) > NAME_MAX_BYTES for c in path.split("/"))
+
+
+def _shorten_long(
+    template: str, dirs: pa.Array | pa.ChunkedArray, root_length: int, max_path: int, long_paths: str
+) -> pa.Array | pa.ChunkedArray:
+    full = pc.add(pc.utf8_length(dirs), root_length + 1 + FILE_NAME_LENGTH)
+    suspects = pc.or_(pc.greater(full, max_path), pc.greater(pc.binary_length(dirs), NAME_MAX_BYTES))
+    idx = pc.indices_nonzero(suspects).to_pylist()
+    if not idx:
+        return dirs
+    values = dirs.to_pylist()
+    long_rows = [i for i in idx if _too_long(values[i], root_length, max_path)]
+    if not long_rows:
+        return dirs
+    if long_paths == "error":
+        example = values[long_rows[0]]
+        raise LayoutError(
+            f"layout {template!r} gives {len(long_rows)} path(s) longer than {max_path} characters "
+            f"(or with a component over {NAME_MAX_BYTES} bytes), e.g. {example!r}; use a shorter "
+            "layout or download root, or long_paths='hash' to shorten them deterministically"
+        )
+    for i in long_rows:
+        head = values[i].split("/", 1)[0][:64]
+        digest = hashlib.sha256(values[i].encode()).hexdigest()[:24]
+        values[i] = f"{head}/_long/{digest}/"
+        if _too_long(values[i], root_length, max_path):
+            raise LayoutError(
+                f"the download root is too long: even the shortened path {values[i]!r} exceeds "
+                f"{max_path} characters; choose a shorter IDC_DOWNLOAD_DIR"
+            )
+    return pa.array(values, type=pa.string())
+
+
+def _check_distinct(template: str, dirs: pa.Array | pa.ChunkedArray) -> None:
+    distinct = pc.count_distinct(dirs).as_py()
+    if distinct != len(dirs):
+        counts = pc.value_counts(dirs)
+        shared = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
+        raise LayoutError(
+            f"layout {template!r} puts {len(dirs) - distinct + 1} or more series in one directory "
+            f"(e.g. {shared!r}); include %SeriesInstanceUID or %crdc_series_uuid so that each "
+            "series has its own directory"
+        )

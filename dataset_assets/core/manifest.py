@@ -1,0 +1,201 @@
+"""Per-collection manifests: the series to download, after filters, each with its target directory.
+
+A manifest is an Arrow table (one row per series) stored as one Parquet file per collection,
+written to a temporary name and renamed into place, so that any number of partitions can
+materialize in parallel without a database lock and a failed build never replaces a good
+manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import FilterError
+from .index import require_collection
+from .layout import DEFAULT_LAYOUT, Layout, LongPaths
+
+#: Filter field -> index column.
+FILTER_COLUMNS = {
+    "modalities": "Modality",
+    "body_parts": "BodyPartExamined",
+    "patient_ids": "PatientID",
+    "study_uids": "StudyInstanceUID",
+    "series_uids": "SeriesInstanceUID",
+}
+
+#: Columns of a manifest, in order (``target_dir`` is added by the layout).
+MANIFEST_COLUMNS = (
+    "collection_id",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "BodyPartExamined",
+    "crdc_series_uuid",
+    "aws_bucket",
+    "series_aws_url",
+    "instanceCount",
+    "series_size_MB",
+    "series_bytes",
+    "license_short_name",
+    "source_DOI",
+    "series_revised_idc_version",
+)
+
+
+@dataclass(frozen=True)
+class ManifestFilters:
+    """Optional filters; within a field values are OR-ed, across fields AND-ed."""
+
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    patient_ids: tuple[str, ...] = ()
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object] | None) -> ManifestFilters:
+        """Build from a dict (run config, CLI); unknown fields and non-string values are errors."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(FILTER_COLUMNS))
+        if unknown:
+            raise FilterError(
+                f"unknown filter field(s) {', '.join(unknown)}; valid fields: {', '.join(FILTER_COLUMNS)}"
+            )
+        clean: dict[str, tuple[str, ...]] = {}
+        for name, raw in values.items():
+            items = [raw] if isinstance(raw, str) else list(raw or [])  # type: ignore[call-overload]
+            for item in items:
+                if not isinstance(item, str) or not item.strip():
+                    raise FilterError(f"filter {name} has the value {item!r}; values must be non-empty strings")
+            clean[name] = tuple(dict.fromkeys(i.strip() for i in items))
+        return cls(**clean)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {f.name: list(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)}
+
+
+def _check_filter_values(con: duckdb.DuckDBPyConnection, collection_id: str, filters: ManifestFilters) -> None:
+    for name, column in FILTER_COLUMNS.items():
+        wanted = getattr(filters, name)
+        if not wanted:
+            continue
+        found = {
+            r[0]
+            for r in con.execute(
+                f"SELECT DISTINCT {column} FROM idc_index WHERE collection_id = ? AND list_contains(?, {column})",
+                [collection_id, list(wanted)],
+            ).fetchall()
+        }
+        missing = [w for w in wanted if w not in found]
+        if missing:
+            valid = [
+                r[0]
+                for r in con.execute(
+                    f"SELECT DISTINCT {column} FROM idc_index WHERE collection_id = ? AND {column} IS NOT NULL "
+                    f"ORDER BY 1 LIMIT 21",
+                    [collection_id],
+                ).fetchall()
+            ]
+            more = ", ..." if len(valid) > 20 else ""
+            raise FilterError(
+                f"filter {name}={', '.join(missing)} matches no series of collection {collection_id!r}; "
+                f"valid {column} values there: {', '.join(valid[:20])}{more}"
+            )
+
+
+def build_manifest(
+    con: duckdb.DuckDBPyConnection,
+    collection_id: str,
+    filters: ManifestFilters | None = None,
+    *,
+    layout: str = DEFAULT_LAYOUT,
+    root_length: int = 0,
+    max_path: int = 260,
+    long_paths: LongPaths = "hash",
+) -> pa.Table:
+    """The manifest of ``collection_id``: one row per matching series, with ``target_dir``.
+
+    ``con`` is a connection with an ``idc_index`` view or table (see ``IndexSource.connect``).
+    """
+    filters = filters or ManifestFilters()
+    require_collection(con, collection_id)
+    index_columns = [r[0] for r in con.execute("DESCRIBE idc_index").fetchall()]
+    parsed = Layout.parse(layout, index_columns)
+    _check_filter_values(con, collection_id, filters)
+
+    where = ["collection_id = ?"]
+    params: list[object] = [collection_id]
+    for name, column in FILTER_COLUMNS.items():
+        wanted = getattr(filters, name)
+        if wanted:
+            where.append(f"list_contains(?, {column})")
+            params.append(list(wanted))
+    extra = [c for c in parsed.columns if c not in MANIFEST_COLUMNS]
+    select = [
+        "CAST(round(series_size_MB * 1e6) AS BIGINT) AS series_bytes" if c == "series_bytes" else f'"{c}"'
+        for c in MANIFEST_COLUMNS
+    ] + [f'"{c}"' for c in extra]
+    # No ORDER BY: index order is deterministic, and sorting 600k rows doubles peak memory.
+    sql = f"SELECT {', '.join(select)} FROM idc_index WHERE {' AND '.join(where)}"
+    # Stream Arrow batches out of DuckDB and render each: peak memory stays near the result size.
+    relation = con.sql(sql, params=params)
+    # DuckDB 2 renamed Relation.record_batch to to_arrow_reader.
+    reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch
+    reader = reader(100_000)
+    batches = []
+    for batch in reader:
+        dirs = parsed.render_unchecked(batch)
+        batches.append(batch.select(list(MANIFEST_COLUMNS)).append_column("target_dir", dirs))
+    if not batches or sum(b.num_rows for b in batches) == 0:
+        raise FilterError(
+            f"the filters {filters.as_dict()} match no series of collection {collection_id!r} together; "
+            "each value exists, but no series has all of them"
+        )
+    table = pa.Table.from_batches(batches)
+    del batches
+    dirs = parsed.finish(
+        table.column("target_dir"), root_length=root_length, max_path=max_path, long_paths=long_paths
+    )
+    return table.set_column(table.num_columns - 1, "target_dir", dirs)
+
+
+def summarize(table: pa.Table) -> dict[str, object]:
+    """Counts a person wants to see about a manifest."""
+    import pyarrow.compute as pc
+
+    return {
+        "series": table.num_rows,
+        "instances": int(pc.sum(table.column("instanceCount")).as_py() or 0),
+        "bytes": int(pc.sum(table.column("series_bytes")).as_py() or 0),
+        "patients": pc.count_distinct(table.column("PatientID")).as_py(),
+        "studies": pc.count_distinct(table.column("StudyInstanceUID")).as_py(),
+        "modalities": sorted(m for m in pc.unique(table.column("Modality")).to_pylist() if m),
+        "buckets": sorted(b for b in pc.unique(table.column("aws_bucket")).to_pylist() if b),
+    }
+
+
+def write_manifest(table: pa.Table, path: Path) -> Path:
+    """Write ``table`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_manifest(path: Path) -> pa.Table:
+    """Read a manifest written by ``write_manifest``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path}; materialize collection_manifest for this collection first")
+    return pq.read_table(path)
