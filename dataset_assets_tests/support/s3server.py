@@ -69,6 +69,8 @@ class Faults:
             self.delay_s = 0.0  # sleep between GET headers and body
             self.throttle_bytes_per_s = 0.0  # per response; 0 = unlimited
 
+    clear_faults = clear
+
     def fail_next_gets(self, n: int, status: int = 503) -> None:
         """The next ``n`` object GETs answer ``status`` with an S3 XML error body."""
         with self._lock:
@@ -117,13 +119,12 @@ class LocalS3Server:
     """Serve ``root/<bucket>/<key>`` over a minimal S3 REST API on 127.0.0.1."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0,
-                 max_lifetime_s: float | None = 3600, md5_etags: bool = False):
+                 max_lifetime_s: float | None = 3600):
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("LocalS3Server binds 127.0.0.1 only")
-        self.root, self.max_lifetime_s, self.md5_etags = Path(root), max_lifetime_s, md5_etags
+        self.root, self.max_lifetime_s = Path(root), max_lifetime_s
         self.faults = Faults()
         self._lock = threading.Lock()
-        self._etags: dict[tuple[str, int, int], str] = {}
         self._conns: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
         self._timer: threading.Timer | None = None
@@ -197,19 +198,10 @@ class LocalS3Server:
             return None
         return self.root.joinpath(*[p for p in parts if p])
 
-    def etag(self, path: Path, st: os.stat_result) -> str:
-        ident = (str(path), st.st_mtime_ns, st.st_size)
-        with self._lock:
-            tag = self._etags.get(ident)
-        if tag is None:
-            if self.md5_etags:
-                with open(path, "rb") as f:
-                    tag = f'"{hashlib.file_digest(f, "md5").hexdigest()}"'
-            else:  # cheap and stable, but shaped like an md5
-                tag = f'"{hashlib.md5(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()}"'
-            with self._lock:
-                self._etags[ident] = tag
-        return tag
+    @staticmethod
+    def etag(st: os.stat_result) -> str:
+        """Cheap fake ETag: stable per (size, mtime_ns), shaped like a quoted md5."""
+        return f'"{hashlib.md5(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()}"'
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[tuple[str, Path]]:
         """Sorted (key, path) of the regular files in ``bucket`` under ``prefix``."""
@@ -218,9 +210,10 @@ class LocalS3Server:
         out = []
         for dirpath, _dirs, files in os.walk(start) if start is not None else ():
             rel = os.path.relpath(dirpath, base).replace(os.sep, "/")
-            keys = (n if rel == "." else f"{rel}/{n}" for n in files)
-            out += [(k, Path(dirpath, k.rpartition("/")[2])) for k in keys
-                    if k.startswith(prefix)]
+            for name in files:
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    out.append((key, Path(dirpath, name)))
         return sorted(out)
 
 
@@ -282,8 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
         bdir = srv.path_for(bucket)
         if key:
             return self._object(bucket, key)
-        srv._count("head_bucket" if self.command == "HEAD" else "list" if not (
-            "location" in q) else "other")
+        is_list = self.command == "GET" and "location" not in q
+        srv._count("head_bucket" if self.command == "HEAD" else "list" if is_list else "other")
         if bdir is None or not bdir.is_dir():
             return self._error(404, "NoSuchBucket", "/" + bucket,
                                "The specified bucket does not exist")
@@ -349,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:  # deleted while listing
                 continue
             out.append(f"<Contents><Key>{enc(name)}</Key><LastModified>{_iso(st.st_mtime)}"
-                       f"</LastModified><ETag>{escape(srv.etag(path, st))}</ETag>"
+                       f"</LastModified><ETag>{escape(srv.etag(st))}</ETag>"
                        f"<Size>{st.st_size + srv.faults.size_delta(name)}</Size>"
                        "<StorageClass>STANDARD</StorageClass></Contents>")
         self._xml(200, f"<ListBucketResult{_NS}>{''.join(out)}</ListBucketResult>")
@@ -370,7 +363,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return self._error(404, "NoSuchKey", resource, "The specified key does not exist.")
         size, ctype = st.st_size, "application/octet-stream"
-        headers = {"ETag": srv.etag(path, st), "Accept-Ranges": "bytes",
+        headers = {"ETag": srv.etag(st), "Accept-Ranges": "bytes",
                    "Last-Modified": formatdate(st.st_mtime, usegmt=True)}
         if not is_get:
             return self._head(200, size + faults.size_delta(key), ctype, headers)

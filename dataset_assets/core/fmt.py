@@ -1,0 +1,43 @@
+"""Formatting for people: sizes, rates, durations, markdown tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def human_bytes(n: float | int | None) -> str:
+    """``1234567`` -> ``'1.2 MB'`` (decimal units, as IDC reports sizes)."""
+    if n is None or pd.isna(n):
+        return ""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} PB"  # pragma: no cover
+
+
+def human_duration(seconds: float | None) -> str:
+    """``3725`` -> ``'1h02m05s'``; ``None`` -> ``'?'``."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def markdown_table(df: pd.DataFrame, max_rows: int = 200) -> str:
+    """A GitHub-flavoured markdown table of ``df`` (first ``max_rows`` rows)."""
+    def cell(v: object) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in df.columns) + " |"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.head(max_rows).itertuples(index=False)]
+    more = [f"\n_{len(df) - max_rows:,} more rows not shown_"] if len(df) > max_rows else []
+    return "\n".join([head, rule, *rows, *more])

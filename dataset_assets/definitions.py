@@ -1,0 +1,18 @@
+"""The one place that wires the project: ``dataset_assets.definitions:defs``."""
+
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from dataset_assets.defs.index_assets import idc_collections, idc_index
+from dataset_assets.defs.manifest_assets import collection_manifest
+from dataset_assets.defs.resources import IdcResource
+from dataset_assets.defs.settings import DEFAULT_DUCKDB_PATH, env
+
+defs = dg.Definitions(
+    assets=[idc_index, idc_collections, collection_manifest],
+    resources={
+        "idc": IdcResource.from_env(),
+        "duckdb": DuckDBResource(database=env("IDC_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)),
+    },
+)

@@ -1,0 +1,88 @@
+"""The IDC index in DuckDB, and the table of collections."""
+
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from dataset_assets.core import index as idx
+
+from dataset_assets.core.fmt import human_bytes, markdown_table
+from .resources import IdcResource
+from .settings import INDEX_GROUP, OWNERS
+
+IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
+
+
+@dg.asset(
+    group_name=INDEX_GROUP,
+    kinds={"duckdb", "parquet"},
+    owners=OWNERS,
+    tags={"domain": "idc"},
+)
+def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """The series-level index of NCI Imaging Data Commons (one row per DICOM series), from the
+    installed `idc-index-data` package, loaded into the project's DuckDB database
+    (`$IDC_DUCKDB_PATH`) with `collections_index`, `prior_versions_index` and
+    `version_metadata_index`. Its data version is the IDC release (e.g. `v25`), so an
+    unchanged release shows as unchanged."""
+    source = idc.source()
+    Path(duckdb.database).parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.get_connection() as con:
+        idx.load_into(con, source)
+        release = idx.release_of(con)
+        totals = idx.index_summary(con)
+    context.log.info(
+        "idc_index loaded: IDC v%s, %s series, %s collections, %s",
+        release, f"{totals['series']:,}", totals["collections"], human_bytes(totals["bytes"]),
+    )
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"v{release}"),
+        metadata={
+            "idc_release": f"v{release}",
+            "idc_index_data_version": source.package_version or "custom ($IDC_INDEX_DIR)",
+            "series": totals["series"],
+            "instances": totals["instances"],
+            "collections": totals["collections"],
+            "patients": totals["patients"],
+            "studies": totals["studies"],
+            "total_bytes": totals["bytes"],
+            "total_size": human_bytes(totals["bytes"]),
+            "dagster/row_count": totals["series"],
+            "duckdb_path": dg.MetadataValue.path(str(duckdb.database)),
+            "source_dir": dg.MetadataValue.path(str(source.directory)),
+            "idc_portal": dg.MetadataValue.url(IDC_PORTAL),
+        },
+    )
+
+
+@dg.asset(
+    deps=[idc_index],
+    group_name=INDEX_GROUP,
+    kinds={"duckdb"},
+    owners=OWNERS,
+    tags={"domain": "idc"},
+)
+def idc_collections(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """One row per IDC collection: name, subjects, patients, studies, series, instances, size,
+    modalities, licences, DOI and citation, cancer types; `idc_index` joined with
+    `collections_index`, stored as the DuckDB table `idc_collections`."""
+    with duckdb.get_connection() as con:
+        table = idx.collections_table(con)
+        con.execute("CREATE OR REPLACE TABLE idc_collections AS SELECT * FROM table")
+        release = idx.release_of(con)
+    view = table.assign(
+        size=table["size_bytes"].map(human_bytes),
+        doi=table["doi"].map(lambda d: f"[{d}](https://doi.org/{d})" if d else ""),
+    )[["collection_id", "collection_name", "subjects", "series", "instances", "size", "modalities", "licenses", "doi", "cancer_types"]]
+    context.log.info("idc_collections: %d collections", len(table))
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"v{release}"),
+        metadata={
+            "collections": len(table),
+            "dagster/row_count": len(table),
+            "total_bytes": int(table["size_bytes"].sum()),
+            "collections_table": dg.MetadataValue.md(markdown_table(view)),
+        },
+    )

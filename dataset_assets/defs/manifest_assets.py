@@ -1,0 +1,102 @@
+"""Per-collection manifests: which series to download and where each goes."""
+
+
+import hashlib
+import json
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from dataset_assets.core import manifest as mf
+from dataset_assets.core.index import release_of
+from dataset_assets.core.fmt import human_bytes, markdown_table
+from dataset_assets.core.layout import DEFAULT_LAYOUT, MAX_PATH_DEFAULT
+
+from .index_assets import idc_index
+from .partitions import collection_partitions
+from .resources import IdcResource
+from .settings import COLLECTIONS_GROUP, OWNERS
+
+PREVIEW_COLUMNS = ["PatientID", "Modality", "SeriesInstanceUID", "instanceCount", "series_size_MB", "target_dir"]
+
+
+class ManifestConfig(dg.Config):
+    """Filters (values OR-ed within a field, fields AND-ed) and the layout of the download."""
+
+    modalities: list[str] = Field(default=[], description="Keep series of these Modality values, e.g. ['CT', 'SEG'].")
+    body_parts: list[str] = Field(default=[], description="Keep series of these BodyPartExamined values, e.g. ['CHEST'].")
+    patient_ids: list[str] = Field(default=[], description="Keep series of these PatientID values.")
+    study_uids: list[str] = Field(default=[], description="Keep series of these StudyInstanceUID values.")
+    series_uids: list[str] = Field(default=[], description="Keep only these SeriesInstanceUID values.")
+    layout: str = Field(default=DEFAULT_LAYOUT, description="Directory of each series below the download root; %column for any index column.")
+    long_paths: Literal["hash", "error"] = Field(
+        default="hash", description="Paths over max_path characters: 'hash' shortens them deterministically, 'error' fails."
+    )
+    max_path: int = Field(default=MAX_PATH_DEFAULT, description="Longest file path allowed (260: Windows' limit).")
+
+    def filters(self) -> mf.ManifestFilters:
+        return mf.ManifestFilters.from_mapping({name: getattr(self, name) for name in mf.FILTER_COLUMNS})
+
+
+@dg.asset(
+    deps=[idc_index],
+    partitions_def=collection_partitions,
+    group_name=COLLECTIONS_GROUP,
+    kinds={"parquet", "duckdb"},
+    owners=OWNERS,
+    tags={"domain": "idc"},
+)
+def collection_manifest(
+    context: dg.AssetExecutionContext, config: ManifestConfig, idc: IdcResource
+) -> dg.MaterializeResult:
+    """The series of one IDC collection to download, after optional filters (modalities, body
+    parts, patients, studies, series), each with its S3 URL, size, instance count, licence and
+    target directory from the layout template. Stored as one Parquet file per collection in
+    `$IDC_MANIFEST_DIR` (query all with DuckDB: `SELECT * FROM 'data/manifests/*.parquet'`)."""
+    collection_id = context.partition_key
+    source = idc.source()
+    root = idc.download_root()
+    with source.connect() as con:
+        release = release_of(con)
+        table = mf.build_manifest(
+            con,
+            collection_id,
+            config.filters(),
+            layout=config.layout,
+            root_length=len(str(root)),
+            max_path=config.max_path,
+            long_paths=config.long_paths,
+        )
+    path = mf.write_manifest(table, idc.manifest_path(collection_id))
+    stats = mf.summarize(table)
+    context.log.info(
+        "manifest %s: %s series, %s instances, %s -> %s",
+        collection_id, f"{stats['series']:,}", f"{stats['instances']:,}", human_bytes(stats["bytes"]), path,
+    )
+    fingerprint = json.dumps(
+        {"index": str(source.directory), "release": release, **config.model_dump()}, sort_keys=True
+    )
+    preview = table.slice(0, 10).select(PREVIEW_COLUMNS).to_pandas()
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(hashlib.sha256(fingerprint.encode()).hexdigest()[:16]),
+        metadata={
+            "series": stats["series"],
+            "instances": stats["instances"],
+            "bytes": stats["bytes"],
+            "size": human_bytes(stats["bytes"]),
+            "patients": stats["patients"],
+            "studies": stats["studies"],
+            "modalities": ", ".join(stats["modalities"]),
+            "buckets": ", ".join(stats["buckets"]),
+            "dagster/row_count": stats["series"],
+            "filters": dg.MetadataValue.json(config.filters().as_dict()),
+            "layout": config.layout,
+            "manifest_path": dg.MetadataValue.path(str(path)),
+            "download_root": dg.MetadataValue.path(str(root)),
+            "preview": dg.MetadataValue.md(markdown_table(preview)),
+            "idc_viewer": dg.MetadataValue.url(
+                f"https://portal.imaging.datacommons.cancer.gov/explore/filters/?collection_id={collection_id}"
+            ),
+        },
+    )
