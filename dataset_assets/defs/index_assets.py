@@ -70,7 +70,9 @@ def idc_collections(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -
     `collections_index`, stored as the DuckDB table `idc_collections`."""
     with duckdb.get_connection() as con:
         table = idx.collections_table(con)
-        con.execute("CREATE OR REPLACE TABLE idc_collections AS SELECT * FROM table")
+        con.register("collections_df", table)
+        con.execute("CREATE OR REPLACE TABLE idc_collections AS SELECT * FROM collections_df")
+        con.unregister("collections_df")
         release = idx.release_of(con)
     view = table.assign(
         size=table["size_bytes"].map(human_bytes),

@@ -1,0 +1,115 @@
+"""The Dagster layer: definitions load, partitions, materializations in process and from the CLI."""
+
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+from dagster_duckdb import DuckDBResource
+
+from dataset_assets.core import index as idx
+from dataset_assets.definitions import defs
+from dataset_assets.defs.index_assets import idc_collections, idc_index
+from dataset_assets.defs.manifest_assets import collection_manifest
+from dataset_assets.defs.resources import IdcResource
+
+
+@pytest.fixture
+def resources(tmp_path):
+    return {
+        "idc": IdcResource(manifest_dir=str(tmp_path / "manifests"), download_dir=str(tmp_path / "idc")),
+        "duckdb": DuckDBResource(database=str(tmp_path / "db" / "idc.duckdb")),
+    }
+
+
+def test_definitions_load_and_partitions_equal_index_collections():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"idc_index", "idc_collections", "collection_manifest"} <= keys
+    manifest = graph.get(dg.AssetKey("collection_manifest"))
+    with idx.IndexSource.installed().connect() as con:
+        assert manifest.partitions_def.get_partition_keys() == idx.collection_ids(con)
+    assert dg.AssetKey("idc_index") in manifest.parent_keys
+    spec = defs.get_assets_def("idc_index").specs_by_key[dg.AssetKey("idc_index")]
+    assert spec.owners and "duckdb" in spec.kinds and spec.description
+
+
+def test_index_and_manifest_materialize_in_process(resources, tmp_path):
+    result = dg.materialize([idc_index, idc_collections], resources=resources)
+    assert result.success
+    index_mat = result.asset_materializations_for_node("idc_index")[0]
+    assert index_mat.metadata["series"].value == 1_044_191
+    assert index_mat.metadata["idc_release"].value == "v25"
+    assert index_mat.tags["dagster/data_version"] == "v25"
+    coll_mat = result.asset_materializations_for_node("idc_collections")[0]
+    assert coll_mat.metadata["collections"].value == 179
+    assert "| qin_pet_phantom | QIN PET Phantom |" in coll_mat.metadata["collections_table"].value
+    with resources["duckdb"].get_connection() as con:
+        assert con.execute("SELECT count(*) FROM idc_collections").fetchone()[0] == 179
+
+    result = dg.materialize(
+        [collection_manifest],
+        resources=resources,
+        partition_key="qin_pet_phantom",
+        run_config={"ops": {"collection_manifest": {"config": {"modalities": ["PT"]}}}},
+        selection=[collection_manifest],
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("collection_manifest")[0].metadata
+    assert meta["series"].value == 44 and meta["instances"].value == 2816 and meta["bytes"].value == 246_305_000
+    assert meta["dagster/row_count"].value == 44
+    table = pq.read_table(tmp_path / "manifests" / "qin_pet_phantom.parquet")
+    assert table.num_rows == 44 and "target_dir" in table.column_names
+
+
+def test_bad_filter_fails_the_run_and_keeps_the_previous_manifest(resources, tmp_path):
+    ok = dg.materialize([collection_manifest], resources=resources, partition_key="qin_pet_phantom")
+    assert ok.success
+    path = tmp_path / "manifests" / "qin_pet_phantom.parquet"
+    before = path.read_bytes()
+    bad = dg.materialize(
+        [collection_manifest],
+        resources=resources,
+        partition_key="qin_pet_phantom",
+        run_config={"ops": {"collection_manifest": {"config": {"modalities": ["XX"]}}}},
+        raise_on_error=False,
+    )
+    assert not bad.success
+    (failure,) = [e for e in bad.all_events if e.is_step_failure]
+    assert "modalities=XX matches no series" in str(failure.step_failure_data.error)
+    assert path.read_bytes() == before
+
+
+def test_unknown_config_field_is_rejected(resources):
+    with pytest.raises(dg.DagsterInvalidConfigError, match="modality"):
+        dg.materialize(
+            [collection_manifest], resources=resources, partition_key="qin_pet_phantom",
+            run_config={"ops": {"collection_manifest": {"config": {"modality": ["PT"]}}}},
+        )
+
+
+def test_cli_materialize_with_empty_dagster_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
+        "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
+        "IDC_DOWNLOAD_DIR": str(tmp_path / "idc"),
+    }
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    proc = subprocess.run(
+        [dagster, "asset", "materialize", "-m", "dataset_assets.definitions",
+         "--select", "idc_index,collection_manifest", "--partition", "qin_pet_phantom"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RUN_SUCCESS" in proc.stdout + proc.stderr
+    assert pq.read_table(tmp_path / "manifests" / "qin_pet_phantom.parquet").num_rows == 44
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("collection_manifest"))
+        assert event is not None and event.dagster_event.partition == "qin_pet_phantom"
