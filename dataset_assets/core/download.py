@@ -1,0 +1,224 @@
+"""Downloading a manifest with s5cmd, resumably, and proving the disk matches the manifest.
+
+1. Scan: every series directory is compared with its manifest row (``instanceCount`` files
+   named ``*.dcm`` and exactly ``series_bytes`` bytes). Complete series are skipped without any
+   request; temporary files s5cmd leaves when killed (``<uuid>.dcm<digits>``) are removed.
+2. Check: the download root is writable and has room for the missing bytes plus a margin;
+   the endpoint answers at all (a refusing endpoint fails in seconds, not after retries).
+3. Transfer: one s5cmd ``run`` of a private command file: ``cp`` for series with nothing on
+   disk, ``sync --size-only`` for partial ones (only the missing files move).
+4. Verify: the scan again. s5cmd's exit code is not trusted (``sync`` exits 0 even when every
+   request fails); success means every series is complete on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import requests
+
+from . import s5cmd
+from .errors import DownloadError
+from .fmt import human_bytes
+from .progress import Progress
+
+TEMP_FILE = re.compile(r"\.dcm\d+$")
+DISK_MARGIN = 0.02  # fraction of the missing bytes kept free on top of them
+DISK_MARGIN_MIN = 64 * 1024 * 1024
+CONTROL_DIR = ".dataset_assets"  # command files live here, below the download root
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SeriesOnDisk:
+    files: int
+    bytes: int
+    temp_files: tuple[str, ...] = ()
+
+
+@dataclass
+class DownloadResult:
+    """What a download did and what the disk holds afterwards."""
+
+    series: int
+    files: int
+    bytes: int
+    skipped_series: int = 0
+    transferred_files: int = 0
+    transferred_bytes: int = 0
+    failed_series: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    returncode: int | None = None
+
+    @property
+    def complete_series(self) -> int:
+        return self.series - len(self.failed_series)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.transferred_bytes / 1e6 / self.duration_s if self.duration_s > 0 else 0.0
+
+
+def scan_series(directory: Path) -> SeriesOnDisk:
+    """Count ``*.dcm`` files and their bytes in one series directory (no recursion)."""
+    files = size = 0
+    temps: list[str] = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.name.endswith(".dcm"):
+                    files += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+                elif TEMP_FILE.search(entry.name):
+                    temps.append(entry.name)
+    except FileNotFoundError:
+        pass
+    return SeriesOnDisk(files, size, tuple(temps))
+
+
+def _rows(manifest: pa.Table) -> Iterator[dict]:
+    columns = ["SeriesInstanceUID", "crdc_series_uuid", "aws_bucket", "series_aws_url", "instanceCount", "series_bytes", "target_dir"]
+    for batch in manifest.select(columns).to_batches(50_000):
+        yield from batch.to_pylist()
+
+
+def series_status(manifest: pa.Table, root: Path) -> Iterator[tuple[dict, SeriesOnDisk, bool]]:
+    """Each manifest row, what its directory holds, and whether it is complete."""
+    for row in _rows(manifest):
+        disk = scan_series(root / row["target_dir"])
+        complete = disk.files == row["instanceCount"] and disk.bytes == row["series_bytes"]
+        yield row, disk, complete
+
+
+def check_destination(root: Path, needed_bytes: int) -> None:
+    """Raise ``DownloadError`` unless ``root`` is writable and has room for ``needed_bytes``."""
+    if any(c in str(root) for c in '"\n\r'):
+        raise DownloadError(f"download root {str(root)!r} contains a quote or newline; choose another path")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DownloadError(f"download root {root} is not writable: {exc.strerror or exc}") from exc
+    free = shutil.disk_usage(root).free
+    wanted = needed_bytes + max(int(needed_bytes * DISK_MARGIN), DISK_MARGIN_MIN)
+    if needed_bytes and free < wanted:
+        raise DownloadError(
+            f"not enough free space in {root}: the download needs {human_bytes(needed_bytes)} "
+            f"plus a margin of {human_bytes(wanted - needed_bytes)}, but only {human_bytes(free)} is free"
+        )
+
+
+def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
+    """Raise ``DownloadError`` when the endpoint cannot be reached at all (any HTTP answer is fine)."""
+    try:
+        requests.head(endpoint_url, timeout=timeout_s, allow_redirects=False)
+    except requests.RequestException as exc:
+        raise DownloadError(f"cannot reach the S3 endpoint {endpoint_url}: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _command(verb: str, url: str, dest: Path, flags: list[str]) -> str:
+    extra = " --size-only" if verb == "sync" else ""
+    return f'{verb}{extra} {" ".join(flags)} "{url}" "{dest}/"\n'
+
+
+def download(
+    manifest: pa.Table,
+    root: Path,
+    options: s5cmd.S5cmdOptions,
+    *,
+    log: Log = print,
+    progress_interval_s: float = 5.0,
+    check_endpoint_first: bool = True,
+) -> DownloadResult:
+    """Bring ``root`` in line with ``manifest``. Raises ``DownloadError`` (with ``.result``)
+    when series are still incomplete afterwards; what completed stays on disk."""
+    started = time.monotonic()
+    root = root.absolute()
+    todo: list[tuple[dict, SeriesOnDisk]] = []
+    total_files = total_bytes = 0
+    for row, disk, complete in series_status(manifest, root):
+        total_files += row["instanceCount"]
+        total_bytes += row["series_bytes"]
+        if not complete:
+            todo.append((row, disk))
+    result = DownloadResult(series=manifest.num_rows, files=total_files, bytes=total_bytes)
+    result.skipped_series = manifest.num_rows - len(todo)
+    if not todo:
+        log(f"all {manifest.num_rows:,} series already complete on disk ({human_bytes(total_bytes)}); nothing to transfer")
+        result.duration_s = time.monotonic() - started
+        return result
+
+    missing_files = sum(max(r["instanceCount"] - d.files, 0) for r, d in todo)
+    missing_bytes = sum(max(r["series_bytes"] - d.bytes, 0) for r, d in todo)
+    check_destination(root, missing_bytes)
+    if check_endpoint_first:
+        check_endpoint(options.endpoint_url)
+    for row, disk in todo:
+        for name in disk.temp_files:  # left by a killed s5cmd: never complete files
+            (root / row["target_dir"] / name).unlink(missing_ok=True)
+
+    control = root / CONTROL_DIR
+    control.mkdir(exist_ok=True)
+    fd, command_path = tempfile.mkstemp(dir=control, prefix="run-", suffix=".s5cmd")  # mode 0600
+    progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
+    log(
+        f"downloading {len(todo):,} of {manifest.num_rows:,} series ({missing_files:,} files, "
+        f"{human_bytes(missing_bytes)}) from {options.endpoint_url} with {options.workers} workers; "
+        f"{result.skipped_series:,} series already complete"
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            flags = options.copy_flags()
+            for row, disk in todo:
+                url = options.source_url(row["series_aws_url"], row["aws_bucket"])
+                dest = root / row["target_dir"]
+                handle.write(_command("sync" if disk.files else "cp", url, dest, flags))
+        result.returncode = s5cmd.run(
+            [*options.global_args(), "run", command_path],
+            on_stdout=progress.on_stdout,
+            on_stderr=progress.on_stderr,
+            on_tick=lambda: log("progress: " + progress.line()),
+            tick_s=progress_interval_s,
+            grace_period_s=options.grace_period_s,
+        )
+    finally:
+        os.unlink(command_path)
+    log("transfer ended: " + progress.line() + f", s5cmd exit code {result.returncode}")
+
+    result.transferred_files = progress.done_files
+    result.transferred_bytes = progress.done_bytes
+    result.errors = list(progress.errors)
+    for row, _ in todo:
+        disk = scan_series(root / row["target_dir"])
+        if not (disk.files == row["instanceCount"] and disk.bytes == row["series_bytes"]):
+            result.failed_series.append(
+                f"{row['SeriesInstanceUID']} ({disk.files}/{row['instanceCount']} files, "
+                f"{disk.bytes:,}/{row['series_bytes']:,} bytes)"
+            )
+    result.duration_s = time.monotonic() - started
+    if result.failed_series:
+        shown = "; ".join(result.failed_series[:10])
+        more = f"; and {len(result.failed_series) - 10} more" if len(result.failed_series) > 10 else ""
+        errors = " | ".join(result.errors[:3])
+        error = DownloadError(
+            f"{len(result.failed_series)} of {result.series} series incomplete after the transfer "
+            f"(s5cmd exit code {result.returncode}): {shown}{more}"
+            + (f". s5cmd errors: {errors}" if errors else "")
+            + ". Everything that completed is kept; materialize again to fetch only what is missing."
+        )
+        error.result = result  # type: ignore[attr-defined]
+        raise error
+    return result

