@@ -1,18 +1,21 @@
 """The one place that wires the project: ``dataset_assets.definitions:defs``."""
 
-
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.index_assets import idc_collections, idc_index
+from dataset_assets.defs.jobs import download_collections_job
 from dataset_assets.defs.manifest_assets import collection_manifest
-from dataset_assets.defs.resources import IdcResource
+from dataset_assets.defs.resources import IdcResource, S5cmdResource
 from dataset_assets.defs.settings import DEFAULT_DUCKDB_PATH, env
 
 defs = dg.Definitions(
-    assets=[idc_index, idc_collections, collection_manifest],
+    assets=[idc_index, idc_collections, collection_manifest, downloaded_collection],
+    jobs=[download_collections_job],
     resources={
         "idc": IdcResource.from_env(),
         "duckdb": DuckDBResource(database=env("IDC_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)),
+        "s5cmd": S5cmdResource.from_env(),
     },
 )

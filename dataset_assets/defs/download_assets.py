@@ -1,0 +1,85 @@
+"""Downloaded collections: every DICOM file of a manifest on disk, verified against it."""
+
+import dagster as dg
+
+from dataset_assets.core import download as dl
+from dataset_assets.core.s5cmd import binary_version
+from dataset_assets.core.errors import DownloadError
+from dataset_assets.core.fmt import human_bytes
+from dataset_assets.core.manifest import read_manifest
+
+from .manifest_assets import collection_manifest
+from .partitions import collection_partitions
+from .resources import IdcResource, S5cmdResource
+from .settings import COLLECTIONS_GROUP, OWNERS
+
+DOWNLOAD_POOL = "idc_download"
+
+
+def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
+    return {
+        "series": result.series,
+        "series_complete": result.complete_series,
+        "series_failed": len(result.failed_series),
+        "series_skipped_already_complete": result.skipped_series,
+        "files": result.files,
+        "bytes": result.bytes,
+        "size": human_bytes(result.bytes),
+        "transferred_files": result.transferred_files,
+        "transferred_bytes": result.transferred_bytes,
+        "duration_s": round(result.duration_s, 3),
+        "mb_per_s": round(result.mb_per_s, 2),
+        "download_path": dg.MetadataValue.path(str(collection_dir)),
+        "download_url": dg.MetadataValue.url(collection_dir.as_uri()),
+        "s5cmd_version": version,
+    }
+
+
+@dg.asset(
+    deps=[collection_manifest],
+    partitions_def=collection_partitions,
+    group_name=COLLECTIONS_GROUP,
+    kinds={"s3", "dicom"},
+    owners=OWNERS,
+    pool=DOWNLOAD_POOL,
+    tags={"domain": "idc"},
+)
+def downloaded_collection(
+    context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
+) -> dg.MaterializeResult:
+    """Every DICOM file of the collection's manifest, in `$IDC_DOWNLOAD_DIR` under the layout of
+    the manifest, fetched with s5cmd. Resumable: series already complete on disk cost no
+    request. Succeeds only when every series has its `instanceCount` files and exact bytes."""
+    collection_id = context.partition_key
+    manifest = read_manifest(idc.manifest_path(collection_id))
+    root = idc.download_root()
+    version = binary_version()
+    context.log.info(
+        f"download start collection={collection_id} series={manifest.num_rows} root={root} "
+        f"endpoint={s5cmd.endpoint_url} s5cmd={version}"
+    )
+    try:
+        result = dl.download(
+            manifest,
+            root,
+            s5cmd.options(),
+            log=context.log.info,
+            progress_interval_s=s5cmd.progress_interval_s,
+        )
+    except DownloadError as exc:
+        result = getattr(exc, "result", None)
+        context.log.error(
+            f"download failed collection={collection_id} "
+            + (f"failed_series={len(result.failed_series)} bytes={result.transferred_bytes} "
+               f"duration_s={result.duration_s:.1f}" if result else "")
+        )
+        raise dg.Failure(
+            description=str(exc),
+            metadata=_metadata(result, root / collection_id, version) if result else {},
+        ) from exc
+    context.log.info(
+        f"download end collection={collection_id} files={result.files} bytes={result.bytes} "
+        f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f} "
+        f"mb_per_s={result.mb_per_s:.1f} failures=0"
+    )
+    return dg.MaterializeResult(metadata=_metadata(result, root / collection_id, version))

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small IDC release (real rows, real DICOM) served by a loopback S3 server."""
+
+import shutil
+
+import pytest
+
+from dataset_assets.core.index import IndexSource
+from dataset_assets.core.manifest import build_manifest
+from dataset_assets_tests.support.fixture import build_fixture
+from dataset_assets_tests.support.s3server import LocalS3Server
+
+
+@pytest.fixture(scope="session")
+def idc_fixture(tmp_path_factory):
+    """6 real qin_pet_phantom series, 4 DICOM files each, one series in idc-open-data-two."""
+    return build_fixture(tmp_path_factory.mktemp("idc-fixture"))
+
+
+@pytest.fixture
+def s3(idc_fixture, tmp_path):
+    """A loopback S3 server over a private copy of the fixture's buckets (tests may damage it)."""
+    root = tmp_path / "s3"
+    shutil.copytree(idc_fixture.s3_root, root)
+    with LocalS3Server(root, max_lifetime_s=600) as server:
+        yield server
+
+
+@pytest.fixture
+def manifest(idc_fixture):
+    with IndexSource(idc_fixture.index_dir).connect() as con:
+        return build_manifest(con, idc_fixture.collection_id)

@@ -1,0 +1,191 @@
+"""Downloads with the real s5cmd against the loopback S3 server: layout, resume, faults, bad input."""
+
+import os
+import shutil
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pydicom
+import pytest
+
+from dataset_assets.core import s5cmd
+from dataset_assets.core.download import CONTROL_DIR, download
+from dataset_assets.core.errors import DownloadError
+from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets_tests.support.procs import processes_mentioning
+from dataset_assets_tests.support.s3server import free_port
+
+
+def opts(server, **kw):
+    return S5cmdOptions(endpoint_url=server.endpoint_url, retry_count=kw.pop("retry_count", 1), **kw)
+
+
+def files_of(root: Path, row: dict) -> list[Path]:
+    return sorted((root / row["target_dir"]).glob("*.dcm"))
+
+
+def test_full_download_places_every_object_by_layout(s3, manifest, idc_fixture, tmp_path):
+    root = tmp_path / "dl"
+    result = download(manifest, root, opts(s3), log=lambda m: None)
+    assert result.failed_series == [] and result.complete_series == 6
+    assert result.transferred_files == 24 and result.transferred_bytes == result.bytes
+    assert s3.stats["get_object"] == 24
+    for row in manifest.to_pylist():
+        assert row["target_dir"] == (
+            f"qin_pet_phantom/{row['PatientID']}/{row['StudyInstanceUID']}/PT_{row['SeriesInstanceUID']}/"
+        )
+        got = files_of(root, row)
+        assert [f"{row['crdc_series_uuid']}/{p.name}" for p in got] == idc_fixture.object_keys(row)
+        for path in got:
+            assert path.read_bytes() == (s3.root / row["aws_bucket"] / row["crdc_series_uuid"] / path.name).read_bytes()
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert (ds.PatientID, ds.SeriesInstanceUID) == (row["PatientID"], row["SeriesInstanceUID"])
+    assert {r["aws_bucket"] for r in manifest.to_pylist()} == {"idc-open-data", "idc-open-data-two"}
+    assert list((root / CONTROL_DIR).iterdir()) == []  # the command file is gone
+
+
+def test_rerun_of_complete_collection_makes_no_request(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=lambda m: None)
+    s3.reset_stats()
+    result = download(manifest, root, opts(s3), log=lambda m: None)
+    assert result.skipped_series == 6 and result.transferred_files == 0
+    assert s3.stats["get_object"] == 0 and s3.stats["list"] == 0
+
+
+def test_resume_fetches_only_what_is_missing_and_removes_temp_files(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=lambda m: None)
+    rows = manifest.to_pylist()
+    damaged = files_of(root, rows[1])[:2]
+    for path in damaged:
+        path.unlink()
+    temp = damaged[0].with_name(damaged[0].name + "4242")  # what a SIGKILLed s5cmd leaves
+    temp.write_bytes(b"")
+    shutil.rmtree(root / rows[3]["target_dir"])
+    s3.reset_stats()
+    result = download(manifest, root, opts(s3), log=lambda m: None)
+    assert result.failed_series == [] and result.skipped_series == 4
+    assert sorted(s3.get_keys) == sorted(
+        [f"{rows[1]['crdc_series_uuid']}/{p.name}" for p in damaged]
+        + [f"{rows[3]['crdc_series_uuid']}/{p.name}" for p in files_of(root, rows[3])]
+    )
+    assert not temp.exists()
+
+
+def test_503s_are_retried(s3, manifest, tmp_path):
+    s3.faults.fail_next_gets(3, status=503)
+    result = download(manifest, tmp_path / "dl", opts(s3, retry_count=3), log=lambda m: None)
+    assert result.failed_series == []
+    assert s3.stats["get_object"] == 24 + 3
+
+
+def test_truncated_bodies_are_retried_and_never_left_as_complete(s3, manifest, tmp_path):
+    s3.faults.truncate_next_gets(2)
+    result = download(manifest, tmp_path / "dl", opts(s3, retry_count=3), log=lambda m: None)
+    assert result.failed_series == []
+
+
+def test_persistent_failure_names_the_series_keeps_the_rest_and_rerun_completes(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    rows = manifest.to_pylist()
+    bad = rows[2]
+    s3.faults.fail_keys(lambda key: key.startswith(bad["crdc_series_uuid"]), status=500)
+    with pytest.raises(DownloadError) as info:
+        download(manifest, root, opts(s3), log=lambda m: None)
+    message = str(info.value)
+    assert f"1 of 6 series incomplete" in message and bad["SeriesInstanceUID"] in message
+    assert "InternalError" in message and "materialize again" in message
+    assert info.value.result.complete_series == 5
+    assert all(len(files_of(root, r)) == 4 for r in rows if r is not bad)
+    s3.faults.clear()
+    s3.reset_stats()
+    result = download(manifest, root, opts(s3), log=lambda m: None)
+    assert result.failed_series == [] and s3.stats["get_object"] == 4
+
+
+def test_missing_series_on_the_server(s3, manifest, tmp_path):
+    row = manifest.to_pylist()[0]
+    shutil.rmtree(s3.root / row["aws_bucket"] / row["crdc_series_uuid"])
+    with pytest.raises(DownloadError, match=rf"{row['SeriesInstanceUID']} \(0/4 files"):
+        download(manifest, tmp_path / "dl", opts(s3), log=lambda m: None)
+
+
+def test_a_server_that_serves_other_bytes_than_the_manifest_fails_verification(s3, manifest, tmp_path):
+    row = manifest.to_pylist()[4]
+    obj = next((s3.root / row["aws_bucket"] / row["crdc_series_uuid"]).iterdir())
+    obj.write_bytes(obj.read_bytes() + b"extra")
+    with pytest.raises(DownloadError, match=rf"{row['SeriesInstanceUID']} \(4/4 files, {row['series_bytes'] + 5:,}/"):
+        download(manifest, tmp_path / "dl", opts(s3), log=lambda m: None)
+
+
+def test_refusing_endpoint_fails_quickly_and_clearly(manifest, tmp_path):
+    options = S5cmdOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", retry_count=1)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="cannot reach the S3 endpoint http://127.0.0.1:.*Connection"):
+        download(manifest, tmp_path / "dl", options, log=lambda m: None)
+    assert time.monotonic() - started < 15
+
+
+def test_exit_code_is_not_trusted_disk_is(manifest, tmp_path):
+    """Without the reachability check, s5cmd's own failure is still caught by verification."""
+    options = S5cmdOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", retry_count=0)
+    with pytest.raises(DownloadError, match="6 of 6 series incomplete"):
+        download(manifest, tmp_path / "dl", options, log=lambda m: None, check_endpoint_first=False)
+
+
+def test_not_enough_disk_space_is_refused_before_any_transfer(s3, manifest, tmp_path):
+    huge = manifest.set_column(
+        manifest.column_names.index("series_bytes"), "series_bytes",
+        pa.array([10**15] * manifest.num_rows, pa.int64()),
+    )
+    with pytest.raises(DownloadError, match="not enough free space in .* needs 6000.0 TB"):
+        download(huge, tmp_path / "dl", opts(s3), log=lambda m: None)
+    assert s3.stats["get_object"] == 0
+
+
+def test_unwritable_root_is_refused(s3, manifest, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DownloadError, match="is not writable"):
+        download(manifest, blocker / "dl", opts(s3), log=lambda m: None)
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        with pytest.raises(DownloadError, match="is not writable"):
+            download(manifest, ro, opts(s3), log=lambda m: None)
+    assert s3.stats["get_object"] == 0
+
+
+def test_progress_is_logged_while_transferring(s3, manifest, tmp_path):
+    s3.faults.delay_s = 0.1
+    lines = []
+    download(manifest, tmp_path / "dl", opts(s3, workers=2), log=lines.append, progress_interval_s=0.2)
+    progress = [line for line in lines if line.startswith("progress: ")]
+    assert progress, lines
+    assert "/24 files" in progress[-1] and "MB/s" in progress[-1] and "ETA" in progress[-1]
+    assert "transfer ended: 24/24 files" in lines[-1]
+
+
+def test_interrupt_stops_s5cmd_and_leaves_no_process(s3, manifest, tmp_path):
+    """An exception in the calling thread (as Dagster raises on termination) stops s5cmd."""
+    s3.faults.delay_s = 1.0
+    root = tmp_path / "dl"
+    seen = []
+
+    def log(line):
+        if line.startswith("progress: "):
+            seen.extend(processes_mentioning(str(root)))
+            mode = stat.S_IMODE(next((root / CONTROL_DIR).iterdir()).stat().st_mode)
+            assert mode == 0o600
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(manifest, root, opts(s3, workers=2), log=log, progress_interval_s=0.3)
+    assert seen, "s5cmd should have been running"
+    assert processes_mentioning(str(root)) == [] and s5cmd.live_processes() == []
+    assert list((root / CONTROL_DIR).iterdir()) == []
