@@ -14,8 +14,8 @@ defs = dg.Definitions(
     assets=[idc_index, idc_collections, collection_manifest, downloaded_collection],
     jobs=[download_collections_job],
     resources={
-        "idc": IdcResource.from_env(),
+        "idc": IdcResource(),
         "duckdb": DuckDBResource(database=env("IDC_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)),
-        "s5cmd": S5cmdResource.from_env(),
+        "s5cmd": S5cmdResource(),
     },
 )

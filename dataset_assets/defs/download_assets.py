@@ -56,7 +56,7 @@ def downloaded_collection(
     version = binary_version()
     context.log.info(
         f"download start collection={collection_id} series={manifest.num_rows} root={root} "
-        f"endpoint={s5cmd.endpoint_url} s5cmd={version}"
+        f"endpoint={s5cmd.resolved_endpoint()} s5cmd={version}"
     )
     try:
         result = dl.download(

@@ -1,5 +1,8 @@
-"""Resources: where the index, manifests and downloads live, and how s5cmd runs."""
+"""Resources: where the index, manifests and downloads live, and how s5cmd runs.
 
+Settings left unset are read from the environment when a run uses them (not when the code
+loads), so run config that sets one field never resets the others to a hard-coded default.
+"""
 
 from pathlib import Path
 from typing import Optional
@@ -18,34 +21,27 @@ class IdcResource(dg.ConfigurableResource):
 
     index_dir: Optional[str] = Field(
         default=None,
-        description="Folder with the idc-index-data Parquet files; default: the installed package "
-        "(or $IDC_INDEX_DIR).",
+        description="Folder with the idc-index-data Parquet files; default: $IDC_INDEX_DIR, else the "
+        "installed idc-index-data package.",
     )
-    manifest_dir: str = Field(
-        default=DEFAULT_MANIFEST_DIR,
-        description="One Parquet manifest per collection is written here ($IDC_MANIFEST_DIR).",
+    manifest_dir: Optional[str] = Field(
+        default=None,
+        description=f"One Parquet manifest per collection; default: $IDC_MANIFEST_DIR, else {DEFAULT_MANIFEST_DIR}.",
     )
-    download_dir: str = Field(
-        default=DEFAULT_DOWNLOAD_DIR,
-        description="Root of downloaded collections ($IDC_DOWNLOAD_DIR).",
+    download_dir: Optional[str] = Field(
+        default=None,
+        description=f"Root of downloaded collections; default: $IDC_DOWNLOAD_DIR, else {DEFAULT_DOWNLOAD_DIR}.",
     )
-
-    @classmethod
-    def from_env(cls) -> "IdcResource":
-        """Folders from $IDC_MANIFEST_DIR and $IDC_DOWNLOAD_DIR (defaults under ``data/``)."""
-        return cls(
-            manifest_dir=env("IDC_MANIFEST_DIR", DEFAULT_MANIFEST_DIR),
-            download_dir=env("IDC_DOWNLOAD_DIR", DEFAULT_DOWNLOAD_DIR),
-        )
 
     def source(self) -> IndexSource:
         return IndexSource.from_env(self.index_dir)
 
     def manifest_path(self, collection_id: str) -> Path:
-        return Path(self.manifest_dir) / f"{collection_id}.parquet"
+        folder = self.manifest_dir or env("IDC_MANIFEST_DIR", DEFAULT_MANIFEST_DIR)
+        return Path(folder) / f"{collection_id}.parquet"
 
     def download_root(self) -> Path:
-        return Path(self.download_dir).absolute()
+        return Path(self.download_dir or env("IDC_DOWNLOAD_DIR", DEFAULT_DOWNLOAD_DIR)).absolute()
 
 
 class S5cmdResource(dg.ConfigurableResource):
@@ -54,10 +50,10 @@ class S5cmdResource(dg.ConfigurableResource):
     Always anonymous (`--no-sign-request`). `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and
     `AWS_CA_BUNDLE` (else `REQUESTS_CA_BUNDLE`) in the environment reach s5cmd."""
 
-    endpoint_url: str = Field(
-        default=DEFAULT_ENDPOINT,
-        description="S3 endpoint ($IDC_S3_ENDPOINT_URL): https://s3.amazonaws.com, or the GCS mirror "
-        "https://storage.googleapis.com.",
+    endpoint_url: Optional[str] = Field(
+        default=None,
+        description=f"S3 endpoint; default: $IDC_S3_ENDPOINT_URL, else {DEFAULT_ENDPOINT}. The GCS mirror "
+        "is https://storage.googleapis.com.",
     )
     workers: int = Field(default=64, description="Objects in flight at once (s5cmd --numworkers).")
     retry_count: int = Field(default=5, description="Retries of each failed request (s5cmd --retry-count).")
@@ -66,13 +62,12 @@ class S5cmdResource(dg.ConfigurableResource):
     progress_interval_s: float = Field(default=5.0, description="Seconds between progress lines in the run's log.")
     grace_period_s: float = Field(default=5.0, description="Seconds between SIGTERM and SIGKILL when a run stops.")
 
-    @classmethod
-    def from_env(cls) -> "S5cmdResource":
-        return cls(endpoint_url=env("IDC_S3_ENDPOINT_URL", DEFAULT_ENDPOINT))
+    def resolved_endpoint(self) -> str:
+        return self.endpoint_url or env("IDC_S3_ENDPOINT_URL", DEFAULT_ENDPOINT)
 
     def options(self) -> S5cmdOptions:
         return S5cmdOptions(
-            endpoint_url=self.endpoint_url,
+            endpoint_url=self.resolved_endpoint(),
             workers=self.workers,
             retry_count=self.retry_count,
             part_size_mb=self.part_size_mb,
