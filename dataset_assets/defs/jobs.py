@@ -2,13 +2,10 @@
 
 import dagster as dg
 
-from .partitions import collection_partitions
-
 download_collections_job = dg.define_asset_job(
     name="download_collections",
     description="Build the manifest of each selected collection and download it. Runs carry the tag "
     "idc/download, which dagster.yaml limits to 2 at a time.",
     selection=dg.AssetSelection.assets("collection_manifest", "downloaded_collection"),
-    partitions_def=collection_partitions,
     tags={"idc/download": "true"},
 )
