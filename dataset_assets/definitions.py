@@ -3,16 +3,18 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from dataset_assets.defs.checks import download_checks, index_checks
 from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.index_assets import idc_collections, idc_index
-from dataset_assets.defs.jobs import download_collections_job
+from dataset_assets.defs.jobs import download_collections_job, verify_downloads_job
 from dataset_assets.defs.manifest_assets import collection_manifest
 from dataset_assets.defs.resources import IdcResource, S5cmdResource
 from dataset_assets.defs.settings import DEFAULT_DUCKDB_PATH, env
 
 defs = dg.Definitions(
     assets=[idc_index, idc_collections, collection_manifest, downloaded_collection],
-    jobs=[download_collections_job],
+    asset_checks=[*index_checks, *download_checks],
+    jobs=[download_collections_job, verify_downloads_job],
     resources={
         "idc": IdcResource(),
         "duckdb": DuckDBResource(database=env("IDC_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import requests
 
 from . import s5cmd
@@ -58,6 +59,8 @@ class DownloadResult:
     errors: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     returncode: int | None = None
+    replaced_series: list[str] = field(default_factory=list)
+    removed_series: list[str] = field(default_factory=list)
 
     @property
     def complete_series(self) -> int:
@@ -133,6 +136,50 @@ def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
         raise DownloadError(f"cannot reach the S3 endpoint {endpoint_url}: {exc.__class__.__name__}: {exc}") from exc
 
 
+STATE_COLUMNS = ["target_dir", "SeriesInstanceUID", "crdc_series_uuid", "series_revised_idc_version"]
+
+
+def load_state(path: Path | None) -> dict[str, tuple[str, str]]:
+    """``target_dir -> (SeriesInstanceUID, crdc_series_uuid)`` of series verified complete before."""
+    if path is None or not path.is_file():
+        return {}
+    table = pq.read_table(path, columns=STATE_COLUMNS[:3])
+    return {d: (s, u) for d, s, u in zip(*(table.column(c).to_pylist() for c in STATE_COLUMNS[:3]))}
+
+
+def save_state(path: Path, manifest: pa.Table, failed_dirs: set[str]) -> None:
+    """Record the series of ``manifest`` that are complete (all but ``failed_dirs``), atomically."""
+    table = manifest.select(STATE_COLUMNS)
+    if failed_dirs:
+        keep = [d not in failed_dirs for d in table.column("target_dir").to_pylist()]
+        table = table.filter(pa.array(keep))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def set_aside_revised(manifest: pa.Table, root: Path, state: dict[str, tuple[str, str]], log: Log) -> list[str]:
+    """Move the directories of series that a new release revised (same directory, another
+    ``crdc_series_uuid``) to ``<root>/.dataset_assets/replaced/<old uuid>/``: kept, not deleted."""
+    replaced = []
+    for row in _rows(manifest):
+        before = state.get(row["target_dir"])
+        if before is None or before[1] == row["crdc_series_uuid"]:
+            continue
+        source = root / row["target_dir"]
+        if source.is_dir():
+            dest = root / CONTROL_DIR / "replaced" / before[1]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(source, dest)
+            log(f"series {row['SeriesInstanceUID']} was revised ({before[1]} -> {row['crdc_series_uuid']}); "
+                f"previous files moved to {dest}")
+        replaced.append(f"{row['SeriesInstanceUID']} ({before[1]} -> {row['crdc_series_uuid']})")
+    return replaced
+
+
 def _command(verb: str, url: str, dest: Path, flags: list[str]) -> str:
     extra = " --size-only" if verb == "sync" else ""
     return f'{verb}{extra} {" ".join(flags)} "{url}" "{dest}/"\n'
@@ -146,12 +193,24 @@ def download(
     log: Log = print,
     progress_interval_s: float = 5.0,
     check_endpoint_first: bool = True,
+    state_path: Path | None = None,
 ) -> DownloadResult:
     """Bring ``root`` in line with ``manifest``. Raises ``DownloadError`` (with ``.result``)
-    when series are still incomplete afterwards; what completed stays on disk."""
+    when series are still incomplete afterwards; what completed stays on disk.
+
+    ``state_path`` records which ``crdc_series_uuid`` each directory holds once verified; with
+    it, a series revised by a new IDC release is set aside and fetched again, and series no
+    longer in the manifest are reported (never deleted)."""
     started = time.monotonic()
     root = root.absolute()
     check_writable(root)
+    state = load_state(state_path)
+    replaced = set_aside_revised(manifest, root, state, log) if state else []
+    in_manifest = set(manifest.column("target_dir").to_pylist()) if state else set()
+    removed = sorted(f"{s} ({d})" for d, (s, _) in state.items() if d not in in_manifest)
+    if removed:
+        log(f"{len(removed)} series downloaded before are no longer in the manifest; kept on disk: "
+            + "; ".join(removed[:10]))
     todo: list[tuple[dict, SeriesOnDisk]] = []
     total_files = total_bytes = 0
     for row, disk, complete in series_status(manifest, root):
@@ -161,8 +220,11 @@ def download(
             todo.append((row, disk))
     result = DownloadResult(series=manifest.num_rows, files=total_files, bytes=total_bytes)
     result.skipped_series = manifest.num_rows - len(todo)
+    result.replaced_series, result.removed_series = replaced, removed
     if not todo:
         log(f"all {manifest.num_rows:,} series already complete on disk ({human_bytes(total_bytes)}); nothing to transfer")
+        if state_path is not None:
+            save_state(state_path, manifest, set())
         result.duration_s = time.monotonic() - started
         return result
 
@@ -206,13 +268,17 @@ def download(
     result.transferred_files = progress.done_files
     result.transferred_bytes = progress.done_bytes
     result.errors = list(progress.errors)
+    failed_dirs = set()
     for row, _ in todo:
         disk = scan_series(root / row["target_dir"])
         if not (disk.files == row["instanceCount"] and disk.bytes == row["series_bytes"]):
+            failed_dirs.add(row["target_dir"])
             result.failed_series.append(
                 f"{row['SeriesInstanceUID']} ({disk.files}/{row['instanceCount']} files, "
                 f"{disk.bytes:,}/{row['series_bytes']:,} bytes)"
             )
+    if state_path is not None:
+        save_state(state_path, manifest, failed_dirs)
     result.duration_s = time.monotonic() - started
     if result.failed_series:
         shown = "; ".join(result.failed_series[:10])

@@ -32,6 +32,13 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
         "download_path": dg.MetadataValue.path(str(collection_dir)),
         "download_url": dg.MetadataValue.url(collection_dir.as_uri()),
         "s5cmd_version": version,
+        "series_replaced": len(result.replaced_series),
+        "series_removed_from_manifest": len(result.removed_series),
+        "replaced_and_removed": dg.MetadataValue.md(
+            "\n".join([*(f"- replaced: {s}" for s in result.replaced_series[:50]),
+                       *(f"- no longer in manifest (kept on disk): {s}" for s in result.removed_series[:50])])
+            or "none"
+        ),
     }
 
 
@@ -65,6 +72,7 @@ def downloaded_collection(
             s5cmd.options(),
             log=context.log.info,
             progress_interval_s=s5cmd.progress_interval_s,
+            state_path=root / dl.CONTROL_DIR / "state" / f"{collection_id}.parquet",
         )
     except DownloadError as exc:
         result = getattr(exc, "result", None)

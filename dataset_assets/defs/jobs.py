@@ -9,3 +9,10 @@ download_collections_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("collection_manifest", "downloaded_collection"),
     tags={"idc/download": "true"},
 )
+
+verify_downloads_job = dg.define_asset_job(
+    name="verify_downloads",
+    description="Run the integrity checks of downloaded collections without downloading anything. Launch "
+    'with the run tag dagster/partition=<collection_id>, e.g. `--tags \'{"dagster/partition": "qin_pet_phantom"}\'`.',
+    selection=dg.AssetSelection.checks_for_assets("downloaded_collection"),
+)
