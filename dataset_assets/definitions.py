@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from dataset_assets.defs import automation
 from dataset_assets.defs.checks import download_checks, index_checks
 from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.index_assets import idc_collections, idc_index
@@ -14,7 +15,9 @@ from dataset_assets.defs.settings import DEFAULT_DUCKDB_PATH, env
 defs = dg.Definitions(
     assets=[idc_index, idc_collections, collection_manifest, downloaded_collection],
     asset_checks=[*index_checks, *download_checks],
-    jobs=[download_collections_job, verify_downloads_job],
+    jobs=[download_collections_job, verify_downloads_job, *automation.jobs],
+    schedules=automation.schedules,
+    sensors=automation.sensors,
     resources={
         "idc": IdcResource(),
         "duckdb": DuckDBResource(database=env("IDC_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)),

@@ -8,6 +8,7 @@ from dataset_assets.core.errors import DownloadError
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.manifest import read_manifest
 
+from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
 from .partitions import collection_partitions
 from .resources import IdcResource, S5cmdResource
@@ -50,6 +51,7 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
     owners=OWNERS,
     pool=DOWNLOAD_POOL,
     tags={"domain": "idc"},
+    automation_condition=refresh_downloaded_condition,
 )
 def downloaded_collection(
     context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource

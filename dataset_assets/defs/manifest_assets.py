@@ -91,6 +91,9 @@ def collection_manifest(
             "buckets": ", ".join(stats["buckets"]),
             "dagster/row_count": stats["series"],
             "filters": dg.MetadataValue.json(config.filters().as_dict()),
+            "idc_release": f"v{release}",
+            # Replayed by the release sensor and the watched-collections schedule.
+            "manifest_config": dg.MetadataValue.json(config.model_dump()),
             "layout": config.layout,
             "manifest_path": dg.MetadataValue.path(str(path)),
             "download_root": dg.MetadataValue.path(str(root)),

@@ -105,3 +105,49 @@ def build_fixture(
     table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, index_dir / "idc_index.parquet")
     return Fixture(index_dir, s3_root, collection_id, rows)
+
+
+@dataclass
+class NextRelease:
+    index_dir: Path
+    revised: dict  # the revised row (new crdc_series_uuid, same SeriesInstanceUID)
+    added: dict
+    removed: dict
+
+
+def next_release(fixture: Fixture, s3_root: Path, base: Path) -> NextRelease:
+    """IDC release 26 of the fixture: one series revised (new crdc_series_uuid and objects, 3 files),
+    one series added, one removed. New objects are written under ``s3_root``."""
+    installed = IndexSource.installed()
+    rows = [dict(r) for r in fixture.rows]
+    revised, removed = rows[1], rows[4]
+    rows.remove(removed)
+    con = duckdb.connect()
+    result = con.execute(
+        f"SELECT * FROM read_parquet('{installed.path('idc_index')}') WHERE collection_id = ? "
+        "ORDER BY SeriesInstanceUID LIMIT 1 OFFSET ?",
+        [fixture.collection_id, len(fixture.rows)],
+    )
+    names = [d[0] for d in result.description]
+    added = dict(zip(names, result.fetchone()))
+    rows.append(added)
+    revised["crdc_series_uuid"] = str(uuid.uuid4())
+    revised["series_aws_url"] = f"s3://{revised['aws_bucket']}/{revised['crdc_series_uuid']}/*"
+    for i, row in enumerate((revised, added)):
+        row["series_revised_idc_version"] = 26
+        folder = s3_root / row["aws_bucket"] / row["crdc_series_uuid"]
+        folder.mkdir(parents=True)
+        size = 0
+        for j in range(3):
+            path = folder / f"{uuid.uuid4()}.dcm"
+            write_dicom(path, row, j, 700 + 11 * j + i)
+            size += path.stat().st_size
+        row["instanceCount"], row["series_size_MB"] = 3, size / 1e6
+    index_dir = base / "index-v26"
+    shutil.copytree(fixture.index_dir, index_dir)
+    schema = pq.read_schema(installed.path("idc_index"))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), index_dir / "idc_index.parquet")
+    versions = pq.read_table(index_dir / "version_metadata_index.parquet").to_pylist()
+    versions.append({"idc_version": 26, "version_timestamp": "2027-01-15"})
+    pq.write_table(pa.Table.from_pylist(versions), index_dir / "version_metadata_index.parquet")
+    return NextRelease(index_dir, revised, added, removed)

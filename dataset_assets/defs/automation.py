@@ -1,0 +1,137 @@
+"""Keeping data current: the release sensor, schedules, and declarative automation.
+
+* ``idc_release_sensor`` (on by default): when the installed index carries another IDC release
+  than the last materialized ``idc_index``, or than a materialized manifest, it requests their
+  refresh. Manifests are rebuilt with the config they were last built with (filters, layout).
+* ``downloaded_collection`` has an automation condition: a collection that was downloaded
+  before is brought up to date when its manifest changes (only new or revised series move;
+  revised ones are set aside, removed ones reported). Collections never downloaded are never
+  downloaded by automation: 100 TB is not a default.
+* ``weekly_index_refresh`` (on): re-materializes ``idc_index`` and ``idc_collections`` weekly.
+* ``watched_collections_schedule`` (on, idle until ``IDC_WATCHED_COLLECTIONS`` names
+  collections): daily manifest + download + checks of each watched collection.
+"""
+
+import os
+
+import dagster as dg
+
+from dataset_assets.core.index import IndexSource
+
+from .index_assets import idc_collections, idc_index
+from .jobs import download_collections_job
+from .partitions import collection_partitions
+
+MANIFEST = dg.AssetKey("collection_manifest")
+
+refresh_index_job = dg.define_asset_job(
+    name="refresh_idc_index",
+    description="Reload the IDC index into DuckDB and rebuild the table of collections.",
+    selection=dg.AssetSelection.assets(idc_index, idc_collections),
+)
+
+refresh_downloaded_condition = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.missing()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("downloaded before and its manifest changed")
+
+
+def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1
+    ).records
+    if not records:
+        return {}
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def manifest_run_config(instance: dg.DagsterInstance, collection_id: str) -> dict:
+    """Run config that rebuilds a manifest with the config of its last materialization."""
+    config = _latest_metadata(instance, MANIFEST, collection_id).get("manifest_config")
+    return {"ops": {"collection_manifest": {"config": config}}} if config else {}
+
+
+@dg.sensor(
+    name="idc_release_sensor",
+    description="Refreshes idc_index, idc_collections and materialized manifests when the installed "
+    "idc-index-data carries a different IDC release than they were built from.",
+    asset_selection=dg.AssetSelection.assets(idc_index, idc_collections, MANIFEST),
+    minimum_interval_seconds=600,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def idc_release_sensor(context: dg.SensorEvaluationContext):
+    release = f"v{IndexSource.from_env().release()}"
+    requests = []
+    if _latest_metadata(context.instance, idc_index.key).get("idc_release") != release:
+        requests.append(
+            dg.RunRequest(run_key=f"idc-release-{release}", asset_selection=[idc_index.key, idc_collections.key],
+                          tags={"idc/release": release})
+        )
+    for pk in sorted(context.instance.get_materialized_partitions(MANIFEST)):
+        if pk not in collection_partitions.get_partition_keys():
+            continue  # a collection the new release no longer has: nothing to rebuild
+        if _latest_metadata(context.instance, MANIFEST, pk).get("idc_release") != release:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"idc-release-{release}-{pk}", asset_selection=[MANIFEST], partition_key=pk,
+                    run_config=manifest_run_config(context.instance, pk), tags={"idc/release": release},
+                )
+            )
+    if not requests:
+        return dg.SkipReason(f"everything materialized is from IDC {release}")
+    return requests
+
+
+weekly_index_refresh = dg.ScheduleDefinition(
+    name="weekly_index_refresh",
+    job=refresh_index_job,
+    cron_schedule="0 5 * * 1",
+    description="Every Monday 05:00: reload the IDC index and the table of collections.",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+
+
+def watched_collections() -> list[str]:
+    return [c.strip() for c in os.environ.get("IDC_WATCHED_COLLECTIONS", "").split(",") if c.strip()]
+
+
+@dg.schedule(
+    name="watched_collections_schedule",
+    job=download_collections_job,
+    cron_schedule="0 3 * * *",
+    description="Daily 03:00: manifest, download and checks of every collection in $IDC_WATCHED_COLLECTIONS.",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+def watched_collections_schedule(context: dg.ScheduleEvaluationContext):
+    watched = watched_collections()
+    known = set(collection_partitions.get_partition_keys())
+    unknown = [c for c in watched if c not in known]
+    if unknown:
+        context.log.warning(f"IDC_WATCHED_COLLECTIONS names unknown collections, ignored: {', '.join(unknown)}")
+    valid = [c for c in watched if c in known]
+    if not valid:
+        return dg.SkipReason(
+            "IDC_WATCHED_COLLECTIONS names no known collection"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else " (it is empty)")
+        )
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    return [
+        dg.RunRequest(run_key=f"watched-{pk}-{day}", partition_key=pk, run_config=manifest_run_config(context.instance, pk),
+                      tags={"idc/watched": "true", "idc/download": "true"})
+        for pk in valid
+    ]
+
+
+idc_automation_sensor = dg.AutomationConditionSensorDefinition(
+    "idc_automation_sensor",
+    target=dg.AssetSelection.assets("downloaded_collection"),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Evaluates automation conditions: re-downloads collections whose manifest changed.",
+)
+
+schedules = [weekly_index_refresh, watched_collections_schedule]
+sensors = [idc_release_sensor, idc_automation_sensor]
+jobs = [refresh_index_job]
