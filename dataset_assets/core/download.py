@@ -194,13 +194,15 @@ def download(
     progress_interval_s: float = 5.0,
     check_endpoint_first: bool = True,
     state_path: Path | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> DownloadResult:
     """Bring ``root`` in line with ``manifest``. Raises ``DownloadError`` (with ``.result``)
     when series are still incomplete afterwards; what completed stays on disk.
 
     ``state_path`` records which ``crdc_series_uuid`` each directory holds once verified; with
     it, a series revised by a new IDC release is set aside and fetched again, and series no
-    longer in the manifest are reported (never deleted)."""
+    longer in the manifest are reported (never deleted). ``on_progress`` is called with the
+    ``Progress`` every ``progress_interval_s`` (the CLI draws its bar with it)."""
     started = time.monotonic()
     root = root.absolute()
     check_writable(root)
@@ -257,7 +259,7 @@ def download(
             [*options.global_args(), "run", command_path],
             on_stdout=progress.on_stdout,
             on_stderr=progress.on_stderr,
-            on_tick=lambda: log("progress: " + progress.line()),
+            on_tick=lambda: on_progress(progress) if on_progress else log("progress: " + progress.line()),
             tick_s=progress_interval_s,
             grace_period_s=options.grace_period_s,
         )

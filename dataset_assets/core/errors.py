@@ -13,6 +13,10 @@ class UnknownCollectionError(DatasetError):
     """A collection id that the installed index does not have."""
 
 
+class UnknownIndexError(DatasetError):
+    """An index name that idc-index-data does not describe."""
+
+
 class FilterError(DatasetError):
     """An unknown filter field, or a filter value that matches nothing."""
 

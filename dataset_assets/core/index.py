@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from .errors import IndexUnavailableError, UnknownCollectionError
+from .errors import IndexUnavailableError, UnknownCollectionError, UnknownIndexError
 
 #: Bundled indices this project reads. Others (sm_index, clinical_index, ...) are fetched
 #: on demand from the internet by idc-index; see ``available_indices``.
@@ -221,3 +221,52 @@ def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource) -> None:
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def _package_metadata() -> dict:
+    import idc_index_data
+
+    return getattr(idc_index_data, "INDEX_METADATA", {})
+
+
+def available_indices(source: IndexSource) -> list[dict[str, object]]:
+    """Every index idc-index-data describes: bundled ones with their row counts, and the ones
+    that idc-index fetches on demand from the internet (not available offline)."""
+    rows = []
+    for name, meta in sorted(_package_metadata().items()):
+        path = source.directory / f"{name}.parquet"
+        bundled = path.is_file()
+        count = None
+        if bundled:
+            (count,) = duckdb.execute(
+                f"SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
+                f"FROM parquet_metadata({_sql_str(str(path))}))"
+            ).fetchone()
+        description = ((meta.get("schema") or {}).get("table_description") or "").strip()
+        rows.append(
+            {
+                "index": name,
+                "availability": "bundled" if bundled else "on demand (internet)",
+                "rows": int(count) if count is not None else None,
+                "description": " ".join(description.split()),
+            }
+        )
+    return rows
+
+
+def index_columns(source: IndexSource, name: str) -> list[dict[str, str]]:
+    """Columns of an index: name, type and description (from the package's schema)."""
+    metadata = _package_metadata()
+    if name not in metadata:
+        raise UnknownIndexError(f"unknown index {name!r}; known indices: {', '.join(sorted(metadata))}")
+    described = {c["name"]: c for c in ((metadata[name].get("schema") or {}).get("columns") or [])}
+    path = source.directory / f"{name}.parquet"
+    if path.is_file():
+        types = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()
+        names = [(n, t) for n, t, *_ in types]
+    else:
+        names = [(n, c.get("type", "")) for n, c in described.items()]
+    return [
+        {"column": n, "type": t, "description": " ".join((described.get(n, {}).get("description") or "").split())}
+        for n, t in names
+    ]

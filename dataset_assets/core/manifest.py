@@ -15,6 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .errors import FilterError
@@ -199,3 +200,52 @@ def read_manifest(path: Path) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; materialize collection_manifest for this collection first")
     return pq.read_table(path)
+
+
+#: What a download TARGET names, and the index column and filter field it maps to.
+SELECTION_KINDS = {
+    "series": ("SeriesInstanceUID", "series_uids"),
+    "study": ("StudyInstanceUID", "study_uids"),
+    "patient": ("PatientID", "patient_ids"),
+}
+
+
+def build_selection_manifest(
+    con: duckdb.DuckDBPyConnection,
+    kind: str,
+    values: list[str],
+    filters: ManifestFilters | None = None,
+    **render: object,
+) -> pa.Table:
+    """A manifest of series, studies or patients given by UID/ID, across collections.
+
+    Unknown values are an error naming them; ``filters`` apply on top; ``render`` goes to
+    ``build_manifest`` (layout, root_length, max_path, long_paths)."""
+    if kind not in SELECTION_KINDS:
+        raise FilterError(f"unknown selection kind {kind!r}; valid: collection, {', '.join(SELECTION_KINDS)}")
+    column, field_name = SELECTION_KINDS[kind]
+    wanted = list(dict.fromkeys(v.strip() for v in values if v.strip()))
+    if not wanted:
+        raise FilterError(f"no {kind} given")
+    found = con.execute(
+        f"SELECT DISTINCT collection_id, {column} FROM idc_index WHERE list_contains(?, {column})", [wanted]
+    ).fetchall()
+    unknown = sorted(set(wanted) - {v for _, v in found})
+    if unknown:
+        raise FilterError(
+            f"{len(unknown)} {kind} value(s) not in the index: {', '.join(unknown[:10])}"
+            + (", ..." if len(unknown) > 10 else "")
+        )
+    by_collection: dict[str, list[str]] = {}
+    for collection_id, value in found:
+        by_collection.setdefault(collection_id, []).append(value)
+    base = (filters or ManifestFilters()).as_dict()
+    tables = []
+    for collection_id in sorted(by_collection):
+        narrowed = ManifestFilters.from_mapping({**base, field_name: by_collection[collection_id]})
+        tables.append(build_manifest(con, collection_id, narrowed, **render))  # type: ignore[arg-type]
+    table = pa.concat_tables(tables)
+    dirs = table.column("target_dir")
+    if pa.compute.count_distinct(dirs).as_py() != len(dirs):
+        raise FilterError("the selection puts two series in one directory; use a layout with %SeriesInstanceUID")
+    return table

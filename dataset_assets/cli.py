@@ -1,0 +1,258 @@
+"""``dataset``: the command line for people outside Dagster, on the same core as the assets.
+
+Exit codes a script can rely on:
+
+* 0: success (for ``download``: every series complete on disk)
+* 1: the download ran but some series are still incomplete (they are listed; re-run to resume)
+* 2: bad input (unknown collection, index, UID, filter value, malformed layout, bad option)
+* 3: the environment refused (destination not writable, not enough space, endpoint unreachable,
+  index unreadable)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import webbrowser
+from pathlib import Path
+
+import click
+
+from .core import index as idx
+from .core.download import download, series_status
+from .core.errors import DatasetError, DownloadError, FilterError, LayoutError, UnknownCollectionError, UnknownIndexError
+from .core.fmt import human_bytes, human_duration
+from .core.layout import DEFAULT_LAYOUT
+from .core.manifest import ManifestFilters, build_manifest, build_selection_manifest, summarize
+from .core.progress import Progress
+from .core.s5cmd import AWS_ENDPOINT, S5cmdOptions
+
+PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
+EXIT_INCOMPLETE, EXIT_INPUT, EXIT_ENVIRONMENT = 1, 2, 3
+
+
+class Failure(click.ClickException):
+    """A one-line error with our exit code (click prints ``Error: message``, no traceback)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _fail(exc: DatasetError) -> Failure:
+    if isinstance(exc, (FilterError, LayoutError, UnknownCollectionError, UnknownIndexError)):
+        return Failure(str(exc), EXIT_INPUT)
+    if isinstance(exc, DownloadError) and getattr(exc, "result", None) is not None:
+        return Failure(str(exc), EXIT_INCOMPLETE)
+    return Failure(str(exc), EXIT_ENVIRONMENT)
+
+
+def _source() -> idx.IndexSource:
+    return idx.IndexSource.from_env()
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "")) for r in rows)) for c in columns}
+    line = lambda r: "  ".join(str(r.get(c) if r.get(c) is not None else "").ljust(widths[c]) for c in columns)  # noqa: E731
+    return "\n".join([line({c: c for c in columns}), "  ".join("-" * widths[c] for c in columns), *map(line, rows)])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Datasets on the command line: NCI Imaging Data Commons (IDC) collections and more."""
+
+
+@main.group()
+def idc() -> None:
+    """NCI Imaging Data Commons: indices, collections, downloads, the portal."""
+
+
+@idc.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def indices(as_json: bool) -> None:
+    """List the indices: bundled with idc-index-data (with row counts) or fetched on demand."""
+    try:
+        rows = idx.available_indices(_source())
+    except DatasetError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        row["rows"] = f"{row['rows']:,}" if row["rows"] is not None else "-"
+        row["description"] = row["description"][:70]
+    click.echo(_table(rows, ["index", "availability", "rows", "description"]))
+
+
+@idc.command()
+@click.argument("index_name", metavar="INDEX")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def columns(index_name: str, as_json: bool) -> None:
+    """List the columns of INDEX (e.g. idc_index) with types and descriptions."""
+    try:
+        rows = idx.index_columns(_source(), index_name)
+    except DatasetError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        row["description"] = row["description"][:90]
+    click.echo(_table(rows, ["column", "type", "description"]))
+
+
+@idc.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (all fields) instead of a table.")
+def collections(as_json: bool) -> None:
+    """List the collections with subjects, series, size, modalities and licence."""
+    try:
+        with _source().connect() as con:
+            table = idx.collections_table(con)
+    except DatasetError as exc:
+        raise _fail(exc) from None
+    records = json.loads(table.to_json(orient="records"))
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    rows = [
+        {
+            "collection_id": r["collection_id"],
+            "subjects": r["subjects"] if r["subjects"] is not None else "",
+            "series": f"{r['series']:,}",
+            "size": human_bytes(r["size_bytes"]),
+            "modalities": r["modalities"],
+            "license": (r["licenses"] or "")[:40],
+        }
+        for r in records
+    ]
+    click.echo(_table(rows, ["collection_id", "subjects", "series", "size", "modalities", "license"]))
+
+
+class _Bar:
+    """A one-line progress bar on stderr, redrawn in place."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.drawn = False
+
+    def __call__(self, progress: Progress) -> None:
+        width = 30
+        frac = progress.done_bytes / progress.total_bytes if progress.total_bytes else 1.0
+        filled = int(width * min(frac, 1.0))
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
+            f"{progress.done_files:,}/{progress.total_files:,} files "
+            f"{progress.rate() / 1e6:6.1f} MB/s ETA {human_duration(progress.eta())}"
+            + (f" {progress.failures} failed" if progress.failures else "")
+            + " " * 4
+        )
+        self.stream.flush()
+        self.drawn = True
+
+    def end(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
+
+
+@idc.command(name="download")
+@click.argument("target")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--by", "kind", type=click.Choice(["collection", "series", "study", "patient"]), default="collection",
+    show_default=True, help="What TARGET names: a collection id, or comma-separated SeriesInstanceUIDs, "
+    "StudyInstanceUIDs or PatientIDs.",
+)
+@click.option("--modality", "modalities", multiple=True, help="Keep only this Modality (repeatable).")
+@click.option("--body-part", "body_parts", multiple=True, help="Keep only this BodyPartExamined (repeatable).")
+@click.option("--layout", default=DEFAULT_LAYOUT, show_default=True, help="Directory of each series; %column for any index column.")
+@click.option("--long-paths", type=click.Choice(["hash", "error"]), default="hash", show_default=True, help="Paths over 260 characters: shorten (hash) or fail.")
+@click.option("--dry-run", is_flag=True, help="Print what would be fetched and its size; download nothing.")
+@click.option("--workers", type=click.IntRange(1, 4096), default=64, show_default=True, help="Objects in flight at once.")
+@click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True, help="Retries per failed request.")
+@click.option(
+    "--endpoint", default=lambda: os.environ.get("IDC_S3_ENDPOINT_URL") or AWS_ENDPOINT,
+    show_default="$IDC_S3_ENDPOINT_URL or https://s3.amazonaws.com", help="S3 endpoint (GCS mirror: https://storage.googleapis.com).",
+)
+def download_command(
+    target: str, dest: Path, kind: str, modalities: tuple[str, ...], body_parts: tuple[str, ...], layout: str,
+    long_paths: str, dry_run: bool, workers: int, retries: int, endpoint: str,
+) -> None:
+    """Download TARGET into DEST, resuming: files already complete are not fetched again.
+
+    Exit codes: 0 complete, 1 some series incomplete (re-run to resume), 2 bad input,
+    3 destination, space, endpoint or index problem."""
+    filters = ManifestFilters(modalities=modalities, body_parts=body_parts)
+    render = {"layout": layout, "root_length": len(str(dest.absolute())), "long_paths": long_paths}
+    try:
+        with _source().connect() as con:
+            if kind == "collection":
+                manifest = build_manifest(con, target, filters, **render)  # type: ignore[arg-type]
+            else:
+                manifest = build_selection_manifest(con, kind, target.split(","), filters, **render)
+        stats = summarize(manifest)
+        if dry_run:
+            _dry_run(manifest, dest, stats)
+            return
+        bar = _Bar()
+        try:
+            result = download(
+                manifest, dest, S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
+                log=lambda line: (bar.end(), click.echo(line, err=True)), progress_interval_s=0.5, on_progress=bar,
+            )
+        finally:
+            bar.end()
+    except DatasetError as exc:
+        raise _fail(exc) from None
+    click.echo(
+        f"complete: {result.series:,} series, {result.files:,} files, {human_bytes(result.bytes)} in {dest} "
+        f"({result.transferred_files:,} files / {human_bytes(result.transferred_bytes)} transferred in "
+        f"{human_duration(result.duration_s)}, {result.mb_per_s:.1f} MB/s)"
+    )
+
+
+def _dry_run(manifest, dest: Path, stats: dict) -> None:
+    todo_series = todo_files = todo_bytes = 0
+    for row, disk, complete in series_status(manifest, dest.absolute()):
+        if not complete:
+            todo_series += 1
+            todo_files += max(row["instanceCount"] - disk.files, 0)
+            todo_bytes += max(row["series_bytes"] - disk.bytes, 0)
+    click.echo(
+        f"would fetch {todo_series:,} of {stats['series']:,} series ({todo_files:,} files, {human_bytes(todo_bytes)}) "
+        f"into {dest}; selection: {stats['instances']:,} files, {human_bytes(stats['bytes'])}, "
+        f"modalities {', '.join(stats['modalities'])}"
+    )
+    for row in manifest.slice(0, 10).to_pylist():
+        click.echo(f"  {row['series_aws_url']} -> {row['target_dir']} ({row['instanceCount']} files, {human_bytes(row['series_bytes'])})")
+    if manifest.num_rows > 10:
+        click.echo(f"  ... and {manifest.num_rows - 10:,} more series")
+
+
+@idc.command()
+@click.argument("collection_id", required=False)
+@click.option("--no-open", is_flag=True, help="Only print the URL.")
+def browse(collection_id: str | None, no_open: bool) -> None:
+    """Print the IDC portal URL (or COLLECTION_ID's page) and open it in a browser if there is one."""
+    url = PORTAL
+    if collection_id:
+        try:
+            with _source().connect() as con:
+                idx.require_collection(con, collection_id)
+        except DatasetError as exc:
+            raise _fail(exc) from None
+        url = f"{PORTAL}filters/?collection_id={collection_id}"
+    click.echo(url)
+    if not no_open and _has_display():
+        webbrowser.open(url)
+
+
+def _has_display() -> bool:
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("BROWSER"))
+    return True
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
