@@ -6,6 +6,7 @@ from dagster_duckdb import DuckDBResource
 from dataset_assets.defs import automation
 from dataset_assets.defs.checks import download_checks, index_checks
 from dataset_assets.defs.download_assets import downloaded_collection
+from dataset_assets.defs.executors import executor_from_env
 from dataset_assets.defs.index_assets import idc_collections, idc_index
 from dataset_assets.defs.jobs import download_collections_job, verify_downloads_job
 from dataset_assets.defs.manifest_assets import collection_manifest
@@ -18,6 +19,7 @@ defs = dg.Definitions(
     jobs=[download_collections_job, verify_downloads_job, *automation.jobs],
     schedules=automation.schedules,
     sensors=automation.sensors,
+    executor=executor_from_env(),
     resources={
         "idc": IdcResource(),
         "duckdb": DuckDBResource(database=env("IDC_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)),
