@@ -34,7 +34,8 @@ from .progress import Progress
 TEMP_FILE = re.compile(r"\.dcm\d+$")
 DISK_MARGIN = 0.02  # fraction of the missing bytes kept free on top of them
 DISK_MARGIN_MIN = 64 * 1024 * 1024
-CONTROL_DIR = ".dataset_assets"  # command files live here, below the download root
+CONTROL_DIR = ".dataset_assets"
+MAX_LISTED_FAILURES = 100  # command files live here, below the download root
 Log = Callable[[str], None]
 
 
@@ -55,7 +56,8 @@ class DownloadResult:
     skipped_series: int = 0
     transferred_files: int = 0
     transferred_bytes: int = 0
-    failed_series: list[str] = field(default_factory=list)
+    failed_count: int = 0
+    failed_series: list[str] = field(default_factory=list)  # the first MAX_LISTED_FAILURES
     errors: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     returncode: int | None = None
@@ -64,7 +66,7 @@ class DownloadResult:
 
     @property
     def complete_series(self) -> int:
-        return self.series - len(self.failed_series)
+        return self.series - self.failed_count
 
     @property
     def mb_per_s(self) -> float:
@@ -185,6 +187,29 @@ def _command(verb: str, url: str, dest: Path, flags: list[str]) -> str:
     return f'{verb}{extra} {" ".join(flags)} "{url}" "{dest}/"\n'
 
 
+def _plan(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, commands) -> tuple[set[int], tuple[int, int, int, int]]:
+    """One streaming pass: scan each series, remove temporary files a killed s5cmd left, and
+    write a command for each incomplete series (``cp`` when empty, ``sync --size-only`` when
+    partial). Returns the row numbers to fetch and (files, bytes, missing files, missing bytes)."""
+    todo: set[int] = set()
+    total_files = total_bytes = missing_files = missing_bytes = 0
+    flags = options.copy_flags()
+    for i, (row, disk, complete) in enumerate(series_status(manifest, root)):
+        total_files += row["instanceCount"]
+        total_bytes += row["series_bytes"]
+        if complete:
+            continue
+        todo.add(i)
+        missing_files += max(row["instanceCount"] - disk.files, 0)
+        missing_bytes += max(row["series_bytes"] - disk.bytes, 0)
+        dest = root / row["target_dir"]
+        for name in disk.temp_files:  # left by a killed s5cmd: never complete files
+            (dest / name).unlink(missing_ok=True)
+        url = options.source_url(row["series_aws_url"], row["aws_bucket"])
+        commands.write(_command("sync" if disk.files else "cp", url, dest, flags))
+    return todo, (total_files, total_bytes, missing_files, missing_bytes)
+
+
 def download(
     manifest: pa.Table,
     root: Path,
@@ -213,48 +238,32 @@ def download(
     if removed:
         log(f"{len(removed)} series downloaded before are no longer in the manifest; kept on disk: "
             + "; ".join(removed[:10]))
-    todo: list[tuple[dict, SeriesOnDisk]] = []
-    total_files = total_bytes = 0
-    for row, disk, complete in series_status(manifest, root):
-        total_files += row["instanceCount"]
-        total_bytes += row["series_bytes"]
-        if not complete:
-            todo.append((row, disk))
-    result = DownloadResult(series=manifest.num_rows, files=total_files, bytes=total_bytes)
-    result.skipped_series = manifest.num_rows - len(todo)
-    result.replaced_series, result.removed_series = replaced, removed
-    if not todo:
-        log(f"all {manifest.num_rows:,} series already complete on disk ({human_bytes(total_bytes)}); nothing to transfer")
-        if state_path is not None:
-            save_state(state_path, manifest, set())
-        result.duration_s = time.monotonic() - started
-        return result
-
-    missing_files = sum(max(r["instanceCount"] - d.files, 0) for r, d in todo)
-    missing_bytes = sum(max(r["series_bytes"] - d.bytes, 0) for r, d in todo)
-    check_free_space(root, missing_bytes)
-    if check_endpoint_first:
-        check_endpoint(options.endpoint_url)
-    for row, disk in todo:
-        for name in disk.temp_files:  # left by a killed s5cmd: never complete files
-            (root / row["target_dir"] / name).unlink(missing_ok=True)
-
     control = root / CONTROL_DIR
     control.mkdir(exist_ok=True)
     fd, command_path = tempfile.mkstemp(dir=control, prefix="run-", suffix=".s5cmd")  # mode 0600
-    progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
-    log(
-        f"downloading {len(todo):,} of {manifest.num_rows:,} series ({missing_files:,} files, "
-        f"{human_bytes(missing_bytes)}) from {options.endpoint_url} with {options.workers} workers; "
-        f"{result.skipped_series:,} series already complete"
-    )
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            flags = options.copy_flags()
-            for row, disk in todo:
-                url = options.source_url(row["series_aws_url"], row["aws_bucket"])
-                dest = root / row["target_dir"]
-                handle.write(_command("sync" if disk.files else "cp", url, dest, flags))
+        with os.fdopen(fd, "w", encoding="utf-8") as commands:
+            todo, totals = _plan(manifest, root, options, commands)
+        total_files, total_bytes, missing_files, missing_bytes = totals
+        result = DownloadResult(series=manifest.num_rows, files=total_files, bytes=total_bytes)
+        result.skipped_series = manifest.num_rows - len(todo)
+        result.replaced_series, result.removed_series = replaced, removed
+        if not todo:
+            log(f"all {manifest.num_rows:,} series already complete on disk ({human_bytes(total_bytes)}); "
+                "nothing to transfer")
+            if state_path is not None:
+                save_state(state_path, manifest, set())
+            result.duration_s = time.monotonic() - started
+            return result
+        check_free_space(root, missing_bytes)
+        if check_endpoint_first:
+            check_endpoint(options.endpoint_url)
+        progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
+        log(
+            f"downloading {len(todo):,} of {manifest.num_rows:,} series ({missing_files:,} files, "
+            f"{human_bytes(missing_bytes)}) from {options.endpoint_url} with {options.workers} workers; "
+            f"{result.skipped_series:,} series already complete"
+        )
         result.returncode = s5cmd.run(
             [*options.global_args(), "run", command_path],
             on_stdout=progress.on_stdout,
@@ -271,23 +280,27 @@ def download(
     result.transferred_bytes = progress.done_bytes
     result.errors = list(progress.errors)
     failed_dirs = set()
-    for row, _ in todo:
+    for i, row in enumerate(_rows(manifest)):
+        if i not in todo:
+            continue
         disk = scan_series(root / row["target_dir"])
         if not (disk.files == row["instanceCount"] and disk.bytes == row["series_bytes"]):
             failed_dirs.add(row["target_dir"])
-            result.failed_series.append(
-                f"{row['SeriesInstanceUID']} ({disk.files}/{row['instanceCount']} files, "
-                f"{disk.bytes:,}/{row['series_bytes']:,} bytes)"
-            )
+            result.failed_count += 1
+            if len(result.failed_series) < MAX_LISTED_FAILURES:
+                result.failed_series.append(
+                    f"{row['SeriesInstanceUID']} ({disk.files}/{row['instanceCount']} files, "
+                    f"{disk.bytes:,}/{row['series_bytes']:,} bytes)"
+                )
     if state_path is not None:
         save_state(state_path, manifest, failed_dirs)
     result.duration_s = time.monotonic() - started
-    if result.failed_series:
+    if result.failed_count:
         shown = "; ".join(result.failed_series[:10])
-        more = f"; and {len(result.failed_series) - 10} more" if len(result.failed_series) > 10 else ""
+        more = f"; and {result.failed_count - 10} more" if result.failed_count > 10 else ""
         errors = " | ".join(result.errors[:3])
         error = DownloadError(
-            f"{len(result.failed_series)} of {result.series} series incomplete after the transfer "
+            f"{result.failed_count} of {result.series} series incomplete after the transfer "
             f"(s5cmd exit code {result.returncode}): {shown}{more}"
             + (f". s5cmd errors: {errors}" if errors else "")
             + ". Everything that completed is kept; materialize again to fetch only what is missing."

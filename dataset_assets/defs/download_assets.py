@@ -21,7 +21,7 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
     return {
         "series": result.series,
         "series_complete": result.complete_series,
-        "series_failed": len(result.failed_series),
+        "series_failed": result.failed_count,
         "series_skipped_already_complete": result.skipped_series,
         "files": result.files,
         "bytes": result.bytes,
@@ -80,7 +80,7 @@ def downloaded_collection(
         result = getattr(exc, "result", None)
         context.log.error(
             f"download failed collection={collection_id} "
-            + (f"failed_series={len(result.failed_series)} bytes={result.transferred_bytes} "
+            + (f"failed_series={result.failed_count} bytes={result.transferred_bytes} "
                f"duration_s={result.duration_s:.1f}" if result else "")
         )
         raise dg.Failure(
