@@ -3,7 +3,6 @@
 import os
 import shutil
 import stat
-import threading
 import time
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def test_persistent_failure_names_the_series_keeps_the_rest_and_rerun_completes(
     with pytest.raises(DownloadError) as info:
         download(manifest, root, opts(s3), log=lambda m: None)
     message = str(info.value)
-    assert f"1 of 6 series incomplete" in message and bad["SeriesInstanceUID"] in message
+    assert "1 of 6 series incomplete" in message and bad["SeriesInstanceUID"] in message
     assert "InternalError" in message and "materialize again" in message
     assert info.value.result.complete_series == 5
     assert all(len(files_of(root, r)) == 4 for r in rows if r is not bad)

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -248,7 +247,7 @@ def test_delimiter_paging_with_small_max_keys(srv, root):
     put(root, "p/top2", b"yy")
     names, token = [], None
     while True:
-        q = f"list-type=2&prefix=p/&delimiter=/&max-keys=2" + (
+        q = "list-type=2&prefix=p/&delimiter=/&max-keys=2" + (
             f"&continuation-token={token}" if token else "")
         doc = ET.fromstring(_OPENER.open(f"{srv.endpoint_url}/{BUCKET}?{q}", timeout=5).read())
         page = [e.text for e in doc.iterfind("s3:CommonPrefixes/s3:Prefix", NS)]
