@@ -1,0 +1,149 @@
+"""Tiny threaded HTTP file server on 127.0.0.1 for download tests (standard library only).
+
+Serves ``files[path] = bytes`` (GET, HEAD; the query string is ignored) with ``Range: bytes=N-``
+-> 206 + Content-Range (416 past the end). Faults hit upcoming GETs in the order queued:
+``fail_next`` (status), ``throttle_next`` (429 + ``Retry-After: 0``), ``truncate_next`` (full
+Content-Length, part of the body, connection dropped); ``ignore_range`` always answers 200.
+``stats``: per-path ``get``/``head`` counts, ``ranges`` seen, ``bytes_sent``. Quiet; stops after ``max_lifetime_s``.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+from collections import Counter
+from contextlib import suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: "FileServer"
+
+    def handle_error(self, request, client_address) -> None:  # quiet: clients hang up on purpose
+        pass
+
+
+class FileServer:
+    def __init__(self, max_lifetime_s: float = 600):
+        self.files: dict[str, bytes] = {}
+        self.ignore_range = False
+        self._lock = threading.Lock()
+        self._faults: list[tuple[str, float]] = []  # (kind, status or fraction), one per GET
+        self._conns: set[socket.socket] = set()
+        self._stopped = False
+        self.reset_stats()
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._timer = threading.Timer(max_lifetime_s, self.stop)  # never outlive a forgotten test
+        self._timer.daemon = True
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
+
+    def _queue(self, n: int, kind: str, value: float) -> None:
+        with self._lock:
+            self._faults += [(kind, value)] * n
+
+    def fail_next(self, n: int, status: int = 503) -> None:
+        self._queue(n, "fail", status)
+
+    def throttle_next(self, n: int) -> None:
+        self._queue(n, "fail", 429)
+
+    def truncate_next(self, n: int, fraction: float = 0.5) -> None:
+        self._queue(n, "truncate", fraction)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._get, self._head, self._ranges, self._bytes = Counter(), Counter(), [], 0
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            return {"get": dict(self._get), "head": dict(self._head), "ranges": list(self._ranges),
+                    "bytes_sent": self._bytes}
+
+    def __enter__(self) -> "FileServer":
+        self._thread.start()
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped, conns = True, list(self._conns)
+        self._timer.cancel()
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+        self._httpd.server_close()
+        for conn in conns:
+            with suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+    server: _Server
+
+    def log_message(self, format, *args) -> None:  # quiet
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.owner._lock:
+            self.server.owner._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.owner._lock:
+            self.server.owner._conns.discard(self.connection)
+        super().finish()
+
+    def _reply(self, status: int, body: bytes, headers: dict | None = None, length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        for item in (headers or {}).items():
+            self.send_header(*item)
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+            with self.server.owner._lock:
+                self.server.owner._bytes += len(body)
+
+    def do_GET(self) -> None:
+        srv, path, rng = self.server.owner, urlsplit(self.path).path, self.headers.get("Range")
+        with srv._lock:
+            (srv._get if self.command == "GET" else srv._head)[path] += 1
+            srv._ranges += [rng] if rng and self.command == "GET" else []
+            fault = srv._faults.pop(0) if srv._faults and self.command == "GET" else None
+            data = srv.files.get(path)
+        if data is None:
+            return self._reply(404, b"not found\n")
+        if fault and fault[0] == "fail":  # 429 comes with Retry-After: 0
+            return self._reply(int(fault[1]), b"injected failure\n", {"Retry-After": "0"} if fault[1] == 429 else {})
+        start, end, status, headers = 0, len(data) - 1, 200, {"Accept-Ranges": "bytes"}
+        if rng and not srv.ignore_range:
+            try:
+                a, _, b = rng.removeprefix("bytes=").partition("-")
+                start, end = int(a), min(int(b or len(data) - 1), len(data) - 1)
+            except ValueError:
+                return self._reply(400, b"bad range\n")
+            if start >= len(data):
+                return self._reply(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            status, headers["Content-Range"] = 206, f"bytes {start}-{end}/{len(data)}"
+        body = data[start:end + 1]
+        if not fault:
+            return self._reply(status, body, headers)
+        self._reply(status, body[:int(len(body) * fault[1])], headers, length=len(body))
+        self.wfile.flush()
+        self.close_connection = True
+        with suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    do_HEAD = do_GET
