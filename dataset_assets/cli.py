@@ -48,6 +48,16 @@ def _fail(exc: DatasetError) -> Failure:
     return Failure(str(exc), EXIT_ENVIRONMENT)
 
 
+class _Group(click.Group):
+    """Turns every ``DatasetError`` a command raises into a one-line error with its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DatasetError as exc:
+            raise _fail(exc) from None
+
+
 def _source() -> idx.IndexSource:
     return idx.IndexSource.from_env()
 
@@ -63,7 +73,7 @@ def main() -> None:
     """Datasets on the command line: NCI Imaging Data Commons (IDC) collections and more."""
 
 
-@main.group()
+@main.group(cls=_Group)
 def idc() -> None:
     """NCI Imaging Data Commons: indices, collections, downloads, the portal."""
 
@@ -72,10 +82,7 @@ def idc() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def indices(as_json: bool) -> None:
     """List the indices: bundled with idc-index-data (with row counts) or fetched on demand."""
-    try:
-        rows = idx.available_indices(_source())
-    except DatasetError as exc:
-        raise _fail(exc) from None
+    rows = idx.available_indices(_source())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -90,10 +97,7 @@ def indices(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def columns(index_name: str, as_json: bool) -> None:
     """List the columns of INDEX (e.g. idc_index) with types and descriptions."""
-    try:
-        rows = idx.index_columns(_source(), index_name)
-    except DatasetError as exc:
-        raise _fail(exc) from None
+    rows = idx.index_columns(_source(), index_name)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -106,11 +110,8 @@ def columns(index_name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (all fields) instead of a table.")
 def collections(as_json: bool) -> None:
     """List the collections with subjects, series, size, modalities and licence."""
-    try:
-        with _source().connect() as con:
-            table = idx.collections_table(con)
-    except DatasetError as exc:
-        raise _fail(exc) from None
+    with _source().connect() as con:
+        table = idx.collections_table(con)
     records = json.loads(table.to_json(orient="records"))
     if as_json:
         click.echo(json.dumps(records, indent=2))
@@ -185,26 +186,23 @@ def download_command(
     3 destination, space, endpoint or index problem."""
     filters = ManifestFilters(modalities=modalities, body_parts=body_parts)
     render = {"layout": layout, "root_length": len(str(dest.absolute())), "long_paths": long_paths}
+    with _source().connect() as con:
+        if kind == "collection":
+            manifest = build_manifest(con, target, filters, **render)  # type: ignore[arg-type]
+        else:
+            manifest = build_selection_manifest(con, kind, target.split(","), filters, **render)
+    stats = summarize(manifest)
+    if dry_run:
+        _dry_run(manifest, dest, stats)
+        return
+    bar = _Bar()
     try:
-        with _source().connect() as con:
-            if kind == "collection":
-                manifest = build_manifest(con, target, filters, **render)  # type: ignore[arg-type]
-            else:
-                manifest = build_selection_manifest(con, kind, target.split(","), filters, **render)
-        stats = summarize(manifest)
-        if dry_run:
-            _dry_run(manifest, dest, stats)
-            return
-        bar = _Bar()
-        try:
-            result = download(
-                manifest, dest, S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
-                log=lambda line: (bar.end(), click.echo(line, err=True)), progress_interval_s=0.5, on_progress=bar,
-            )
-        finally:
-            bar.end()
-    except DatasetError as exc:
-        raise _fail(exc) from None
+        result = download(
+            manifest, dest, S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
+            log=lambda line: (bar.end(), click.echo(line, err=True)), progress_interval_s=0.5, on_progress=bar,
+        )
+    finally:
+        bar.end()
     click.echo(
         f"complete: {result.series:,} series, {result.files:,} files, {human_bytes(result.bytes)} in {dest} "
         f"({result.transferred_files:,} files / {human_bytes(result.transferred_bytes)} transferred in "
@@ -237,11 +235,8 @@ def browse(collection_id: str | None, no_open: bool) -> None:
     """Print the IDC portal URL (or COLLECTION_ID's page) and open it in a browser if there is one."""
     url = PORTAL
     if collection_id:
-        try:
-            with _source().connect() as con:
-                idx.require_collection(con, collection_id)
-        except DatasetError as exc:
-            raise _fail(exc) from None
+        with _source().connect() as con:
+            idx.require_collection(con, collection_id)
         url = f"{PORTAL}filters/?collection_id={collection_id}"
     click.echo(url)
     if not no_open and _has_display():

@@ -28,12 +28,11 @@ import requests
 
 from . import s5cmd
 from .errors import DownloadError
+from .fs import check_free_space, check_writable
 from .fmt import human_bytes
 from .progress import Progress
 
 TEMP_FILE = re.compile(r"\.dcm\d+$")
-DISK_MARGIN = 0.02  # fraction of the missing bytes kept free on top of them
-DISK_MARGIN_MIN = 64 * 1024 * 1024
 CONTROL_DIR = ".dataset_assets"
 MAX_LISTED_FAILURES = 100  # command files live here, below the download root
 Log = Callable[[str], None]
@@ -106,28 +105,11 @@ def series_status(manifest: pa.Table, root: Path) -> Iterator[tuple[dict, Series
         yield row, disk, complete
 
 
-def check_writable(root: Path) -> None:
-    """Raise ``DownloadError`` unless ``root`` can be created and written to."""
+def check_root(root: Path) -> None:
+    """The download root must be writable, and free of characters s5cmd's command file cannot quote."""
     if any(c in str(root) for c in '"\n\r'):
         raise DownloadError(f"download root {str(root)!r} contains a quote or newline; choose another path")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise DownloadError(f"download root {root} is not writable: {exc.strerror or exc}") from exc
-
-
-def check_free_space(root: Path, needed_bytes: int) -> None:
-    """Raise ``DownloadError`` unless ``root`` has room for ``needed_bytes`` plus a margin."""
-    free = shutil.disk_usage(root).free
-    wanted = needed_bytes + max(int(needed_bytes * DISK_MARGIN), DISK_MARGIN_MIN)
-    if needed_bytes and free < wanted:
-        raise DownloadError(
-            f"not enough free space in {root}: the download needs {human_bytes(needed_bytes)} "
-            f"plus a margin of {human_bytes(wanted - needed_bytes)}, but only {human_bytes(free)} is free"
-        )
+    check_writable(root)
 
 
 def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
@@ -230,7 +212,7 @@ def download(
     ``Progress`` every ``progress_interval_s`` (the CLI draws its bar with it)."""
     started = time.monotonic()
     root = root.absolute()
-    check_writable(root)
+    check_root(root)
     state = load_state(state_path)
     replaced = set_aside_revised(manifest, root, state, log) if state else []
     in_manifest = set(manifest.column("target_dir").to_pylist()) if state else set()

@@ -38,8 +38,6 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +52,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.util import Retry
 
 from .errors import DatasetError, DownloadError
+from .fs import check_free_space, check_writable
 from .fmt import human_bytes, human_duration
 
 try:
@@ -279,17 +278,6 @@ class _Part:
         self.transferred += len(chunk)
 
 
-def check_writable(directory: Path, name: str) -> None:
-    """Raise ``DownloadError`` unless ``directory`` can be created and written to."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise DownloadError(f"bundle {name}: destination {directory} is not writable: {exc.strerror or exc}") from None
-
-
 def _sha256_file(path: Path, chunk_size: int) -> str:
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -354,13 +342,6 @@ def _check_total(bundle: Bundle, total: int | None, part: _Part, path: Path) -> 
                             f"announces {total:,} for {redact_url(bundle.url)}; the partial file was deleted")
 
 
-def _check_space(bundle: Bundle, directory: Path, needed: int) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise DownloadError(f"bundle {bundle.name}: not enough free space in {directory}: "
-                            f"{human_bytes(needed)} needed, {human_bytes(free)} free")
-
-
 def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, timeout: float,
            log: Log) -> tuple[str, int | None, str]:
     """One GET filling the part -> (``complete`` | ``restart`` | ``interrupted``, total size, detail)."""
@@ -400,7 +381,7 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
         _check_total(bundle, total, part, path)
         expected_total = bundle.size if bundle.size is not None else total
         if expected_total is not None:
-            _check_space(bundle, path.parent, expected_total - offset)
+            check_free_space(path.parent, expected_total - offset, f"bundle {bundle.name}")
         length = _int_header(response, "Content-Length")
         part.digest()  # hash what the part already holds before appending
         received = 0
@@ -488,7 +469,7 @@ def download_bundle(
             log(f"bundle {bundle.name}: {final} already complete ({human_bytes(size)}); nothing to transfer")
             return BundleResult(final, size, digest, skipped=True, duration_s=time.monotonic() - started)
         log(f"bundle {bundle.name}: {final} does not match ({why}); downloading it again")
-    check_writable(dest_dir, bundle.name)
+    check_writable(dest_dir, f"bundle {bundle.name}: destination")
     own_session = session is None
     session = session or make_session()
     size_text = human_bytes(bundle.size) if bundle.size is not None else "size unknown"
