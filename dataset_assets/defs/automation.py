@@ -36,7 +36,7 @@ refresh_downloaded_condition = (
     & ~dg.AutomationCondition.any_deps_missing()
     & ~dg.AutomationCondition.any_deps_in_progress()
     & ~dg.AutomationCondition.in_progress()
-).with_label("downloaded before and its manifest changed")
+).with_label("manifest changed, downloaded before")
 
 
 def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:

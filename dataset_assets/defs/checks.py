@@ -35,7 +35,11 @@ def _result(report: verify.CheckReport, what: str, severity=dg.AssetCheckSeverit
             "checked": report.checked,
             "problems": report.problem_count,
             "culprit_series": len(report.culprit_series),
-            "first_problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none"),
+            "first_problems": (
+                dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems))
+                if report.problems
+                else dg.MetadataValue.text("none")
+            ),
             **{k: (v if isinstance(v, (int, float)) else str(v)) for k, v in report.notes.items()},
         },
     )

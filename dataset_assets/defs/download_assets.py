@@ -12,7 +12,7 @@ from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
 from .partitions import collection_partitions
 from .resources import IdcResource, S5cmdResource
-from .settings import COLLECTIONS_GROUP, OWNERS
+from .settings import DOWNLOADS_GROUP, OWNERS
 
 DOWNLOAD_POOL = "idc_download"
 
@@ -46,7 +46,7 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
 @dg.asset(
     deps=[collection_manifest],
     partitions_def=collection_partitions,
-    group_name=COLLECTIONS_GROUP,
+    group_name=DOWNLOADS_GROUP,
     kinds={"s3", "dicom"},
     owners=OWNERS,
     pool=DOWNLOAD_POOL,

@@ -7,7 +7,7 @@ import dagster as dg
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.http_bundles import download_bundle, load_bundles, redact_url
 
-from .settings import COLLECTIONS_GROUP, OWNERS, env
+from .settings import BUNDLES_GROUP, OWNERS, env
 
 DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parents[1] / "bundles.yaml"
 
@@ -23,7 +23,7 @@ def build_http_datasets(path: Path) -> dg.AssetsDefinition:
     @dg.asset(
         name="http_datasets",
         partitions_def=dg.StaticPartitionsDefinition(sorted(bundles)),
-        group_name=COLLECTIONS_GROUP,
+        group_name=BUNDLES_GROUP,
         kinds={"http"},
         owners=OWNERS,
         tags={"domain": "datasets"},

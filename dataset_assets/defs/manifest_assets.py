@@ -16,7 +16,7 @@ from dataset_assets.core.layout import DEFAULT_LAYOUT, MAX_PATH_DEFAULT
 from .index_assets import idc_index
 from .partitions import collection_partitions
 from .resources import IdcResource
-from .settings import COLLECTIONS_GROUP, OWNERS
+from .settings import DOWNLOADS_GROUP, OWNERS
 
 PREVIEW_COLUMNS = ["PatientID", "Modality", "SeriesInstanceUID", "instanceCount", "series_size_MB", "target_dir"]
 
@@ -42,7 +42,7 @@ class ManifestConfig(dg.Config):
 @dg.asset(
     deps=[idc_index],
     partitions_def=collection_partitions,
-    group_name=COLLECTIONS_GROUP,
+    group_name=DOWNLOADS_GROUP,
     kinds={"parquet", "duckdb"},
     owners=OWNERS,
     tags={"domain": "idc"},

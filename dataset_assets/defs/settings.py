@@ -9,8 +9,9 @@ DEFAULT_MANIFEST_DIR = "data/manifests"
 DEFAULT_ENDPOINT = "https://s3.amazonaws.com"
 
 OWNERS = ["team:imaging-data"]
-INDEX_GROUP = "idc_index"
-COLLECTIONS_GROUP = "idc_collections"
+INDEX_GROUP = "idc_catalog"  # idc_index, idc_collections
+DOWNLOADS_GROUP = "idc_downloads"  # collection_manifest, downloaded_collection
+BUNDLES_GROUP = "http_bundles"  # http_datasets
 
 
 def env(name: str, default: str) -> str:
