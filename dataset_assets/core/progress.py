@@ -9,6 +9,7 @@ Only counters and a bounded sample of errors are kept.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -31,13 +32,14 @@ class Progress:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def on_stdout(self, line: str) -> None:
-        record = _parse(line)
-        if record is None or not record.get("success"):
+        # One line per copied object: a substring test and a regex instead of json.loads keep
+        # the reader at a few microseconds a line (s5cmd's own format, see the module docstring).
+        if '"success":true' not in line:
             return
-        size = (record.get("object") or {}).get("size") or 0
+        match = _SIZE.search(line)
         with self._lock:
             self.done_files += 1
-            self.done_bytes += int(size)
+            self.done_bytes += int(match.group(1)) if match else 0
 
     def on_stderr(self, line: str) -> None:
         line = line.strip()
@@ -73,6 +75,9 @@ class Progress:
             f"{human_bytes(self.total_bytes)} ({pct:.1f}%), {self.rate() / 1e6:.1f} MB/s, "
             f"ETA {human_duration(self.eta())}, {self.failures} failure(s)"
         )
+
+
+_SIZE = re.compile(r'"size":(\d+)')
 
 
 def _parse(line: str) -> dict | None:
