@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -154,9 +153,10 @@ def set_aside_revised(manifest: pa.Table, root: Path, state: dict[str, tuple[str
         source = root / row["target_dir"]
         if source.is_dir():
             dest = root / CONTROL_DIR / "replaced" / before[1]
+            n = 1
+            while dest.exists():  # never overwrite what was set aside before
+                dest, n = root / CONTROL_DIR / "replaced" / f"{before[1]}.{n}", n + 1
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                shutil.rmtree(dest)
             os.replace(source, dest)
             log(f"series {row['SeriesInstanceUID']} was revised ({before[1]} -> {row['crdc_series_uuid']}); "
                 f"previous files moved to {dest}")
