@@ -61,6 +61,8 @@ def test_index_and_manifest_materialize_in_process(resources, tmp_path):
     meta = result.asset_materializations_for_node("collection_manifest")[0].metadata
     assert meta["series"].value == 44 and meta["instances"].value == 2816 and meta["bytes"].value == 246_305_000
     assert meta["dagster/row_count"].value == 44
+    assert meta["doi"].value == "https://doi.org/10.7937/k9/tcia.2015.zpukhckb"
+    assert meta["idc_release"].value == "v25" and meta["manifest_config"].value["modalities"] == ["PT"]
     table = pq.read_table(tmp_path / "manifests" / "qin_pet_phantom.parquet")
     assert table.num_rows == 44 and "target_dir" in table.column_names
 

@@ -78,6 +78,7 @@ def collection_manifest(
         {"index": str(source.directory), "release": release, **config.model_dump()}, sort_keys=True
     )
     preview = table.slice(0, 10).select(PREVIEW_COLUMNS).to_pandas()
+    first = table.slice(0, 1).to_pylist()[0]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(hashlib.sha256(fingerprint.encode()).hexdigest()[:16]),
         metadata={
@@ -98,8 +99,12 @@ def collection_manifest(
             "manifest_path": dg.MetadataValue.path(str(path)),
             "download_root": dg.MetadataValue.path(str(root)),
             "preview": dg.MetadataValue.md(markdown_table(preview)),
-            "idc_viewer": dg.MetadataValue.url(
+            "idc_portal": dg.MetadataValue.url(
                 f"https://portal.imaging.datacommons.cancer.gov/explore/filters/?collection_id={collection_id}"
             ),
+            "viewer_first_study": dg.MetadataValue.url(
+                f"https://viewer.imaging.datacommons.cancer.gov/v3/viewer/?StudyInstanceUIDs={first['StudyInstanceUID']}"
+            ),
+            **({"doi": dg.MetadataValue.url(f"https://doi.org/{first['source_DOI']}")} if first["source_DOI"] else {}),
         },
     )
