@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from .core import index as idx
-from .core.download import download, series_status
+from .core.download import download, series_status, state_path_for
 from .core.errors import DatasetError, DownloadError, FilterError, LayoutError, UnknownCollectionError, UnknownIndexError
 from .core.fmt import human_bytes, human_duration
 from .core.layout import DEFAULT_LAYOUT
@@ -200,6 +200,7 @@ def download_command(
         result = download(
             manifest, dest, S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
             log=lambda line: (bar.end(), click.echo(line, err=True)), progress_interval_s=0.5, on_progress=bar,
+            state_path=state_path_for(dest, manifest),
         )
     finally:
         bar.end()

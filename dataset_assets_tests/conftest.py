@@ -10,6 +10,20 @@ from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.s3server import LocalS3Server
 
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """No test may reach another address: no proxy (requests would send 127.0.0.1 traffic to
+    it), and s5cmd's metadata-service lookup is off (the core sets that for s5cmd too)."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 @pytest.fixture(scope="session")
 def idc_fixture(tmp_path_factory):
     """6 real qin_pet_phantom series, 4 DICOM files each, one series in idc-open-data-two."""

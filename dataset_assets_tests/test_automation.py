@@ -51,7 +51,8 @@ def test_release_sensor_requests_refresh_of_older_release(release_24, idc_fixtur
 
         monkeypatch.setenv("IDC_INDEX_DIR", str(idc_fixture.index_dir))  # release v25 installed
         requests = idc_release_sensor(dg.build_sensor_context(instance=instance))
-        assert [r.run_key for r in requests] == ["idc-release-v25", "idc-release-v25-qin_pet_phantom"]
+        day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        assert [r.run_key for r in requests] == [f"idc-release-v25-{day}", f"idc-release-v25-{day}-qin_pet_phantom"]
         assert set(requests[0].asset_selection) == {idc_index.key, idc_collections.key}
         manifest_request = requests[1]
         assert manifest_request.partition_key == "qin_pet_phantom"

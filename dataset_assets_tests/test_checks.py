@@ -73,6 +73,13 @@ def test_corrupted_header_fails_header_check_naming_file_and_field(env):
     victim.write_bytes(b"garbage" * 100)
     headers = run_checks(resources)["dicom_headers_match_manifest"]
     assert "not a readable DICOM file" in headers.description
+    # damage inside the header (lengths and tags) is a finding about that file, never a crash
+    other = sorted(series_dirs(root)[3].glob("*.dcm"))[0]
+    data = bytearray(other.read_bytes())
+    data[150:400] = bytes([0xFF]) * 250
+    other.write_bytes(bytes(data))
+    headers = run_checks(resources)["dicom_headers_match_manifest"]
+    assert not headers.passed and str(other) in headers.description
 
 
 def test_stray_and_partial_files_warn(env):

@@ -115,3 +115,17 @@ def test_download_with_failing_series_exits_1_listing_them(fixture_env, idc_fixt
     assert proc.returncode == 1, proc.stderr
     assert "1 of 6 series incomplete" in proc.stderr and bad["SeriesInstanceUID"] in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unreadable_or_incomplete_index_is_one_line_exit_3(tmp_path, idc_fixture):
+    import shutil
+
+    broken = tmp_path / "index"
+    shutil.copytree(idc_fixture.index_dir, broken)
+    (broken / "prior_versions_index.parquet").write_bytes(b"garbage")
+    env = {"IDC_INDEX_DIR": str(broken)}
+    for verb in (["collections"], ["indices"], ["columns", "prior_versions_index"], ["download", "qin_pet_phantom", str(tmp_path / "o")]):
+        assert_one_line_error(run("idc", *verb, env=env), 3, "prior_versions_index.parquet cannot be read")
+    (broken / "prior_versions_index.parquet").unlink()
+    (broken / "collections_index.parquet").unlink()
+    assert_one_line_error(run("idc", "collections", env=env), 3, "collections_index does not exist")

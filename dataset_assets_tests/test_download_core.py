@@ -43,7 +43,7 @@ def test_full_download_places_every_object_by_layout(s3, manifest, idc_fixture, 
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             assert (ds.PatientID, ds.SeriesInstanceUID) == (row["PatientID"], row["SeriesInstanceUID"])
     assert {r["aws_bucket"] for r in manifest.to_pylist()} == {"idc-open-data", "idc-open-data-two"}
-    assert list((root / CONTROL_DIR).iterdir()) == []  # the command file is gone
+    assert list((root / CONTROL_DIR).glob("*.s5cmd")) == []  # the command file is gone
 
 
 def test_rerun_of_complete_collection_makes_no_request(s3, manifest, tmp_path):
@@ -86,6 +86,10 @@ def test_truncated_bodies_are_retried_and_never_left_as_complete(s3, manifest, t
     s3.faults.truncate_next_gets(2)
     result = download(manifest, tmp_path / "dl", opts(s3, retry_count=3), log=lambda m: None)
     assert result.failed_series == []
+    assert s3.stats["get_object"] == 24 + 2  # both cut bodies were fetched again
+    for row in manifest.to_pylist():  # every final file is whole
+        for path in files_of(tmp_path / "dl", row):
+            assert path.read_bytes() == (s3.root / row["aws_bucket"] / row["crdc_series_uuid"] / path.name).read_bytes()
 
 
 def test_persistent_failure_names_the_series_keeps_the_rest_and_rerun_completes(s3, manifest, tmp_path):
@@ -179,7 +183,7 @@ def test_interrupt_stops_s5cmd_and_leaves_no_process(s3, manifest, tmp_path):
     def log(line):
         if line.startswith("progress: "):
             seen.extend(processes_mentioning(str(root)))
-            mode = stat.S_IMODE(next((root / CONTROL_DIR).iterdir()).stat().st_mode)
+            mode = stat.S_IMODE(next((root / CONTROL_DIR).glob("run-*.s5cmd")).stat().st_mode)
             assert mode == 0o600
             raise KeyboardInterrupt
 
@@ -187,4 +191,25 @@ def test_interrupt_stops_s5cmd_and_leaves_no_process(s3, manifest, tmp_path):
         download(manifest, root, opts(s3, workers=2), log=log, progress_interval_s=0.3)
     assert seen, "s5cmd should have been running"
     assert processes_mentioning(str(root)) == [] and s5cmd.live_processes() == []
-    assert list((root / CONTROL_DIR).iterdir()) == []
+    assert list((root / CONTROL_DIR).glob("*.s5cmd")) == []
+
+
+def test_a_collection_being_downloaded_is_locked(s3, manifest, tmp_path):
+    from dataset_assets.core.download import collection_locks
+
+    root = tmp_path / "dl"
+    root.mkdir()
+    with collection_locks(root, ["qin_pet_phantom"]):
+        with pytest.raises(DownloadError, match=rf"collection qin_pet_phantom is being downloaded into {root} by pid \d+"):
+            download(manifest, root, opts(s3), log=lambda m: None)
+    assert s3.stats["get_object"] == 0
+    assert download(manifest, root, opts(s3), log=lambda m: None).failed_series == []  # free again
+
+
+def test_extra_files_in_a_series_are_named_in_the_error(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=lambda m: None)
+    row = manifest.to_pylist()[0]
+    (root / row["target_dir"] / "not-from-this-series.dcm").write_bytes(b"x" * 10)
+    with pytest.raises(DownloadError, match="1 more .dcm file\\(s\\) than the series has: move the ones not from"):
+        download(manifest, root, opts(s3), log=lambda m: None)

@@ -34,3 +34,45 @@ def test_new_release_fetches_only_new_and_revised_series(idc_fixture, s3, manife
     # removed series: still on disk, reported
     assert len(list((root / manifest.to_pylist()[4]["target_dir"]).glob("*.dcm"))) == 4
     assert any("no longer in the manifest; kept on disk" in line for line in log)
+
+
+def test_incremental_refresh_through_the_assets(idc_fixture, s3, tmp_path):
+    import dagster as dg
+
+    from dataset_assets.defs.download_assets import downloaded_collection
+    from dataset_assets.defs.manifest_assets import collection_manifest
+    from dataset_assets.defs.resources import IdcResource, S5cmdResource
+
+    def resources(index_dir):
+        return {
+            "idc": IdcResource(index_dir=str(index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")),
+            "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
+        }
+
+    assets = [collection_manifest, downloaded_collection]
+    assert dg.materialize(assets, resources=resources(idc_fixture.index_dir), partition_key="qin_pet_phantom").success
+    release = next_release(idc_fixture, s3.root, tmp_path)
+    s3.reset_stats()
+    result = dg.materialize(assets, resources=resources(release.index_dir), partition_key="qin_pet_phantom")
+    meta = result.asset_materializations_for_node("downloaded_collection")[0].metadata
+    assert s3.stats["get_object"] == 6 and meta["transferred_files"].value == 6
+    assert meta["series_replaced"].value == 1 and meta["series_removed_from_manifest"].value == 1
+    assert release.revised["SeriesInstanceUID"] in meta["replaced_and_removed"].value
+    assert release.removed["SeriesInstanceUID"] in meta["replaced_and_removed"].value
+
+
+def test_cli_refresh_of_a_revised_series(idc_fixture, s3, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dataset = os.path.join(os.path.dirname(sys.executable), "dataset")
+    dest = tmp_path / "out"
+    env = {**os.environ, "IDC_INDEX_DIR": str(idc_fixture.index_dir), "IDC_S3_ENDPOINT_URL": s3.endpoint_url}
+    assert subprocess.run([dataset, "idc", "download", "qin_pet_phantom", str(dest)], env=env, capture_output=True).returncode == 0
+    release = next_release(idc_fixture, s3.root, tmp_path)
+    env["IDC_INDEX_DIR"] = str(release.index_dir)
+    s3.reset_stats()
+    proc = subprocess.run([dataset, "idc", "download", "qin_pet_phantom", str(dest)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert s3.stats["get_object"] == 6 and "was revised" in proc.stderr

@@ -35,7 +35,13 @@ def test_parallel_partitions_on_postgres_lose_nothing(tmp_path):
             )
             for pk in PARTITIONS
         ]
-        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        try:
+            outputs = [p.communicate(timeout=400)[0] for p in procs]
+        finally:
+            for p in procs:  # nothing outlives the test, whatever happened
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         for pk, proc, out in zip(PARTITIONS, procs, outputs):
             assert proc.returncode == 0, f"{pk}: {out[-3000:]}"
         saved = {k: os.environ.get(k) for k in pg_env}

@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,13 +115,27 @@ def check_root(root: Path) -> None:
 
 def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
     """Raise ``DownloadError`` when the endpoint cannot be reached at all (any HTTP answer is fine)."""
+    verify = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE") or True
     try:
-        requests.head(endpoint_url, timeout=timeout_s, allow_redirects=False)
+        requests.head(endpoint_url, timeout=timeout_s, allow_redirects=False, verify=verify)
     except requests.RequestException as exc:
         raise DownloadError(f"cannot reach the S3 endpoint {endpoint_url}: {exc.__class__.__name__}: {exc}") from exc
 
 
 STATE_COLUMNS = ["target_dir", "SeriesInstanceUID", "crdc_series_uuid", "series_revised_idc_version"]
+
+
+def state_path_for(root: Path, manifest: pa.Table) -> Path:
+    """Where the state of ``manifest`` lives below ``root``: one file per collection for a
+    collection's manifest, one per selection otherwise (the asset and the CLI share them)."""
+    import hashlib
+
+    collections = sorted(set(manifest.column("collection_id").to_pylist()))
+    if len(collections) == 1:
+        name = collections[0]
+    else:
+        name = "selection-" + hashlib.sha256("\n".join(collections).encode()).hexdigest()[:12]
+    return root.absolute() / CONTROL_DIR / "state" / f"{name}.parquet"
 
 
 def load_state(path: Path | None) -> dict[str, tuple[str, str]]:
@@ -131,11 +147,16 @@ def load_state(path: Path | None) -> dict[str, tuple[str, str]]:
 
 
 def save_state(path: Path, manifest: pa.Table, failed_dirs: set[str]) -> None:
-    """Record the series of ``manifest`` that are complete (all but ``failed_dirs``), atomically."""
+    """Record the series of ``manifest`` that are complete (all but ``failed_dirs``), atomically;
+    entries for directories outside this manifest (another filter, another run) are kept."""
     table = manifest.select(STATE_COLUMNS)
     if failed_dirs:
-        keep = [d not in failed_dirs for d in table.column("target_dir").to_pylist()]
-        table = table.filter(pa.array(keep))
+        table = table.filter(pa.array([d not in failed_dirs for d in table.column("target_dir").to_pylist()]))
+    if path.is_file():
+        previous = pq.read_table(path).select(STATE_COLUMNS)
+        ours = set(manifest.column("target_dir").to_pylist())
+        keep = pa.array([d not in ours for d in previous.column("target_dir").to_pylist()])
+        table = pa.concat_tables([previous.filter(keep).cast(table.schema), table])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     pq.write_table(table, tmp)
@@ -213,6 +234,38 @@ def download(
     started = time.monotonic()
     root = root.absolute()
     check_root(root)
+    collections = sorted(set(manifest.column("collection_id").to_pylist()))
+    with collection_locks(root, collections):
+        return _download(manifest, root, options, started, log, progress_interval_s, check_endpoint_first,
+                         state_path, on_progress)
+
+
+@contextmanager
+def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
+    """Hold an exclusive lock per collection below ``root`` for the whole download, so two runs
+    (UI and schedule, CLI and Dagster) never write one collection at once; the second fails."""
+    folder = root / CONTROL_DIR / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        for collection_id in collections:
+            handle = stack.enter_context(open(folder / f"{collection_id}.lock", "a+"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise DownloadError(
+                    f"collection {collection_id} is being downloaded into {root} by {holder}; "
+                    "wait for it to finish (or stop it) and run again"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+        yield
+
+
+def _download(manifest, root, options, started, log, progress_interval_s, check_endpoint_first, state_path, on_progress):
     state = load_state(state_path)
     replaced = set_aside_revised(manifest, root, state, log) if state else []
     in_manifest = set(manifest.column("target_dir").to_pylist()) if state else set()
@@ -270,9 +323,14 @@ def download(
             failed_dirs.add(row["target_dir"])
             result.failed_count += 1
             if len(result.failed_series) < MAX_LISTED_FAILURES:
+                extra = (
+                    f"; {disk.files - row['instanceCount']} more .dcm file(s) than the series has: "
+                    f"move the ones not from {row['series_aws_url']} out of {row['target_dir']}"
+                    if disk.files > row["instanceCount"] else ""
+                )
                 result.failed_series.append(
                     f"{row['SeriesInstanceUID']} ({disk.files}/{row['instanceCount']} files, "
-                    f"{disk.bytes:,}/{row['series_bytes']:,} bytes)"
+                    f"{disk.bytes:,}/{row['series_bytes']:,} bytes{extra})"
                 )
     if state_path is not None:
         save_state(state_path, manifest, failed_dirs)

@@ -9,6 +9,8 @@ a release it has copied somewhere.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,15 @@ REQUIRED_COLUMNS = (
     "source_DOI",
     "series_revised_idc_version",
 )
+
+
+@contextmanager
+def _readable(what: str) -> Iterator[None]:
+    """Turn DuckDB's errors while reading index files into ``IndexUnavailableError``."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise IndexUnavailableError(f"{what}: {str(exc).splitlines()[0]}") from None
 
 
 def _sql_str(value: str) -> str:
@@ -94,7 +105,9 @@ class IndexSource:
                 con.execute(f"SELECT * FROM {name} LIMIT 0")
             except duckdb.Error as exc:
                 con.close()
-                raise IndexUnavailableError(f"index file {path} cannot be read as Parquet: {exc}") from exc
+                raise IndexUnavailableError(
+                    f"index file {path} cannot be read as Parquet: {str(exc).splitlines()[0]}"
+                ) from None
         check_columns(con)
         return con
 
@@ -199,7 +212,8 @@ ORDER BY s.collection_id
 def collections_table(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """One row per collection: counts and size from ``idc_index``, names/licence/DOI from
     ``collections_index`` (left join: a collection without metadata still appears)."""
-    return con.execute(COLLECTIONS_SQL).df()
+    with _readable("the table of collections needs idc_index and collections_index"):
+        return con.execute(COLLECTIONS_SQL).df()
 
 
 def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource) -> None:
@@ -217,7 +231,9 @@ def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource) -> None:
         con.execute("COMMIT")
     except duckdb.Error as exc:
         con.execute("ROLLBACK")
-        raise IndexUnavailableError(f"loading the index from {source.directory} failed: {exc}") from exc
+        raise IndexUnavailableError(
+            f"loading the index from {source.directory} failed: {str(exc).splitlines()[0]}"
+        ) from None
     except BaseException:
         con.execute("ROLLBACK")
         raise
@@ -238,10 +254,11 @@ def available_indices(source: IndexSource) -> list[dict[str, object]]:
         bundled = path.is_file()
         count = None
         if bundled:
-            (count,) = duckdb.execute(
-                f"SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
-                f"FROM parquet_metadata({_sql_str(str(path))}))"
-            ).fetchone()
+            with _readable(f"index file {path} cannot be read"):
+                (count,) = duckdb.execute(
+                    f"SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
+                    f"FROM parquet_metadata({_sql_str(str(path))}))"
+                ).fetchone()
         description = ((meta.get("schema") or {}).get("table_description") or "").strip()
         rows.append(
             {
@@ -262,7 +279,8 @@ def index_columns(source: IndexSource, name: str) -> list[dict[str, str]]:
     described = {c["name"]: c for c in ((metadata[name].get("schema") or {}).get("columns") or [])}
     path = source.directory / f"{name}.parquet"
     if path.is_file():
-        types = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()
+        with _readable(f"index file {path} cannot be read"):
+            types = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()
         names = [(n, t) for n, t, *_ in types]
     else:
         names = [(n, c.get("type", "")) for n, c in described.items()]

@@ -109,10 +109,20 @@ _LIVE: set[subprocess.Popen] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _parent_death_signal(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` (child, between fork and exec; nothing that allocates or locks): ask the
+    kernel for SIGTERM when the parent dies, and exit if it already has."""
+
+    def preexec() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return preexec
 
 
 def stop_process(proc: subprocess.Popen, grace_period_s: float = 5.0) -> None:
@@ -167,7 +177,7 @@ def run(
         stderr=subprocess.PIPE,
         env=s5cmd_env() if env is None else env,
         start_new_session=True,
-        preexec_fn=_set_parent_death_signal,
+        preexec_fn=_parent_death_signal(os.getpid()),
         text=True,
         encoding="utf-8",
         errors="replace",

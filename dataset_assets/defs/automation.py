@@ -12,6 +12,7 @@
   collections): daily manifest + download + checks of each watched collection.
 """
 
+import datetime
 import os
 
 import dagster as dg
@@ -64,10 +65,13 @@ def manifest_run_config(instance: dg.DagsterInstance, collection_id: str) -> dic
 )
 def idc_release_sensor(context: dg.SensorEvaluationContext):
     release = f"v{IndexSource.from_env().release()}"
+    # The day in the run key: a refresh that failed (say, DuckDB held by someone) is asked again
+    # the next day instead of never.
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     requests = []
     if _latest_metadata(context.instance, idc_index.key).get("idc_release") != release:
         requests.append(
-            dg.RunRequest(run_key=f"idc-release-{release}", asset_selection=[idc_index.key, idc_collections.key],
+            dg.RunRequest(run_key=f"idc-release-{release}-{day}", asset_selection=[idc_index.key, idc_collections.key],
                           tags={"idc/release": release})
         )
     for pk in sorted(context.instance.get_materialized_partitions(MANIFEST)):
@@ -76,7 +80,7 @@ def idc_release_sensor(context: dg.SensorEvaluationContext):
         if _latest_metadata(context.instance, MANIFEST, pk).get("idc_release") != release:
             requests.append(
                 dg.RunRequest(
-                    run_key=f"idc-release-{release}-{pk}", asset_selection=[MANIFEST], partition_key=pk,
+                    run_key=f"idc-release-{release}-{day}-{pk}", asset_selection=[MANIFEST], partition_key=pk,
                     run_config=manifest_run_config(context.instance, pk), tags={"idc/release": release},
                 )
             )

@@ -74,19 +74,22 @@ def downloaded_collection(
             s5cmd.options(),
             log=context.log.info,
             progress_interval_s=s5cmd.progress_interval_s,
-            state_path=root / dl.CONTROL_DIR / "state" / f"{collection_id}.parquet",
+            state_path=dl.state_path_for(root, manifest),
         )
     except DownloadError as exc:
         result = getattr(exc, "result", None)
         context.log.error(
             f"download failed collection={collection_id} "
-            + (f"failed_series={result.failed_count} bytes={result.transferred_bytes} "
-               f"duration_s={result.duration_s:.1f}" if result else "")
+            + (f"reason=incomplete failed_series={result.failed_count} transferred_bytes={result.transferred_bytes} "
+               f"duration_s={result.duration_s:.1f}" if result else f"reason={str(exc)[:200]!r}")
         )
         raise dg.Failure(
             description=str(exc),
             metadata=_metadata(result, root / collection_id, version) if result else {},
         ) from exc
+    except BaseException as exc:  # interrupted from the UI, or an unexpected error: still log the end
+        context.log.error(f"download failed collection={collection_id} reason={exc.__class__.__name__}")
+        raise
     context.log.info(
         f"download end collection={collection_id} files={result.files} bytes={result.bytes} "
         f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f} "
