@@ -6,13 +6,15 @@ Exit codes a script can rely on:
 * 1: the download ran but some series are still incomplete (they are listed; re-run to resume)
 * 2: bad input (unknown collection, index, UID, filter value, malformed layout, bad option)
 * 3: the environment refused (destination not writable, not enough space, endpoint unreachable,
-  index unreadable)
+  index unreadable, the collection already being downloaded into DEST)
+* 130: interrupted (Ctrl-C or SIGTERM); s5cmd is stopped, what completed is kept
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import webbrowser
 from pathlib import Path
@@ -29,7 +31,7 @@ from .core.progress import Progress
 from .core.s5cmd import AWS_ENDPOINT, S5cmdOptions
 
 PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
-EXIT_INCOMPLETE, EXIT_INPUT, EXIT_ENVIRONMENT = 1, 2, 3
+EXIT_INCOMPLETE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 class Failure(click.ClickException):
@@ -52,10 +54,15 @@ class _Group(click.Group):
     """Turns every ``DatasetError`` a command raises into a one-line error with its exit code."""
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM unwinds like Ctrl-C, so s5cmd is stopped and the command file removed.
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             return super().invoke(ctx)
         except DatasetError as exc:
             raise _fail(exc) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; run the same command again to resume", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 def _source() -> idx.IndexSource:
@@ -157,6 +164,12 @@ class _Bar:
             self.drawn = False
 
 
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1].strip("/")) == 0:
+        raise click.BadParameter(f"{value!r} is not an http(s) URL, e.g. https://s3.amazonaws.com")
+    return value.rstrip("/")
+
+
 @idc.command(name="download")
 @click.argument("target")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
@@ -175,6 +188,7 @@ class _Bar:
 @click.option(
     "--endpoint", default=lambda: os.environ.get("IDC_S3_ENDPOINT_URL") or AWS_ENDPOINT,
     show_default="$IDC_S3_ENDPOINT_URL or https://s3.amazonaws.com", help="S3 endpoint (GCS mirror: https://storage.googleapis.com).",
+    callback=_endpoint,
 )
 def download_command(
     target: str, dest: Path, kind: str, modalities: tuple[str, ...], body_parts: tuple[str, ...], layout: str,
@@ -183,7 +197,7 @@ def download_command(
     """Download TARGET into DEST, resuming: files already complete are not fetched again.
 
     Exit codes: 0 complete, 1 some series incomplete (re-run to resume), 2 bad input,
-    3 destination, space, endpoint or index problem."""
+    3 destination, space, endpoint or index problem, 130 interrupted."""
     filters = ManifestFilters(modalities=modalities, body_parts=body_parts)
     render = {"layout": layout, "root_length": len(str(dest.absolute())), "long_paths": long_paths}
     with _source().connect() as con:

@@ -129,3 +129,33 @@ def test_unreadable_or_incomplete_index_is_one_line_exit_3(tmp_path, idc_fixture
     (broken / "prior_versions_index.parquet").unlink()
     (broken / "collections_index.parquet").unlink()
     assert_one_line_error(run("idc", "collections", env=env), 3, "collections_index does not exist")
+
+
+def test_bad_endpoint_is_a_usage_error(fixture_env, tmp_path):
+    proc = run("idc", "download", "qin_pet_phantom", str(tmp_path / "o"), "--endpoint", "ftp://x", env=fixture_env)
+    assert proc.returncode == 2 and "is not an http(s) URL" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_stops_s5cmd_removes_the_command_file_and_exits_130(fixture_env, s3, tmp_path):
+    import signal
+    import time
+
+    from dataset_assets_tests.support.procs import processes_mentioning
+
+    s3.faults.delay_s = 0.5
+    dest = tmp_path / "out"
+    proc = subprocess.Popen([DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
+                            env={**os.environ, **fixture_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(s3.get_keys) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_mentioning(str(dest)), "s5cmd should be running"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted; run the same command again to resume" in err
+    assert processes_mentioning(str(dest)) == []
+    assert list((dest / ".dataset_assets").glob("*.s5cmd")) == []

@@ -84,6 +84,25 @@ def test_bad_filter_fails_the_run_and_keeps_the_previous_manifest(resources, tmp
     assert "modalities=XX matches no series" in str(failure.step_failure_data.error)
     assert path.read_bytes() == before
 
+    layout = dg.materialize(
+        [collection_manifest], resources=resources, partition_key="qin_pet_phantom", raise_on_error=False,
+        run_config={"ops": {"collection_manifest": {"config": {"layout": "%collection_id/%Nope"}}}},
+    )
+    (failure,) = [e for e in layout.all_events if e.is_step_failure]
+    assert "unknown placeholder '%Nope'" in str(failure.step_failure_data.error)
+    assert path.read_bytes() == before
+
+    broken = tmp_path / "broken-index"
+    broken.mkdir()
+    (broken / "idc_index.parquet").write_bytes(b"not parquet")
+    unreadable = dg.materialize(
+        [collection_manifest], partition_key="qin_pet_phantom", raise_on_error=False,
+        resources={**resources, "idc": IdcResource(index_dir=str(broken), manifest_dir=str(tmp_path / "manifests"))},
+    )
+    (failure,) = [e for e in unreadable.all_events if e.is_step_failure]
+    assert "idc_index.parquet cannot be read as Parquet" in str(failure.step_failure_data.error)
+    assert path.read_bytes() == before
+
 
 def test_unknown_config_field_is_rejected(resources):
     with pytest.raises(dg.DagsterInvalidConfigError, match="modality"):

@@ -43,6 +43,13 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
     }
 
 
+def _collection_dir(root, manifest):
+    """The deepest directory holding every series of the manifest (``root/<collection_id>`` with
+    the default layout; the root itself for a layout that does not start with the collection)."""
+    tops = {d.split("/", 1)[0] for d in manifest.column("target_dir").to_pylist()}
+    return root / tops.pop() if len(tops) == 1 else root
+
+
 @dg.asset(
     deps=[collection_manifest],
     partitions_def=collection_partitions,
@@ -62,6 +69,7 @@ def downloaded_collection(
     collection_id = context.partition_key
     manifest = read_manifest(idc.manifest_path(collection_id))
     root = idc.download_root()
+    collection_dir = _collection_dir(root, manifest)
     version = binary_version()
     context.log.info(
         f"download start collection={collection_id} series={manifest.num_rows} root={root} "
@@ -85,7 +93,7 @@ def downloaded_collection(
         )
         raise dg.Failure(
             description=str(exc),
-            metadata=_metadata(result, root / collection_id, version) if result else {},
+            metadata=_metadata(result, collection_dir, version) if result else {},
         ) from exc
     except BaseException as exc:  # interrupted from the UI, or an unexpected error: still log the end
         context.log.error(f"download failed collection={collection_id} reason={exc.__class__.__name__}")
@@ -95,4 +103,4 @@ def downloaded_collection(
         f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f} "
         f"mb_per_s={result.mb_per_s:.1f} failures=0"
     )
-    return dg.MaterializeResult(metadata=_metadata(result, root / collection_id, version))
+    return dg.MaterializeResult(metadata=_metadata(result, collection_dir, version))
