@@ -3,10 +3,10 @@
 import dagster as dg
 
 from dataset_assets.core import download as dl
-from dataset_assets.core.s5cmd import binary_version
 from dataset_assets.core.errors import DownloadError
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.manifest import read_manifest
+from dataset_assets.core.s5cmd import binary_version
 
 from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
@@ -44,8 +44,8 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
 
 
 def _collection_dir(root, manifest):
-    """The deepest directory holding every series of the manifest (``root/<collection_id>`` with
-    the default layout; the root itself for a layout that does not start with the collection)."""
+    """The top directory shared by every series of the manifest (``root/<collection_id>`` with the
+    default layout; the root itself when the series start in different top directories)."""
     tops = {d.split("/", 1)[0] for d in manifest.column("target_dir").to_pylist()}
     return root / tops.pop() if len(tops) == 1 else root
 
