@@ -12,8 +12,10 @@ import socket
 import threading
 from collections import Counter
 from contextlib import suppress
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from dataset_assets_tests.support.s3server import TrackedHandler
 
 
 class _Server(ThreadingHTTPServer):
@@ -87,23 +89,11 @@ class FileServer:
                 conn.shutdown(socket.SHUT_RDWR)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TrackedHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30
     server: _Server
 
-    def log_message(self, format, *args) -> None:  # quiet
-        pass
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.owner._lock:
-            self.server.owner._conns.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.owner._lock:
-            self.server.owner._conns.discard(self.connection)
-        super().finish()
 
     def _reply(self, status: int, body: bytes, headers: dict | None = None, length: int | None = None) -> None:
         self.send_response(status)

@@ -217,11 +217,9 @@ class LocalS3Server:
         return sorted(out)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; every response has Content-Length
-    server_version = "LocalS3"
-    timeout = 60  # idle keep-alive connections end eventually
-    server: _Server
+class TrackedHandler(BaseHTTPRequestHandler):
+    """Quiet handler whose open connections the owning server can drop on stop
+    (``server.owner`` has ``_lock`` and a ``_conns`` set)."""
 
     def log_message(self, format, *args) -> None:  # quiet
         pass
@@ -235,6 +233,14 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.owner._lock:
             self.server.owner._conns.discard(self.connection)
         super().finish()
+
+
+class _Handler(TrackedHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; every response has Content-Length
+    server_version = "LocalS3"
+    timeout = 60  # idle keep-alive connections end eventually
+    server: _Server
+
 
     def _head(self, status: int, length: int, ctype: str, headers: dict | None = None) -> None:
         self.send_response(status)

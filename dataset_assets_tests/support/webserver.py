@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dataset_assets_tests.support.procs import processes_with_env
 from dataset_assets_tests.support.s3server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,23 +72,6 @@ def graphql(url: str, query: str, variables: dict | None = None, timeout: float 
     if payload.get("errors"):
         raise RuntimeError(f"GraphQL errors: {payload['errors']}")
     return payload["data"]
-
-
-def processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs of live (not zombie) processes whose environment has ``name=value``."""
-    needle = f"{name}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in environ and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
