@@ -28,6 +28,11 @@ def test_parallel_partitions_on_postgres_lose_nothing(tmp_path):
     with postgres_server() as pg_env:
         env = {**os.environ, **pg_env, "DAGSTER_HOME": str(home),
                "IDC_MANIFEST_DIR": str(tmp_path / "manifests"), "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb")}
+        # The deployment step the README names: create the schema once. Dagster creates its tables on
+        # first connect, and first connects racing each other fail on "relation already exists".
+        migrate = subprocess.run([DAGSTER, "instance", "migrate"], env=env, cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=300)
+        assert migrate.returncode == 0, migrate.stdout + migrate.stderr
         procs = [
             subprocess.Popen(
                 [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions", "--select", "collection_manifest",
