@@ -9,8 +9,9 @@ process; 4 `dagster asset materialize --select downloaded_collection` (wall time
 the asset's blocking checks); 5 download() again on a complete destination (no GET allowed);
 6 idc-index's IDCClient.download_from_selection, by bench/idc_index_runner.py in the venv --idc-venv
 (`python3 -m venv /tmp/idcidx && /tmp/idcidx/bin/pip install idc-index`; skipped without it);
-7 peak RSS of the Dagster step process of case 4, of its s5cmd and of raw s5cmd. Cases 1-3 and 6:
-median of --repeats, 1 and 2 alternating. The server runs in a process of its own (no GIL shared
+7 peak RSS of the Dagster step process of case 4, of its s5cmd and of raw s5cmd; 8 the DICOM
+header check of the complete destination in one process and in one worker process per CPU.
+Cases 1-3 and 6: median of --repeats, 1 and 2 alternating. The server runs in a process of its own (no GIL shared
 with the code measured) and stops itself. Work files live under --work-root (/dev/shm): on this VM's
 ext4 disk (online discard) one download varies by +-30 %. Prints a table; writes bench/results/download.json.
 """
@@ -220,6 +221,11 @@ def main() -> None:
         t, res = timed(dl.download, manifest, work / "core", opts, log=lambda s: None)
         cases["resume"] = {"seconds": t, "pct_of_first": 100 * t / cases["core"]["seconds"],
                            "transferred_files": res.transferred_files, "server": server.ask()}
+        for label, procs in (("one_process", 1), ("all_cpus", 0)):  # case 8: header check, complete tree
+            t, rep = timed(verify.check_headers, manifest, work / "core", processes=procs)
+            assert rep.passed and rep.checked == out["data"]["files"], rep.summary("headers")
+            cases[f"headers_{label}"] = {"seconds": t, "files_per_s": rep.checked / t,
+                                         "processes": rep.notes["processes"]}
         dg_times, dg_rss = [], []
         for i in range(a.repeats):
             dest = fresh(work, "dg")
@@ -286,6 +292,10 @@ def report(out: dict, notes: list[str]) -> None:
           f"{m['s5cmd_in_step_peak_rss_mb']}, CLI process {m['cli_process_peak_rss_mb']}; raw s5cmd "
           f"{m['raw_s5cmd_peak_rss_mb']}; bench process in case 3 "
           f"{c['dg_materialize']['bench_process_peak_rss_mb']:.0f}")
+    h1, hn = c["headers_one_process"], c["headers_all_cpus"]
+    print(f"8 DICOM header check of all {out['data']['files']:,} files: 1 process {h1['seconds']:.2f} s "
+          f"({h1['files_per_s']:,.0f} files/s), {hn['processes']} processes {hn['seconds']:.2f} s "
+          f"({hn['files_per_s']:,.0f} files/s, {h1['seconds'] / hn['seconds']:.2f}x)")
     for note in notes:
         print("note:", note)
     out["notes"] = notes

@@ -27,3 +27,7 @@ class LayoutError(DatasetError):
 
 class DownloadError(DatasetError):
     """A download that could not start, or that finished with the disk not matching the manifest."""
+
+
+class VerifyError(DatasetError):
+    """A check that could not run to its end (not a finding: findings go in its report)."""

@@ -5,8 +5,9 @@ Three checks, each streaming over the manifest (memory does not grow with the nu
 * ``check_files``: every series directory has exactly ``instanceCount`` ``*.dcm`` files and
   ``series_bytes`` bytes;
 * ``check_headers``: every file's DICOM header (read without pixel data) carries the PatientID,
-  StudyInstanceUID, SeriesInstanceUID and Modality of its manifest row; parallel, with an
-  optional sample of ``sample_per_series`` files per series for very large collections;
+  StudyInstanceUID, SeriesInstanceUID and Modality of its manifest row; in worker processes
+  (parsing is pure Python: threads would share one core), with an optional sample of
+  ``sample_per_series`` files per series for very large collections;
 * ``check_tree``: no stray or partial file anywhere in the collection's tree (a file outside
   the manifest's series directories, a non-``.dcm`` file, a temporary file left by a killed
   transfer).
@@ -16,21 +17,23 @@ Each returns a ``CheckReport`` naming up to ``MAX_LISTED`` culprits with counts.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain
 from pathlib import Path
 
 import pyarrow as pa
-import pydicom
 
+from . import dicom_headers
+from .dicom_headers import HEADER_FIELDS
 from .download import CONTROL_DIR, series_status
+from .errors import VerifyError
 
 MAX_LISTED = 20
-HEADER_FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
 
 @dataclass
@@ -78,45 +81,87 @@ def check_files(manifest: pa.Table, root: Path) -> CheckReport:
     return report
 
 
-def _header_problems(path: Path, expected: dict) -> list[str]:
+def _series_batches(
+    manifest: pa.Table, root: Path, sample_per_series: int, files_per_batch: int
+) -> Iterator[list[dicom_headers.Series]]:
+    """Series grouped into batches of about ``files_per_batch`` files (by ``instanceCount``)."""
+    batch: list[dicom_headers.Series] = []
+    files = 0
+    for rb in manifest.select(["target_dir", "instanceCount", *HEADER_FIELDS]).to_batches(10_000):
+        for row in rb.to_pylist():
+            expected = tuple(row[name] or "" for name in HEADER_FIELDS)
+            batch.append((str(root / row["target_dir"]), row["SeriesInstanceUID"], expected))
+            count = row["instanceCount"] or 1
+            files += min(count, sample_per_series) if sample_per_series else count
+            if files >= files_per_batch:
+                yield batch
+                batch, files = [], 0
+    if batch:
+        yield batch
+
+
+def default_processes() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_headers(
+    manifest: pa.Table, root: Path, *, sample_per_series: int = 0, processes: int = 0, files_per_batch: int = 1_000
+) -> CheckReport:
+    """DICOM header UIDs and Modality of every (or a sample of every series') file.
+
+    Header parsing is pure Python, so batches of series go to ``processes`` worker processes
+    (0: one per CPU), at most two batches per worker in flight (memory stays flat). A manifest
+    of a single batch is read in this process: starting workers would cost more than it saves.
+    Workers are spawned, so a script that calls this needs ``if __name__ == "__main__":``, as
+    any multiprocessing code does."""
+    processes = processes or default_processes()
+    report = CheckReport(notes={"sample_per_series": sample_per_series or "all files", "processes": processes})
+
+    def merge(result: tuple[int, int, list[str], list[str]]) -> None:
+        checked, count, listed, culprits = result
+        report.checked += checked
+        report.problem_count += count
+        report.problems.extend(listed[: MAX_LISTED - len(report.problems)])
+        report.culprit_series.update(culprits)
+
+    batches = _series_batches(manifest, root, sample_per_series, files_per_batch)
+    first = next(batches, None)
+    second = next(batches, None)
+    if first is None:
+        return report
+    if second is None or processes == 1:
+        for batch in chain(filter(None, (first, second)), batches):
+            merge(dicom_headers.check_series(batch, sample_per_series, MAX_LISTED))
+        report.notes["processes"] = 1
+        return report
+    pool = ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=multiprocessing.get_context("spawn"),  # never fork a process that runs threads
+        initializer=dicom_headers.die_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns about every oddity of a damaged file
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_FIELDS))
-            values = {name: str(ds.get(name, "<missing>")) for name in HEADER_FIELDS}
-    except Exception as exc:  # noqa: BLE001 - any failure to parse is a finding about this file
-        return [f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})"]
-    return [
-        f"{path}: {name} is {values[name]!r}, manifest says {expected[name]!r}"
-        for name in HEADER_FIELDS
-        if values[name] != (expected[name] or "")
-    ]
-
-
-def _header_jobs(manifest: pa.Table, root: Path, sample_per_series: int) -> Iterator[tuple[Path, dict]]:
-    columns = ["target_dir", *HEADER_FIELDS]
-    for batch in manifest.select(columns).to_batches(10_000):
-        for row in batch.to_pylist():
-            try:
-                names = sorted(e.name for e in os.scandir(root / row["target_dir"]) if e.name.endswith(".dcm"))
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # missing series are check_files' business
-            if sample_per_series:
-                names = names[:sample_per_series]
-            for name in names:
-                yield root / row["target_dir"] / name, row
-
-
-def check_headers(manifest: pa.Table, root: Path, *, sample_per_series: int = 0, workers: int = 8) -> CheckReport:
-    """DICOM header UIDs and Modality of every (or a sample of every series') file."""
-    report = CheckReport(notes={"sample_per_series": sample_per_series or "all files", "workers": workers})
-    jobs = _header_jobs(manifest, root, sample_per_series)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        while chunk := list(islice(jobs, 2_000)):  # bounded: never all files at once
-            for (path, row), problems in zip(chunk, pool.map(lambda job: _header_problems(*job), chunk)):
-                report.checked += 1
-                for problem in problems:
-                    report.add(row["SeriesInstanceUID"], problem)
+        pending: set[Future] = set()
+        for batch in chain((first, second), batches):
+            pending.add(pool.submit(dicom_headers.check_series, batch, sample_per_series, MAX_LISTED))
+            if len(pending) >= 2 * processes:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    merge(future.result())
+        for future in pending:
+            merge(future.result())
+    except BaseException as exc:  # interrupted or failed: stop the workers now, whatever they are reading
+        for proc in list((pool._processes or {}).values()):  # noqa: SLF001 - terminate_workers() is Python 3.14+
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(exc, BrokenProcessPool):
+            raise VerifyError(
+                f"a DICOM header worker process died ({exc}); killed for memory, or a script calling "
+                "check_headers without `if __name__ == '__main__':`? processes=1 reads headers in this process"
+            ) from exc
+        raise
+    pool.shutdown(wait=True)
     return report
 
 

@@ -83,9 +83,11 @@ def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResourc
 
 class HeaderCheckConfig(dg.Config):
     sample_per_series: int = Field(
-        default=0, description="Read only this many files per series (0: all). For very large collections."
+        default=0, ge=0, description="Read only this many files per series (0: all). For very large collections."
     )
-    workers: int = Field(default=8, description="Files read in parallel.")
+    processes: int = Field(
+        default=0, ge=0, description="Worker processes reading headers (0: one per CPU of the step's machine)."
+    )
 
 
 @dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, blocking=True)
@@ -99,7 +101,7 @@ def dicom_headers_match_manifest(
         read_manifest(idc.manifest_path(collection_id)),
         idc.download_root(),
         sample_per_series=config.sample_per_series,
-        workers=config.workers,
+        processes=config.processes,
     )
     return _result(report, "DICOM headers")
 

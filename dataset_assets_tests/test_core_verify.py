@@ -1,0 +1,140 @@
+"""The DICOM header check in worker processes: same findings as in one process, bounded work,
+and no worker left behind when the process that started them is killed."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 - pa.parquet
+import pytest
+
+from dataset_assets.core.verify import check_headers
+from dataset_assets_tests.support.fixture import write_dicom
+from dataset_assets_tests.support.procs import live_processes
+
+SERIES, FILES = 12, 5
+
+
+def tree(root: Path, series: int = SERIES, files: int = FILES) -> pa.Table:
+    rows = []
+    for s in range(series):
+        row = {"target_dir": f"c/P{s % 3}/1.2.{s % 3}/CT_1.2.{s % 3}.{s}", "instanceCount": files,
+               "PatientID": f"P{s % 3}", "StudyInstanceUID": f"1.2.{s % 3}", "SeriesInstanceUID": f"1.2.{s % 3}.{s}",
+               "Modality": "CT"}
+        folder = root / row["target_dir"]
+        folder.mkdir(parents=True)
+        for i in range(files):
+            write_dicom(folder / f"{i:04d}.dcm", row, i, 64)
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    manifest = tree(tmp_path)
+    rows = manifest.to_pylist()
+    victim = tmp_path / rows[7]["target_dir"] / "0003.dcm"
+    write_dicom(victim, {**rows[7], "PatientID": "SOMEONE-ELSE"}, 3, 64)
+    junk = tmp_path / rows[10]["target_dir"] / "0000.dcm"
+    junk.write_bytes(b"not dicom at all")
+    return manifest, tmp_path, victim, junk
+
+
+def test_worker_processes_find_what_one_process_finds(damaged):
+    manifest, root, victim, junk = damaged
+    inline = check_headers(manifest, root, processes=1, files_per_batch=7)
+    pooled = check_headers(manifest, root, processes=2, files_per_batch=7)
+    assert inline.notes["processes"] == 1 and pooled.notes["processes"] == 2
+    for report in (inline, pooled):
+        assert report.checked == SERIES * FILES
+        assert report.problem_count == 2 and not report.passed
+        assert report.culprit_series == {"1.2.1.7", "1.2.1.10"}
+        text = " ".join(report.problems)
+        assert f"{victim}: PatientID is 'SOMEONE-ELSE', manifest says 'P1'" in text
+        assert f"{junk}: not a readable DICOM file" in text
+
+
+def test_sampling_and_missing_series_in_workers(damaged):
+    manifest, root, victim, _ = damaged
+    sampled = check_headers(manifest, root, processes=2, files_per_batch=2, sample_per_series=2)
+    assert sampled.checked == SERIES * 2
+    assert str(victim) not in " ".join(sampled.problems)  # file 3 is outside a sample of 2
+    assert sampled.notes["sample_per_series"] == 2
+    gone = pa.concat_tables([manifest, pa.Table.from_pylist(
+        [{**manifest.to_pylist()[0], "target_dir": "c/nowhere", "SeriesInstanceUID": "9.9"}], schema=manifest.schema)])
+    assert check_headers(gone, root, processes=2, files_per_batch=7).checked == SERIES * FILES
+
+
+def test_listed_problems_are_capped_but_counted(tmp_path):
+    manifest = tree(tmp_path, series=6, files=10)
+    wrong = manifest.set_column(manifest.schema.get_field_index("Modality"), "Modality", pa.array(["MR"] * 6))
+    report = check_headers(wrong, tmp_path, processes=2, files_per_batch=10)
+    assert report.problem_count == 60 and len(report.problems) == 20 and len(report.culprit_series) == 6
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
+    """SIGKILL: the kernel ends the workers (parent-death signal). SIGINT (Ctrl-C, or Dagster
+    interrupting a step): the caller stops them at once, although they are stuck reading."""
+    manifest = tree(tmp_path, series=4, files=1)
+    fifos = [tmp_path / folder / "0001.dcm" for folder in manifest.column("target_dir").to_pylist()]
+    for fifo in fifos:
+        os.mkfifo(fifo)  # a FIFO that we hold open and never write: a worker reading it hangs
+    held = [os.open(fifo, os.O_RDWR | os.O_NONBLOCK) for fifo in fifos]
+    pq_path = tmp_path / "manifest.parquet"
+    pa.parquet.write_table(manifest, pq_path)
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        import pyarrow.parquet as pq
+        from dataset_assets.core.verify import check_headers
+        print('start', flush=True)
+        check_headers(pq.read_table({str(pq_path)!r}), Path({str(tmp_path)!r}), processes=2, files_per_batch=1)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    children: list[int] = []
+    try:
+        assert parent.stdout.readline().strip() == "start"
+        deadline = time.monotonic() + 60
+        while sum(_reads_fifo(pid) for pid in children) < 2:
+            assert time.monotonic() < deadline, "the check's two worker processes never reached the files"
+            time.sleep(0.2)
+            children = live_processes(lambda proc: f"PPid:\t{parent.pid}\n" in (proc / "status").read_text())
+        parent.send_signal(getattr(signal, how))
+        _, err = parent.communicate(timeout=15)
+        if how == "SIGINT":
+            assert "KeyboardInterrupt" in err, err
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)], "header workers outlived the killed caller"
+    finally:  # whatever happened, nothing outlives the test
+        for pid in [parent.pid, *children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        parent.wait(timeout=30)
+        for fd in held:
+            os.close(fd)
+
+
+def _reads_fifo(pid: int) -> bool:
+    try:
+        return any(os.readlink(fd).endswith("0001.dcm") for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
