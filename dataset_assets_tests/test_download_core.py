@@ -3,6 +3,8 @@
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from dataset_assets.core import s5cmd
 from dataset_assets.core.download import CONTROL_DIR, download
 from dataset_assets.core.errors import DownloadError
+from dataset_assets.core.fs import space_reservation
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.procs import processes_mentioning
 from dataset_assets_tests.support.s3server import free_port
@@ -148,6 +151,45 @@ def test_not_enough_disk_space_is_refused_before_any_transfer(s3, manifest, tmp_
     with pytest.raises(DownloadError, match="not enough free space in .* needs 6000.0 TB"):
         download(huge, tmp_path / "dl", opts(s3), log=lambda m: None)
     assert s3.stats["get_object"] == 0
+
+
+def test_space_held_by_a_download_in_progress_is_counted(s3, manifest, tmp_path):
+    """Two downloads starting at once into one file system: the second sees what the first has
+    still to write, and is refused (naming it) when both would not fit; nothing is fetched."""
+    root = tmp_path / "dl"
+    ledger = root / CONTROL_DIR / "reservations"
+    free = shutil.disk_usage(tmp_path).free
+    with space_reservation(root, ledger, free // 2, "lidc_idri") as other:
+        other.update(free)  # as its progress tick would: all the free space is still to be written
+        with pytest.raises(DownloadError, match=r"not enough free space .* downloads in progress \(lidc_idri: "):
+            download(manifest, root, opts(s3), log=lambda m: None)
+        assert s3.stats["get_object"] == 0
+        other.update(0)  # that download is almost done: room again
+        download(manifest, root, opts(s3), log=lambda m: None)
+    assert s3.stats["get_object"] == 24
+    assert list(ledger.glob("*.reservation")) == []  # both released
+
+
+def test_reservation_of_a_killed_download_is_released(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    ledger = root / CONTROL_DIR / "reservations"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from dataset_assets.core.fs import space_reservation as r; "
+         f"c = r(Path({str(tmp_path)!r}), Path({str(ledger)!r}), 1, 'nlst'); c.__enter__().update(10**18); "
+         "print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DownloadError, match=r"downloads in progress \(nlst: 1000000.0 TB\)"):
+            download(manifest, root, opts(s3), log=lambda m: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(list(ledger.glob("*.reservation"))) == 1  # SIGKILL: no clean-up ran, but the lock is gone
+    download(manifest, root, opts(s3), log=lambda m: None)
+    assert list(ledger.glob("*.reservation")) == []
 
 
 def test_unwritable_root_is_refused(s3, manifest, tmp_path):

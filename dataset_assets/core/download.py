@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import requests
 
 from . import s5cmd
 from .errors import DownloadError
-from .fs import check_free_space, check_writable
+from .fs import check_writable, space_reservation
 from .fmt import human_bytes
 from .progress import Progress
 
@@ -290,23 +291,29 @@ def _download(manifest, root, options, started, log, progress_interval_s, check_
                 save_state(state_path, manifest, set())
             result.duration_s = time.monotonic() - started
             return result
-        check_free_space(root, missing_bytes)
-        if check_endpoint_first:
-            check_endpoint(options.endpoint_url)
-        progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
-        log(
-            f"downloading {len(todo):,} of {manifest.num_rows:,} series ({missing_files:,} files, "
-            f"{human_bytes(missing_bytes)}) from {options.endpoint_url} with {options.workers} workers; "
-            f"{result.skipped_series:,} series already complete"
-        )
-        result.returncode = s5cmd.run(
-            [*options.global_args(), "run", command_path],
-            on_stdout=progress.on_stdout,
-            on_stderr=progress.on_stderr,
-            on_tick=lambda: on_progress(progress) if on_progress else log("progress: " + progress.line()),
-            tick_s=progress_interval_s,
-            grace_period_s=options.grace_period_s,
-        )
+        label = ",".join(sorted(pc.unique(manifest.column("collection_id")).to_pylist()))
+        with space_reservation(root, control / "reservations", missing_bytes, label) as reservation:
+            if check_endpoint_first:
+                check_endpoint(options.endpoint_url)
+            progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
+            log(
+                f"downloading {len(todo):,} of {manifest.num_rows:,} series ({missing_files:,} files, "
+                f"{human_bytes(missing_bytes)}) from {options.endpoint_url} with {options.workers} workers; "
+                f"{result.skipped_series:,} series already complete"
+            )
+
+            def tick() -> None:
+                reservation.update(missing_bytes - progress.done_bytes)
+                on_progress(progress) if on_progress else log("progress: " + progress.line())
+
+            result.returncode = s5cmd.run(
+                [*options.global_args(), "run", command_path],
+                on_stdout=progress.on_stdout,
+                on_stderr=progress.on_stderr,
+                on_tick=tick,
+                tick_s=progress_interval_s,
+                grace_period_s=options.grace_period_s,
+            )
     finally:
         os.unlink(command_path)
     log("transfer ended: " + progress.line() + f", s5cmd exit code {result.returncode}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DownloadError
@@ -25,12 +29,80 @@ def check_writable(directory: Path, what: str = "download root") -> None:
         raise DownloadError(f"{what} {directory} is not writable: {exc.strerror or exc}") from None
 
 
-def check_free_space(directory: Path, needed_bytes: int, what: str = "the download") -> None:
-    """``DownloadError`` unless ``directory`` has room for ``needed_bytes`` plus a margin."""
+def check_free_space(
+    directory: Path, needed_bytes: int, what: str = "the download", reserved: dict[str, int] | None = None
+) -> None:
+    """``DownloadError`` unless ``directory`` has room for ``needed_bytes`` plus a margin, once
+    the bytes ``reserved`` by other downloads in progress (label -> bytes) are set aside."""
     free = shutil.disk_usage(directory).free
+    others = sum((reserved or {}).values())
     wanted = needed_bytes + max(int(needed_bytes * DISK_MARGIN), DISK_MARGIN_MIN)
-    if needed_bytes and free < wanted:
+    if needed_bytes and free - others < wanted:
+        held = (
+            f", of which {human_bytes(others)} is still to be written by downloads in progress ("
+            + ", ".join(f"{label}: {human_bytes(n)}" for label, n in sorted((reserved or {}).items()))
+            + ")"
+            if others
+            else ""
+        )
         raise DownloadError(
             f"not enough free space in {directory}: {what} needs {human_bytes(needed_bytes)} "
-            f"plus a margin of {human_bytes(wanted - needed_bytes)}, but only {human_bytes(free)} is free"
+            f"plus a margin of {human_bytes(wanted - needed_bytes)}, but only {human_bytes(free)} is free{held}"
         )
+
+
+class Reservation:
+    """Bytes a download in progress has still to write; kept current with ``update``."""
+
+    def __init__(self, handle, label: str) -> None:
+        self._handle, self.label = handle, label
+        self._width = len(label.encode()) + 80
+
+    def update(self, remaining_bytes: int) -> None:
+        entry = json.dumps({"label": self.label, "bytes": max(int(remaining_bytes), 0), "pid": os.getpid()})
+        self._handle.seek(0)
+        self._handle.write(entry.ljust(self._width))  # one same-length write: a reader never sees it half done
+        self._handle.flush()
+
+
+def _reservations(ledger: Path) -> dict[str, int]:
+    """Live reservations in ``ledger`` (label -> bytes); removes those whose holder has died."""
+    live: dict[str, int] = {}
+    for path in ledger.glob("*.reservation"):
+        try:
+            with open(path, "r+", encoding="utf-8") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # its holder is alive
+                    entry = json.loads(handle.read() or "{}")
+                    label = entry.get("label", path.stem)
+                    live[label] = live.get(label, 0) + int(entry.get("bytes", 0))
+                    continue
+                path.unlink(missing_ok=True)  # a holder that died without cleaning up
+        except (OSError, ValueError):
+            continue
+    return live
+
+
+@contextmanager
+def space_reservation(directory: Path, ledger: Path, needed_bytes: int, label: str) -> Iterator[Reservation]:
+    """Check free space in ``directory`` for ``needed_bytes``, counting what other downloads
+    registered in ``ledger`` have still to write, and register this one until the block ends.
+
+    Two downloads starting at once into one file system would each see room for itself alone;
+    the ledger (a folder of flocked files, one per download in progress) makes the second see
+    the first. A holder that dies releases its lock, and its file is cleaned up by the next."""
+    ledger.mkdir(parents=True, exist_ok=True)
+    with open(ledger / ".lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one check-and-register at a time
+        check_free_space(directory, needed_bytes, reserved=_reservations(ledger))
+        fd, path = tempfile.mkstemp(dir=ledger, suffix=".reservation")
+        handle = os.fdopen(fd, "w", encoding="utf-8")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        reservation = Reservation(handle, label)
+        reservation.update(needed_bytes)
+    try:
+        yield reservation
+    finally:
+        os.unlink(path)
+        handle.close()
