@@ -13,8 +13,9 @@ Checked in the browser: the catalog; the lineage graph (nodes and edges
 idc_index -> collection_manifest -> downloaded_collection); the partitions of
 collection_manifest (one per collection: qin_pet_phantom, nlst, ...); the manifest's metadata
 (series, instances, size, dagster/row_count, the preview table); description, owners, kinds;
-and a materialization of downloaded_collection launched from the partition dialog that runs to
-success. Screenshots of every step go to ``test-artifacts/ui/``; on failure also ``failure.png``
+a materialization of downloaded_collection launched from the partition dialog that runs to
+success; and a second one, on a throttled server, terminated with the run page's Terminate
+button: the run ends CANCELED, no s5cmd survives, no cut-short file stands at a final path. Screenshots of every step go to ``test-artifacts/ui/``; on failure also ``failure.png``
 and ``dagster-dev.log`` (the server's output).
 
 Without Chromium the test skips locally and fails in CI (``$CI`` set), where ``.ci/run``
@@ -131,6 +132,34 @@ LINEAGE_JS = """() => {
   }
   return {boxes, edges};
 }"""
+
+
+def launch_download(page, steps=None) -> str:
+    """From the downloaded_collection page: Materialize…, pick the partition, launch, open the run."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Materialize…").click()
+    dialog = page.locator(".dagster-dialog").filter(has_text="Launch runs to materialize downloaded_collection")
+    expect(dialog).to_be_visible()
+    expect(dialog.get_by_text("0 partitions", exact=True)).to_be_visible()  # "Custom", nothing chosen yet
+    dialog.get_by_text("Select a partition or create one").click()
+    page.keyboard.type(DOWNLOAD_COLLECTION)
+    visible(page.locator(".dagster-popover"), DOWNLOAD_COLLECTION).click()
+    page.keyboard.press("Escape")  # closes the partition picker, not the dialog
+    expect(page.locator(".dagster-popover")).to_be_hidden()
+    expect(dialog).to_be_visible()
+    expect(dialog.get_by_text("1 partition", exact=True)).to_be_visible()
+    launch = dialog.get_by_role("button", name="Launch 1 run")
+    expect(launch).to_be_enabled()
+    if steps:
+        steps.shot("launch-dialog")
+    launch.click()
+    toast = page.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$"))
+    expect(toast).to_be_visible()
+    short_id = toast.inner_text().split()[-1]
+    page.get_by_role("link", name="View", exact=True).click()
+    expect(page).to_have_url(re.compile(rf"/runs/{short_id}[0-9a-f-]+"))
+    return page.url.split("/runs/")[1].split("?")[0]
 
 
 def drawn_edges(page) -> set[tuple[str, str]]:
@@ -280,27 +309,7 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             for text in ("imaging-data", "dicom", "S3"):
                 expect(visible(page, text)).to_be_visible()
             steps.shot("downloaded_collection-overview")
-            page.get_by_role("button", name="Materialize…").click()
-            dialog = page.locator(".dagster-dialog").filter(has_text="Launch runs to materialize downloaded_collection")
-            expect(dialog).to_be_visible()
-            expect(dialog.get_by_text("0 partitions", exact=True)).to_be_visible()  # "Custom", nothing chosen yet
-            dialog.get_by_text("Select a partition or create one").click()
-            page.keyboard.type(DOWNLOAD_COLLECTION)
-            visible(page.locator(".dagster-popover"), DOWNLOAD_COLLECTION).click()
-            page.keyboard.press("Escape")  # closes the partition picker, not the dialog
-            expect(page.locator(".dagster-popover")).to_be_hidden()
-            expect(dialog).to_be_visible()
-            expect(dialog.get_by_text("1 partition", exact=True)).to_be_visible()
-            launch = dialog.get_by_role("button", name="Launch 1 run")
-            expect(launch).to_be_enabled()
-            steps.shot("launch-dialog")
-            launch.click()
-            toast = page.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$"))
-            expect(toast).to_be_visible()
-            short_id = toast.inner_text().split()[-1]
-            page.get_by_role("link", name="View", exact=True).click()
-            expect(page).to_have_url(re.compile(rf"/runs/{short_id}[0-9a-f-]+"))
-            run_id = page.url.split("/runs/")[1].split("?")[0]
+            run_id = launch_download(page, steps)
             expect(page.get_by_text(f"partition: {DOWNLOAD_COLLECTION}")).to_be_visible()
             expect(visible(page, "Success")).to_be_visible(timeout=150_000)
             expect(page.get_by_text("RUN_SUCCESS").first).to_be_visible(timeout=WAIT_MS)
@@ -323,6 +332,35 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
                 expect(visible(page, check)).to_be_visible(timeout=WAIT_MS)
             expect(checks.get_by_text("Succeeded", exact=True)).to_have_count(3, timeout=WAIT_MS)
             steps.shot("downloaded_collection-checks")
+            files_after_success, gets_after_success = len(list(download_dir.rglob("*.dcm"))), s3.stats["get_object"]
+
+            # -- terminate a download from the UI: the run stops, s5cmd with it, no half file stays
+            shutil.rmtree(download_dir / DOWNLOAD_COLLECTION)
+            s3.faults.throttle_bytes_per_s = 10  # every object (~1.5 KB) now takes minutes
+            page.goto(ui.url + "/assets/downloaded_collection")
+            expect(page.get_by_text("Every DICOM file of the collection's manifest")).to_be_visible(timeout=WAIT_MS)
+            stopped_run = launch_download(page)
+            deadline = time.monotonic() + 120
+            while not (s5cmd_pids := processes_mentioning(str(download_dir))):
+                assert time.monotonic() < deadline, "s5cmd never started"
+                time.sleep(0.5)
+            expect(page.get_by_text("progress:").first).to_be_visible(timeout=WAIT_MS)  # transferring
+            page.get_by_role("button", name="Terminate").first.click()
+            confirm = page.locator(".dagster-dialog").filter(has_text="Terminate runs")
+            expect(confirm.get_by_text("1 run will be terminated")).to_be_visible()
+            steps.shot("terminate-dialog")
+            confirm.get_by_role("button", name="Terminate 1 run").click()
+            expect(visible(page, "Canceled")).to_be_visible(timeout=WAIT_MS)
+            steps.shot("run-terminated")
+            assert ui.graphql(RUN_QUERY, {"id": stopped_run})["runOrError"]["status"] == "CANCELED"
+            deadline = time.monotonic() + 15
+            while processes_mentioning(str(download_dir)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert processes_mentioning(str(download_dir)) == [], f"s5cmd {s5cmd_pids} outlived its run"
+            sizes = {key.split("/")[-1]: (fixture.s3_root / row["aws_bucket"] / key).stat().st_size
+                     for row in fixture.rows for key in fixture.object_keys(row)}
+            for path in download_dir.rglob("*.dcm"):  # what was cut short is not at a final path
+                assert path.stat().st_size == sizes[path.name], path
         except BaseException:  # evidence for CI: what the browser showed, and the server's log
             (artifacts / "dagster-dev.log").write_text(ui.log_tail(200_000))
             try:
@@ -334,9 +372,8 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             browser.close()
         runs = ui.graphql(RUNS_QUERY)["runsOrError"]["results"]
 
-    assert len(list(download_dir.rglob("*.dcm"))) == files_expected
-    assert s3.stats["get_object"] == files_expected
-    assert {"runId": run_id, "status": "SUCCESS"} in runs, runs
+    assert files_after_success == files_expected and gets_after_success == files_expected
+    assert {"runId": run_id, "status": "SUCCESS"} in runs and {"runId": stopped_run, "status": "CANCELED"} in runs, runs
     assert not [r for r in runs if r["status"] == "FAILURE"], runs  # e.g. nothing a sensor launched failed
     assert processes_mentioning(str(home)) == [] and processes_mentioning(str(download_dir)) == []
     print(f"\nUI test: setup {setup_s:.0f} s, server start {ui.startup_s:.0f} s, server stop {ui.stop_s:.0f} s, "
