@@ -192,6 +192,24 @@ def test_reservation_of_a_killed_download_is_released(s3, manifest, tmp_path):
     assert list(ledger.glob("*.reservation")) == []
 
 
+@pytest.mark.parametrize("name", ["back\\slash", "two\\\\slashes", "dol$lar", "esc\\$aped", "back`tick", 'dq"uote',
+                                  "sq'uote", "sp ace", "br[ack]et"])
+def test_roots_with_shell_characters_get_every_file_inside_them(s3, manifest, tmp_path, name):
+    """s5cmd's command file unescapes backslash, $, ` and " inside quotes: each is escaped, so the
+    files land in this root and nowhere else."""
+    root = tmp_path / "roots" / name
+    download(manifest, root, opts(s3), log=lambda m: None)
+    files = list((tmp_path / "roots").rglob("*.dcm"))
+    assert len(files) == 24 and all(str(p).startswith(f"{root}/") for p in files)
+
+
+@pytest.mark.parametrize("name", ["st*r", "quest?ion", "new\nline"])
+def test_roots_s5cmd_cannot_write_to_are_refused_up_front(s3, manifest, tmp_path, name):
+    with pytest.raises(DownloadError, match="s5cmd cannot write to; choose a path without"):
+        download(manifest, tmp_path / name, opts(s3), log=lambda m: None)
+    assert s3.stats["get_object"] == 0 and not (tmp_path / name).exists()
+
+
 def test_unwritable_root_is_refused(s3, manifest, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -108,9 +108,14 @@ def series_status(manifest: pa.Table, root: Path) -> Iterator[tuple[dict, Series
 
 
 def check_root(root: Path) -> None:
-    """The download root must be writable, and free of characters s5cmd's command file cannot quote."""
-    if any(c in str(root) for c in '"\n\r'):
-        raise DownloadError(f"download root {str(root)!r} contains a quote or newline; choose another path")
+    """The download root must be writable, and free of what s5cmd cannot take in a destination:
+    a line break (ends a command) or a wildcard ``*`` ``?`` (s5cmd refuses those in targets)."""
+    bad = sorted({c for c in str(root) if c in "\n\r*?"})
+    if bad:
+        raise DownloadError(
+            f"download root {str(root)!r} contains {', '.join(map(repr, bad))}, which s5cmd cannot write to; "
+            "choose a path without line breaks, '*' or '?'"
+        )
     check_writable(root)
 
 
@@ -186,9 +191,15 @@ def set_aside_revised(manifest: pa.Table, root: Path, state: dict[str, tuple[str
     return replaced
 
 
+def _quoted(text: str) -> str:
+    """``text`` in double quotes as s5cmd's command-file parser reads it: that parser drops a
+    backslash before a backslash, dollar sign, backtick or double quote, so those get one."""
+    return '"' + re.sub(r'([\\$`"])', r"\\\1", text) + '"'
+
+
 def _command(verb: str, url: str, dest: Path, flags: list[str]) -> str:
     extra = " --size-only" if verb == "sync" else ""
-    return f'{verb}{extra} {" ".join(flags)} "{url}" "{dest}/"\n'
+    return f'{verb}{extra} {" ".join(flags)} {_quoted(url)} {_quoted(f"{dest}/")}\n'
 
 
 def _plan(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, commands) -> tuple[set[int], tuple[int, int, int, int]]:
