@@ -51,7 +51,7 @@ def _fail(exc: DatasetError) -> Failure:
 
 
 class _Group(click.Group):
-    """Turns every ``DatasetError`` a command raises into a one-line error with its exit code."""
+    """Turns every ``DatasetError`` (and ``OSError``) a command raises into a one-line error with its exit code."""
 
     def invoke(self, ctx: click.Context):
         # SIGTERM unwinds like Ctrl-C, so s5cmd is stopped and the command file removed.
@@ -60,6 +60,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except DatasetError as exc:
             raise _fail(exc) from None
+        except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise Failure(
+                f"{where}{exc.strerror or exc}; everything completed so far is kept, run the same command again "
+                "once that is fixed", EXIT_ENVIRONMENT,
+            ) from None
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
             ctx.exit(EXIT_INTERRUPTED)

@@ -108,6 +108,18 @@ def test_download_bad_input(fixture_env, tmp_path):
     )
 
 
+def test_file_system_refusal_is_one_line_exit_3_naming_the_path(fixture_env, idc_fixture, s3, tmp_path):
+    """An OSError from the file system (here a symlink loop where a patient directory should be;
+    a permission denied or an I/O error take the same path) is one line, never a traceback."""
+    dest = tmp_path / "o"
+    patient = dest / idc_fixture.collection_id / idc_fixture.rows[0]["PatientID"]
+    patient.parent.mkdir(parents=True)
+    patient.symlink_to(patient.name)
+    proc = run("idc", "download", idc_fixture.collection_id, str(dest), env=fixture_env)
+    assert_one_line_error(proc, 3, "Too many levels of symbolic links")
+    assert str(patient) in proc.stderr and s3.stats["get_object"] == 0, proc.stderr
+
+
 def test_download_with_failing_series_exits_1_listing_them(fixture_env, idc_fixture, s3, tmp_path):
     bad = idc_fixture.rows[3]
     s3.faults.fail_keys(lambda key: key.startswith(bad["crdc_series_uuid"]), status=500)
