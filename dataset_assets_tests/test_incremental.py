@@ -1,8 +1,10 @@
 """Incremental refresh between two fixture releases: only new and revised series move."""
 
-from dataset_assets.core.download import CONTROL_DIR, download
+import pytest
+
+from dataset_assets.core.download import CONTROL_DIR, download, load_state
 from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import build_manifest
+from dataset_assets.core.manifest import ManifestFilters, build_manifest, is_whole_collection
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.fixture import next_release
 
@@ -33,7 +35,54 @@ def test_new_release_fetches_only_new_and_revised_series(idc_fixture, s3, manife
     assert sorted(p.name for p in kept.glob("*.dcm")) == old_files
     # removed series: still on disk, reported
     assert len(list((root / manifest.to_pylist()[4]["target_dir"]).glob("*.dcm"))) == 4
-    assert any("no longer in the manifest; kept on disk" in line for line in log)
+    assert any("no longer in the collection; kept on disk" in line for line in log)
+
+
+def test_interrupted_refresh_does_not_set_the_new_revision_aside_again(idc_fixture, s3, manifest, tmp_path):
+    """Stopped after the revised series was set aside: the next run resumes it in place,
+    without moving the new files aside as if they were the old revision."""
+    root, state = tmp_path / "dl", tmp_path / "dl" / CONTROL_DIR / "state" / "qin_pet_phantom.parquet"
+    options = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
+    download(manifest, root, options, log=lambda m: None, state_path=state)
+    release = next_release(idc_fixture, s3.root, tmp_path)
+    with IndexSource(release.index_dir).connect() as con:
+        new_manifest = build_manifest(con, "qin_pet_phantom")
+
+    revised_dir = root / next(r["target_dir"] for r in new_manifest.to_pylist()
+                              if r["crdc_series_uuid"] == release.revised["crdc_series_uuid"])
+
+    def stop_once_new_files_land(line):
+        if line.startswith("progress: ") and any(revised_dir.glob("*.dcm")):
+            raise KeyboardInterrupt  # as Ctrl-C or a terminated run: new files in place, no state saved
+
+    s3.faults.delay_s = 0.4
+    slow = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        download(new_manifest, root, slow, log=stop_once_new_files_land, state_path=state, progress_interval_s=0.1)
+    replaced = root / CONTROL_DIR / "replaced"
+    assert [p.name for p in replaced.iterdir()] == [idc_fixture.rows[1]["crdc_series_uuid"]]
+    landed = {p.name for p in revised_dir.glob("*.dcm")}
+    s3.faults.delay_s = 0
+    log = []
+    result = download(new_manifest, root, options, log=log.append, state_path=state)
+    assert [p.name for p in replaced.iterdir()] == [idc_fixture.rows[1]["crdc_series_uuid"]]  # no ".1" copy
+    assert result.failed_series == [] and not any("was revised" in line for line in log)
+    now = {p.name for p in revised_dir.glob("*.dcm")}
+    assert landed and landed <= now and len(now) == 3  # the new files stayed where they were
+
+
+def test_a_filtered_selection_reports_nothing_removed(idc_fixture, s3, manifest, tmp_path):
+    """The series a filter leaves out were not removed from IDC: no such report."""
+    root, state = tmp_path / "dl", tmp_path / "dl" / CONTROL_DIR / "state" / "qin_pet_phantom.parquet"
+    options = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
+    download(manifest, root, options, log=lambda m: None, state_path=state)
+    with IndexSource(idc_fixture.index_dir).connect() as con:
+        one = build_manifest(con, "qin_pet_phantom", ManifestFilters(series_uids=[idc_fixture.rows[0]["SeriesInstanceUID"]]))
+    assert not is_whole_collection(one) and is_whole_collection(manifest)
+    log = []
+    result = download(one, root, options, log=log.append, state_path=state)
+    assert result.removed_series == [] and not any("no longer" in line for line in log)
+    assert len(load_state(state)) == 6  # the other series stay recorded
 
 
 def test_incremental_refresh_through_the_assets(idc_fixture, s3, tmp_path):

@@ -32,6 +32,7 @@ from . import s5cmd
 from .errors import DownloadError
 from .fs import check_writable, space_reservation
 from .fmt import human_bytes
+from .manifest import is_whole_collection
 from .progress import Progress
 
 TEMP_FILE = re.compile(r"\.dcm\d+$")
@@ -169,14 +170,31 @@ def save_state(path: Path, manifest: pa.Table, failed_dirs: set[str]) -> None:
     os.replace(tmp, path)
 
 
+def forget_state(path: Path, dirs: set[str]) -> None:
+    """Drop the entries of ``dirs`` from the state at ``path``, atomically."""
+    if not dirs or not path.is_file():
+        return
+    table = pq.read_table(path)
+    table = table.filter(pa.array([d not in dirs for d in table.column("target_dir").to_pylist()]))
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _revised(manifest: pa.Table, state: dict[str, tuple[str, str]]) -> Iterator[tuple[str, tuple[str, str], dict]]:
+    """(directory, what the state says it holds, manifest row) of each series a release revised:
+    same directory, another ``crdc_series_uuid``."""
+    for row in _rows(manifest):
+        before = state.get(row["target_dir"])
+        if before is not None and before[1] != row["crdc_series_uuid"]:
+            yield row["target_dir"], before, row
+
+
 def set_aside_revised(manifest: pa.Table, root: Path, state: dict[str, tuple[str, str]], log: Log) -> list[str]:
     """Move the directories of series that a new release revised (same directory, another
     ``crdc_series_uuid``) to ``<root>/.dataset_assets/replaced/<old uuid>/``: kept, not deleted."""
     replaced = []
-    for row in _rows(manifest):
-        before = state.get(row["target_dir"])
-        if before is None or before[1] == row["crdc_series_uuid"]:
-            continue
+    for _, before, row in _revised(manifest, state):
         source = root / row["target_dir"]
         if source.is_dir():
             dest = root / CONTROL_DIR / "replaced" / before[1]
@@ -280,10 +298,14 @@ def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
 def _download(manifest, root, options, started, log, progress_interval_s, check_endpoint_first, state_path, on_progress):
     state = load_state(state_path)
     replaced = set_aside_revised(manifest, root, state, log) if state else []
-    in_manifest = set(manifest.column("target_dir").to_pylist()) if state else set()
-    removed = sorted(f"{s} ({d})" for d, (s, _) in state.items() if d not in in_manifest)
+    if replaced and state_path is not None:  # an interrupted run must not set the new files aside again
+        forget_state(state_path, {d for d, _, _ in _revised(manifest, state)})
+    removed: list[str] = []
+    if state and is_whole_collection(manifest):  # a filtered selection leaves out series on purpose
+        in_manifest = set(manifest.column("target_dir").to_pylist())
+        removed = sorted(f"{s} ({d})" for d, (s, _) in state.items() if d not in in_manifest)
     if removed:
-        log(f"{len(removed)} series downloaded before are no longer in the manifest; kept on disk: "
+        log(f"{len(removed)} series downloaded before are no longer in the collection; kept on disk: "
             + "; ".join(removed[:10]))
     control = root / CONTROL_DIR
     control.mkdir(exist_ok=True)

@@ -165,7 +165,18 @@ def build_manifest(
     dirs = parsed.finish(
         table.column("target_dir"), root_length=root_length, max_path=max_path, long_paths=long_paths
     )
-    return table.set_column(table.num_columns - 1, "target_dir", dirs)
+    table = table.set_column(table.num_columns - 1, "target_dir", dirs)
+    whole = not any(filters.as_dict().values())
+    return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"true" if whole else b"false"})
+
+
+#: Schema metadata of a manifest: "true" when it holds every series of its collection (no filter).
+WHOLE_COLLECTION_KEY = b"dataset_assets.whole_collection"
+
+
+def is_whole_collection(manifest: pa.Table) -> bool:
+    """Whether ``manifest`` is a whole collection, not a filtered selection of it."""
+    return (manifest.schema.metadata or {}).get(WHOLE_COLLECTION_KEY) == b"true"
 
 
 def summarize(table: pa.Table) -> dict[str, object]:
@@ -244,7 +255,7 @@ def build_selection_manifest(
     for collection_id in sorted(by_collection):
         narrowed = ManifestFilters.from_mapping({**base, field_name: by_collection[collection_id]})
         tables.append(build_manifest(con, collection_id, narrowed, **render))  # type: ignore[arg-type]
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables).replace_schema_metadata({WHOLE_COLLECTION_KEY: b"false"})
     dirs = table.column("target_dir")
     if pa.compute.count_distinct(dirs).as_py() != len(dirs):
         raise FilterError("the selection puts two series in one directory; use a layout with %SeriesInstanceUID")
