@@ -1,5 +1,6 @@
-"""The DICOM header check in worker processes: same findings as in one process, bounded work,
-and no worker left behind when the process that started them is killed."""
+"""Verification in the core: the DICOM header check in worker processes (same findings as in
+one process, bounded work, no worker left behind when its caller is stopped) and the tree check
+with series that other downloads recorded."""
 
 import os
 import signal
@@ -13,7 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet  # noqa: F401 - pa.parquet
 import pytest
 
-from dataset_assets.core.verify import check_headers
+from dataset_assets.core.download import download, state_path_for
+from dataset_assets.core.index import IndexSource
+from dataset_assets.core.manifest import ManifestFilters, build_manifest
+from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.verify import check_headers, check_tree
 from dataset_assets_tests.support.fixture import write_dicom
 from dataset_assets_tests.support.procs import live_processes
 
@@ -138,3 +143,19 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_tree_check_accounts_for_series_other_downloads_recorded(s3, manifest, idc_fixture, tmp_path):
+    """After a whole collection, a manifest of one series: the other series are not stray; a
+    file nobody downloaded still is."""
+    root = tmp_path / "dl"
+    download(manifest, root, S5cmdOptions(endpoint_url=s3.endpoint_url), log=lambda m: None,
+             state_path=state_path_for(root, manifest))
+    with IndexSource(idc_fixture.index_dir).connect() as con:
+        one = build_manifest(con, idc_fixture.collection_id,
+                             ManifestFilters(series_uids=[idc_fixture.rows[0]["SeriesInstanceUID"]]))
+    assert check_tree(one, root).passed
+    stray = root / manifest.to_pylist()[3]["target_dir"] / "notes.txt"
+    stray.write_text("mine")
+    report = check_tree(one, root)
+    assert report.problem_count == 1 and f"stray file: {stray}" in report.problems[0]

@@ -104,7 +104,7 @@ def test_persistent_failure_names_the_series_keeps_the_rest_and_rerun_completes(
         download(manifest, root, opts(s3), log=lambda m: None)
     message = str(info.value)
     assert "1 of 6 series incomplete" in message and bad["SeriesInstanceUID"] in message
-    assert "InternalError" in message and "materialize again" in message
+    assert "InternalError" in message and "run it again (materialize, or the same command)" in message
     assert info.value.result.complete_series == 5
     assert all(len(files_of(root, r)) == 4 for r in rows if r is not bad)
     s3.faults.clear()

@@ -383,7 +383,8 @@ def _download(manifest, root, options, started, log, progress_interval_s, check_
             f"{result.failed_count} of {result.series} series incomplete after the transfer "
             f"(s5cmd exit code {result.returncode}): {shown}{more}"
             + (f". s5cmd errors: {errors}" if errors else "")
-            + ". Everything that completed is kept; materialize again to fetch only what is missing."
+            + ". Everything that completed is kept; run it again (materialize, or the same command) to fetch "
+            "only what is missing."
         )
         error.result = result  # type: ignore[attr-defined]
         raise error

@@ -89,9 +89,11 @@ def space_reservation(directory: Path, ledger: Path, needed_bytes: int, label: s
     """Check free space in ``directory`` for ``needed_bytes``, counting what other downloads
     registered in ``ledger`` have still to write, and register this one until the block ends.
 
-    Two downloads starting at once into one file system would each see room for itself alone;
-    the ledger (a folder of flocked files, one per download in progress) makes the second see
-    the first. A holder that dies releases its lock, and its file is cleaned up by the next."""
+    Two downloads starting at once into one root would each see room for itself alone; the
+    ledger (a folder of flocked files under the root, one per download in progress, shared by
+    Dagster runs and CLI runs, and by hosts mounting the root) makes the second see the first.
+    Downloads into another root on the same disk keep their own ledger and do not see these.
+    A holder that dies releases its lock, and its file is cleaned up by the next."""
     ledger.mkdir(parents=True, exist_ok=True)
     with open(ledger / ".lock", "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # one check-and-register at a time

@@ -212,7 +212,7 @@ def _shorten_long(
         if _too_long(values[i], root_length, max_path):
             raise LayoutError(
                 f"the download root is too long: even the shortened path {values[i]!r} exceeds "
-                f"{max_path} characters; choose a shorter IDC_DOWNLOAD_DIR"
+                f"{max_path} characters; choose a shorter download root ($IDC_DOWNLOAD_DIR, or the CLI's DEST)"
             )
     return pa.array(values, type=pa.string())
 

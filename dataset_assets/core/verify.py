@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from . import dicom_headers
 from .dicom_headers import HEADER_FIELDS
-from .download import CONTROL_DIR, series_status
+from .download import CONTROL_DIR, load_state, series_status
 from .errors import VerifyError
 
 MAX_LISTED = 20
@@ -166,10 +166,18 @@ def check_headers(
 
 
 def check_tree(manifest: pa.Table, root: Path) -> CheckReport:
-    """No file in the collection's tree that the manifest does not account for."""
+    """No file in the collection's tree that the manifest does not account for. Series that
+    downloads into ``root`` recorded as complete (their state files) are accounted for too: a
+    filtered manifest, or a layout whose top directory several collections share, leaves
+    other series there on purpose."""
     report = CheckReport()
     dirs = manifest.column("target_dir").to_pylist()
     expected = {os.path.normpath(root / d) for d in dirs}
+    for state in sorted((root / CONTROL_DIR / "state").glob("*.parquet")):
+        try:
+            expected.update(os.path.normpath(root / d) for d in load_state(state))
+        except (OSError, pa.ArrowException):  # unreadable state: its series count as stray, as without it
+            report.notes["unreadable_state_files"] = int(report.notes.get("unreadable_state_files", 0)) + 1
     tops = sorted({d.split("/", 1)[0] for d in dirs})
     for top in tops:
         for folder, subdirs, files in os.walk(root / top):
