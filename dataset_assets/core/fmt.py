@@ -10,11 +10,11 @@ def human_bytes(n: float | int | None) -> str:
     if n is None or pd.isna(n):
         return ""
     value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(value) < 1000 or unit == "PB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
-    return f"{value:.1f} PB"  # pragma: no cover
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def human_duration(seconds: float | None) -> str:
