@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 import yaml
 from dagster._config import validate_config
-from dagster._core.instance.config import dagster_instance_config_schema
+from dagster._core.instance.config import dagster_instance_config, dagster_instance_config_schema
 
 import dataset_assets
 from dataset_assets.defs.executors import executor_from_env
@@ -16,10 +16,15 @@ CONFIGS = [ROOT / "dagster.yaml", *sorted((Path(dataset_assets.__file__).parent 
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_instance_configs_match_dagsters_schema(path):
+def test_instance_configs_load_as_dagster_loads_them(path, monkeypatch):
+    """The schema, and the cross-field rules Dagster applies when an instance starts (e.g. run
+    queue limits belong in `concurrency > runs`, not in the run coordinator's config)."""
+    for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"):
+        monkeypatch.setenv(name, "5432" if name.endswith("PORT") else "x")
     config = yaml.safe_load(path.read_text())
     result = validate_config(dagster_instance_config_schema(), config)
     assert result.success, [e.message for e in result.errors or []]
+    dagster_instance_config(str(path.parent), path.name)  # raises DagsterInvalidConfigError
     limits = config.get("concurrency", {}).get("runs", {}).get("tag_concurrency_limits") or config.get(
         "run_coordinator", {}
     ).get("config", {}).get("tag_concurrency_limits")
@@ -45,3 +50,12 @@ def test_executor_switch(monkeypatch):
     monkeypatch.setenv("DAGSTER_EXECUTOR", "k8s")
     with pytest.raises(ImportError, match="needs the dagster-k8s package"):
         executor_from_env()
+
+
+@pytest.mark.parametrize("name", ["dagster.k8s.yaml", "dagster.docker.yaml"])
+def test_run_containers_share_everything_a_later_run_reads(name):
+    """Each run (or step) starts in a fresh container: downloads, manifests and the DuckDB index
+    must all be on the shared volume, or the next run cannot find them."""
+    text = (Path(dataset_assets.__file__).parent / "deploy" / name).read_text()
+    for variable in ("IDC_DOWNLOAD_DIR=/data/", "IDC_MANIFEST_DIR=/data/", "IDC_DUCKDB_PATH=/data/"):
+        assert variable in text, variable
