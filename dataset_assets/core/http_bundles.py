@@ -18,10 +18,14 @@ lists them::
 3. Transfer: the body streams in ``chunk_size`` pieces (never whole in memory) to
    ``.<filename>.part`` next to the final name, hashed while written. The part file is locked
    (``flock``) so two runs cannot write it at once. An existing part is resumed with
-   ``Range: bytes=<len>-`` after hashing what it holds: ``206`` appends, ``200`` (Range
-   ignored) starts over, ``416`` means the part is complete when its size is the expected
-   size (else starts over). A body cut short keeps the part and is resumed, up to ``attempts``
-   times with a short backoff. Request-level retries (429 honouring ``Retry-After``, 5xx,
+   ``Range: bytes=<len>-`` and ``If-Range: <validator>`` (the strong ETag or Last-Modified of
+   the response the part began with, kept in ``.<filename>.part.validator``) after hashing what
+   it holds: ``206`` appends (a range shorter than asked is followed by the next one), ``200``
+   (Range ignored, or the file changed on the server) starts over, ``416`` means the part is
+   complete when its size is the expected size (else starts over). A part whose origin cannot
+   be proven (no validator and no sha256) is not resumed but started over: a changed file is
+   never spliced onto an old head. A body cut short keeps the part and is resumed, up to
+   ``attempts`` times with a short backoff. Request-level retries (429 honouring ``Retry-After``, 5xx,
    refused or reset connections) happen below, in the session's ``urllib3`` ``Retry``.
 4. Verify: the size (``bundle.size``, else what the server announced) and the sha256 (when
    given). A mismatch deletes the part. Success is ``os.replace(part, final)``: the final name
@@ -169,7 +173,7 @@ def load_bundles(path: Path) -> dict[str, Bundle]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise DatasetError(f"bundle file {path} is not valid YAML: {_one_line(exc)}") from None
+        raise DatasetError(_scrub(f"bundle file {path} is not valid YAML: {_one_line(exc)}")) from None
     if not isinstance(data, dict) or not isinstance(data.get("bundles"), list):
         raise DatasetError(f"bundle file {path}: expected a mapping with a 'bundles' list, "
                            "as in 'bundles: [{name: ..., url: ...}]'")
@@ -181,7 +185,7 @@ def load_bundles(path: Path) -> dict[str, Bundle]:
     for number, entry in enumerate(data["bundles"], 1):
         where = f"bundle file {path}, entry {number}"
         if not isinstance(entry, dict):
-            raise DatasetError(f"{where}: expected a mapping with name and url, got {type(entry).__name__} {entry!r}")
+            raise DatasetError(_scrub(f"{where}: expected a mapping with name and url, got {type(entry).__name__} {entry!r}"))
         if isinstance(entry.get("name"), str):
             where += f" ({entry['name']!r})"
         if unknown := sorted(map(str, set(entry) - set(FIELDS))):
@@ -245,12 +249,31 @@ class _Interrupted(Exception):
 class _Part:
     """The open, locked ``.part`` file and the sha256 of the bytes it holds."""
 
-    def __init__(self, handle: BinaryIO, chunk_size: int):
+    def __init__(self, handle: BinaryIO, chunk_size: int, validator_path: Path | None = None):
         self.handle, self.chunk_size = handle, chunk_size
+        self.validator_path = validator_path
         self.hasher: Any = None
         self.hashed = -1  # bytes covered by ``hasher``; -1: not hashed yet
         self.transferred = 0
         self.resumed = False
+
+    def validator(self) -> str | None:
+        """The strong ETag or Last-Modified of the response the part's first byte came from."""
+        try:
+            return self.validator_path.read_text(encoding="utf-8").strip() or None if self.validator_path else None
+        except OSError:
+            return None
+
+    def remember(self, response: requests.Response) -> None:
+        """Keep the response's validator, for ``If-Range`` when resuming (weak ETags do not count)."""
+        if self.validator_path is None:
+            return
+        etag = response.headers.get("ETag", "").strip()
+        value = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified", "").strip()
+        if value:
+            self.validator_path.write_text(value, encoding="utf-8")
+        else:
+            self.validator_path.unlink(missing_ok=True)
 
     @property
     def size(self) -> int:
@@ -270,6 +293,8 @@ class _Part:
     def restart(self) -> None:
         self.handle.truncate(0)
         self.hasher, self.hashed = hashlib.sha256(), 0
+        if self.validator_path is not None:
+            self.validator_path.unlink(missing_ok=True)
 
     def append(self, chunk: bytes) -> None:
         self.handle.write(chunk)
@@ -344,11 +369,21 @@ def _check_total(bundle: Bundle, total: int | None, part: _Part, path: Path) -> 
 
 def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, timeout: float,
            log: Log) -> tuple[str, int | None, str]:
-    """One GET filling the part -> (``complete`` | ``restart`` | ``interrupted``, total size, detail)."""
+    """One GET filling the part -> (``complete`` | ``more`` | ``restart`` | ``interrupted``, total size,
+    detail); ``more``: a whole response, but a range ending before the file does."""
     offset = part.size
     headers = {"Accept-Encoding": "identity"}
+    validator = part.validator() if offset else None
+    if offset and validator is None and bundle.sha256 is None:
+        # Nothing could show that the file on the server is still the one the part began with.
+        log(f"bundle {bundle.name}: the server gave no ETag or Last-Modified and the bundle has no sha256, "
+            f"so the {offset:,} bytes received cannot be trusted to match; starting over")
+        part.restart()
+        offset = 0
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator:
+            headers["If-Range"] = validator  # a changed file comes back whole (200), never spliced
         log(f"bundle {bundle.name}: resuming at {offset:,} bytes")
     try:
         response = session.get(bundle.url, headers=headers, stream=True, timeout=timeout)
@@ -371,13 +406,20 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
                 return "restart", None, f"the server answered Range bytes={offset}- with Content-Range " \
                                         f"{response.headers.get('Content-Range')!r}"
             total = None if match.group(3) == "*" else int(match.group(3))
+            range_end = int(match.group(2))
+            etag = response.headers.get("ETag", "").strip()
+            if validator and validator.startswith('"') and etag.startswith('"') and etag != validator:
+                return "restart", None, f"the file changed on the server (ETag {validator} -> {etag})"
             part.resumed = part.resumed or offset > 0
         else:
             if offset:
-                log(f"bundle {bundle.name}: the server ignored the Range request; starting over")
+                log(f"bundle {bundle.name}: the server sent the whole file (Range ignored, or the file "
+                    "changed since the part began); starting over")
                 part.restart()
                 offset = 0
+            part.remember(response)
             total = _int_header(response, "Content-Length")
+            range_end = None
         _check_total(bundle, total, part, path)
         expected_total = bundle.size if bundle.size is not None else total
         if expected_total is not None:
@@ -395,6 +437,8 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
             part.handle.flush()
         if length is not None and received < length:
             return "interrupted", total, f"body ended after {received:,} of {length:,} bytes"
+        if range_end is not None and total is not None and range_end + 1 < total:
+            return "more", total, ""  # the server may answer a range with less than asked: ask again
         return "complete", total, ""
 
 
@@ -409,6 +453,8 @@ def _transfer(bundle: Bundle, part: _Part, path: Path, session: requests.Session
         kind, total, detail = _fetch(bundle, part, path, session, timeout, log)
         if kind == "complete":
             return total
+        if kind == "more":  # progress was made (at least one byte): not a failure
+            continue
         if kind == "restart":
             restarts += 1
             if restarts > MAX_RESTARTS:
@@ -438,6 +484,8 @@ def _verify(bundle: Bundle, part: _Part, path: Path, total: int | None) -> str:
         problem = f"sha256 mismatch: expected {bundle.sha256}, got {digest}"
     if problem:
         path.unlink(missing_ok=True)
+        if part.validator_path is not None:
+            part.validator_path.unlink(missing_ok=True)
         raise DownloadError(f"bundle {bundle.name}: {problem} for {redact_url(bundle.url)}; "
                             "the partial file was deleted, run again to download it afresh")
     return digest
@@ -476,7 +524,7 @@ def download_bundle(
     log(f"bundle {bundle.name}: downloading {redact_url(bundle.url)} ({size_text}) to {final}")
     try:
         with open(path, "a+b") as handle:
-            part = _Part(handle, max(1, chunk_size))
+            part = _Part(handle, max(1, chunk_size), validator_path=path.with_name(path.name + ".validator"))
             _lock(part, bundle, path)
             try:
                 total = _transfer(bundle, part, path, session, max(1, attempts), timeout, log)
@@ -484,9 +532,11 @@ def download_bundle(
                 size = part.size
                 os.fsync(handle.fileno())
                 os.replace(path, final)
+                part.validator_path.unlink(missing_ok=True)
             except BaseException:
                 if path.exists() and part.size == 0:
                     path.unlink()
+                    part.validator_path.unlink(missing_ok=True)
                 raise
     except OSError as exc:
         raise DownloadError(f"bundle {bundle.name}: cannot write {path if path.exists() else final}: "

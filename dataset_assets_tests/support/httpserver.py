@@ -1,13 +1,17 @@
 """Tiny threaded HTTP file server on 127.0.0.1 for download tests (standard library only).
 
 Serves ``files[path] = bytes`` (GET, HEAD; the query string is ignored) with ``Range: bytes=N-``
--> 206 + Content-Range (416 past the end). Faults hit upcoming GETs in the order queued:
+-> 206 + Content-Range (416 past the end), a strong ``ETag`` (from the content) honoured in
+``If-Range`` (a changed file is sent whole, 200). Faults hit upcoming GETs in the order queued:
 ``fail_next`` (status), ``throttle_next`` (429 + ``Retry-After: 0``), ``truncate_next`` (full
-Content-Length, part of the body, connection dropped); ``ignore_range`` always answers 200.
+Content-Length, part of the body, connection dropped); ``ignore_range`` always answers 200;
+``validators = False`` sends no ETag; ``max_range_bytes`` answers a range with at most that many
+bytes (allowed by HTTP: the client asks again).
 ``stats``: per-path ``get``/``head`` counts, ``ranges`` seen, ``bytes_sent``. Quiet; stops after ``max_lifetime_s``.
 """
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 from collections import Counter
@@ -30,6 +34,8 @@ class FileServer:
     def __init__(self, max_lifetime_s: float = 600):
         self.files: dict[str, bytes] = {}
         self.ignore_range = False
+        self.validators = True
+        self.max_range_bytes = 0
         self._lock = threading.Lock()
         self._faults: list[tuple[str, float]] = []  # (kind, status or fraction), one per GET
         self._conns: set[socket.socket] = set()
@@ -118,7 +124,11 @@ class _Handler(TrackedHandler):
         if fault and fault[0] == "fail":  # 429 comes with Retry-After: 0
             return self._reply(int(fault[1]), b"injected failure\n", {"Retry-After": "0"} if fault[1] == 429 else {})
         start, end, status, headers = 0, len(data) - 1, 200, {"Accept-Ranges": "bytes"}
-        if rng and not srv.ignore_range:
+        etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
+        if srv.validators:
+            headers["ETag"] = etag
+        if_range = self.headers.get("If-Range")
+        if rng and not srv.ignore_range and (if_range is None or if_range == etag):
             try:
                 a, _, b = rng.removeprefix("bytes=").partition("-")
                 start, end = int(a), min(int(b or len(data) - 1), len(data) - 1)
@@ -126,6 +136,8 @@ class _Handler(TrackedHandler):
                 return self._reply(400, b"bad range\n")
             if start >= len(data):
                 return self._reply(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            if srv.max_range_bytes:
+                end = min(end, start + srv.max_range_bytes - 1)
             status, headers["Content-Range"] = 206, f"bytes {start}-{end}/{len(data)}"
         body = data[start:end + 1]
         if not fault:
