@@ -141,6 +141,23 @@ def test_unreadable_or_incomplete_index_is_one_line_exit_3(tmp_path, idc_fixture
     (broken / "prior_versions_index.parquet").unlink()
     (broken / "collections_index.parquet").unlink()
     assert_one_line_error(run("idc", "collections", env=env), 3, "collections_index does not exist")
+    for verb in ("indices", "collections"):  # a folder without the index at all
+        assert_one_line_error(run("idc", verb, env={"IDC_INDEX_DIR": str(tmp_path / "nowhere")}), 3,
+                              "idc_index.parquet does not exist")
+
+
+def test_an_empty_index_lists_no_collections_without_a_traceback(tmp_path, idc_fixture):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "index"
+    shutil.copytree(idc_fixture.index_dir, empty)
+    table = pq.read_table(empty / "idc_index.parquet")
+    pq.write_table(table.slice(0, 0), empty / "idc_index.parquet")
+    proc = run("idc", "collections", env={"IDC_INDEX_DIR": str(empty)})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[0].split()[0] == "collection_id"
 
 
 def test_bad_endpoint_is_a_usage_error(fixture_env, tmp_path):

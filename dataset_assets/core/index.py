@@ -247,7 +247,9 @@ def _package_metadata() -> dict:
 
 def available_indices(source: IndexSource) -> list[dict[str, object]]:
     """Every index idc-index-data describes: bundled ones with their row counts, and the ones
-    that idc-index fetches on demand from the internet (not available offline)."""
+    that idc-index fetches on demand from the internet (not available offline). A folder
+    without the main ``idc_index`` is an ``IndexUnavailableError``, not a list of absences."""
+    source.path("idc_index")
     rows = []
     for name, meta in sorted(_package_metadata().items()):
         path = source.directory / f"{name}.parquet"
