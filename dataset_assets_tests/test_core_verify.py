@@ -94,9 +94,11 @@ def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
     pq_path = tmp_path / "manifest.parquet"
     pa.parquet.write_table(manifest, pq_path)
     script = textwrap.dedent(f"""
+        import signal
         from pathlib import Path
         import pyarrow.parquet as pq
         from dataset_assets.core.verify import check_headers
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
         print('start', flush=True)
         check_headers(pq.read_table({str(pq_path)!r}), Path({str(tmp_path)!r}), processes=2, files_per_batch=1)
     """)

@@ -271,12 +271,17 @@ def test_delay_throttle_stop_and_lifetime(root):
         srv.faults.throttle_bytes_per_s = 1_000_000
         t = time.monotonic()
         assert len(_OPENER.open(f"{srv.endpoint_url}/{BUCKET}/s/a.bin", timeout=5).read()) == 200_000
-        assert 0.15 <= time.monotonic() - t < 2
+        assert time.monotonic() - t >= 0.15  # 200 kB at 1 MB/s; no upper bound: CI may be busy
         port = srv.port
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1)
     short = LocalS3Server(root, max_lifetime_s=0.3).start()
-    time.sleep(0.8)
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", short.port), timeout=1)
+    deadline = time.monotonic() + 15  # it stops itself soon after 0.3 s; poll rather than guess how soon
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", short.port), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline, "the server did not stop itself"
+        time.sleep(0.1)
     short.stop()  # idempotent

@@ -214,6 +214,7 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         try:
             page.set_default_timeout(WAIT_MS)
+            expect.set_options(timeout=WAIT_MS)  # expect() has its own 5 s default; CI machines are busy
             skip = page.get_by_role("button", name="Skip")  # first-visit "Join the Dagster community" dialog
             page.add_locator_handler(skip, lambda: skip.click())
             steps = Steps(page, artifacts)
@@ -246,9 +247,11 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             for name in ("idc_index", "collection_manifest", "downloaded_collection"):
                 expect(page.locator(f'[data-tooltip="{name}"]').first).to_be_visible(timeout=WAIT_MS)
             expect(page.get_by_text("Latest event")).to_have_count(3)
-            time.sleep(1)  # let the graph settle (it animates to its zoom level)
-            edges = drawn_edges(page)
-            assert {("idc_index", "collection_manifest"), ("collection_manifest", "downloaded_collection")} <= edges, edges
+            wanted = {("idc_index", "collection_manifest"), ("collection_manifest", "downloaded_collection")}
+            deadline = time.monotonic() + 30  # the graph animates to its zoom level: measure until it settles
+            while not wanted <= (edges := drawn_edges(page)) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert wanted <= edges, edges
             assert ("idc_index", "downloaded_collection") not in edges, edges
             steps.shot("lineage-collection_manifest")
 
