@@ -61,6 +61,18 @@ def test_failed_series_fail_the_step_with_their_names(idc_fixture, s3, tmp_path)
     assert failure.step_failure_data.user_failure_data.metadata["series_complete"].value == 5
 
 
+def test_file_system_refusal_fails_the_step_naming_the_path(idc_fixture, s3, tmp_path):
+    patient = tmp_path / "idc" / idc_fixture.collection_id / idc_fixture.rows[0]["PatientID"]
+    patient.parent.mkdir(parents=True)
+    patient.symlink_to(patient.name)  # a loop where a patient directory should be
+    result = dg.materialize([collection_manifest, downloaded_collection], resources=resources(idc_fixture, tmp_path, s3),
+                            partition_key="qin_pet_phantom", raise_on_error=False)
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    text = str(failure.step_failure_data.user_failure_data.description)
+    assert str(patient) in text and "Too many levels of symbolic links" in text and "everything completed" in text
+    assert s3.stats["get_object"] == 0
+
+
 def test_missing_manifest_is_a_clear_error(idc_fixture, s3, tmp_path):
     result = dg.materialize(
         [downloaded_collection], resources=resources(idc_fixture, tmp_path, s3), partition_key="qin_pet_phantom",

@@ -95,6 +95,13 @@ def downloaded_collection(
             description=str(exc),
             metadata=_metadata(result, collection_dir, version) if result else {},
         ) from exc
+    except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path, keep the rest
+        where = f"{exc.filename}: " if exc.filename else ""
+        context.log.error(f"download failed collection={collection_id} reason=OSError errno={exc.errno}")
+        raise dg.Failure(
+            description=f"{where}{exc.strerror or exc}; everything completed so far is kept, materialize again "
+            "once that is fixed"
+        ) from exc
     except BaseException as exc:  # interrupted from the UI, or an unexpected error: still log the end
         context.log.error(f"download failed collection={collection_id} reason={exc.__class__.__name__}")
         raise
