@@ -161,3 +161,13 @@ def test_tree_check_accounts_for_series_other_downloads_recorded(s3, manifest, i
     stray.write_text("mine")
     report = check_tree(one, root)
     assert report.problem_count == 1 and f"stray file: {stray}" in report.problems[0]
+
+
+def test_default_processes_are_capped(monkeypatch):
+    """A container can see a whole node's CPUs: the default stops at MAX_DEFAULT_PROCESSES."""
+    from dataset_assets.core import verify
+
+    monkeypatch.setattr(verify.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert verify.default_processes() == verify.MAX_DEFAULT_PROCESSES == 8
+    monkeypatch.setattr(verify.os, "sched_getaffinity", lambda pid: {0})
+    assert verify.default_processes() == 1

@@ -160,6 +160,8 @@ def test_space_held_by_a_download_in_progress_is_counted(s3, manifest, tmp_path)
     ledger = root / CONTROL_DIR / "reservations"
     free = shutil.disk_usage(tmp_path).free
     with space_reservation(root, ledger, free // 2, "lidc_idri") as other:
+        (held,) = ledger.glob("*.reservation")
+        assert stat.S_IMODE(held.stat().st_mode) == 0o644  # other users downloading here must read it
         other.update(free)  # as its progress tick would: all the free space is still to be written
         with pytest.raises(DownloadError, match=r"not enough free space .* downloads in progress \(lidc_idri: "):
             download(manifest, root, opts(s3), log=lambda m: None)

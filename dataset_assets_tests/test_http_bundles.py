@@ -147,7 +147,7 @@ def test_file_changed_on_the_server_is_never_spliced(srv, session, tmp_path):
 
 def test_no_validator_and_no_sha256_means_no_resume(srv, session, tmp_path):
     """Without ETag/Last-Modified or a sha256, a part cannot be proven to match: start over."""
-    srv.validators = False
+    srv.validators = None
     srv.truncate_next(1, fraction=0.4)
     logs: list[str] = []
     result = download_bundle(bundle(srv), tmp_path, session=session, log=logs.append)
@@ -162,6 +162,30 @@ def test_server_answering_shorter_ranges_is_asked_again(srv, session, tmp_path):
     result = download_bundle(bundle(srv, sha256=SHA, size=SIZE), tmp_path, session=session, attempts=2)
     assert result.path.read_bytes() == PAYLOAD and result.resumed
     assert srv.stats["ranges"] == [f"bytes={n}-" for n in (30_000, 100_000, 170_000, 240_000)]
+
+
+def test_changed_file_behind_a_server_ignoring_if_range_is_caught(srv, session, tmp_path):
+    """The server honours Range but not If-Range, and sends only Last-Modified: the 206 of a
+    changed file carries another date, so the part starts over instead of being spliced."""
+    srv.validators, srv.honour_if_range = "last-modified", False
+    srv.truncate_next(1, fraction=0.4)
+    with pytest.raises(DownloadError, match="interrupted 1 time"):
+        download_bundle(bundle(srv), tmp_path, session=session, attempts=1)
+    changed = os.urandom(SIZE)
+    srv.files["/d/sample.bin"] = changed
+    logs: list[str] = []
+    result = download_bundle(bundle(srv), tmp_path, session=session, log=logs.append)
+    assert result.path.read_bytes() == changed
+    assert any("the file changed on the server (Last-Modified" in line for line in logs)
+
+
+def test_empty_range_bodies_count_as_interruptions(srv, session, tmp_path):
+    """A 206 without Content-Length whose body is empty is no progress: it uses up attempts."""
+    (tmp_path / ".sample.bin.part").write_bytes(PAYLOAD[:1000])
+    srv.unsized_next(50, fraction=0.0)
+    with pytest.raises(DownloadError, match="interrupted 3 time.*range body ended after 0"):
+        download_bundle(bundle(srv, sha256=SHA), tmp_path, session=session, attempts=3)
+    assert srv.stats["get"]["/d/sample.bin"] == 3
 
 
 def test_server_ignoring_range_restarts_cleanly(srv, session, tmp_path):
@@ -212,6 +236,10 @@ def test_rerun_transfers_nothing(srv, session, tmp_path):
     again = download_bundle(bundle(srv, sha256=SHA, size=SIZE), tmp_path, session=session)
     assert again.skipped and again.transferred_bytes == 0 and again.sha256 == SHA
     assert again.path == first.path and srv.stats["get"]["/d/sample.bin"] == 1
+    (tmp_path / ".sample.bin.part").write_bytes(b"left by an older run")
+    (tmp_path / ".sample.bin.part.validator").write_text('"old"')
+    assert download_bundle(bundle(srv, sha256=SHA, size=SIZE), tmp_path, session=session).skipped
+    assert leftovers(tmp_path) == ["sample.bin"]  # what an older run left is cleared away
 
 
 def test_changed_final_file_is_fetched_again(srv, session, tmp_path):

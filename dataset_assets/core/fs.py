@@ -66,11 +66,12 @@ class Reservation:
 
 
 def _reservations(ledger: Path) -> dict[str, int]:
-    """Live reservations in ``ledger`` (label -> bytes); removes those whose holder has died."""
+    """Live reservations in ``ledger`` (label -> bytes); removes those whose holder has died.
+    Files are opened read-only (``flock`` needs no more), so other users' reservations count."""
     live: dict[str, int] = {}
     for path in ledger.glob("*.reservation"):
         try:
-            with open(path, "r+", encoding="utf-8") as handle:
+            with open(path, encoding="utf-8") as handle:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # its holder is alive
@@ -94,15 +95,25 @@ def space_reservation(directory: Path, ledger: Path, needed_bytes: int, label: s
     Dagster runs and CLI runs, and by hosts mounting the root) makes the second see the first.
     Downloads into another root on the same disk keep their own ledger and do not see these.
     A holder that dies releases its lock, and its file is cleaned up by the next."""
-    ledger.mkdir(parents=True, exist_ok=True)
-    with open(ledger / ".lock", "a") as guard:
+    try:
+        ledger.mkdir(parents=True, exist_ok=True)
+        guard = os.open(ledger / ".lock", os.O_RDONLY | os.O_CREAT, 0o664)
+    except OSError as exc:
+        raise DownloadError(f"cannot use the space ledger {ledger}: {exc.strerror or exc}") from None
+    try:
         fcntl.flock(guard, fcntl.LOCK_EX)  # one check-and-register at a time
         check_free_space(directory, needed_bytes, reserved=_reservations(ledger))
-        fd, path = tempfile.mkstemp(dir=ledger, suffix=".reservation")
+        try:
+            fd, path = tempfile.mkstemp(dir=ledger, suffix=".reservation")
+        except OSError as exc:
+            raise DownloadError(f"cannot write to the space ledger {ledger}: {exc.strerror or exc}") from None
+        os.fchmod(fd, 0o644)  # readable by every user downloading into this root (mkstemp makes 0600)
         handle = os.fdopen(fd, "w", encoding="utf-8")
         fcntl.flock(handle, fcntl.LOCK_EX)
         reservation = Reservation(handle, label)
         reservation.update(needed_bytes)
+    finally:
+        os.close(guard)
     try:
         yield reservation
     finally:

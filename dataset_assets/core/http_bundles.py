@@ -20,7 +20,8 @@ lists them::
    (``flock``) so two runs cannot write it at once. An existing part is resumed with
    ``Range: bytes=<len>-`` and ``If-Range: <validator>`` (the strong ETag or Last-Modified of
    the response the part began with, kept in ``.<filename>.part.validator``) after hashing what
-   it holds: ``206`` appends (a range shorter than asked is followed by the next one), ``200``
+   it holds: ``206`` appends when it carries the same validator (a server that ignores
+   If-Range is caught there; a range shorter than asked is followed by the next one), ``200``
    (Range ignored, or the file changed on the server) starts over, ``416`` means the part is
    complete when its size is the expected size (else starts over). A part whose origin cannot
    be proven (no validator and no sha256) is not resumed but started over: a changed file is
@@ -358,6 +359,14 @@ def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
         raise _Interrupted(_scrub(f"{exc.__class__.__name__}: {exc}")) from None
 
 
+def _changed(validator: str, response: requests.Response) -> str:
+    """Why a 206 cannot continue the part begun under ``validator`` ('' when it can)."""
+    etag, modified = response.headers.get("ETag", "").strip(), response.headers.get("Last-Modified", "").strip()
+    if validator.startswith('"'):  # a strong ETag
+        return "" if etag == validator else f"ETag {validator} -> {etag or 'none'}"
+    return "" if modified == validator else f"Last-Modified {validator} -> {modified or 'none'}"
+
+
 def _check_total(bundle: Bundle, total: int | None, part: _Part, path: Path) -> None:
     """Fail before transferring when the server announces another size than the bundle file."""
     if bundle.size is not None and total is not None and total != bundle.size:
@@ -407,9 +416,8 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
                                         f"{response.headers.get('Content-Range')!r}"
             total = None if match.group(3) == "*" else int(match.group(3))
             range_end = int(match.group(2))
-            etag = response.headers.get("ETag", "").strip()
-            if validator and validator.startswith('"') and etag.startswith('"') and etag != validator:
-                return "restart", None, f"the file changed on the server (ETag {validator} -> {etag})"
+            if validator and (changed := _changed(validator, response)):  # a server that ignored If-Range
+                return "restart", None, f"the file changed on the server ({changed})"
             part.resumed = part.resumed or offset > 0
         else:
             if offset:
@@ -437,6 +445,8 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
             part.handle.flush()
         if length is not None and received < length:
             return "interrupted", total, f"body ended after {received:,} of {length:,} bytes"
+        if range_end is not None and received < range_end - offset + 1:  # no Content-Length, body cut
+            return "interrupted", total, f"range body ended after {received:,} of {range_end - offset + 1:,} bytes"
         if range_end is not None and total is not None and range_end + 1 < total:
             return "more", total, ""  # the server may answer a range with less than asked: ask again
         return "complete", total, ""
@@ -514,6 +524,7 @@ def download_bundle(
         if matches:
             with contextlib.suppress(OSError):  # a part left behind by an older run
                 path.unlink(missing_ok=True)
+                path.with_name(path.name + ".validator").unlink(missing_ok=True)
             log(f"bundle {bundle.name}: {final} already complete ({human_bytes(size)}); nothing to transfer")
             return BundleResult(final, size, digest, skipped=True, duration_s=time.monotonic() - started)
         log(f"bundle {bundle.name}: {final} does not match ({why}); downloading it again")

@@ -100,9 +100,13 @@ def _series_batches(
         yield batch
 
 
+MAX_DEFAULT_PROCESSES = 8  # ~50 MB each; a container may see a whole node's CPUs
+
+
 def default_processes() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPUs this process may run on, at most ``MAX_DEFAULT_PROCESSES``."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_PROCESSES))
 
 
 def check_headers(
@@ -111,7 +115,7 @@ def check_headers(
     """DICOM header UIDs and Modality of every (or a sample of every series') file.
 
     Header parsing is pure Python, so batches of series go to ``processes`` worker processes
-    (0: one per CPU), at most two batches per worker in flight (memory stays flat). A manifest
+    (0: one per CPU, at most 8), at most two batches per worker in flight (memory stays flat). A manifest
     of a single batch is read in this process: starting workers would cost more than it saves.
     Workers are spawned, so a script that calls this needs ``if __name__ == "__main__":``, as
     any multiprocessing code does."""

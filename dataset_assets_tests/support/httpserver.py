@@ -5,12 +5,15 @@ Serves ``files[path] = bytes`` (GET, HEAD; the query string is ignored) with ``R
 ``If-Range`` (a changed file is sent whole, 200). Faults hit upcoming GETs in the order queued:
 ``fail_next`` (status), ``throttle_next`` (429 + ``Retry-After: 0``), ``truncate_next`` (full
 Content-Length, part of the body, connection dropped); ``ignore_range`` always answers 200;
-``validators = False`` sends no ETag; ``max_range_bytes`` answers a range with at most that many
-bytes (allowed by HTTP: the client asks again).
+``validators`` = ``"etag"`` (default), ``"last-modified"`` (a date per content, no ETag) or
+``None``; ``honour_if_range = False`` ignores If-Range (a broken server); ``max_range_bytes``
+answers a range with at most that many bytes (allowed by HTTP: the client asks again);
+``unsized_next`` sends a response without Content-Length, part of the body, then closes.
 ``stats``: per-path ``get``/``head`` counts, ``ranges`` seen, ``bytes_sent``. Quiet; stops after ``max_lifetime_s``.
 """
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import socket
 import threading
@@ -34,7 +37,8 @@ class FileServer:
     def __init__(self, max_lifetime_s: float = 600):
         self.files: dict[str, bytes] = {}
         self.ignore_range = False
-        self.validators = True
+        self.validators: str | None = "etag"
+        self.honour_if_range = True
         self.max_range_bytes = 0
         self._lock = threading.Lock()
         self._faults: list[tuple[str, float]] = []  # (kind, status or fraction), one per GET
@@ -62,6 +66,9 @@ class FileServer:
 
     def truncate_next(self, n: int, fraction: float = 0.5) -> None:
         self._queue(n, "truncate", fraction)
+
+    def unsized_next(self, n: int, fraction: float = 0.0) -> None:
+        self._queue(n, "unsized", fraction)
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -124,11 +131,16 @@ class _Handler(TrackedHandler):
         if fault and fault[0] == "fail":  # 429 comes with Retry-After: 0
             return self._reply(int(fault[1]), b"injected failure\n", {"Retry-After": "0"} if fault[1] == 429 else {})
         start, end, status, headers = 0, len(data) - 1, 200, {"Accept-Ranges": "bytes"}
-        etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
-        if srv.validators:
+        digest = hashlib.sha256(data).digest()
+        etag = '"' + digest.hex()[:20] + '"'
+        modified = email.utils.formatdate(1_600_000_000 + int.from_bytes(digest[:3], "big"), usegmt=True)
+        validator = {"etag": etag, "last-modified": modified}.get(srv.validators or "")
+        if srv.validators == "etag":
             headers["ETag"] = etag
-        if_range = self.headers.get("If-Range")
-        if rng and not srv.ignore_range and (if_range is None or if_range == etag):
+        elif srv.validators == "last-modified":
+            headers["Last-Modified"] = modified
+        if_range = self.headers.get("If-Range") if srv.honour_if_range else None
+        if rng and not srv.ignore_range and (if_range is None or if_range == validator):
             try:
                 a, _, b = rng.removeprefix("bytes=").partition("-")
                 start, end = int(a), min(int(b or len(data) - 1), len(data) - 1)
@@ -142,6 +154,15 @@ class _Handler(TrackedHandler):
         body = data[start:end + 1]
         if not fault:
             return self._reply(status, body, headers)
+        if fault[0] == "unsized":  # no Content-Length: the body ends where the connection does
+            self.send_response(status)
+            for item in {**headers, "Connection": "close"}.items():
+                self.send_header(*item)
+            self.end_headers()
+            self.wfile.write(body[:int(len(body) * fault[1])])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self._reply(status, body[:int(len(body) * fault[1])], headers, length=len(body))
         self.wfile.flush()
         self.close_connection = True
