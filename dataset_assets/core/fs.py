@@ -56,7 +56,7 @@ class Reservation:
 
     def __init__(self, handle, label: str) -> None:
         self._handle, self.label = handle, label
-        self._width = len(label.encode()) + 80
+        self._width = len(json.dumps(label)) + 80  # room for the rest of the entry at its longest
 
     def update(self, remaining_bytes: int) -> None:
         entry = json.dumps({"label": self.label, "bytes": max(int(remaining_bytes), 0), "pid": os.getpid()})
