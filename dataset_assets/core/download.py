@@ -156,26 +156,29 @@ def load_state(path: Path | None) -> dict[str, tuple[str, str]]:
 def save_state(path: Path, manifest: pa.Table, failed_dirs: set[str]) -> None:
     """Record the series of ``manifest`` that are complete (all but ``failed_dirs``), atomically;
     entries for directories outside this manifest (another filter, another run) are kept."""
-    table = manifest.select(STATE_COLUMNS)
-    if failed_dirs:
-        table = table.filter(pa.array([d not in failed_dirs for d in table.column("target_dir").to_pylist()]))
+    table = _without(manifest.select(STATE_COLUMNS), failed_dirs)
     if path.is_file():
         previous = pq.read_table(path).select(STATE_COLUMNS)
         ours = set(manifest.column("target_dir").to_pylist())
-        keep = pa.array([d not in ours for d in previous.column("target_dir").to_pylist()])
-        table = pa.concat_tables([previous.filter(keep).cast(table.schema), table])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+        table = pa.concat_tables([_without(previous, ours).cast(table.schema), table])
+    _write_state(path, table)
 
 
 def forget_state(path: Path, dirs: set[str]) -> None:
     """Drop the entries of ``dirs`` from the state at ``path``, atomically."""
-    if not dirs or not path.is_file():
-        return
-    table = pq.read_table(path)
-    table = table.filter(pa.array([d not in dirs for d in table.column("target_dir").to_pylist()]))
+    if dirs and path.is_file():
+        _write_state(path, _without(pq.read_table(path), dirs))
+
+
+def _without(table: pa.Table, dirs: set[str]) -> pa.Table:
+    """``table`` without the rows whose ``target_dir`` is in ``dirs``."""
+    if not dirs:
+        return table
+    return table.filter(pa.array([d not in dirs for d in table.column("target_dir").to_pylist()]))
+
+
+def _write_state(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
