@@ -24,7 +24,7 @@ import click
 from .core import index as idx
 from .core.download import download, series_status, state_path_for
 from .core.errors import DatasetError, DownloadError, FilterError, LayoutError, UnknownCollectionError, UnknownIndexError
-from .core.fmt import human_bytes, human_duration
+from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.layout import DEFAULT_LAYOUT
 from .core.manifest import ManifestFilters, build_manifest, build_selection_manifest, summarize
 from .core.progress import Progress
@@ -61,9 +61,8 @@ class _Group(click.Group):
         except DatasetError as exc:
             raise _fail(exc) from None
         except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path
-            where = f"{exc.filename}: " if exc.filename else ""
             raise Failure(
-                f"{where}{exc.strerror or exc}; everything completed so far is kept, run the same command again "
+                f"{os_error_text(exc)}; everything completed so far is kept, run the same command again "
                 "once that is fixed", EXIT_ENVIRONMENT,
             ) from None
         except KeyboardInterrupt:

@@ -41,3 +41,8 @@ def markdown_table(df: pd.DataFrame, max_rows: int = 200) -> str:
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.head(max_rows).itertuples(index=False)]
     more = [f"\n_{len(df) - max_rows:,} more rows not shown_"] if len(df) > max_rows else []
     return "\n".join([head, rule, *rows, *more])
+
+
+def os_error_text(exc: OSError) -> str:
+    """``'<path>: <reason>'`` for a file-system error, one line, no traceback."""
+    return (f"{exc.filename}: " if exc.filename else "") + str(exc.strerror or exc)

@@ -4,7 +4,7 @@ import dagster as dg
 
 from dataset_assets.core import download as dl
 from dataset_assets.core.errors import DownloadError
-from dataset_assets.core.fmt import human_bytes
+from dataset_assets.core.fmt import human_bytes, os_error_text
 from dataset_assets.core.manifest import read_manifest
 from dataset_assets.core.s5cmd import binary_version
 
@@ -96,10 +96,9 @@ def downloaded_collection(
             metadata=_metadata(result, collection_dir, version) if result else {},
         ) from exc
     except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path, keep the rest
-        where = f"{exc.filename}: " if exc.filename else ""
         context.log.error(f"download failed collection={collection_id} reason=OSError errno={exc.errno}")
         raise dg.Failure(
-            description=f"{where}{exc.strerror or exc}; everything completed so far is kept, materialize again "
+            description=f"{os_error_text(exc)}; everything completed so far is kept, materialize again "
             "once that is fixed"
         ) from exc
     except BaseException as exc:  # interrupted from the UI, or an unexpected error: still log the end
