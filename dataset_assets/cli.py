@@ -22,10 +22,21 @@ from pathlib import Path
 import click
 
 from .core import index as idx
-from .core.download import download, series_status, state_path_for
-from .core.errors import DatasetError, DownloadError, FilterError, LayoutError, UnknownCollectionError, UnknownIndexError
+from .core.download import DEFAULT_STALL_TIMEOUT_S, download, series_status, state_path_for
+from .core.errors import (
+    BadDestinationError,
+    DatasetError,
+    FilterError,
+    IncompleteDownloadError,
+    LayoutError,
+    UnknownCollectionError,
+    UnknownIndexError,
+    UnsafeValueError,
+)
 from .core.fmt import human_bytes, human_duration, os_error_text
-from .core.layout import DEFAULT_LAYOUT
+from .core.layout import DEFAULT_LAYOUT, default_max_path
+from .core.safety import allowed_buckets_from_env
+from .core.state import load_state
 from .core.manifest import ManifestFilters, build_manifest, build_selection_manifest, summarize
 from .core.progress import Progress
 from .core.s5cmd import AWS_ENDPOINT, S5cmdOptions
@@ -43,9 +54,10 @@ class Failure(click.ClickException):
 
 
 def _fail(exc: DatasetError) -> Failure:
-    if isinstance(exc, (FilterError, LayoutError, UnknownCollectionError, UnknownIndexError)):
+    bad_input = (FilterError, LayoutError, UnknownCollectionError, UnknownIndexError, BadDestinationError, UnsafeValueError)
+    if isinstance(exc, bad_input):
         return Failure(str(exc), EXIT_INPUT)
-    if isinstance(exc, DownloadError) and getattr(exc, "result", None) is not None:
+    if isinstance(exc, IncompleteDownloadError):
         return Failure(str(exc), EXIT_INCOMPLETE)
     return Failure(str(exc), EXIT_ENVIRONMENT)
 
@@ -54,8 +66,10 @@ class _Group(click.Group):
     """Turns every ``DatasetError`` (and ``OSError``) a command raises into a one-line error with its exit code."""
 
     def invoke(self, ctx: click.Context):
-        # SIGTERM unwinds like Ctrl-C, so s5cmd is stopped and the command file removed.
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C, so s5cmd is stopped and the
+        # command file removed.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             return super().invoke(ctx)
         except DatasetError as exc:
@@ -186,10 +200,21 @@ def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--modality", "modalities", multiple=True, help="Keep only this Modality (repeatable).")
 @click.option("--body-part", "body_parts", multiple=True, help="Keep only this BodyPartExamined (repeatable).")
 @click.option("--layout", default=DEFAULT_LAYOUT, show_default=True, help="Directory of each series; %column for any index column.")
-@click.option("--long-paths", type=click.Choice(["hash", "error"]), default="hash", show_default=True, help="Paths over 260 characters: shorten (hash) or fail.")
+@click.option(
+    "--long-paths", type=click.Choice(["hash", "error"]), default="hash", show_default=True,
+    help="Directories with a component over 255 bytes: shorten (hash, the same under any DEST) or fail.",
+)
+@click.option(
+    "--max-path", type=click.IntRange(50, 100_000), default=None,
+    help="Fail when a file path under DEST would be longer (default: 260 on Windows, no limit elsewhere).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be fetched and its size; download nothing.")
 @click.option("--workers", type=click.IntRange(1, 4096), default=64, show_default=True, help="Objects in flight at once.")
 @click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True, help="Retries per failed request.")
+@click.option(
+    "--stall-timeout", type=click.FloatRange(0), default=DEFAULT_STALL_TIMEOUT_S, show_default=True,
+    help="Stop when no file completes for this many seconds (0: wait forever).",
+)
 @click.option(
     "--endpoint", default=lambda: os.environ.get("IDC_S3_ENDPOINT_URL") or AWS_ENDPOINT,
     show_default="$IDC_S3_ENDPOINT_URL or https://s3.amazonaws.com", help="S3 endpoint (GCS mirror: https://storage.googleapis.com).",
@@ -197,14 +222,18 @@ def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
 )
 def download_command(
     target: str, dest: Path, kind: str, modalities: tuple[str, ...], body_parts: tuple[str, ...], layout: str,
-    long_paths: str, dry_run: bool, workers: int, retries: int, endpoint: str,
+    long_paths: str, max_path: int | None, dry_run: bool, workers: int, retries: int, stall_timeout: float,
+    endpoint: str,
 ) -> None:
     """Download TARGET into DEST, resuming: files already complete are not fetched again.
 
     Exit codes: 0 complete, 1 some series incomplete (re-run to resume), 2 bad input,
     3 destination, space, endpoint or index problem, 130 interrupted."""
     filters = ManifestFilters(modalities=modalities, body_parts=body_parts)
-    render = {"layout": layout, "root_length": len(str(dest.absolute())), "long_paths": long_paths}
+    render = {
+        "layout": layout, "root_length": len(str(dest.absolute())), "long_paths": long_paths,
+        "max_path": max_path if max_path is not None else default_max_path(),
+    }
     with _source().connect() as con:
         if kind == "collection":
             manifest = build_manifest(con, target, filters, **render)  # type: ignore[arg-type]
@@ -219,7 +248,8 @@ def download_command(
         result = download(
             manifest, dest, S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
             log=lambda line: (bar.end(), click.echo(line, err=True)), progress_interval_s=0.5, on_progress=bar,
-            state_path=state_path_for(dest, manifest),
+            state_path=state_path_for(dest, manifest), stall_timeout_s=stall_timeout,
+            allowed_buckets=allowed_buckets_from_env(),
         )
     finally:
         bar.end()
@@ -232,10 +262,12 @@ def download_command(
 
 def _dry_run(manifest, dest: Path, stats: dict) -> None:
     todo_series = todo_files = todo_bytes = 0
-    for row, disk, complete in series_status(manifest, dest.absolute()):
-        if not complete:
+    root = dest.absolute()
+    records = load_state(state_path_for(root, manifest), lambda _: None, repair=False)
+    for row, disk, problem in series_status(manifest, root, records):
+        if problem:
             todo_series += 1
-            todo_files += max(row["instanceCount"] - disk.files, 0)
+            todo_files += max(row["instanceCount"] - disk.count, 0)
             todo_bytes += max(row["series_bytes"] - disk.bytes, 0)
     click.echo(
         f"would fetch {todo_series:,} of {stats['series']:,} series ({todo_files:,} files, {human_bytes(todo_bytes)}) "

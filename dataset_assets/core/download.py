@@ -1,51 +1,74 @@
-"""Downloading a manifest with s5cmd, resumably, and proving the disk matches the manifest.
+"""Downloading a manifest with s5cmd, resumably, and proving the disk matches it file by file.
 
-1. Scan: every series directory is compared with its manifest row (``instanceCount`` files
-   named ``*.dcm`` and exactly ``series_bytes`` bytes). Complete series are skipped without any
-   request; temporary files s5cmd leaves when killed (``<uuid>.dcm<digits>``) are removed.
-2. Check: the download root is writable (checked first) and has room for the missing bytes plus a margin;
-   the endpoint answers at all (a refusing endpoint fails in seconds, not after retries).
-3. Transfer: one s5cmd ``run`` of a private command file: ``cp`` for series with nothing on
-   disk, ``sync --size-only`` for partial ones (only the missing files move).
-4. Verify: the scan again. s5cmd's exit code is not trusted (``sync`` exits 0 even when every
-   request fails); success means every series is complete on disk.
+A download runs four named steps (``Download.scan``, ``.list``, ``.transfer``, ``.verify``):
+
+1. Scan: every row is checked (``safety.series_problem``: allow-listed bucket, UUID, URL,
+   directory inside the root) and its directory compared with what the state recorded for it:
+   every object name with its size. Series whose files all have their recorded size cost no
+   request. Temporary files a killed s5cmd left (``<object name><digits>``) are removed; nothing
+   else is ever deleted.
+2. List: series with files on disk but no record (first run of this version, a lost or
+   unreadable state) are listed, one listing per series, and their files compared with it.
+   A listing that disagrees with the index (objects missing on the server, more objects than
+   the index has) is reported for that series.
+3. Transfer: one ``s5cmd run`` of a private command file: ``cp`` of the whole prefix for series
+   with nothing on disk, ``cp`` of each missing or wrong-sized object for the others. It stops
+   at the first "no space left on device" and when no file completes for ``stall_timeout_s``.
+4. Verify: every transferred series against its record (the listing, or the sizes s5cmd
+   reported for each object it copied). s5cmd's exit code is not trusted (``sync`` exits 0 even
+   when every request fails); success means every file has its own right size on disk.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import requests
 
 from . import s5cmd
-from .errors import DownloadError
+from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, TransferStoppedError
+from .fmt import human_bytes, redact_url, scrub_text
 from .fs import check_writable, space_reservation
-from .fmt import human_bytes
 from .manifest import is_whole_collection
-from .progress import Progress
+from .progress import Progress, _parse
+from .safety import IDC_BUCKETS, object_name_problem, require_name, series_problem
+from .state import SeriesRecord, load_state, remove_stale_temporaries, save_state
 
-TEMP_FILE = re.compile(r"\.dcm\d+$")
+#: What s5cmd leaves when killed: the object's name followed by digits.
+TEMP_SUFFIX = re.compile(r"^(.+\.dcm)\d+$")
+_UUID_DCM = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.dcm$")
 CONTROL_DIR = ".dataset_assets"
-MAX_LISTED_FAILURES = 100  # command files live here, below the download root
+MAX_LISTED_FAILURES = 100
+DEFAULT_STALL_TIMEOUT_S = 120.0
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class SeriesOnDisk:
-    files: int
-    bytes: int
+    """The ``*.dcm`` regular files of one series directory with their sizes, and the names that
+    look like s5cmd's temporary files."""
+
+    files: dict[str, int]
     temp_files: tuple[str, ...] = ()
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.files.values())
 
 
 @dataclass
@@ -56,6 +79,7 @@ class DownloadResult:
     files: int
     bytes: int
     skipped_series: int = 0
+    listed_series: int = 0
     transferred_files: int = 0
     transferred_bytes: int = 0
     failed_count: int = 0
@@ -76,8 +100,8 @@ class DownloadResult:
 
 
 def scan_series(directory: Path) -> SeriesOnDisk:
-    """Count ``*.dcm`` files and their bytes in one series directory (no recursion)."""
-    files = size = 0
+    """The ``*.dcm`` regular files in one series directory (no recursion, links not followed)."""
+    files: dict[str, int] = {}
     temps: list[str] = []
     try:
         with os.scandir(directory) as entries:
@@ -85,38 +109,98 @@ def scan_series(directory: Path) -> SeriesOnDisk:
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 if entry.name.endswith(".dcm"):
-                    files += 1
-                    size += entry.stat(follow_symlinks=False).st_size
-                elif TEMP_FILE.search(entry.name):
+                    files[entry.name] = entry.stat(follow_symlinks=False).st_size
+                elif TEMP_SUFFIX.match(entry.name):
                     temps.append(entry.name)
     except (FileNotFoundError, NotADirectoryError):
         pass
-    return SeriesOnDisk(files, size, tuple(temps))
+    return SeriesOnDisk(files, tuple(temps))
+
+
+def compare(expected: dict[str, int], disk: SeriesOnDisk) -> tuple[list[str], list[str]]:
+    """(object names missing or of the wrong size on disk, ``.dcm`` files that are not objects of the series)."""
+    wrong = [name for name, size in expected.items() if disk.files.get(name) != size]
+    foreign = [name for name in disk.files if name not in expected]
+    return wrong, foreign
+
+
+def _fits(files: dict[str, int] | None, row: dict) -> bool:
+    """A record that accounts for exactly the series' ``instanceCount`` files and bytes."""
+    return files is not None and len(files) == row["instanceCount"] and sum(files.values()) == row["series_bytes"]
 
 
 def _rows(manifest: pa.Table) -> Iterator[dict]:
-    columns = ["SeriesInstanceUID", "crdc_series_uuid", "aws_bucket", "series_aws_url", "instanceCount", "series_bytes", "target_dir"]
+    columns = ["SeriesInstanceUID", "crdc_series_uuid", "aws_bucket", "series_aws_url", "instanceCount",
+               "series_bytes", "target_dir", "series_revised_idc_version"]
     for batch in manifest.select(columns).to_batches(50_000):
         yield from batch.to_pylist()
 
 
-def series_status(manifest: pa.Table, root: Path) -> Iterator[tuple[dict, SeriesOnDisk, bool]]:
-    """Each manifest row, what its directory holds, and whether it is complete."""
+def describe(row: dict, disk: SeriesOnDisk, expected: dict[str, int] | None) -> str | None:
+    """Why a series is not complete on disk (``None`` when it is): per file against ``expected``
+    when known, else against the index's counts (``instanceCount`` files, ``series_bytes``)."""
+    where = f"series {row['SeriesInstanceUID']} in {row['target_dir']}"
+    if expected is None:
+        if disk.count == row["instanceCount"] and disk.bytes == row["series_bytes"]:
+            return None
+        return f"{where}: {disk.count}/{row['instanceCount']} files, {disk.bytes:,}/{row['series_bytes']:,} bytes"
+    wrong, foreign = compare(expected, disk)
+    if not wrong and not foreign:
+        return None
+    parts = []
+    absent = [n for n in wrong if n not in disk.files]
+    sized = [n for n in wrong if n in disk.files]
+    if absent:
+        parts.append(f"{len(absent)} of {len(expected)} file(s) missing (e.g. {absent[0]})")
+    if sized:
+        n = sized[0]
+        parts.append(f"{len(sized)} file(s) of the wrong size (e.g. {n}: {disk.files[n]:,} bytes, expected {expected[n]:,})")
+    if foreign:
+        parts.append(
+            f"{len(foreign)} .dcm file(s) that are not objects of this series (e.g. {foreign[0]}): move them out"
+        )
+    return f"{where}: " + "; ".join(parts)
+
+
+def series_status(
+    manifest: pa.Table, root: Path, records: dict[str, SeriesRecord] | None = None, *, strict: bool = False
+) -> Iterator[tuple[dict, SeriesOnDisk, str | None]]:
+    """Each manifest row, what its directory holds, and why it is not complete (``None``: complete).
+
+    With ``records`` (the state), a series is checked file by file against its record; a series
+    without a record is checked by its counts, or, when ``strict``, reported as unverified."""
+    records = records or {}
     for row in _rows(manifest):
         disk = scan_series(root / row["target_dir"])
-        complete = disk.files == row["instanceCount"] and disk.bytes == row["series_bytes"]
-        yield row, disk, complete
+        record = records.get(row["target_dir"])
+        expected = record.files if record and record.crdc_series_uuid == row["crdc_series_uuid"] else None
+        if expected is not None and not _fits(expected, row):
+            expected = None
+        problem = describe(row, disk, expected)
+        if problem is None and expected is None and strict:
+            problem = (
+                f"series {row['SeriesInstanceUID']} in {row['target_dir']}: no per-file sizes recorded "
+                "(materialize downloaded_collection, or run the download again, to record them)"
+            )
+        yield row, disk, problem
 
 
 def check_root(root: Path) -> None:
-    """The download root must be writable, and free of what s5cmd cannot take in a destination:
-    a line break (ends a command) or a wildcard ``*`` ``?`` (s5cmd refuses those in targets)."""
+    """The download root must be usable as given (``BadDestinationError``: no line break or
+    wildcard, which s5cmd cannot take; not a dangling link or a file) and writable."""
     bad = sorted({c for c in str(root) if c in "\n\r*?"})
     if bad:
-        raise DownloadError(
+        raise BadDestinationError(
             f"download root {str(root)!r} contains {', '.join(map(repr, bad))}, which s5cmd cannot write to; "
             "choose a path without line breaks, '*' or '?'"
         )
+    if root.is_symlink() and not root.exists():
+        raise BadDestinationError(
+            f"download root {root} is a dangling symbolic link (to {os.readlink(root)!r}); "
+            "create its target or choose another folder"
+        )
+    if root.exists() and not root.is_dir():
+        raise BadDestinationError(f"download root {root} is a file, not a folder")
     check_writable(root)
 
 
@@ -126,151 +210,20 @@ def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
     try:
         requests.head(endpoint_url, timeout=timeout_s, allow_redirects=False, verify=verify)
     except requests.RequestException as exc:
-        raise DownloadError(f"cannot reach the S3 endpoint {endpoint_url}: {exc.__class__.__name__}: {exc}") from exc
-
-
-STATE_COLUMNS = ["target_dir", "SeriesInstanceUID", "crdc_series_uuid", "series_revised_idc_version"]
+        raise DownloadError(
+            f"cannot reach the S3 endpoint {redact_url(endpoint_url)}: {exc.__class__.__name__}: {scrub_text(str(exc))}"
+        ) from None
 
 
 def state_path_for(root: Path, manifest: pa.Table) -> Path:
     """Where the state of ``manifest`` lives below ``root``: one file per collection for a
     collection's manifest, one per selection otherwise (the asset and the CLI share them)."""
-    import hashlib
-
     collections = sorted(set(manifest.column("collection_id").to_pylist()))
     if len(collections) == 1:
-        name = collections[0]
+        name = require_name(collections[0], "collection_id")
     else:
-        name = "selection-" + hashlib.sha256("\n".join(collections).encode()).hexdigest()[:12]
+        name = "selection-" + hashlib.sha256("\n".join(map(str, collections)).encode()).hexdigest()[:12]
     return root.absolute() / CONTROL_DIR / "state" / f"{name}.parquet"
-
-
-def load_state(path: Path | None) -> dict[str, tuple[str, str]]:
-    """``target_dir -> (SeriesInstanceUID, crdc_series_uuid)`` of series verified complete before."""
-    if path is None or not path.is_file():
-        return {}
-    table = pq.read_table(path, columns=STATE_COLUMNS[:3])
-    return {d: (s, u) for d, s, u in zip(*(table.column(c).to_pylist() for c in STATE_COLUMNS[:3]))}
-
-
-def save_state(path: Path, manifest: pa.Table, failed_dirs: set[str]) -> None:
-    """Record the series of ``manifest`` that are complete (all but ``failed_dirs``), atomically;
-    entries for directories outside this manifest (another filter, another run) are kept."""
-    table = _without(manifest.select(STATE_COLUMNS), failed_dirs)
-    if path.is_file():
-        previous = pq.read_table(path).select(STATE_COLUMNS)
-        ours = set(manifest.column("target_dir").to_pylist())
-        table = pa.concat_tables([_without(previous, ours).cast(table.schema), table])
-    _write_state(path, table)
-
-
-def forget_state(path: Path, dirs: set[str]) -> None:
-    """Drop the entries of ``dirs`` from the state at ``path``, atomically."""
-    if dirs and path.is_file():
-        _write_state(path, _without(pq.read_table(path), dirs))
-
-
-def _without(table: pa.Table, dirs: set[str]) -> pa.Table:
-    """``table`` without the rows whose ``target_dir`` is in ``dirs``."""
-    if not dirs:
-        return table
-    return table.filter(pa.array([d not in dirs for d in table.column("target_dir").to_pylist()]))
-
-
-def _write_state(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _revised(manifest: pa.Table, state: dict[str, tuple[str, str]]) -> Iterator[tuple[str, tuple[str, str], dict]]:
-    """(directory, what the state says it holds, manifest row) of each series a release revised:
-    same directory, another ``crdc_series_uuid``."""
-    for row in _rows(manifest):
-        before = state.get(row["target_dir"])
-        if before is not None and before[1] != row["crdc_series_uuid"]:
-            yield row["target_dir"], before, row
-
-
-def set_aside_revised(manifest: pa.Table, root: Path, state: dict[str, tuple[str, str]], log: Log) -> list[str]:
-    """Move the directories of series that a new release revised (same directory, another
-    ``crdc_series_uuid``) to ``<root>/.dataset_assets/replaced/<old uuid>/``: kept, not deleted."""
-    replaced = []
-    for _, before, row in _revised(manifest, state):
-        source = root / row["target_dir"]
-        if source.is_dir():
-            dest = root / CONTROL_DIR / "replaced" / before[1]
-            n = 1
-            while dest.exists():  # never overwrite what was set aside before
-                dest, n = root / CONTROL_DIR / "replaced" / f"{before[1]}.{n}", n + 1
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, dest)
-            log(f"series {row['SeriesInstanceUID']} was revised ({before[1]} -> {row['crdc_series_uuid']}); "
-                f"previous files moved to {dest}")
-        replaced.append(f"{row['SeriesInstanceUID']} ({before[1]} -> {row['crdc_series_uuid']})")
-    return replaced
-
-
-def _quoted(text: str) -> str:
-    """``text`` in double quotes as s5cmd's command-file parser reads it: that parser drops a
-    backslash before a backslash, dollar sign, backtick or double quote, so those get one."""
-    return '"' + re.sub(r'([\\$`"])', r"\\\1", text) + '"'
-
-
-def _command(verb: str, url: str, dest: Path, flags: list[str]) -> str:
-    extra = " --size-only" if verb == "sync" else ""
-    return f'{verb}{extra} {" ".join(flags)} {_quoted(url)} {_quoted(f"{dest}/")}\n'
-
-
-def _plan(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, commands) -> tuple[set[int], tuple[int, int, int, int]]:
-    """One streaming pass: scan each series, remove temporary files a killed s5cmd left, and
-    write a command for each incomplete series (``cp`` when empty, ``sync --size-only`` when
-    partial). Returns the row numbers to fetch and (files, bytes, missing files, missing bytes)."""
-    todo: set[int] = set()
-    total_files = total_bytes = missing_files = missing_bytes = 0
-    flags = options.copy_flags()
-    for i, (row, disk, complete) in enumerate(series_status(manifest, root)):
-        total_files += row["instanceCount"]
-        total_bytes += row["series_bytes"]
-        if complete:
-            continue
-        todo.add(i)
-        missing_files += max(row["instanceCount"] - disk.files, 0)
-        missing_bytes += max(row["series_bytes"] - disk.bytes, 0)
-        dest = root / row["target_dir"]
-        for name in disk.temp_files:  # left by a killed s5cmd: never complete files
-            (dest / name).unlink(missing_ok=True)
-        url = options.source_url(row["series_aws_url"], row["aws_bucket"])
-        commands.write(_command("sync" if disk.files else "cp", url, dest, flags))
-    return todo, (total_files, total_bytes, missing_files, missing_bytes)
-
-
-def download(
-    manifest: pa.Table,
-    root: Path,
-    options: s5cmd.S5cmdOptions,
-    *,
-    log: Log = print,
-    progress_interval_s: float = 5.0,
-    check_endpoint_first: bool = True,
-    state_path: Path | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-) -> DownloadResult:
-    """Bring ``root`` in line with ``manifest``. Raises ``DownloadError`` (with ``.result``)
-    when series are still incomplete afterwards; what completed stays on disk.
-
-    ``state_path`` records which ``crdc_series_uuid`` each directory holds once verified; with
-    it, a series revised by a new IDC release is set aside and fetched again, and series no
-    longer in the manifest are reported (never deleted). ``on_progress`` is called with the
-    ``Progress`` every ``progress_interval_s`` (the CLI draws its bar with it)."""
-    started = time.monotonic()
-    root = root.absolute()
-    check_root(root)
-    collections = sorted(set(manifest.column("collection_id").to_pylist()))
-    with collection_locks(root, collections):
-        return _download(manifest, root, options, started, log, progress_interval_s, check_endpoint_first,
-                         state_path, on_progress)
 
 
 @contextmanager
@@ -281,12 +234,16 @@ def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         for collection_id in collections:
-            handle = stack.enter_context(open(folder / f"{collection_id}.lock", "a+"))
+            path = folder / f"{require_name(collection_id, 'collection_id')}.lock"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                raise DownloadError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+            handle = stack.enter_context(os.fdopen(fd, "r+"))
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                holder = handle.read(200).strip() or "another process"
                 raise DownloadError(
                     f"collection {collection_id} is being downloaded into {root} by {holder}; "
                     "wait for it to finish (or stop it) and run again"
@@ -298,97 +255,456 @@ def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
         yield
 
 
-def _download(manifest, root, options, started, log, progress_interval_s, check_endpoint_first, state_path, on_progress):
-    state = load_state(state_path)
-    replaced = set_aside_revised(manifest, root, state, log) if state else []
-    if replaced and state_path is not None:  # an interrupted run must not set the new files aside again
-        forget_state(state_path, {d for d, _, _ in _revised(manifest, state)})
-    removed: list[str] = []
-    if state and is_whole_collection(manifest):  # a filtered selection leaves out series on purpose
-        in_manifest = set(manifest.column("target_dir").to_pylist())
-        removed = sorted(f"{s} ({d})" for d, (s, _) in state.items() if d not in in_manifest)
-    if removed:
-        log(f"{len(removed)} series downloaded before are no longer in the collection; kept on disk: "
-            + "; ".join(removed[:10]))
-    control = root / CONTROL_DIR
-    control.mkdir(exist_ok=True)
-    fd, command_path = tempfile.mkstemp(dir=control, prefix="run-", suffix=".s5cmd")  # mode 0600
+def remove_stale_command_files(control: Path) -> list[str]:
+    """Remove command files of downloads that died (a live one holds a lock on its file)."""
+    removed = []
+    for path in list(control.glob("run-*.s5cmd")) + list(control.glob("list-*.s5cmd")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in use by a download that is running
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+@contextmanager
+def command_file(control: Path, prefix: str) -> Iterator[tuple[Path, object]]:
+    """A private command file (mode 0600) locked for as long as it exists; removed afterwards."""
+    fd, name = tempfile.mkstemp(dir=control, prefix=f"{prefix}-{os.getpid()}-", suffix=".s5cmd")
+    path = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as commands:
-            todo, totals = _plan(manifest, root, options, commands)
-        total_files, total_bytes, missing_files, missing_bytes = totals
-        result = DownloadResult(series=manifest.num_rows, files=total_files, bytes=total_bytes)
-        result.skipped_series = manifest.num_rows - len(todo)
-        result.replaced_series, result.removed_series = replaced, removed
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yield path, handle
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _quoted(text: str) -> str:
+    """``text`` in double quotes as s5cmd's command-file parser reads it: that parser drops a
+    backslash before a backslash, dollar sign, backtick or double quote, so those get one."""
+    return '"' + re.sub(r'([\\$`"])', r"\\\1", text) + '"'
+
+
+def _command(verb: str, url: str, dest: str, flags: list[str]) -> str:
+    return f"{verb} {' '.join(flags)} {_quoted(url)} {_quoted(dest)}\n"
+
+
+class _Stop(Exception):
+    """Raised from inside the transfer loop to stop s5cmd: ``kind`` is "disk" or "stall"."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+@dataclass
+class _Todo:
+    """A series that needs a listing or a transfer."""
+
+    row: dict
+    disk: SeriesOnDisk
+    expected: dict[str, int] | None = None  # object name -> size, when known
+    whole: bool = False  # nothing on disk and no record: copy the whole prefix
+    fetch: list[str] = field(default_factory=list)  # object names to copy one by one
+    note: str | None = None  # a reason the series cannot complete whatever is transferred
+
+
+class Download:
+    """One download of ``manifest`` into ``root``; ``run()`` does the four steps in order."""
+
+    def __init__(
+        self,
+        manifest: pa.Table,
+        root: Path,
+        options: s5cmd.S5cmdOptions,
+        *,
+        log: Log = print,
+        progress_interval_s: float = 5.0,
+        check_endpoint_first: bool = True,
+        state_path: Path | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        allowed_buckets: Iterable[str] = IDC_BUCKETS,
+    ) -> None:
+        self.manifest, self.root, self.options, self.log = manifest, root, options, log
+        self.progress_interval_s, self.check_endpoint_first = progress_interval_s, check_endpoint_first
+        self.state_path, self.on_progress = state_path, on_progress
+        self.stall_timeout_s = stall_timeout_s
+        self.allowed_buckets = tuple(allowed_buckets)
+        self.control = root / CONTROL_DIR
+        self.started = time.monotonic()
+        self.records: dict[str, SeriesRecord] = {}  # the state, updated as series are verified
+        self.failed: dict[str, str] = {}  # target_dir -> why
+        self.todo: list[_Todo] = []
+        self.result = DownloadResult(series=manifest.num_rows, files=0, bytes=0)
+        self.progress: Progress | None = None
+        self._endpoint_checked = False
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Validate every row, compare every series directory with its record, plan the rest."""
+        self.records = load_state(self.state_path, self.log) if self.state_path else {}
+        self._set_aside_revised()
+        for row in _rows(self.manifest):
+            self.result.files += row["instanceCount"] or 0
+            self.result.bytes += row["series_bytes"] or 0
+            problem = series_problem(row, self.allowed_buckets)
+            if problem:
+                self.failed[row.get("target_dir") or row["SeriesInstanceUID"]] = problem
+                continue
+            disk = scan_series(self.root / row["target_dir"])
+            record = self.records.get(row["target_dir"])
+            expected = record.files if record and record.crdc_series_uuid == row["crdc_series_uuid"] else None
+            if not _fits(expected, row):
+                expected = None
+            self._remove_temp_files(row, disk, expected)
+            if expected is None:
+                self.todo.append(_Todo(row, disk, whole=not disk.files))
+                continue
+            wrong, _ = compare(expected, disk)
+            if describe(row, disk, expected) is None:
+                self._complete(row, expected)
+            else:
+                self.todo.append(_Todo(row, disk, expected, fetch=wrong))
+        self.result.skipped_series = self.manifest.num_rows - len(self.todo) - len(self.failed)
+
+    def list(self) -> None:
+        """One listing per series that has files on disk but no record; compare the files with it."""
+        unlisted = [t for t in self.todo if t.expected is None and not t.whole]
+        if not unlisted:
+            return
+        self.result.listed_series = len(unlisted)
+        self.log(f"listing {len(unlisted):,} series that have files on disk but no record of their sizes")
+        self._require_endpoint()
+        prefixes = {self._prefix(t.row): t for t in unlisted}
+        listed: dict[str, dict[str, int]] = {p: {} for p in prefixes}
+        errors: dict[str, str] = {}
+        odd: dict[str, str] = {}
+        activity = Progress(total_files=0, total_bytes=0)
+
+        def on_stdout(line: str) -> None:
+            record = _parse(line) or {}
+            key, size = record.get("key"), record.get("size")
+            if not isinstance(key, str):
+                return
+            activity.last_success = time.monotonic()
+            prefix, _, name = key.rpartition("/")
+            target = listed.get(prefix + "/")
+            if target is None:  # a key below a deeper prefix, or one nobody asked for
+                owner = next((p for p in prefixes if key.startswith(p)), None)
+                if owner:
+                    odd.setdefault(owner, f"the server lists {key!r}, which is not a plain object name below the series")
+                return
+            problem = object_name_problem(name)
+            if problem or not isinstance(size, int) or size < 0:
+                odd.setdefault(prefix + "/", f"the server listed {problem or f'a size {size!r}'}")
+                return
+            target[name] = size
+
+        def on_stderr(line: str) -> None:
+            activity.on_stderr(line)
+            record = _parse(line) or {}
+            command, error = str(record.get("command", "")), str(record.get("error", line.strip()))
+            for prefix in prefixes:
+                if f" {prefix}*" in command or command.endswith(prefix + "*"):
+                    if "no object found" not in error:
+                        errors.setdefault(prefix, error)
+                    return
+
+        with command_file(self.control, "list") as (path, handle):
+            for prefix in prefixes:
+                handle.write(f"ls {_quoted(prefix + '*')}\n")
+            handle.close()
+            try:
+                s5cmd.run([*self.options.global_args(), "run", str(path)], on_stdout=on_stdout, on_stderr=on_stderr,
+                          grace_period_s=self.options.grace_period_s, check=lambda: self._check(activity))
+            except _Stop as stop:
+                self._stopped(stop, activity, listing=True)
+        completed: set[str] = set()
+        for prefix, todo in prefixes.items():
+            row = todo.row
+            objects = listed[prefix]
+            where = f"series {row['SeriesInstanceUID']} (s3 prefix {prefix})"
+            if prefix in odd:
+                self.failed[row["target_dir"]] = f"{where}: {odd[prefix]}; nothing fetched"
+            elif prefix in errors:
+                self.failed[row["target_dir"]] = f"{where}: listing failed: {errors[prefix]}"
+            elif not objects:
+                self.failed[row["target_dir"]] = (
+                    f"{where}: not found on the server (no object under the prefix); a re-run will not fix "
+                    "it: the index and the bucket disagree"
+                )
+            elif len(objects) > row["instanceCount"]:
+                self.failed[row["target_dir"]] = (
+                    f"{where}: the server holds {len(objects)} objects but the index lists "
+                    f"{row['instanceCount']}; the bucket and the index disagree, nothing fetched"
+                )
+            elif len(objects) == row["instanceCount"] and sum(objects.values()) != row["series_bytes"]:
+                self.failed[row["target_dir"]] = (
+                    f"{where}: the server's objects hold {sum(objects.values()):,} bytes but the index says "
+                    f"{row['series_bytes']:,}; the bucket and the index disagree, nothing fetched"
+                )
+            else:
+                todo.expected = objects
+                todo.fetch, _ = compare(objects, todo.disk)
+                if len(objects) < row["instanceCount"]:
+                    todo.note = (
+                        f"{row['instanceCount'] - len(objects)} of {row['instanceCount']} object(s) not found on "
+                        "the server; a re-run will not fix it: the index and the bucket disagree"
+                    )
+                elif describe(row, todo.disk, objects) is None:
+                    self._complete(row, objects)
+                    completed.add(row["target_dir"])
+        self.result.skipped_series += len(completed)
+        self.todo = [t for t in self.todo if t.row["target_dir"] not in self.failed and t.row["target_dir"] not in completed]
+
+    def transfer(self) -> None:
+        """One ``s5cmd run`` of the copies the scan and the listing planned."""
+        todo = [t for t in self.todo if t.whole or t.fetch]
         if not todo:
-            log(f"all {manifest.num_rows:,} series already complete on disk ({human_bytes(total_bytes)}); "
-                "nothing to transfer")
-            if state_path is not None:
-                save_state(state_path, manifest, set())
-            result.duration_s = time.monotonic() - started
-            return result
-        label = ",".join(sorted(pc.unique(manifest.column("collection_id")).to_pylist()))
-        with space_reservation(root, control / "reservations", missing_bytes, label) as reservation:
-            if check_endpoint_first:
-                check_endpoint(options.endpoint_url)
-            progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
-            log(
-                f"downloading {len(todo):,} of {manifest.num_rows:,} series ({missing_files:,} files, "
-                f"{human_bytes(missing_bytes)}) from {options.endpoint_url} with {options.workers} workers; "
-                f"{result.skipped_series:,} series already complete"
+            return
+        missing_files = sum(t.row["instanceCount"] if t.whole else len(t.fetch) for t in todo)
+        missing_bytes = sum(
+            t.row["series_bytes"] if t.whole else sum(t.expected[n] for n in t.fetch) for t in todo  # type: ignore[index]
+        )
+        label = ",".join(sorted(set(self.manifest.column("collection_id").to_pylist())))
+        flags = self.options.copy_flags()
+        with space_reservation(self.root, self.control / "reservations", missing_bytes, label) as reservation:
+            self._require_endpoint()
+            progress = self.progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
+            self.log(
+                f"downloading {len(todo):,} of {self.manifest.num_rows:,} series ({missing_files:,} files, "
+                f"{human_bytes(missing_bytes)}) from {redact_url(self.options.endpoint_url)} with "
+                f"{self.options.workers} workers; {self.result.skipped_series:,} series already complete"
             )
 
             def tick() -> None:
                 reservation.update(missing_bytes - progress.done_bytes)
-                on_progress(progress) if on_progress else log("progress: " + progress.line())
+                self.on_progress(progress) if self.on_progress else self.log("progress: " + progress.line())
 
-            result.returncode = s5cmd.run(
-                [*options.global_args(), "run", command_path],
-                on_stdout=progress.on_stdout,
-                on_stderr=progress.on_stderr,
-                on_tick=tick,
-                tick_s=progress_interval_s,
-                grace_period_s=options.grace_period_s,
+            with command_file(self.control, "run") as (path, handle):
+                for t in todo:
+                    dest = self.root / t.row["target_dir"]
+                    dest.mkdir(parents=True, exist_ok=True)
+                    if t.whole:
+                        handle.write(_command("cp", self._prefix(t.row) + "*", f"{dest}/", flags))
+                    else:
+                        for name in t.fetch:
+                            handle.write(_command("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
+                handle.close()
+                try:
+                    self.result.returncode = s5cmd.run(
+                        [*self.options.global_args(), "run", str(path)],
+                        on_stdout=progress.on_stdout, on_stderr=progress.on_stderr, on_tick=tick,
+                        tick_s=self.progress_interval_s, grace_period_s=self.options.grace_period_s,
+                        check=lambda: self._check(progress),
+                    )
+                except _Stop as stop:
+                    self.log("transfer stopped: " + progress.line())
+                    self.verify()
+                    self._stopped(stop, progress)
+        self.log("transfer ended: " + progress.line() + f", s5cmd exit code {self.result.returncode}")
+
+    def verify(self) -> None:
+        """Every planned series against its record (the listing, or what s5cmd reported copying)."""
+        copied: dict[str, dict[str, int]] = {}
+        if self.progress is not None:
+            for path, size in list(self.progress.copied.items()):
+                folder, _, name = path.rpartition("/")
+                copied.setdefault(os.path.normpath(folder), {})[name] = size
+            self.result.transferred_files = self.progress.done_files
+            self.result.transferred_bytes = self.progress.done_bytes
+            self.result.errors = list(self.progress.errors)
+        for t in self.todo:
+            row = t.row
+            if row["target_dir"] in self.failed:
+                continue
+            disk = scan_series(self.root / row["target_dir"])
+            expected = t.expected
+            if expected is None:  # fetched whole: s5cmd said which objects it copied, with their sizes
+                if self.progress is not None and self._prefix(row) + "*" in self.progress.not_found:
+                    self.failed[row["target_dir"]] = (
+                        f"series {row['SeriesInstanceUID']} in {row['target_dir']}: not found on the server (no "
+                        f"object under {self._prefix(row)}); a re-run will not fix it: the index and the bucket disagree"
+                    )
+                    continue
+                got = copied.get(os.path.normpath(self.root / row["target_dir"]), {})
+                if len(got) > row["instanceCount"]:
+                    self.failed[row["target_dir"]] = (
+                        f"series {row['SeriesInstanceUID']}: the server holds more objects ({len(got)}) than the "
+                        f"index lists ({row['instanceCount']}); the bucket and the index disagree "
+                        f"(the files fetched are in {row['target_dir']})"
+                    )
+                    continue
+                expected = got if _fits(got, row) else None
+            problem = describe(row, disk, expected) if expected is not None else (
+                f"series {row['SeriesInstanceUID']} in {row['target_dir']}: {disk.count}/{row['instanceCount']} "
+                f"files, {disk.bytes:,}/{row['series_bytes']:,} bytes"
             )
-    finally:
-        os.unlink(command_path)
-    log("transfer ended: " + progress.line() + f", s5cmd exit code {result.returncode}")
+            if t.note:
+                problem = f"series {row['SeriesInstanceUID']} in {row['target_dir']}: {t.note}"
+            if problem:
+                self.failed[row["target_dir"]] = problem
+            else:
+                self._complete(row, expected)  # type: ignore[arg-type]
 
-    result.transferred_files = progress.done_files
-    result.transferred_bytes = progress.done_bytes
-    result.errors = list(progress.errors)
-    failed_dirs = set()
-    for i, row in enumerate(_rows(manifest)):
-        if i not in todo:
-            continue
-        disk = scan_series(root / row["target_dir"])
-        if not (disk.files == row["instanceCount"] and disk.bytes == row["series_bytes"]):
-            failed_dirs.add(row["target_dir"])
-            result.failed_count += 1
-            if len(result.failed_series) < MAX_LISTED_FAILURES:
-                extra = (
-                    f"; {disk.files - row['instanceCount']} more .dcm file(s) than the series has: "
-                    f"move the ones not from {row['series_aws_url']} out of {row['target_dir']}"
-                    if disk.files > row["instanceCount"] else ""
-                )
-                result.failed_series.append(
-                    f"{row['SeriesInstanceUID']} ({disk.files}/{row['instanceCount']} files, "
-                    f"{disk.bytes:,}/{row['series_bytes']:,} bytes{extra})"
-                )
-    if state_path is not None:
-        save_state(state_path, manifest, failed_dirs)
-    result.duration_s = time.monotonic() - started
-    if result.failed_count:
+    # -- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> DownloadResult:
+        self.scan()
+        self.list()
+        self.transfer()
+        self.verify()
+        self._save()
+        return self._finish()
+
+    def _finish(self) -> DownloadResult:
+        result = self.result
+        result.failed_count = len(self.failed)
+        result.failed_series = list(self.failed.values())[:MAX_LISTED_FAILURES]
+        result.duration_s = time.monotonic() - self.started
+        if not result.failed_count:
+            if self.progress is None:
+                self.log(f"all {self.manifest.num_rows:,} series already complete on disk "
+                         f"({human_bytes(result.bytes)}); nothing to transfer")
+            return result
         shown = "; ".join(result.failed_series[:10])
         more = f"; and {result.failed_count - 10} more" if result.failed_count > 10 else ""
         errors = " | ".join(result.errors[:3])
-        error = DownloadError(
-            f"{result.failed_count} of {result.series} series incomplete after the transfer "
-            f"(s5cmd exit code {result.returncode}): {shown}{more}"
+        raise IncompleteDownloadError(
+            f"{result.failed_count} of {result.series} series incomplete"
+            + (f" (s5cmd exit code {result.returncode})" if result.returncode is not None else "")
+            + f": {shown}{more}"
             + (f". s5cmd errors: {errors}" if errors else "")
             + ". Everything that completed is kept; run it again (materialize, or the same command) to fetch "
-            "only what is missing."
+            "only what is missing.",
+            result,
         )
-        error.result = result  # type: ignore[attr-defined]
-        raise error
-    return result
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _prefix(self, row: dict) -> str:
+        """``s3://<bucket>/<uuid>/`` on this endpoint (the GCS mirror names two buckets differently)."""
+        return self.options.source_url(row["series_aws_url"], row["aws_bucket"])[:-1]
+
+    def _complete(self, row: dict, files: dict[str, int]) -> None:
+        self.records[row["target_dir"]] = SeriesRecord(
+            row["SeriesInstanceUID"], row["crdc_series_uuid"], dict(files), row.get("series_revised_idc_version")
+        )
+
+    def _remove_temp_files(self, row: dict, disk: SeriesOnDisk, expected: dict[str, int] | None) -> None:
+        """Remove what a killed s5cmd left: ``<object name><digits>`` of this series' objects (or,
+        with no record of them, of names shaped as IDC's ``<uuid>.dcm``). Nothing else."""
+        for name in disk.temp_files:
+            base = TEMP_SUFFIX.match(name).group(1)  # type: ignore[union-attr]
+            if (base in expected) if expected is not None else bool(_UUID_DCM.match(base)):
+                (self.root / row["target_dir"] / name).unlink(missing_ok=True)
+
+    def _set_aside_revised(self) -> None:
+        """Move the directories of series that a new release revised (same directory, another
+        ``crdc_series_uuid``) to ``<root>/.dataset_assets/replaced/<old uuid>/``: kept, not deleted."""
+        revised = []
+        in_manifest = set()
+        for row in _rows(self.manifest):
+            in_manifest.add(row["target_dir"])
+            before = self.records.get(row["target_dir"])
+            if before is None or before.crdc_series_uuid == row["crdc_series_uuid"]:
+                continue
+            if series_problem(row, self.allowed_buckets):
+                continue  # reported by the scan; never move anything for a row that is not safe
+            source = self.root / row["target_dir"]
+            if source.is_dir() and not source.is_symlink():
+                dest = self.control / "replaced" / before.crdc_series_uuid
+                n = 1
+                while os.path.lexists(dest):  # never overwrite what was set aside before
+                    dest, n = self.control / "replaced" / f"{before.crdc_series_uuid}.{n}", n + 1
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, dest)
+                self.log(f"series {row['SeriesInstanceUID']} was revised ({before.crdc_series_uuid} -> "
+                         f"{row['crdc_series_uuid']}); previous files moved to {dest}")
+            revised.append(row["target_dir"])
+            self.result.replaced_series.append(
+                f"{row['SeriesInstanceUID']} ({before.crdc_series_uuid} -> {row['crdc_series_uuid']})"
+            )
+        for target_dir in revised:  # an interrupted run must not set the new files aside again
+            del self.records[target_dir]
+        if revised:
+            self._save()
+        if self.records and is_whole_collection(self.manifest):  # a filtered selection leaves out series on purpose
+            removed = sorted(f"{r.series_uid} ({d})" for d, r in self.records.items() if d not in in_manifest)
+            self.result.removed_series = removed
+            if removed:
+                self.log(f"{len(removed)} series downloaded before are no longer in the collection; kept on disk: "
+                         + "; ".join(removed[:10]))
+
+    def _save(self) -> None:
+        if self.state_path is not None:
+            save_state(self.state_path, self.records)
+
+    def _require_endpoint(self) -> None:
+        if self.check_endpoint_first and not self._endpoint_checked:
+            check_endpoint(self.options.endpoint_url)
+        self._endpoint_checked = True
+
+    def _check(self, progress: Progress) -> None:
+        if progress.disk_full:
+            raise _Stop("disk")
+        if self.stall_timeout_s and progress.seconds_without_success() > self.stall_timeout_s:
+            raise _Stop("stall")
+
+    def _stopped(self, stop: _Stop, progress: Progress, listing: bool = False) -> None:
+        """Save what is verified and raise ``TransferStoppedError`` with one line saying why."""
+        self._save()
+        self.result.failed_count = len(self.failed) + sum(
+            1 for t in self.todo if t.row["target_dir"] not in self.records and t.row["target_dir"] not in self.failed
+        )
+        self.result.duration_s = time.monotonic() - self.started
+        kept = "everything complete is kept; run again to resume"
+        if stop.kind == "disk":
+            still = max((progress.total_bytes - progress.done_bytes), 0)
+            free = shutil.disk_usage(self.root).free
+            raise TransferStoppedError(
+                f"the disk holding {self.root} is full (no space left on device, {human_bytes(free)} free): "
+                f"{human_bytes(still)} of this download still to write; free space and run again ({kept})",
+                self.result,
+            )
+        what = "no listing answer" if listing else "no file completed"
+        seen = (
+            f"every request failed ({progress.failures} error(s)); first error: {progress.first_error}"
+            if progress.failures
+            else "the endpoint did not answer (no data and no error: it is silent, or every request is still "
+            "being retried)"
+        )
+        raise TransferStoppedError(
+            f"{what} for {self.stall_timeout_s:g} s from {redact_url(self.options.endpoint_url)}: {seen}; "
+            f"s5cmd stopped ({kept}; raise stall_timeout_s / --stall-timeout for very large files on a slow link)",
+            self.result,
+        )
+
+
+def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **settings) -> DownloadResult:
+    """Bring ``root`` in line with ``manifest`` (see ``Download`` for ``settings``; the state
+    defaults to ``state_path_for(root, manifest)``). Raises
+    ``IncompleteDownloadError`` (with ``.result``) when series are still incomplete afterwards,
+    ``TransferStoppedError`` when the endpoint stalled or the disk filled; what completed stays."""
+    root = root.absolute()
+    check_root(root)
+    collections = sorted(set(manifest.column("collection_id").to_pylist()))
+    with collection_locks(root, collections):
+        control = root / CONTROL_DIR
+        control.mkdir(exist_ok=True)
+        remove_stale_command_files(control)
+        state_path = settings.setdefault("state_path", None) or state_path_for(root, manifest)
+        settings["state_path"] = state_path
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(state_path)
+        return Download(manifest, root, options, **settings).run()

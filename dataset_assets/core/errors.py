@@ -31,3 +31,30 @@ class DownloadError(DatasetError):
 
 class VerifyError(DatasetError):
     """A check that could not run to its end (not a finding: findings go in its report)."""
+
+
+class UnsafeValueError(DatasetError):
+    """A value from outside (index row, manifest, server answer) that would escape the download
+    root or reach a command line; the message names it."""
+
+
+class BadDestinationError(DownloadError):
+    """A download root that cannot be used as given (a line break or wildcard in it, a dangling
+    link): bad input, not a failing environment."""
+
+
+class TransferStoppedError(DownloadError):
+    """The transfer was stopped on purpose: the endpoint stalled or only failed, or the disk filled.
+    ``result`` holds what the disk has afterwards."""
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class IncompleteDownloadError(DownloadError):
+    """The transfer ran to its end but series are still incomplete; ``result`` says which."""
+
+    def __init__(self, message: str, result) -> None:
+        super().__init__(message)
+        self.result = result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 
 
@@ -46,3 +48,23 @@ def markdown_table(df: pd.DataFrame, max_rows: int = 200) -> str:
 def os_error_text(exc: OSError) -> str:
     """``'<path>: <reason>'`` for a file-system error, one line, no traceback."""
     return (f"{exc.filename}: " if exc.filename else "") + str(exc.strerror or exc)
+
+
+def redact_url(url: str) -> str:
+    """``https://user:pw@h/f?sig=…`` -> ``https://h/f?…``: no credentials or query in logs and errors."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "…" if parts.query else "", ""))
+
+
+_USERINFO = re.compile(r"(?<=//)[^/@\s'\"]+@")
+_QUERY = re.compile(r"(?<=[^\s?'\"])\?[^\s'\"]+")
+
+
+def scrub_text(text: str) -> str:
+    """``text`` without credentials (``//user:pw@``) or query strings of the URLs in it."""
+    return _QUERY.sub("?…", _USERINFO.sub("", text))

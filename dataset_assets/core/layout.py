@@ -11,15 +11,17 @@ literal ``%``). Values are made safe as path components, vectorised with Arrow s
 * Windows-reserved names (``CON``, ``NUL``, ``COM1``, ...) get a ``_`` prefix;
 * a missing (NULL) value is ``unknown``.
 
-A rendered directory can therefore never leave the download root. Paths longer than
-``max_path`` characters (or with a component over 255 bytes) are either replaced by a
-deterministic hashed directory or reported, per ``long_paths``.
+A rendered directory can therefore never leave the download root. A directory with a component
+over 255 bytes is replaced by a deterministic hashed directory or reported, per ``long_paths``;
+the whole-path limit (``max_path``: Windows' 260 characters on Windows, or when asked for) is
+checked, never used to change the layout, which depends on the manifest alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -62,8 +64,8 @@ class Layout:
     def parse(cls, template: str, columns: Iterable[str]) -> Layout:
         """Parse ``template`` against the available ``columns``; a clear error when it is malformed."""
         known = sorted(set(columns), key=len, reverse=True)
-        if not template or not template.strip():
-            raise LayoutError("layout template is empty; example: " + DEFAULT_LAYOUT)
+        if not template or template.strip().strip("/") in ("", "."):
+            raise LayoutError(f"layout template {template!r} is empty; example: " + DEFAULT_LAYOUT)
         if template.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", template):
             raise LayoutError(f"layout {template!r} is absolute; it must be relative to the download root")
         parts = template.rstrip("/").split("/")
@@ -117,8 +119,10 @@ class Layout:
                 f"layout {template!r}: the text {literal_text!r} contains a character that is not "
                 'allowed in a path component (\\, control characters or :*?"<>|)'
             )
-        if all(k == "lit" for k, _ in tokens) and part in (".", ".."):
-            raise LayoutError(f"layout {template!r} contains {part!r}, which would leave the download root")
+        if all(k == "lit" for k, _ in tokens) and part == "..":
+            raise LayoutError(f"layout {template!r} contains '..', which would leave the download root")
+        if all(k == "lit" for k, _ in tokens) and part == ".":
+            raise LayoutError(f"layout {template!r} contains '.', an empty path component; remove it")
         if tokens[-1][0] == "lit" and tokens[-1][1][-1] in ". ":
             raise LayoutError(f"layout {template!r}: component {part!r} ends with a dot or space")
         return tuple(tokens)
@@ -128,13 +132,13 @@ class Layout:
         table: pa.Table | pa.RecordBatch,
         *,
         root_length: int = 0,
-        max_path: int = MAX_PATH_DEFAULT,
+        max_path: int | None = None,
         long_paths: LongPaths = "hash",
     ) -> pa.Array:
         """Relative target directory (ending in ``/``) for every row of ``table``.
 
-        ``root_length`` is the length of the absolute download root, so that the full path of
-        every file (root, directory, ``<uuid>.dcm``) is checked against ``max_path``.
+        With ``max_path``, the full path of every file (a root of ``root_length`` characters,
+        the directory, ``<uuid>.dcm``) must fit in it; it never changes the layout.
         """
         return self.finish(self.render_unchecked(table), root_length=root_length, max_path=max_path, long_paths=long_paths)
 
@@ -155,10 +159,10 @@ class Layout:
         dirs: pa.Array | pa.ChunkedArray,
         *,
         root_length: int = 0,
-        max_path: int = MAX_PATH_DEFAULT,
+        max_path: int | None = None,
         long_paths: LongPaths = "hash",
     ) -> pa.Array:
-        """Shorten or reject long paths and require one directory per series."""
+        """Shorten or reject over-long components, check ``max_path``, require one directory per series."""
         dirs = _shorten_long(self.template, dirs, root_length, max_path, long_paths)
         _check_distinct(self.template, dirs)
         return dirs
@@ -180,41 +184,49 @@ def sanitize_value(value: object) -> str:
     return sanitize(pa.array([value], type=pa.string() if value is None else None))[0].as_py()
 
 
-def _too_long(path: str, root_length: int, max_path: int) -> bool:
-    if root_length + 1 + len(path) + FILE_NAME_LENGTH > max_path:
-        return True
+def default_max_path() -> int | None:
+    """The whole-path limit that applies here: Windows' 260 characters on Windows, none elsewhere."""
+    return MAX_PATH_DEFAULT if sys.platform == "win32" else None
+
+
+def _component_too_long(path: str) -> bool:
     return any(len(c.encode()) > NAME_MAX_BYTES for c in path.split("/"))
 
 
 def _shorten_long(
-    template: str, dirs: pa.Array | pa.ChunkedArray, root_length: int, max_path: int, long_paths: str
+    template: str, dirs: pa.Array | pa.ChunkedArray, root_length: int, max_path: int | None, long_paths: str
 ) -> pa.Array | pa.ChunkedArray:
-    full = pc.add(pc.utf8_length(dirs), root_length + 1 + FILE_NAME_LENGTH)
-    suspects = pc.or_(pc.greater(full, max_path), pc.greater(pc.binary_length(dirs), NAME_MAX_BYTES))
-    idx = pc.indices_nonzero(suspects).to_pylist()
-    if not idx:
-        return dirs
-    values = dirs.to_pylist()
-    long_rows = [i for i in idx if _too_long(values[i], root_length, max_path)]
-    if not long_rows:
-        return dirs
-    if long_paths == "error":
-        example = values[long_rows[0]]
-        raise LayoutError(
-            f"layout {template!r} gives {len(long_rows)} path(s) longer than {max_path} characters "
-            f"(or with a component over {NAME_MAX_BYTES} bytes), e.g. {example!r}; use a shorter "
-            "layout or download root, or long_paths='hash' to shorten them deterministically"
-        )
-    for i in long_rows:
-        head = values[i].split("/", 1)[0][:64]
-        digest = hashlib.sha256(values[i].encode()).hexdigest()[:24]
-        values[i] = f"{head}/_long/{digest}/"
-        if _too_long(values[i], root_length, max_path):
+    """Directories with a component over 255 bytes (every file system's limit) become
+    ``<first component>/_long/<sha256 prefix>/`` (or an error): a function of the manifest alone.
+    ``max_path`` (Windows' whole-path limit, or one a user asks for) is only checked, never
+    used to change the layout, so the same manifest lays out the same under any root."""
+    idx = pc.indices_nonzero(pc.greater(pc.binary_length(dirs), NAME_MAX_BYTES)).to_pylist()
+    values = None
+    long_rows = []
+    if idx:
+        values = dirs.to_pylist()
+        long_rows = [i for i in idx if _component_too_long(values[i])]
+    if long_rows:
+        if long_paths == "error":
             raise LayoutError(
-                f"the download root is too long: even the shortened path {values[i]!r} exceeds "
-                f"{max_path} characters; choose a shorter download root ($IDC_DOWNLOAD_DIR, or the CLI's DEST)"
+                f"layout {template!r} gives {len(long_rows)} path(s) with a component over {NAME_MAX_BYTES} bytes, "
+                f"e.g. {values[long_rows[0]]!r}; use a shorter layout, or long_paths='hash' to shorten "
+                "them deterministically"
             )
-    return pa.array(values, type=pa.string())
+        for i in long_rows:
+            head = values[i].split("/", 1)[0].encode()[:64].decode(errors="ignore") or "_"
+            values[i] = f"{head}/_long/{hashlib.sha256(values[i].encode()).hexdigest()[:24]}/"
+        dirs = pa.array(values, type=pa.string())
+    if max_path is not None:
+        full = pc.add(pc.utf8_length(dirs), root_length + 1 + FILE_NAME_LENGTH)
+        over = pc.indices_nonzero(pc.greater(full, max_path)).to_pylist()
+        if over:
+            example = dirs[over[0]].as_py()
+            raise LayoutError(
+                f"{len(over)} file path(s) would be longer than {max_path} characters, e.g. <root>/{example}"
+                f"<uuid>.dcm with a root of {root_length} characters; choose a shorter download root or layout"
+            )
+    return dirs
 
 
 def _check_distinct(template: str, dirs: pa.Array | pa.ChunkedArray) -> None:

@@ -119,7 +119,7 @@ def build_manifest(
     *,
     layout: str = DEFAULT_LAYOUT,
     root_length: int = 0,
-    max_path: int = 260,
+    max_path: int | None = None,
     long_paths: LongPaths = "hash",
 ) -> pa.Table:
     """The manifest of ``collection_id``: one row per matching series, with ``target_dir``.

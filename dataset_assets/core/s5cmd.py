@@ -125,6 +125,22 @@ def _parent_death_signal(parent: int) -> Callable[[], None]:
     return preexec
 
 
+def die_with_launcher() -> None:
+    """In a process started by ``multiprocessing`` (a Dagster step of the multiprocess executor),
+    ask the kernel for SIGTERM when the launching process dies, so a SIGKILLed
+    ``dagster asset materialize`` takes its step (and with it s5cmd) along; Dagster turns the
+    SIGTERM into an interrupt of the step. Does nothing elsewhere (a CLI run or an in-process
+    step keeps running when its shell goes away, as ``nohup`` users expect)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None or _LIBC is None:
+        return
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # it died before we asked (reparented to init)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def stop_process(proc: subprocess.Popen, grace_period_s: float = 5.0) -> None:
     """SIGTERM the process group, wait ``grace_period_s``, then SIGKILL it."""
     if proc.poll() is None:
@@ -165,10 +181,13 @@ def run(
     tick_s: float = 5.0,
     env: dict[str, str] | None = None,
     grace_period_s: float = 5.0,
+    check: Callable[[], None] | None = None,
 ) -> int:
     """Run ``s5cmd args...`` to the end, feeding each output line to the callbacks and calling
     ``on_tick`` every ``tick_s`` seconds from this (the calling) thread. Returns the exit code.
-    Whatever interrupts the caller stops the process group before this returns or raises."""
+    ``check`` is called about twice a second; whatever it raises stops s5cmd and propagates
+    (a stalled endpoint, a full disk). Whatever interrupts the caller stops the process group
+    before this returns or raises."""
     binary = find_binary()
     proc = subprocess.Popen(
         [str(binary), *args],
@@ -203,6 +222,8 @@ def run(
                 returncode = proc.wait(timeout=max(0.05, min(0.5, next_tick - time.monotonic())))
                 break
             except subprocess.TimeoutExpired:
+                if check is not None:
+                    check()
                 if on_tick is not None and time.monotonic() >= next_tick:
                     on_tick()
                     next_tick = time.monotonic() + tick_s

@@ -2,8 +2,8 @@
 
 Three checks, each streaming over the manifest (memory does not grow with the number of files):
 
-* ``check_files``: every series directory has exactly ``instanceCount`` ``*.dcm`` files and
-  ``series_bytes`` bytes;
+* ``check_files``: every file of every series has its own recorded size (names and sizes from
+  the listing or from s5cmd's report of each copy), and no other ``*.dcm`` file is there;
 * ``check_headers``: every file's DICOM header (read without pixel data) carries the PatientID,
   StudyInstanceUID, SeriesInstanceUID and Modality of its manifest row; in worker processes
   (parsing is pure Python: threads would share one core), with an optional sample of
@@ -30,7 +30,8 @@ import pyarrow as pa
 
 from . import dicom_headers
 from .dicom_headers import HEADER_FIELDS
-from .download import CONTROL_DIR, load_state, series_status
+from .download import CONTROL_DIR, series_status, state_path_for
+from .state import load_state
 from .errors import VerifyError
 
 MAX_LISTED = 20
@@ -68,16 +69,16 @@ class CheckReport:
 
 
 def check_files(manifest: pa.Table, root: Path) -> CheckReport:
-    """File count and exact bytes of every series."""
-    report = CheckReport()
-    for row, disk, complete in series_status(manifest, root):
+    """Every file of every series has its own size as recorded when it was fetched or listed
+    (the download state), and no other ``.dcm`` file is in the series' directory; a series
+    without such a record is reported as unverified."""
+    notes: list[str] = []
+    records = load_state(state_path_for(root, manifest), notes.append, repair=False)
+    report = CheckReport(notes={"state": notes[0]} if notes else {})
+    for row, _disk, problem in series_status(manifest, root, records, strict=True):
         report.checked += 1
-        if not complete:
-            report.add(
-                row["SeriesInstanceUID"],
-                f"series {row['SeriesInstanceUID']} in {row['target_dir']}: {disk.files}/{row['instanceCount']} "
-                f"files, {disk.bytes:,}/{row['series_bytes']:,} bytes",
-            )
+        if problem:
+            report.add(row["SeriesInstanceUID"], problem)
     return report
 
 
@@ -179,8 +180,11 @@ def check_tree(manifest: pa.Table, root: Path) -> CheckReport:
     expected = {os.path.normpath(root / d) for d in dirs}
     for state in sorted((root / CONTROL_DIR / "state").glob("*.parquet")):
         try:
-            expected.update(os.path.normpath(root / d) for d in load_state(state))
-        except (OSError, pa.ArrowException):  # unreadable state: its series count as stray, as without it
+            unreadable: list[str] = []
+            expected.update(os.path.normpath(root / d) for d in load_state(state, unreadable.append, repair=False))
+            if unreadable:  # its series count as stray, as without it
+                report.notes["unreadable_state_files"] = int(report.notes.get("unreadable_state_files", 0)) + 1
+        except OSError:
             report.notes["unreadable_state_files"] = int(report.notes.get("unreadable_state_files", 0)) + 1
     tops = sorted({d.split("/", 1)[0] for d in dirs})
     for top in tops:

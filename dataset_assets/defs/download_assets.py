@@ -3,10 +3,10 @@
 import dagster as dg
 
 from dataset_assets.core import download as dl
-from dataset_assets.core.errors import DownloadError
-from dataset_assets.core.fmt import human_bytes, os_error_text
+from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError, UnsafeValueError
+from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
 from dataset_assets.core.manifest import read_manifest
-from dataset_assets.core.s5cmd import binary_version
+from dataset_assets.core.s5cmd import binary_version, die_with_launcher
 
 from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
@@ -23,6 +23,7 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
         "series_complete": result.complete_series,
         "series_failed": result.failed_count,
         "series_skipped_already_complete": result.skipped_series,
+        "series_listed": result.listed_series,
         "files": result.files,
         "bytes": result.bytes,
         "size": human_bytes(result.bytes),
@@ -65,15 +66,20 @@ def downloaded_collection(
 ) -> dg.MaterializeResult:
     """Every DICOM file of the collection's manifest, in `$IDC_DOWNLOAD_DIR` under the layout of
     the manifest, fetched with s5cmd. Resumable: series already complete on disk cost no
-    request. Succeeds only when every series has its `instanceCount` files and exact bytes."""
+    request. Succeeds only when every file of every series has its own size as listed on the
+    server (recorded per file in the download state)."""
     collection_id = context.partition_key
-    manifest = read_manifest(idc.manifest_path(collection_id))
+    die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
+    try:
+        manifest = read_manifest(idc.manifest_path(collection_id))
+    except UnsafeValueError as exc:
+        raise dg.Failure(description=str(exc)) from None
     root = idc.download_root()
     collection_dir = _collection_dir(root, manifest)
     version = binary_version()
     context.log.info(
         f"download start collection={collection_id} series={manifest.num_rows} root={root} "
-        f"endpoint={s5cmd.resolved_endpoint()} s5cmd={version}"
+        f"endpoint={redact_url(s5cmd.resolved_endpoint())} s5cmd={version}"
     )
     try:
         result = dl.download(
@@ -83,24 +89,26 @@ def downloaded_collection(
             log=context.log.info,
             progress_interval_s=s5cmd.progress_interval_s,
             state_path=dl.state_path_for(root, manifest),
+            stall_timeout_s=s5cmd.stall_timeout_s,
+            allowed_buckets=s5cmd.buckets(),
         )
-    except DownloadError as exc:
-        result = getattr(exc, "result", None)
+    except (IncompleteDownloadError, TransferStoppedError) as exc:
+        result = exc.result
+        reason = "incomplete" if isinstance(exc, IncompleteDownloadError) else "stopped"
         context.log.error(
-            f"download failed collection={collection_id} "
-            + (f"reason=incomplete failed_series={result.failed_count} transferred_bytes={result.transferred_bytes} "
-               f"duration_s={result.duration_s:.1f}" if result else f"reason={str(exc)[:200]!r}")
+            f"download failed collection={collection_id} reason={reason} failed_series={result.failed_count} "
+            f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f}"
         )
-        raise dg.Failure(
-            description=str(exc),
-            metadata=_metadata(result, collection_dir, version) if result else {},
-        ) from exc
+        raise dg.Failure(description=str(exc), metadata=_metadata(result, collection_dir, version)) from None
+    except DatasetError as exc:  # could not start: bad root, unsafe value, no space, endpoint, lock
+        context.log.error(f"download failed collection={collection_id} reason={str(exc)[:200]!r}")
+        raise dg.Failure(description=str(exc)) from None
     except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path, keep the rest
         context.log.error(f"download failed collection={collection_id} reason=OSError errno={exc.errno}")
         raise dg.Failure(
             description=f"{os_error_text(exc)}; everything completed so far is kept, materialize again "
             "once that is fixed"
-        ) from exc
+        ) from None
     except BaseException as exc:  # interrupted from the UI, or an unexpected error: still log the end
         context.log.error(f"download failed collection={collection_id} reason={exc.__class__.__name__}")
         raise

@@ -3,7 +3,7 @@
 
 import hashlib
 import json
-from typing import Literal
+from typing import Literal, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -11,7 +11,7 @@ from pydantic import Field
 from dataset_assets.core import manifest as mf
 from dataset_assets.core.index import release_of
 from dataset_assets.core.fmt import human_bytes, markdown_table
-from dataset_assets.core.layout import DEFAULT_LAYOUT, MAX_PATH_DEFAULT
+from dataset_assets.core.layout import DEFAULT_LAYOUT, default_max_path
 
 from .index_assets import idc_index
 from .partitions import collection_partitions
@@ -31,9 +31,15 @@ class ManifestConfig(dg.Config):
     series_uids: list[str] = Field(default=[], description="Keep only these SeriesInstanceUID values.")
     layout: str = Field(default=DEFAULT_LAYOUT, description="Directory of each series below the download root; %column for any index column.")
     long_paths: Literal["hash", "error"] = Field(
-        default="hash", description="Paths over max_path characters: 'hash' shortens them deterministically, 'error' fails."
+        default="hash",
+        description="Directories with a component over 255 bytes: 'hash' shortens them deterministically "
+        "(the same under any download root), 'error' fails.",
     )
-    max_path: int = Field(default=MAX_PATH_DEFAULT, description="Longest file path allowed (260: Windows' limit).")
+    max_path: Optional[int] = Field(
+        default=None,
+        description="Longest file path allowed, checked against the download root (never changes the layout); "
+        "default: 260 on Windows, no limit elsewhere.",
+    )
 
     def filters(self) -> mf.ManifestFilters:
         return mf.ManifestFilters.from_mapping({name: getattr(self, name) for name in mf.FILTER_COLUMNS})
@@ -65,7 +71,7 @@ def collection_manifest(
             config.filters(),
             layout=config.layout,
             root_length=len(str(root)),
-            max_path=config.max_path,
+            max_path=config.max_path if config.max_path is not None else default_max_path(),
             long_paths=config.long_paths,
         )
     path = mf.write_manifest(table, idc.manifest_path(collection_id))

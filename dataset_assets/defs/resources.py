@@ -10,8 +10,10 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from dataset_assets.core.download import DEFAULT_STALL_TIMEOUT_S
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.safety import IDC_BUCKETS, allowed_buckets_from_env, require_name
 
 from .settings import DEFAULT_DOWNLOAD_DIR, DEFAULT_ENDPOINT, DEFAULT_MANIFEST_DIR, env
 
@@ -38,7 +40,7 @@ class IdcResource(dg.ConfigurableResource):
 
     def manifest_path(self, collection_id: str) -> Path:
         folder = self.manifest_dir or env("IDC_MANIFEST_DIR", DEFAULT_MANIFEST_DIR)
-        return Path(folder) / f"{collection_id}.parquet"
+        return Path(folder) / f"{require_name(collection_id, 'collection_id')}.parquet"
 
     def download_root(self) -> Path:
         return Path(self.download_dir or env("IDC_DOWNLOAD_DIR", DEFAULT_DOWNLOAD_DIR)).absolute()
@@ -61,9 +63,22 @@ class S5cmdResource(dg.ConfigurableResource):
     concurrency: int = Field(default=5, description="Parallel parts of one large object.")
     progress_interval_s: float = Field(default=5.0, description="Seconds between progress lines in the run's log.")
     grace_period_s: float = Field(default=5.0, description="Seconds between SIGTERM and SIGKILL when a run stops.")
+    stall_timeout_s: float = Field(
+        default=DEFAULT_STALL_TIMEOUT_S,
+        description="Stop and fail when no file completes for this many seconds (a silent endpoint, or one "
+        "that answers only errors); 0 waits forever. Raise it for very large files on a slow link.",
+    )
+    allowed_buckets: Optional[list[str]] = Field(
+        default=None,
+        description="Buckets an index row may point at; default: $IDC_ALLOWED_BUCKETS (comma-separated), "
+        f"else IDC's own ({', '.join(IDC_BUCKETS)}).",
+    )
 
     def resolved_endpoint(self) -> str:
         return self.endpoint_url or env("IDC_S3_ENDPOINT_URL", DEFAULT_ENDPOINT)
+
+    def buckets(self) -> tuple[str, ...]:
+        return tuple(self.allowed_buckets) if self.allowed_buckets else allowed_buckets_from_env()
 
     def options(self) -> S5cmdOptions:
         return S5cmdOptions(

@@ -17,3 +17,4 @@ BUNDLES_GROUP = "http_bundles"  # http_datasets
 def env(name: str, default: str) -> str:
     """``$name`` when set and not empty, else ``default``."""
     return os.environ.get(name) or default
+

@@ -1,0 +1,120 @@
+"""Values from outside (index rows, manifest files, server listings) checked before they become
+a path, a command line or a file name.
+
+Every check returns a one-line problem naming the value (or ``None`` when it is fine), so a
+caller can fail one series and keep going with the others; ``require_*`` raise instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+from .errors import UnsafeValueError
+
+#: IDC's public buckets on AWS, and their names on the GCS mirror.
+IDC_BUCKETS = (
+    "idc-open-data",
+    "idc-open-data-cr",
+    "idc-open-data-two",
+    "idc-open-cr",
+    "idc-open-idc1",
+)
+
+
+
+def allowed_buckets_from_env() -> tuple[str, ...]:
+    """``$IDC_ALLOWED_BUCKETS`` (comma-separated, for mirrors with other bucket names) or IDC's own."""
+    raw = os.environ.get("IDC_ALLOWED_BUCKETS", "")
+    return tuple(b.strip() for b in raw.split(",") if b.strip()) or IDC_BUCKETS
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: An object name below a series prefix that can safely become a file name.
+_OBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}$")
+NAME_MAX_BYTES = 255
+
+
+def name_problem(value: object, what: str) -> str | None:
+    """A value used as a file name of its own (a collection id in lock and state file names)."""
+    if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
+        return (
+            f"{what} {value!r} cannot be used as a file name (letters, digits, '.', '_', '-', "
+            "starting with a letter or digit, at most 200 characters)"
+        )
+    return None
+
+
+def require_name(value: object, what: str) -> str:
+    problem = name_problem(value, what)
+    if problem:
+        raise UnsafeValueError(problem)
+    return value  # type: ignore[return-value]
+
+
+def bucket_problem(bucket: object, allowed: Iterable[str]) -> str | None:
+    allowed = tuple(allowed)
+    if not isinstance(bucket, str) or not _BUCKET.match(bucket):
+        return f"bucket {bucket!r} is not a valid S3 bucket name"
+    if bucket not in allowed:
+        return (
+            f"bucket {bucket!r} is not an allowed bucket ({', '.join(allowed)}); "
+            "set IDC_ALLOWED_BUCKETS to download from a mirror with other bucket names"
+        )
+    return None
+
+
+def target_dir_problem(target_dir: object) -> str | None:
+    """A series directory relative to the download root: no absolute path, no ``.``/``..``,
+    no empty or over-long component, no control character or backslash."""
+    if not isinstance(target_dir, str) or not target_dir.strip("/"):
+        return f"target directory {target_dir!r} is empty"
+    if target_dir.startswith("/") or _CONTROL.search(target_dir) or "\\" in target_dir:
+        return f"target directory {target_dir!r} is absolute or contains a control character or backslash"
+    for part in target_dir.rstrip("/").split("/"):
+        if part in ("", ".", ".."):
+            return f"target directory {target_dir!r} has a {part or 'empty'!r} component, which could leave the download root"
+        if len(part.encode()) > NAME_MAX_BYTES:
+            return f"target directory {target_dir!r} has a component over {NAME_MAX_BYTES} bytes"
+    if target_dir.rstrip("/").split("/")[0] == ".dataset_assets":
+        return f"target directory {target_dir!r} is inside the control folder .dataset_assets"
+    return None
+
+
+def series_problem(row: dict, allowed_buckets: Iterable[str]) -> str | None:
+    """Everything of one manifest row that becomes a path or a URL: the bucket (allow-listed),
+    ``crdc_series_uuid`` (a UUID), ``series_aws_url`` (exactly ``s3://<bucket>/<uuid>/*``), the
+    target directory and the counts."""
+    uid = row.get("SeriesInstanceUID")
+    problem = bucket_problem(row.get("aws_bucket"), allowed_buckets)
+    uuid = row.get("crdc_series_uuid")
+    url = row.get("series_aws_url")
+    if problem is None and (not isinstance(uuid, str) or not _UUID.match(uuid)):
+        problem = f"crdc_series_uuid {uuid!r} is not a UUID"
+    if problem is None and url != f"s3://{row.get('aws_bucket')}/{uuid}/*":
+        problem = (
+            f"series_aws_url {url!r} is not s3://<aws_bucket>/<crdc_series_uuid>/* "
+            f"(s3://{row.get('aws_bucket')}/{uuid}/*)"
+        )
+    if problem is None:
+        problem = target_dir_problem(row.get("target_dir"))
+    if problem is None:
+        count, size = row.get("instanceCount"), row.get("series_bytes")
+        if not isinstance(count, int) or count <= 0 or not isinstance(size, int) or size < 0:
+            problem = f"instanceCount {count!r} / size {size!r} are not a positive count and a size in bytes"
+    return f"series {uid!r}: {problem}" if problem else None
+
+
+def object_name_problem(name: object) -> str | None:
+    """A name a server listed below a series prefix, before it becomes a file name."""
+    if not isinstance(name, str) or not _OBJECT.match(name) or name in (".", ".."):
+        return f"object name {name!r} is not a plain file name"
+    return None
+
+
+def is_uuid(value: object) -> bool:
+    return isinstance(value, str) and bool(_UUID.match(value))
