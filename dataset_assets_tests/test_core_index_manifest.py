@@ -134,12 +134,10 @@ def test_manifest_write_is_atomic_and_keeps_old_on_failure(con, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["qin_pet_phantom.parquet"]
 
 
-def test_long_paths_hashed_or_reported(con):
+def test_long_paths_are_checked_against_max_path_never_relaid_out(con):
     table = build_manifest(con, "qin_pet_phantom", root_length=150)
-    lengths = pc.utf8_length(table.column("target_dir")).to_pylist()
-    assert all(150 + 1 + n + 40 <= 260 for n in lengths)
-    assert any("/_long/" in d for d in table.column("target_dir").to_pylist())
+    assert table.equals(build_manifest(con, "qin_pet_phantom"))  # the root never changes the layout
+    assert not any("/_long/" in d for d in table.column("target_dir").to_pylist())
     with pytest.raises(LayoutError, match="longer than 260 characters"):
-        build_manifest(con, "qin_pet_phantom", root_length=150, long_paths="error")
-    with pytest.raises(LayoutError, match="download root is too long"):
-        build_manifest(con, "qin_pet_phantom", root_length=250)
+        build_manifest(con, "qin_pet_phantom", root_length=150, max_path=260)
+    assert build_manifest(con, "qin_pet_phantom", root_length=10, max_path=260).num_rows == 44

@@ -92,11 +92,12 @@ def test_literal_only_component_and_escaped_percent():
     assert render("dicom/%collection_id/100%%/%SeriesInstanceUID/", rows) == ["dicom/v0/100%/s1/"]
 
 
-def test_long_path_hashing_is_deterministic():
-    rows = [row(PatientID="p" * 120, SeriesInstanceUID="s1"), row(SeriesInstanceUID="s2")]
+def test_long_component_hashing_is_deterministic_and_independent_of_the_root():
+    rows = [row(PatientID="p" * 300, SeriesInstanceUID="s1"), row(SeriesInstanceUID="s2")]
     first = render(DEFAULT_LAYOUT, rows, root_length=100)
-    assert first == render(DEFAULT_LAYOUT, rows, root_length=100)
+    assert first == render(DEFAULT_LAYOUT, rows) == render(DEFAULT_LAYOUT, rows, root_length=3000)
     assert first[0].startswith("v0/_long/") and first[1] == "v0/v1/v2/v4_s2/"
+    assert render(DEFAULT_LAYOUT, [row(PatientID="p" * 200, SeriesInstanceUID="s1")], root_length=900)[0].startswith("v0/ppp")
 
 
 def test_component_over_255_bytes_is_long_even_with_short_path():

@@ -395,6 +395,7 @@ class Download:
             record = _parse(line) or {}
             key, size = record.get("key"), record.get("size")
             if not isinstance(key, str):
+                activity.on_stdout(line)  # a retried request
                 return
             activity.last_success = time.monotonic()
             prefix, _, name = key.rpartition("/")
@@ -663,7 +664,10 @@ class Download:
 
     def _stopped(self, stop: _Stop, progress: Progress, listing: bool = False) -> None:
         """Save what is verified and raise ``TransferStoppedError`` with one line saying why."""
-        self._save()
+        try:
+            self._save()
+        except OSError as exc:  # e.g. the full disk itself: the state is a cache, the next run rebuilds it
+            self.log(f"could not record the state ({exc.strerror or exc}); the next run checks the disk again")
         self.result.failed_count = len(self.failed) + sum(
             1 for t in self.todo if t.row["target_dir"] not in self.records and t.row["target_dir"] not in self.failed
         )
@@ -679,8 +683,9 @@ class Download:
             )
         what = "no listing answer" if listing else "no file completed"
         seen = (
-            f"every request failed ({progress.failures} error(s)); first error: {progress.first_error}"
-            if progress.failures
+            f"it answered only errors ({progress.failures} failed and {progress.retried} retried request(s)); "
+            f"first error: {progress.first_error}"
+            if progress.failures or progress.retried
             else "the endpoint did not answer (no data and no error: it is silent, or every request is still "
             "being retried)"
         )

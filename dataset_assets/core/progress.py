@@ -33,14 +33,22 @@ class Progress:
     #: series fetched whole; about 100 bytes of memory per file).
     copied: dict[str, int] = field(default_factory=dict)
     first_error: str | None = None
+    retried: int = 0  # requests s5cmd retried (each failed once)
     disk_full: str | None = None  # the first "no space left on device" error
     not_found: set = field(default_factory=set)  # source URLs s5cmd found no object for
     last_success: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def on_stdout(self, line: str) -> None:
-        # One line per copied object (s5cmd's own format, see the module docstring).
+        # One line per copied object (s5cmd's own format, see the module docstring); with
+        # ``--log debug``, one ``{"error":"retryable error: ..."}`` line per retried request.
         if '"success":true' not in line:
+            if '"retryable error' in line:
+                record = _parse(line) or {}
+                with self._lock:
+                    self.retried += 1
+                    if self.first_error is None:
+                        self.first_error = " ".join(str(record.get("error", line)).split())[:300]
             return
         record = _parse(line) or {}
         size = (record.get("object") or {}).get("size")

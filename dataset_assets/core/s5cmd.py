@@ -76,6 +76,7 @@ class S5cmdOptions:
     def global_args(self) -> list[str]:
         return [
             "--json",
+            "--log", "debug",  # also reports each retried request: a failing endpoint is seen at once
             "--no-sign-request",
             "--endpoint-url", self.endpoint_url,
             "--numworkers", str(self.workers),

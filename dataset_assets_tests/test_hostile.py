@@ -1,0 +1,579 @@
+"""Hostile input and faults against downloads (issue 9): each test is one way the first version
+broke its promise (a collection on disk that is verified, resumable and never damaged), named
+after the item it covers. Everything is real: the s5cmd binary, the loopback S3 server, DICOM
+files written with pydicom, the `dataset` CLI and `dagster asset materialize` as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataset_assets.core import verify
+from dataset_assets.core.download import CONTROL_DIR, download, state_path_for
+from dataset_assets.core.errors import (
+    BadDestinationError,
+    IncompleteDownloadError,
+    LayoutError,
+    TransferStoppedError,
+    UnsafeValueError,
+)
+from dataset_assets.core.index import IndexSource
+from dataset_assets.core.manifest import build_manifest
+from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.state import load_state
+from dataset_assets_tests.support.procs import processes_mentioning, processes_with_env
+
+BIN = os.path.dirname(sys.executable)
+DATASET, DAGSTER = os.path.join(BIN, "dataset"), os.path.join(BIN, "dagster")
+
+
+def opts(server, **kw):
+    return S5cmdOptions(endpoint_url=server.endpoint_url, retry_count=kw.pop("retry_count", 1), **kw)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def cli(*args, env, timeout=120, **kw):
+    full = {**os.environ, **env}
+    full.pop("DISPLAY", None)
+    return subprocess.run([DATASET, "idc", *args], capture_output=True, text=True, env=full, timeout=timeout, **kw)
+
+
+def one_line(proc, code: int, *texts: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    for text in texts:
+        assert text in errors[0], errors[0]
+
+
+@pytest.fixture
+def env(idc_fixture, s3):
+    return {"IDC_INDEX_DIR": str(idc_fixture.index_dir), "IDC_S3_ENDPOINT_URL": s3.endpoint_url}
+
+
+def index_with(idc_fixture, tmp_path: Path, change) -> Path:
+    """A copy of the fixture index whose rows went through ``change(rows)`` (hostile values)."""
+    folder = tmp_path / "hostile-index"
+    shutil.copytree(idc_fixture.index_dir, folder)
+    table = pq.read_table(folder / "idc_index.parquet")
+    rows = table.to_pylist()
+    change(rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), folder / "idc_index.parquet")
+    return folder
+
+
+def manifest_of(index_dir: Path, collection_id: str = "qin_pet_phantom", **kw) -> pa.Table:
+    with IndexSource(index_dir).connect() as con:
+        return build_manifest(con, collection_id, **kw)
+
+
+def every_file(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+# -- State and verification -------------------------------------------------------------------
+
+
+def test_01_a_run_where_every_request_fails_does_not_poison_later_runs(s3, manifest, tmp_path, env):
+    root = tmp_path / "dl"
+    s3.faults.fail_keys(lambda key: True, status=503)
+    with pytest.raises(IncompleteDownloadError):
+        download(manifest, root, opts(s3, retry_count=0), log=quiet)
+    assert load_state(state_path_for(root, manifest)) == {}  # an empty state, readable
+    proc = cli("download", "qin_pet_phantom", str(root), "--retries", "0", env=env)
+    one_line(proc, 1, "6 of 6 series incomplete")
+    s3.faults.clear()
+    assert download(manifest, root, opts(s3), log=quiet).complete_series == 6  # the core, healthy
+    proc = cli("download", "qin_pet_phantom", str(root), env=env)
+    assert proc.returncode == 0 and "complete: 6 series" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "directory", "other-schema"])
+def test_02_an_unreadable_state_file_is_set_aside_and_rebuilt_from_the_disk(s3, manifest, tmp_path, damage):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    state = state_path_for(root, manifest)
+    good = state.read_bytes()
+    if damage == "empty":
+        state.write_bytes(b"")
+    elif damage == "truncated":
+        state.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        state.write_bytes(os.urandom(3000))
+    elif damage == "directory":
+        state.unlink()
+        state.mkdir()
+        (state / "x").write_text("x")
+    else:
+        pq.write_table(pa.table({"a": [1, 2]}), state)
+    leftover = state.with_name(f".{state.name}.999999.tmp")  # a writer killed mid-write
+    leftover.write_bytes(b"half")
+    s3.reset_stats()
+    lines: list[str] = []
+    result = download(manifest, root, opts(s3), log=lines.append)
+    assert result.complete_series == 6 and result.listed_series == 6
+    assert s3.stats["get_object"] == 0  # the disk was complete: one listing per series, no GET
+    assert sum("set aside" in line for line in lines) == 1, lines
+    assert len(list(state.parent.glob(f"{state.name}.unreadable-*"))) == 1
+    assert not leftover.exists()
+    records = load_state(state)
+    assert len(records) == 6 and all(len(r.files) == 4 for r in records.values())
+    s3.reset_stats()
+    download(manifest, root, opts(s3), log=quiet)  # rebuilt: no request at all now
+    assert s3.stats["get_object"] == 0 and s3.stats["list"] == 0
+
+
+def _shift_bytes(series_dir: Path, delta: int) -> tuple[Path, Path]:
+    """One file ``delta`` bytes short and another ``delta`` bytes long: the series total unchanged."""
+    short, long = sorted(series_dir.glob("*.dcm"))[:2]
+    short.write_bytes(short.read_bytes()[:-delta])
+    long.write_bytes(long.read_bytes() + b"\0" * delta)
+    return short, long
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_03_per_file_sizes_are_checked_and_wrong_files_fetched_again(s3, manifest, tmp_path, with_state):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    row = manifest.to_pylist()[2]
+    if not with_state:  # data from before the state existed: one listing per series proves it
+        state_path_for(root, manifest).unlink()
+    short, long = _shift_bytes(root / row["target_dir"], 50)
+    assert sum(p.stat().st_size for p in (root / row["target_dir"]).glob("*.dcm")) == row["series_bytes"]
+    if with_state:
+        report = verify.check_files(manifest, root)
+        assert not report.passed and report.culprit_series == {row["SeriesInstanceUID"]}
+        assert "2 file(s) of the wrong size" in report.problems[0]
+    s3.reset_stats()
+    result = download(manifest, root, opts(s3), log=quiet)
+    assert result.complete_series == 6 and s3.stats["get_object"] == 2
+    source = s3.root / row["aws_bucket"] / row["crdc_series_uuid"]
+    for path in (short, long):
+        assert path.read_bytes() == (source / path.name).read_bytes()
+    assert verify.check_files(manifest, root).passed
+
+
+def test_03_the_files_check_of_the_asset_fails_on_two_compensating_files(idc_fixture, s3, tmp_path):
+    import dagster as dg
+
+    from dataset_assets.defs.checks import download_checks
+    from dataset_assets.defs.download_assets import downloaded_collection
+    from dataset_assets.defs.jobs import verify_downloads_job
+    from dataset_assets.defs.manifest_assets import collection_manifest
+    from dataset_assets.defs.resources import IdcResource, S5cmdResource
+
+    resources = {
+        "idc": IdcResource(index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"),
+                           download_dir=str(tmp_path / "idc")),
+        "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
+    }
+    assets = [collection_manifest, downloaded_collection, *download_checks]
+    assert dg.materialize(assets, partition_key="qin_pet_phantom", resources=resources).success
+    row = manifest_of(idc_fixture.index_dir).to_pylist()[0]
+    _shift_bytes(tmp_path / "idc" / row["target_dir"], 50)
+    defs = dg.Definitions(assets=[downloaded_collection], asset_checks=download_checks, jobs=[verify_downloads_job],
+                          resources=resources)
+    result = defs.resolve_job_def("verify_downloads").execute_in_process(
+        tags={"dagster/partition": "qin_pet_phantom"}, raise_on_error=False, instance=dg.DagsterInstance.ephemeral()
+    )
+    files = {e.check_name: e for e in result.get_asset_check_evaluations()}["files_match_manifest"]
+    assert not files.passed and "2 file(s) of the wrong size" in files.description
+
+
+# -- Layout and paths -------------------------------------------------------------------------
+
+
+def test_04_the_layout_does_not_depend_on_the_length_of_the_download_root(idc_fixture, s3, tmp_path, env):
+    long_root = tmp_path / ("d" * 93) / ("e" * 60)
+    short = tmp_path / "s"
+    long_root.mkdir(parents=True)
+    short.symlink_to(long_root)
+    assert manifest_of(idc_fixture.index_dir, root_length=len(str(long_root))).equals(
+        manifest_of(idc_fixture.index_dir)
+    )
+    first = cli("download", "qin_pet_phantom", str(long_root), env=env)
+    assert first.returncode == 0, first.stderr
+    assert not [p for p in long_root.rglob("_long")]
+    s3.reset_stats()
+    again = cli("download", "qin_pet_phantom", str(short), env=env)
+    assert again.returncode == 0, again.stderr
+    assert s3.stats["get_object"] == 0 and "no longer in the collection" not in again.stderr
+    assert len(list(long_root.rglob("*.dcm"))) == 24
+    with pytest.raises(LayoutError, match="longer than 260 characters"):  # asked for: checked, not re-laid out
+        manifest_of(idc_fixture.index_dir, root_length=len(str(long_root)), max_path=260)
+    over = cli("download", "qin_pet_phantom", str(long_root), "--max-path", "260", env=env)
+    one_line(over, 2, "longer than 260 characters")
+
+
+def test_04_a_component_over_255_bytes_is_hashed_the_same_under_any_root(idc_fixture, tmp_path):
+    layout = "%collection_id/" + "x" * 250 + "%SeriesInstanceUID/"
+    a = manifest_of(idc_fixture.index_dir, layout=layout)
+    b = manifest_of(idc_fixture.index_dir, layout=layout, root_length=180)
+    assert a.column("target_dir").equals(b.column("target_dir"))
+    assert all("/_long/" in d for d in a.column("target_dir").to_pylist())
+
+
+def test_05_a_collection_id_that_leaves_the_root_is_refused_naming_it(idc_fixture, s3, tmp_path):
+    evil = "../../../../x"
+
+    def change(rows):
+        for row in rows:
+            row["collection_id"] = evil
+
+    index = index_with(idc_fixture, tmp_path, change)
+    root = tmp_path / "a" / "b" / "c" / "dl"
+    outside = tmp_path / "x.lock"
+    outside.write_text("precious")
+    before = every_file(tmp_path / "hostile-index")
+    proc = cli("download", evil, str(root), env={"IDC_INDEX_DIR": str(index), "IDC_S3_ENDPOINT_URL": s3.endpoint_url})
+    one_line(proc, 2, "collection_id '../../../../x' cannot be used as a file name")
+    assert outside.read_text() == "precious" and not (tmp_path / "x").exists()
+    assert every_file(tmp_path / "hostile-index") == before
+    assert s3.stats["get_object"] == 0
+    from dataset_assets.defs.resources import IdcResource
+
+    with pytest.raises(UnsafeValueError):
+        IdcResource(manifest_dir=str(tmp_path / "m")).manifest_path(evil)
+
+
+def test_05_a_crdc_series_uuid_that_leaves_the_root_never_moves_files(idc_fixture, s3, tmp_path):
+    evil = "../../../../adv/moved_here"
+    good_manifest = manifest_of(idc_fixture.index_dir)
+    root = tmp_path / "q" / "r" / "s" / "dl"
+
+    def change(rows):
+        rows[1]["crdc_series_uuid"] = evil  # the URL still points at real objects
+
+    hostile = manifest_of(index_with(idc_fixture, tmp_path, change))
+    with pytest.raises(IncompleteDownloadError, match=r"crdc_series_uuid '\.\./\.\./\.\./\.\./adv/moved_here' is not a UUID"):
+        download(hostile, root, opts(s3), log=quiet)
+    assert len(list(root.rglob("*.dcm"))) == 20  # the other five series are complete
+    download(good_manifest, root, opts(s3), log=quiet)
+    # A state file edited by hand to hold the same value: ignored, never a destination.
+    state = state_path_for(root, good_manifest)
+    table = pq.read_table(state)
+    uuids = table.column("crdc_series_uuid").to_pylist()
+    uuids[1] = evil
+    pq.write_table(table.set_column(2, "crdc_series_uuid", pa.array(uuids)), state)
+    result = download(good_manifest, root, opts(s3), log=quiet)
+    assert result.replaced_series == [] and result.complete_series == 6
+    assert not (tmp_path / "adv").exists() and not (tmp_path / "q" / "adv").exists()
+    assert len(list(root.rglob("*.dcm"))) == 24
+
+
+def test_06_a_line_break_in_a_url_fails_that_series_and_the_others_download(idc_fixture, s3, tmp_path):
+    def change(rows):
+        url = rows[0]["series_aws_url"]
+        rows[0]["series_aws_url"] = f"{url}\ncp s3://idc-open-data/x/* {tmp_path}/injected/"
+
+    manifest = manifest_of(index_with(idc_fixture, tmp_path, change))
+    bad_uid = manifest.to_pylist()[0]["SeriesInstanceUID"]
+    root = tmp_path / "dl"
+    with pytest.raises(IncompleteDownloadError) as raised:
+        download(manifest, root, opts(s3), log=quiet)
+    message = str(raised.value)
+    assert message.startswith("1 of 6 series incomplete") and bad_uid in message and "series_aws_url" in message
+    assert raised.value.result.complete_series == 5
+    assert len(list(root.rglob("*.dcm"))) == 20 and not (tmp_path / "injected").exists()
+
+
+def test_07_only_allow_listed_buckets_are_downloaded(idc_fixture, s3, tmp_path, monkeypatch):
+    def change(rows):
+        rows[0]["aws_bucket"] = "evil-bucket"
+        rows[0]["series_aws_url"] = f"s3://evil-bucket/{rows[0]['crdc_series_uuid']}/*"
+
+    row = idc_fixture.rows[0]
+    shutil.copytree(s3.root / row["aws_bucket"] / row["crdc_series_uuid"],
+                    s3.root / "evil-bucket" / row["crdc_series_uuid"])
+    index = index_with(idc_fixture, tmp_path, change)
+    root = tmp_path / "dl"
+    proc = cli("download", "qin_pet_phantom", str(root),
+               env={"IDC_INDEX_DIR": str(index), "IDC_S3_ENDPOINT_URL": s3.endpoint_url})
+    one_line(proc, 1, "bucket 'evil-bucket' is not an allowed bucket", "IDC_ALLOWED_BUCKETS")
+    assert not any(key.startswith(row["crdc_series_uuid"]) for key in s3.get_keys)
+    assert len(list(root.rglob("*.dcm"))) == 20
+    mirror = cli("download", "qin_pet_phantom", str(root),  # a mirror the user vouches for
+                 env={"IDC_INDEX_DIR": str(index), "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
+                      "IDC_ALLOWED_BUCKETS": "idc-open-data,idc-open-data-two,evil-bucket"})
+    assert mirror.returncode == 0, mirror.stderr
+
+
+@pytest.mark.parametrize("bad", ["line\nbreak", "star*", "what?"])
+def test_08_a_destination_with_a_line_break_or_wildcard_is_bad_input(env, tmp_path, bad):
+    proc = cli("download", "qin_pet_phantom", str(tmp_path / bad), env=env)
+    one_line(proc, 2, "which s5cmd cannot write to")
+
+
+def test_08_a_dangling_symlink_as_destination_says_what_it_is(env, tmp_path):
+    dest = tmp_path / "dest"
+    dest.symlink_to(tmp_path / "gone")
+    proc = cli("download", "qin_pet_phantom", str(dest), env=env)
+    one_line(proc, 2, "is a dangling symbolic link")
+    with pytest.raises(BadDestinationError, match="is a file, not a folder"):
+        (tmp_path / "f").write_text("x")
+        download(manifest_of(Path(env["IDC_INDEX_DIR"])), tmp_path / "f", S5cmdOptions(), log=quiet)
+
+
+# -- Faults during the transfer ---------------------------------------------------------------
+
+
+def test_09_a_silent_endpoint_stops_after_the_stall_timeout(env, s3, tmp_path):
+    s3.faults.delay_s = 3600  # headers, then nothing
+    started = time.monotonic()
+    proc = cli("download", "qin_pet_phantom", str(tmp_path / "dl"), "--stall-timeout", "3", env=env)
+    one_line(proc, 3, "no file completed for 3 s from", "did not answer")
+    assert time.monotonic() - started < 60
+    assert processes_mentioning(str(tmp_path / "dl")) == []
+
+
+def test_09_an_endpoint_answering_only_errors_stops_with_the_first_error(env, s3, tmp_path):
+    s3.faults.fail_keys(lambda key: True, status=503)
+    proc = cli("download", "qin_pet_phantom", str(tmp_path / "dl"), "--stall-timeout", "3", "--retries", "50",
+               "--workers", "2", env=env)
+    one_line(proc, 3, "no file completed for 3 s", "answered only errors", "first error:", "503")
+    gets = s3.stats["get_object"]
+    time.sleep(1.5)
+    assert s3.stats["get_object"] == gets  # s5cmd is gone, nothing hammers the endpoint any more
+
+
+def test_09_the_stall_timeout_is_a_resource_field(idc_fixture, s3, tmp_path):
+    import dagster as dg
+
+    from dataset_assets.defs.download_assets import downloaded_collection
+    from dataset_assets.defs.manifest_assets import collection_manifest
+    from dataset_assets.defs.resources import IdcResource, S5cmdResource
+
+    s3.faults.delay_s = 3600
+    result = dg.materialize(
+        [collection_manifest, downloaded_collection], partition_key="qin_pet_phantom", raise_on_error=False,
+        resources={
+            "idc": IdcResource(index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"),
+                               download_dir=str(tmp_path / "idc")),
+            "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1, stall_timeout_s=2),
+        },
+    )
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "no file completed for 2 s" in str(failure.event_specific_data.error.message)
+
+
+def _mount_small_disk(folder: Path) -> list[str]:
+    """A command prefix that runs a script with a 72 MB tmpfs at ``folder`` (its own mount
+    namespace, so nothing outside sees it), or skip when this machine allows neither."""
+    probe = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {folder} && umount {folder}"]
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("unshare") and subprocess.run(probe, capture_output=True).returncode == 0:
+        return ["unshare", "-rm"]
+    pytest.skip("no mount namespace here (unshare -rm failed): cannot make a small disk to fill")
+
+
+FILL_DISK = r"""
+import os, subprocess, sys, time, pathlib
+disk, dest, dataset = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=72m", "tmpfs", str(disk)], check=True)
+proc = subprocess.Popen([dataset, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+while not list(dest.rglob("*.dcm")) and proc.poll() is None:
+    time.sleep(0.05)
+with open(disk / "filler", "wb") as f:  # the disk fills up while the download runs
+    try:
+        while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    except OSError:
+        pass
+out, err = proc.communicate(timeout=120)
+print(proc.returncode)
+print(err)
+"""
+
+
+def test_10_a_disk_that_fills_during_the_transfer_stops_it_at_once(env, s3, tmp_path):
+    disk = tmp_path / "disk"
+    prefix = _mount_small_disk(disk)
+    s3.faults.delay_s = 0.3
+    proc = subprocess.run([*prefix, sys.executable, "-c", FILL_DISK, str(disk), str(disk / "dl"), DATASET],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    code, _, err = proc.stdout.partition("\n")
+    assert code == "3", err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "is full (no space left on device" in errors[0] and "still to write" in errors[0], err
+    assert "Traceback" not in err
+    assert s3.stats["get_object"] < 24  # stopped: the rest was never fetched
+
+
+def _materialize_env(idc_fixture, s3, tmp_path) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir()
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
+        "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
+        "IDC_DOWNLOAD_DIR": str(tmp_path / "idc"),
+        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
+        "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
+        "DAGSTER_EXECUTOR": "multiprocess",
+    }
+
+
+def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_fixture, s3, tmp_path):
+    env = _materialize_env(idc_fixture, s3, tmp_path)
+    s3.faults.delay_s = 0.5
+    proc = subprocess.Popen(
+        [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions", "--select",
+         "collection_manifest,downloaded_collection", "--partition", "qin_pet_phantom",
+         "--config-json", '{"resources": {"s5cmd": {"config": {"workers": 1}}}}'],
+        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(s3.get_keys) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before s5cmd started"
+            time.sleep(0.1)
+        assert processes_mentioning(str(tmp_path / "idc")), "s5cmd should be running"
+        os.kill(proc.pid, signal.SIGKILL)  # the launching process only
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while (processes_mentioning(str(tmp_path / "idc")) or processes_with_env("DAGSTER_HOME", env["DAGSTER_HOME"])) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_mentioning(str(tmp_path / "idc")) == []
+        assert processes_with_env("DAGSTER_HOME", env["DAGSTER_HOME"]) == []  # no step process either
+        assert len(set(s3.get_keys)) < 24  # it did not run on to the end
+    finally:
+        for pid in processes_with_env("DAGSTER_HOME", env["DAGSTER_HOME"]):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_12_command_and_temporary_files_of_a_killed_cli_are_removed_by_the_next_run(env, s3, tmp_path, sig):
+    dest = tmp_path / "dl"
+    s3.faults.delay_s = 0.5
+    proc = subprocess.Popen([DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(s3.get_keys) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if sig == signal.SIGHUP:
+        assert proc.returncode == 130 and "interrupted" in err
+        assert list((dest / CONTROL_DIR).glob("*.s5cmd")) == []
+    deadline = time.monotonic() + 15
+    while processes_mentioning(str(dest)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(str(dest)) == []
+    state = dest / CONTROL_DIR / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / ".qin_pet_phantom.parquet.424242.tmp").write_bytes(b"half-written")
+    s3.faults.clear()
+    rerun = cli("download", "qin_pet_phantom", str(dest), env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert list((dest / CONTROL_DIR).glob("*.s5cmd")) == []
+    assert list(state.glob("*.tmp")) == []
+
+
+def test_12_a_command_file_in_use_by_a_running_download_is_not_removed(tmp_path):
+    import fcntl
+
+    from dataset_assets.core.download import command_file, remove_stale_command_files
+
+    with command_file(tmp_path, "run") as (path, _handle):
+        assert remove_stale_command_files(tmp_path) == [] and path.exists()
+    stale = tmp_path / "run-1-abc.s5cmd"
+    stale.write_text("cp a b\n")
+    assert remove_stale_command_files(tmp_path) == [stale.name] and not stale.exists()
+    del fcntl
+
+
+def test_13_only_what_s5cmd_left_is_removed_never_a_users_file(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    row = manifest.to_pylist()[0]
+    series = root / row["target_dir"]
+    victim = sorted(series.glob("*.dcm"))[0]
+    victim.unlink()
+    notes = series / "scan_notes.dcm2024"
+    notes.write_text("my notes")
+    temp = series / f"{victim.name}12345"  # what a SIGKILLed s5cmd leaves
+    temp.write_bytes(b"")
+    unrelated = series / f"{'0' * 8}-0000-0000-0000-{'0' * 12}.dcm777"  # IDC-shaped, not of this series
+    unrelated.write_bytes(b"x")
+    download(manifest, root, opts(s3), log=quiet)
+    assert notes.read_text() == "my notes" and unrelated.exists()
+    assert not temp.exists() and victim.exists()
+    # With no record of the series' objects, only IDC-shaped names (<uuid>.dcm<digits>) are temporaries.
+    shutil.rmtree(root / CONTROL_DIR / "state")
+    victim.unlink()
+    download(manifest, root, opts(s3), log=quiet)
+    assert notes.read_text() == "my notes" and not unrelated.exists() and victim.exists()
+
+
+# -- Smaller ----------------------------------------------------------------------------------
+
+
+def test_an_object_missing_on_the_server_says_so_and_that_a_rerun_will_not_fix_it(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    row = manifest.to_pylist()[3]
+    gone = sorted((s3.root / row["aws_bucket"] / row["crdc_series_uuid"]).iterdir())[0]
+    gone.unlink()
+    (root / row["target_dir"] / gone.name).unlink()
+    shutil.rmtree(root / CONTROL_DIR / "state")  # no record: the listing is the truth
+    with pytest.raises(IncompleteDownloadError, match="1 of 4 object.s. not found on the server; a re-run will not fix it"):
+        download(manifest, root, opts(s3), log=quiet)
+
+
+def test_more_objects_on_the_server_than_the_index_lists_is_named_as_such(s3, manifest, tmp_path):
+    row = manifest.to_pylist()[0]
+    folder = s3.root / row["aws_bucket"] / row["crdc_series_uuid"]
+    shutil.copy(sorted(folder.iterdir())[0], folder / "00000000-0000-0000-0000-000000000000.dcm")
+    with pytest.raises(IncompleteDownloadError, match=r"the server holds more objects \(5\) than the index lists \(4\)"):
+        download(manifest, tmp_path / "dl", opts(s3), log=quiet)
+    (tmp_path / "dl" / row["target_dir"] / "00000000-0000-0000-0000-000000000000.dcm").unlink()
+    shutil.rmtree(tmp_path / "dl" / CONTROL_DIR / "state")
+    with pytest.raises(IncompleteDownloadError, match="the server holds 5 objects but the index lists 4"):
+        download(manifest, tmp_path / "dl", opts(s3), log=quiet)
+
+
+def test_the_layout_dot_is_refused_as_empty(idc_fixture):
+    with pytest.raises(LayoutError, match="is empty"):
+        manifest_of(idc_fixture.index_dir, layout=".")
+
+
+def test_credentials_in_the_endpoint_url_are_never_echoed(env, tmp_path):
+    from dataset_assets_tests.support.s3server import free_port
+
+    endpoint = f"http://user:S3CRETPW@127.0.0.1:{free_port()}/?sig=abc"
+    proc = cli("download", "qin_pet_phantom", str(tmp_path / "dl"), "--endpoint", endpoint, env=env)
+    one_line(proc, 3, "cannot reach the S3 endpoint http://127.0.0.1:")
+    assert "S3CRETPW" not in proc.stderr + proc.stdout and "sig=abc" not in proc.stderr + proc.stdout
+
+
+def test_a_transfer_stopped_keeps_what_completed_and_records_it(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    bad = manifest.to_pylist()[5]
+    s3.faults.fail_keys(lambda key: key.startswith(bad["crdc_series_uuid"]), status=503)
+    s3.faults.delay_s = 0.0
+    with pytest.raises((TransferStoppedError, IncompleteDownloadError)):
+        download(manifest, root, opts(s3, retry_count=30, workers=4), log=quiet, stall_timeout_s=3)
+    records = load_state(state_path_for(root, manifest))
+    assert len(records) == 5 and bad["target_dir"] not in records
