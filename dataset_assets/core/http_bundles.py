@@ -9,15 +9,22 @@ lists them::
         sha256: 3f7a...            # optional, 64 hex digits
         size: 123456789            # optional, bytes
         filename: lidc.zip         # optional; default: the last segment of the URL path
+        content_type: application/zip   # optional: the media type the server must answer with
 
 ``download_bundle`` works in four steps:
 
 1. Skip: when the final file exists and matches the known size and sha256, nothing is
    requested (a file at the final name got there by an atomic rename after verification).
 2. Check: the destination directory is writable (before any request, with a clear error).
+   The final name, the part and its validator side-file are never followed through a symbolic
+   link: one that is a link (or not a regular file, or a part with other hard links) is refused.
 3. Transfer: the body streams in ``chunk_size`` pieces (never whole in memory) to
    ``.<filename>.part`` next to the final name, hashed while written. The part file is locked
-   (``flock``) so two runs cannot write it at once. An existing part is resumed with
+   (``flock``) so two runs cannot write it at once. Never more than the server announced
+   (Content-Length, or the Content-Range of a 206; else ``bundle.size``) is accepted: a longer
+   body fails. A 200 or 206 whose Content-Type is not the bundle's ``content_type`` fails;
+   without one, an HTML page (``text/html``) for a file not named ``.html``/``.htm`` fails (an
+   error or sign-in page). An existing part is resumed with
    ``Range: bytes=<len>-`` and ``If-Range: <validator>`` (the strong ETag or Last-Modified of
    the response the part began with, kept in ``.<filename>.part.validator``) after hashing what
    it holds: ``206`` appends when it carries the same validator (a server that ignores
@@ -26,26 +33,35 @@ lists them::
    complete when its size is the expected size (else starts over). A part whose origin cannot
    be proven (no validator and no sha256) is not resumed but started over: a changed file is
    never spliced onto an old head. A body cut short keeps the part and is resumed, up to
-   ``attempts`` times with a short backoff. Request-level retries (429 honouring ``Retry-After``, 5xx,
-   refused or reset connections) happen below, in the session's ``urllib3`` ``Retry``.
+   ``attempts`` times with a short backoff. Request-level retries (5xx, refused or reset
+   connections) happen below, in the session's ``urllib3`` ``Retry``; an answer carrying
+   ``Retry-After`` is handed back to this module instead, which waits as asked, up to
+   ``attempts`` times, unless the wait is longer than ``max_retry_after_s`` (default 300 s, or
+   ``$DATASET_BUNDLES_MAX_RETRY_AFTER_S``): then the download fails at once, naming both.
 4. Verify: the size (``bundle.size``, else what the server announced) and the sha256 (when
    given). A mismatch deletes the part. Success is ``os.replace(part, final)``: the final name
    only ever holds a complete, verified file.
 
-Signed URLs carry credentials in their query string: messages and logs show ``?…`` instead
-(``redact_url``), and exceptions from requests/urllib3, which quote the URL, are scrubbed and
-not chained.
+Signed URLs carry credentials in their query string, and URLs may carry ``user:password@``:
+messages and logs show ``?…`` and no user info instead (``redact_url``, ``scrub``); exceptions
+from requests/urllib3, which quote the URL, are scrubbed and not chained, and YAML errors are
+rebuilt from their line and column (PyYAML's excerpt of the line could show part of a secret).
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import errno
 import hashlib
+import math
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -67,8 +83,12 @@ except ImportError:  # pragma: no cover - not POSIX: no lock
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-FIELDS = ("name", "url", "sha256", "size", "filename")
+FIELDS = ("name", "url", "sha256", "size", "filename", "content_type")
+MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+HTML_SUFFIXES = (".html", ".htm")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+MAX_RETRY_AFTER_S = 300.0  # longest server-requested wait honoured by default
+MAX_RETRY_AFTER_ENV = "DATASET_BUNDLES_MAX_RETRY_AFTER_S"
 RESUME_BACKOFF_S = 0.5  # pause before the first resume of a cut-short body; doubles each time
 RESUME_BACKOFF_MAX_S = 8.0
 MAX_RESTARTS = 3  # times one download may start over (Range ignored or refused)
@@ -76,6 +96,11 @@ MAX_FILENAME_BYTES = 200  # leaves room for the ".part" name within the usual 25
 _QUERY = re.compile(r"(?<=[\w/.~%:-])\?[^\s'\"<>)\]]+")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+_USERINFO = re.compile(r"(?<=://)[^/\s?#@'\"<>]*@")
+# Files the download writes are opened without following a link (O_NOFOLLOW), without blocking on
+# a FIFO put there (O_NONBLOCK: no effect on regular files), in binary mode on Windows.
+_OPEN_FLAGS = sum(getattr(os, flag, 0) for flag in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "O_BINARY"))
+MAX_VALIDATOR_BYTES = 1024  # an ETag or a date: anything longer is not kept nor sent back
 Log = Callable[[str], None]
 
 
@@ -88,9 +113,10 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "…" if parts.query else "", ""))
 
 
-def _scrub(text: str) -> str:
-    """Replace every query string (``?...`` right after a URL or path) in ``text`` with ``?…``."""
-    return _QUERY.sub("?…", text)
+def scrub(text: str) -> str:
+    """``text`` with every query string (``?...`` right after a URL or path) replaced by ``?…``
+    and the ``user:password@`` of every URL removed."""
+    return _QUERY.sub("?…", _USERINFO.sub("", text))
 
 
 def _safe_filename(name: object) -> bool:
@@ -109,7 +135,8 @@ def default_filename(url: str, name: str) -> str:
     return segment if _safe_filename(segment) else name
 
 
-def _bundle_problem(name: Any, url: Any, sha256: Any = None, size: Any = None, filename: Any = None) -> str | None:
+def _bundle_problem(name: Any, url: Any, sha256: Any = None, size: Any = None, filename: Any = None,
+                    content_type: Any = None) -> str | None:
     """What is wrong with these bundle fields, in words, or ``None``."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         return (f"name {name!r} is not valid: use letters, digits, '_', '.' and '-', starting with a letter "
@@ -133,6 +160,10 @@ def _bundle_problem(name: Any, url: Any, sha256: Any = None, size: Any = None, f
     if filename is not None and not _safe_filename(filename):
         return (f"filename {filename!r} is not a plain file name (no '/', '\\', NUL, control characters "
                 f"or '..'; at most {MAX_FILENAME_BYTES} bytes)")
+    if content_type is not None and (not isinstance(content_type, str)
+                                     or not MEDIA_TYPE.fullmatch(content_type.strip().lower())):
+        return (f"content_type {content_type!r} is not a media type: use type/subtype without "
+                "parameters, e.g. application/zip or application/octet-stream")
     return None
 
 
@@ -145,13 +176,16 @@ class Bundle:
     sha256: str | None = None
     size: int | None = None
     filename: str | None = None
+    content_type: str | None = None  # the media type the server must answer with, e.g. application/zip
 
     def __post_init__(self) -> None:
-        problem = _bundle_problem(self.name, self.url, self.sha256, self.size, self.filename)
+        problem = _bundle_problem(self.name, self.url, self.sha256, self.size, self.filename, self.content_type)
         if problem:
-            raise DatasetError(f"bundle {self.name!r}: {problem}")
+            raise DatasetError(scrub(f"bundle {self.name!r}: {problem}"))
         if self.sha256 is not None:
             object.__setattr__(self, "sha256", self.sha256.lower())
+        if self.content_type is not None:
+            object.__setattr__(self, "content_type", self.content_type.strip().lower())
         if self.filename is None:
             object.__setattr__(self, "filename", default_filename(self.url, self.name))
 
@@ -160,11 +194,21 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def load_bundles(path: Path) -> dict[str, Bundle]:
-    """``name -> Bundle`` from a YAML file ``bundles: [{name, url, sha256?, size?, filename?}, ...]``.
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line, from its line and column only: PyYAML's own message quotes an
+    excerpt of the offending line, cut at an arbitrary point, where a secret could show."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        text = f"{exc.problem or 'syntax error'} at line {mark.line + 1}, column {mark.column + 1}"
+        if exc.context and exc.context_mark is not None:
+            text += f" ({exc.context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+        return scrub(" ".join(text.split()))
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return scrub(_one_line(exc))
 
-    Raises ``DatasetError`` naming the file, the entry and the problem."""
-    path = Path(path)
+
+def _parse_bundles(path: Path) -> dict[str, Bundle]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -173,8 +217,8 @@ def load_bundles(path: Path) -> dict[str, Bundle]:
         raise DatasetError(f"bundle file {path} cannot be read: {_one_line(exc)}") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise DatasetError(_scrub(f"bundle file {path} is not valid YAML: {_one_line(exc)}")) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise DatasetError(f"bundle file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("bundles"), list):
         raise DatasetError(f"bundle file {path}: expected a mapping with a 'bundles' list, "
                            "as in 'bundles: [{name: ..., url: ...}]'")
@@ -186,7 +230,7 @@ def load_bundles(path: Path) -> dict[str, Bundle]:
     for number, entry in enumerate(data["bundles"], 1):
         where = f"bundle file {path}, entry {number}"
         if not isinstance(entry, dict):
-            raise DatasetError(_scrub(f"{where}: expected a mapping with name and url, got {type(entry).__name__} {entry!r}"))
+            raise DatasetError(f"{where}: expected a mapping with name and url, got {type(entry).__name__} {entry!r}")
         if isinstance(entry.get("name"), str):
             where += f" ({entry['name']!r})"
         if unknown := sorted(map(str, set(entry) - set(FIELDS))):
@@ -203,12 +247,45 @@ def load_bundles(path: Path) -> dict[str, Bundle]:
     return bundles
 
 
-def make_session(retries: int = 5, backoff: float = 0.5) -> requests.Session:
-    """A session retrying GET/HEAD on connection errors, 429 (honouring ``Retry-After``) and 5xx.
+def load_bundles(path: Path) -> dict[str, Bundle]:
+    """``name -> Bundle`` from a YAML file ``bundles: [{name, url, sha256?, size?, filename?,
+    content_type?}, ...]``.
 
-    ``trust_env`` stays on: ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` and
-    ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` from the environment apply."""
-    retry = Retry(
+    Raises ``DatasetError`` naming the file, the entry and the problem, in one line, with the
+    query strings and ``user:password@`` of URLs removed."""
+    try:
+        return _parse_bundles(Path(path))
+    except DatasetError as exc:
+        raise DatasetError(scrub(_one_line(exc))) from None
+
+
+def try_load_bundles(path: Path) -> tuple[dict[str, Bundle], str | None]:
+    """``(bundles, None)``, or ``({}, one-line problem naming the file)``: never raises, for
+    callers that must go on without the bundles (a code location that must load)."""
+    try:
+        return load_bundles(path), None
+    except DatasetError as exc:
+        return {}, str(exc)
+    except Exception as exc:  # noqa: BLE001 - the file is outside input: whatever it does, report it
+        return {}, scrub(f"bundle file {path} cannot be loaded: {exc.__class__.__name__}: {_one_line(exc)}")
+
+
+class _Retry(Retry):
+    """urllib3's ``Retry``, except that an answer carrying ``Retry-After`` is not retried (nor
+    waited for) here but handed back: ``download_bundle`` waits as asked, within its cap."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        return not has_retry_after and super().is_retry(method, status_code, has_retry_after)
+
+
+def make_session(retries: int = 5, backoff: float = 0.5) -> requests.Session:
+    """A session retrying GET/HEAD on connection errors, 429 and 5xx (with exponential backoff).
+
+    An answer with ``Retry-After`` is returned, not retried: ``download_bundle`` honours it up to
+    its ``max_retry_after_s`` (urllib3 itself would wait up to 6 hours). ``trust_env`` stays on:
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
+    from the environment apply."""
+    retry = _Retry(
         total=retries,
         connect=retries,
         read=retries,
@@ -216,7 +293,7 @@ def make_session(retries: int = 5, backoff: float = 0.5) -> requests.Session:
         backoff_factor=backoff,
         status_forcelist=RETRY_STATUSES,
         allowed_methods=frozenset({"GET", "HEAD"}),
-        respect_retry_after_header=True,
+        respect_retry_after_header=False,
         raise_on_status=False,
     )
     session = requests.Session()
@@ -247,12 +324,78 @@ class _Interrupted(Exception):
     """The body stopped before its end (the message is already scrubbed)."""
 
 
+class _TooLong(Exception):
+    """The body went on past the length that was announced for it."""
+
+
+class _Wait(Exception):
+    """The server answered a retryable status with ``Retry-After``: wait, then ask again."""
+
+    def __init__(self, status: int, value: str, error: DownloadError):
+        super().__init__(value)
+        self.status, self.value, self.error = status, value, error
+
+
+def _not_regular(path: Path, what: str) -> str | None:
+    """Why the existing ``path`` must not be used as ``what`` (a symbolic link, not a regular
+    file), or ``None`` (a regular file, or nothing there)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there (or not reachable: what comes next says why)
+        return None
+    if stat.S_ISLNK(mode):
+        try:
+            target = f" (to {os.readlink(path)})"
+        except OSError:
+            target = ""
+        return (f"{what} {path} is a symbolic link{target}; refusing to follow it: remove the link "
+                "(its target is left alone)")
+    if not stat.S_ISREG(mode):
+        return f"{what} {path} is not a regular file; remove it"
+    return None
+
+
+def _open_own(name: str, path: Path, flags: int, what: str) -> int:
+    """A descriptor for ``path`` opened without following a symbolic link, when it is a regular
+    file with no other hard link; else ``DownloadError`` (``FileNotFoundError`` when missing and
+    not created)."""
+    try:
+        fd = os.open(path, flags | _OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT and (why := _not_regular(path, what)):
+            raise DownloadError(f"bundle {name}: {why}") from None
+        raise
+    info = os.fstat(fd)
+    why = (f"{what} {path} is not a regular file; remove it" if not stat.S_ISREG(info.st_mode) else
+           f"{what} {path} has {info.st_nlink - 1} other hard link(s); refusing to write into a file "
+           "shared with another name: remove it" if info.st_nlink > 1 else None)
+    if why:
+        os.close(fd)
+        raise DownloadError(f"bundle {name}: {why}")
+    return fd
+
+
+def _remove_own(path: Path) -> None:
+    """Delete ``path`` when it is a regular file (never a link or anything else put there)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            path.unlink()
+
+
+def _header_value(value: str) -> str | None:
+    """``value`` when it can be sent back as a header (printable ASCII, not too long)."""
+    value = value.strip()
+    ok = value and len(value) <= MAX_VALIDATOR_BYTES and all(32 <= ord(c) < 127 for c in value)
+    return value if ok else None
+
+
 class _Part:
     """The open, locked ``.part`` file and the sha256 of the bytes it holds."""
 
-    def __init__(self, handle: BinaryIO, chunk_size: int, validator_path: Path | None = None):
+    def __init__(self, handle: BinaryIO, chunk_size: int, validator_path: Path | None = None, name: str = ""):
         self.handle, self.chunk_size = handle, chunk_size
         self.validator_path = validator_path
+        self.name = name
         self.hasher: Any = None
         self.hashed = -1  # bytes covered by ``hasher``; -1: not hashed yet
         self.transferred = 0
@@ -260,10 +403,14 @@ class _Part:
 
     def validator(self) -> str | None:
         """The strong ETag or Last-Modified of the response the part's first byte came from."""
+        if self.validator_path is None:
+            return None
         try:
-            return self.validator_path.read_text(encoding="utf-8").strip() or None if self.validator_path else None
+            fd = _open_own(self.name, self.validator_path, os.O_RDONLY, "the validator file")
         except OSError:
             return None
+        with os.fdopen(fd, "rb") as handle:
+            return _header_value(handle.read(MAX_VALIDATOR_BYTES + 1).decode("utf-8", "replace"))
 
     def remember(self, response: requests.Response) -> None:
         """Keep the response's validator, for ``If-Range`` when resuming (weak ETags do not count)."""
@@ -271,10 +418,13 @@ class _Part:
             return
         etag = response.headers.get("ETag", "").strip()
         value = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified", "").strip()
-        if value:
-            self.validator_path.write_text(value, encoding="utf-8")
+        if value := _header_value(value):
+            fd = _open_own(self.name, self.validator_path, os.O_WRONLY | os.O_CREAT, "the validator file")
+            with os.fdopen(fd, "wb") as handle:
+                handle.truncate(0)
+                handle.write(value.encode("ascii"))
         else:
-            self.validator_path.unlink(missing_ok=True)
+            _remove_own(self.validator_path)
 
     @property
     def size(self) -> int:
@@ -295,7 +445,7 @@ class _Part:
         self.handle.truncate(0)
         self.hasher, self.hashed = hashlib.sha256(), 0
         if self.validator_path is not None:
-            self.validator_path.unlink(missing_ok=True)
+            _remove_own(self.validator_path)
 
     def append(self, chunk: bytes) -> None:
         self.handle.write(chunk)
@@ -306,7 +456,7 @@ class _Part:
 
 def _sha256_file(path: Path, chunk_size: int) -> str:
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with os.fdopen(os.open(path, os.O_RDONLY | _OPEN_FLAGS), "rb") as handle:
         while block := handle.read(chunk_size):
             hasher.update(block)
     return hasher.hexdigest()
@@ -351,12 +501,45 @@ def _http_error(bundle: Bundle, response: requests.Response) -> DownloadError:
     return DownloadError(message)
 
 
-def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
-    """The raw body bytes (no content decoding: they match Range offsets and Content-Length)."""
+def _body(response: requests.Response, chunk_size: int, limit: int | None) -> Iterator[bytes]:
+    """The raw body bytes (no content decoding: they match Range offsets and Content-Length), at
+    most ``limit`` of them: ``_TooLong`` when the body goes on after that."""
+    received = 0
     try:
-        yield from response.raw.stream(chunk_size, decode_content=False)
+        while limit is None or received < limit:
+            block = response.raw.read(chunk_size if limit is None else min(chunk_size, limit - received),
+                                      decode_content=False)
+            if not block:
+                return
+            received += len(block)
+            yield block
     except (Urllib3Error, requests.RequestException, OSError) as exc:
-        raise _Interrupted(_scrub(f"{exc.__class__.__name__}: {exc}")) from None
+        raise _Interrupted(scrub(f"{exc.__class__.__name__}: {exc}")) from None
+    try:  # all announced bytes are in: anything after them is a lie about the length
+        more = response.raw.read(1, decode_content=False)
+    except (Urllib3Error, requests.RequestException, OSError):
+        more = b""
+    if more:
+        raise _TooLong()
+
+
+def _media_type(value: str | None) -> str:
+    """``'Text/HTML; charset=utf-8'`` -> ``'text/html'``."""
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _content_type_problem(bundle: Bundle, response: requests.Response) -> str:
+    """Why the response's Content-Type shows it is not the bundle's file ('' when it may be)."""
+    assert bundle.filename is not None
+    got = _media_type(response.headers.get("Content-Type"))
+    if bundle.content_type is not None and got != bundle.content_type:
+        return (f"the server answered with Content-Type {got or '(none)'}, not the bundle's content_type "
+                f"{bundle.content_type}")
+    if bundle.content_type is None and got == "text/html" and not bundle.filename.lower().endswith(HTML_SUFFIXES):
+        return (f"the server answered with an HTML page (Content-Type text/html) instead of {bundle.filename}, "
+                "most likely an error or sign-in page; if the file really is HTML, give the bundle "
+                "content_type: text/html")
+    return ""
 
 
 def _changed(validator: str, response: requests.Response) -> str:
@@ -371,15 +554,54 @@ def _check_total(bundle: Bundle, total: int | None, part: _Part, path: Path) -> 
     """Fail before transferring when the server announces another size than the bundle file."""
     if bundle.size is not None and total is not None and total != bundle.size:
         part.restart()
-        path.unlink(missing_ok=True)
+        _remove_own(path)
         raise DownloadError(f"bundle {bundle.name}: size mismatch: expected {bundle.size:,} bytes, the server "
                             f"announces {total:,} for {redact_url(bundle.url)}; the partial file was deleted")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:,.0f} s" if value >= 10 else f"{value:.3g} s"
+
+
+def retry_after_seconds(value: str) -> float | None:
+    """The wait a ``Retry-After`` value asks for (seconds, or an HTTP date), ``None`` when it is
+    neither; never negative."""
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,30}", value):
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def max_retry_after(value: float | None = None) -> float:
+    """The longest server-requested wait (``Retry-After``) to honour, in seconds: ``value``, else
+    ``$DATASET_BUNDLES_MAX_RETRY_AFTER_S`` (read now), else ``MAX_RETRY_AFTER_S`` (300)."""
+    source, shown = "max_retry_after_s", repr(value)
+    if value is None:
+        raw = os.environ.get(MAX_RETRY_AFTER_ENV, "").strip()
+        if not raw:
+            return MAX_RETRY_AFTER_S
+        source, shown = f"${MAX_RETRY_AFTER_ENV}", repr(raw)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise DownloadError(f"{source} {shown} is not a number of seconds >= 0 (the longest wait a server may "
+                            f"ask for with Retry-After), e.g. {MAX_RETRY_AFTER_S:g}")
+    return float(value)
 
 
 def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, timeout: float,
            log: Log) -> tuple[str, int | None, str]:
     """One GET filling the part -> (``complete`` | ``more`` | ``restart`` | ``interrupted``, total size,
-    detail); ``more``: a whole response, but a range ending before the file does."""
+    detail); ``more``: a whole response, but a range ending before the file does. ``_Wait`` when
+    the server asks (Retry-After) to come back later."""
     offset = part.size
     headers = {"Accept-Encoding": "identity"}
     validator = part.validator() if offset else None
@@ -398,7 +620,7 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
         response = session.get(bundle.url, headers=headers, stream=True, timeout=timeout)
     except requests.RequestException as exc:
         raise DownloadError(f"bundle {bundle.name}: cannot download {redact_url(bundle.url)}: "
-                            f"{exc.__class__.__name__}: {_scrub(str(exc))}") from None
+                            f"{exc.__class__.__name__}: {scrub(str(exc))}") from None
     with response:
         status = response.status_code
         if status == 416 and offset:
@@ -407,11 +629,17 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
             if expected == offset:
                 return "complete", expected, ""
             return "restart", None, f"the server refused the range of the {offset:,}-byte part (416)"
+        if status in RETRY_STATUSES and "Retry-After" in response.headers:
+            raise _Wait(status, response.headers["Retry-After"], _http_error(bundle, response))
         if status not in (200, 206):
             raise _http_error(bundle, response)
+        if problem := _content_type_problem(bundle, response):
+            raise DownloadError(f"bundle {bundle.name}: {problem} for {redact_url(bundle.url)}")
+        length = _int_header(response, "Content-Length")
         if status == 206:
             match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-            if not match or int(match.group(1)) != offset:
+            if (not match or int(match.group(1)) != offset or int(match.group(2)) < offset
+                    or (match.group(3) != "*" and int(match.group(2)) >= int(match.group(3)))):
                 return "restart", None, f"the server answered Range bytes={offset}- with Content-Range " \
                                         f"{response.headers.get('Content-Range')!r}"
             total = None if match.group(3) == "*" else int(match.group(3))
@@ -419,6 +647,7 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
             if validator and (changed := _changed(validator, response)):  # a server that ignored If-Range
                 return "restart", None, f"the file changed on the server ({changed})"
             part.resumed = part.resumed or offset > 0
+            limit, announced = range_end - offset + 1, "Content-Range"
         else:
             if offset:
                 log(f"bundle {bundle.name}: the server sent the whole file (Range ignored, or the file "
@@ -426,41 +655,66 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
                 part.restart()
                 offset = 0
             part.remember(response)
-            total = _int_header(response, "Content-Length")
+            total = length
             range_end = None
+            limit, announced = (length, "Content-Length") if length is not None else (bundle.size, "size")
         _check_total(bundle, total, part, path)
         expected_total = bundle.size if bundle.size is not None else total
         if expected_total is not None:
             check_free_space(path.parent, expected_total - offset, f"bundle {bundle.name}")
-        length = _int_header(response, "Content-Length")
         part.digest()  # hash what the part already holds before appending
         received = 0
         try:
-            for chunk in _body(response, part.chunk_size):
+            for chunk in _body(response, part.chunk_size, limit):
                 part.append(chunk)
                 received += len(chunk)
         except _Interrupted as exc:
             return "interrupted", total, str(exc)
+        except _TooLong:
+            part.restart()
+            what = f"the {limit:,} bytes it announced ({announced})" if announced != "size" else \
+                f"the bundle's size of {limit:,} bytes"
+            raise DownloadError(f"bundle {bundle.name}: the server sent more than {what} for "
+                                f"{redact_url(bundle.url)}; the partial file was deleted") from None
         finally:
             part.handle.flush()
-        if length is not None and received < length:
+        if status == 200 and length is not None and received < length:
             return "interrupted", total, f"body ended after {received:,} of {length:,} bytes"
-        if range_end is not None and received < range_end - offset + 1:  # no Content-Length, body cut
-            return "interrupted", total, f"range body ended after {received:,} of {range_end - offset + 1:,} bytes"
+        if status == 206 and received < limit:  # Content-Length shorter than the range, or body cut
+            return "interrupted", total, f"range body ended after {received:,} of {limit:,} bytes"
         if range_end is not None and total is not None and range_end + 1 < total:
             return "more", total, ""  # the server may answer a range with less than asked: ask again
         return "complete", total, ""
 
 
 def _transfer(bundle: Bundle, part: _Part, path: Path, session: requests.Session, attempts: int,
-              timeout: float, log: Log) -> int | None:
+              timeout: float, max_wait: float, log: Log) -> int | None:
     """Fill the part until the server says it is complete; the total size announced (or ``None``)."""
-    failures = restarts = 0
+    failures = restarts = waits = 0
     while True:
         if bundle.size is not None and part.size > bundle.size:
             log(f"bundle {bundle.name}: {path} is larger than {bundle.size:,} bytes; starting over")
             part.restart()
-        kind, total, detail = _fetch(bundle, part, path, session, timeout, log)
+        try:
+            kind, total, detail = _fetch(bundle, part, path, session, timeout, log)
+        except _Wait as wait:
+            waits += 1
+            pause = retry_after_seconds(wait.value)
+            if pause is not None and pause > max_wait:
+                raise DownloadError(
+                    f"bundle {bundle.name}: the server asks to wait {_seconds(pause)} "
+                    f"({human_duration(pause)}; HTTP {wait.status}, Retry-After: {wait.value.strip()[:40]!r}) "
+                    f"before trying again, longer than the {_seconds(max_wait)} allowed (max_retry_after_s or "
+                    f"${MAX_RETRY_AFTER_ENV}) for {redact_url(bundle.url)}; try again later or allow a longer wait"
+                ) from None
+            if waits > attempts:
+                raise DownloadError(f"{wait.error}; the server asked to wait (Retry-After) {waits} times") from None
+            if pause is None:  # not a number of seconds nor a date: back off as for an interruption
+                pause = min(RESUME_BACKOFF_S * 2 ** (waits - 1), RESUME_BACKOFF_MAX_S)
+            log(f"bundle {bundle.name}: HTTP {wait.status}; the server asks to wait {_seconds(pause)}, "
+                f"trying again then (wait {waits} of at most {attempts})")
+            time.sleep(pause)
+            continue
         if kind == "complete":
             return total
         if kind == "more":  # progress was made (at least one byte): not a failure
@@ -493,9 +747,8 @@ def _verify(bundle: Bundle, part: _Part, path: Path, total: int | None) -> str:
     if not problem and bundle.sha256 is not None and digest != bundle.sha256:
         problem = f"sha256 mismatch: expected {bundle.sha256}, got {digest}"
     if problem:
-        path.unlink(missing_ok=True)
-        if part.validator_path is not None:
-            part.validator_path.unlink(missing_ok=True)
+        part.restart()
+        _remove_own(path)
         raise DownloadError(f"bundle {bundle.name}: {problem} for {redact_url(bundle.url)}; "
                             "the partial file was deleted, run again to download it afresh")
     return digest
@@ -509,49 +762,64 @@ def download_bundle(
     attempts: int = 5,
     chunk_size: int = 1 << 20,
     timeout: float = 60,
+    max_retry_after_s: float | None = None,
     log: Log = lambda msg: None,
 ) -> BundleResult:
     """Fetch ``bundle`` to ``dest_dir/<filename>``, resuming and verifying (see the module docstring).
 
+    ``max_retry_after_s``: the longest wait a server may ask for with ``Retry-After`` (default:
+    ``$DATASET_BUNDLES_MAX_RETRY_AFTER_S``, read at this call, else 300 s); a longer one fails at
+    once. A ``session`` not made by ``make_session`` whose ``Retry`` honours ``Retry-After`` waits
+    as that ``Retry`` says before this cap is reached.
+
     Raises ``DownloadError`` on HTTP errors (after the session's retries), on a size or sha256
-    mismatch (the part is deleted) and when the body keeps breaking off (the part is kept)."""
+    mismatch (the part is deleted), on a wrong Content-Type or a body longer than announced, on
+    a part, validator or final name that is a symbolic link or not a regular file, and when the
+    body keeps breaking off (the part is kept)."""
     started = time.monotonic()
+    max_wait = max_retry_after(max_retry_after_s)
     dest_dir = Path(dest_dir)
     assert bundle.filename is not None  # set by Bundle.__post_init__
     final, path = dest_dir / bundle.filename, dest_dir / f".{bundle.filename}.part"
+    validator_path = path.with_name(path.name + ".validator")
+    if why := _not_regular(final, "the final file"):
+        raise DownloadError(f"bundle {bundle.name}: {why}")
     if final.is_file():
         matches, size, digest, why = _existing_final(bundle, final, chunk_size)
         if matches:
-            with contextlib.suppress(OSError):  # a part left behind by an older run
-                path.unlink(missing_ok=True)
-                path.with_name(path.name + ".validator").unlink(missing_ok=True)
+            _remove_own(path)  # a part left behind by an older run
+            _remove_own(validator_path)
             log(f"bundle {bundle.name}: {final} already complete ({human_bytes(size)}); nothing to transfer")
             return BundleResult(final, size, digest, skipped=True, duration_s=time.monotonic() - started)
         log(f"bundle {bundle.name}: {final} does not match ({why}); downloading it again")
+    for side, what in ((path, "the partial file"), (validator_path, "the validator file")):
+        if why := _not_regular(side, what):
+            raise DownloadError(f"bundle {bundle.name}: {why}")
     check_writable(dest_dir, f"bundle {bundle.name}: destination")
     own_session = session is None
     session = session or make_session()
     size_text = human_bytes(bundle.size) if bundle.size is not None else "size unknown"
     log(f"bundle {bundle.name}: downloading {redact_url(bundle.url)} ({size_text}) to {final}")
     try:
-        with open(path, "a+b") as handle:
-            part = _Part(handle, max(1, chunk_size), validator_path=path.with_name(path.name + ".validator"))
+        fd = _open_own(bundle.name, path, os.O_RDWR | os.O_CREAT | os.O_APPEND, "the partial file")
+        with os.fdopen(fd, "a+b") as handle:
+            part = _Part(handle, max(1, chunk_size), validator_path=validator_path, name=bundle.name)
             _lock(part, bundle, path)
             try:
-                total = _transfer(bundle, part, path, session, max(1, attempts), timeout, log)
+                total = _transfer(bundle, part, path, session, max(1, attempts), timeout, max_wait, log)
                 digest = _verify(bundle, part, path, total)
                 size = part.size
                 os.fsync(handle.fileno())
                 os.replace(path, final)
-                part.validator_path.unlink(missing_ok=True)
+                _remove_own(validator_path)
             except BaseException:
-                if path.exists() and part.size == 0:
-                    path.unlink()
-                    part.validator_path.unlink(missing_ok=True)
+                if part.size == 0:
+                    _remove_own(path)
+                    _remove_own(validator_path)
                 raise
     except OSError as exc:
         raise DownloadError(f"bundle {bundle.name}: cannot write {path if path.exists() else final}: "
-                            f"{exc.strerror or _scrub(str(exc))}") from None
+                            f"{exc.strerror or scrub(str(exc))}") from None
     finally:
         if own_session:
             session.close()

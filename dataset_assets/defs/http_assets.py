@@ -1,39 +1,63 @@
-"""HTTP dataset bundles: single files behind public or signed URLs, one partition per bundle."""
+"""HTTP dataset bundles: single files behind public or signed URLs, one partition per bundle.
 
+The bundles file is outside input: when it cannot be loaded, the code location still loads and
+only `http_datasets` is affected: it has no partitions, says why in its description and
+metadata, and fails when materialized with that one line (naming the file and the problem).
+"""
+
+import logging
 from pathlib import Path
 
 import dagster as dg
 
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.http_bundles import download_bundle, load_bundles, redact_url
+from dataset_assets.core.http_bundles import Bundle, download_bundle, redact_url, try_load_bundles
 
 from .settings import BUNDLES_GROUP, OWNERS, env
 
 DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parents[1] / "bundles.yaml"
+
+logger = logging.getLogger(__name__)
 
 
 def bundles_file() -> Path:
     return Path(env("DATASET_BUNDLES_FILE", str(DEFAULT_BUNDLES_FILE)))
 
 
-def build_http_datasets(path: Path) -> dg.AssetsDefinition:
-    """The `http_datasets` asset for the bundles listed in ``path``."""
-    bundles = load_bundles(path)
+def _asset_args(path: Path, **metadata: object) -> dict:
+    return {
+        "name": "http_datasets",
+        "group_name": BUNDLES_GROUP,
+        "kinds": {"http"},
+        "owners": OWNERS,
+        "tags": {"domain": "datasets"},
+        "metadata": {"bundles_file": dg.MetadataValue.path(str(path)), **metadata},
+    }
+
+
+def _unavailable(path: Path, problem: str) -> dg.AssetsDefinition:
+    """`http_datasets` when the bundles file cannot be loaded: no partitions, fails with ``problem``."""
 
     @dg.asset(
-        name="http_datasets",
-        partitions_def=dg.StaticPartitionsDefinition(sorted(bundles)),
-        group_name=BUNDLES_GROUP,
-        kinds={"http"},
-        owners=OWNERS,
-        tags={"domain": "datasets"},
-        metadata={"bundles_file": dg.MetadataValue.path(str(path))},
+        description=f"Dataset bundles behind HTTP(S) URLs: unavailable, {problem}. Fix "
+                    "$DATASET_BUNDLES_FILE and reload the code location.",
+        **_asset_args(path, bundles_error=problem),
     )
+    def http_datasets() -> dg.MaterializeResult:
+        raise dg.Failure(description=problem, allow_retries=False)
+
+    return http_datasets
+
+
+def _available(path: Path, bundles: dict[str, Bundle]) -> dg.AssetsDefinition:
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(sorted(bundles)), **_asset_args(path))
     def http_datasets(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Dataset bundles published as single files behind HTTP(S) URLs (listed in
         `$DATASET_BUNDLES_FILE`), downloaded to `$DATASET_BUNDLES_DIR/<name>/` with retries and
-        backoff on 429/5xx, resumed with Range requests, verified (size, sha256) and renamed into
-        place atomically. Proxies and CA bundle come from the environment."""
+        backoff on 429/5xx (a server-requested wait longer than
+        `$DATASET_BUNDLES_MAX_RETRY_AFTER_S`, default 300 s, fails), resumed with Range requests,
+        verified (size, sha256, Content-Type) and renamed into place atomically. Proxies and CA
+        bundle come from the environment."""
         bundle = bundles[context.partition_key]
         root = Path(env("DATASET_BUNDLES_DIR", "data/bundles")).absolute() / bundle.name
         context.log.info(f"bundle start name={bundle.name} url={redact_url(bundle.url)}")
@@ -51,6 +75,7 @@ def build_http_datasets(path: Path) -> dg.AssetsDefinition:
                 "mb_per_s": round(result.mb_per_s, 2),
                 "sha256": result.sha256 or "not given",
                 "sha256_verified": bool(bundle.sha256),
+                "content_type": bundle.content_type or "not given (an HTML answer is refused)",
                 "resumed": result.resumed,
                 "already_complete": result.skipped,
                 "path": dg.MetadataValue.path(str(result.path)),
@@ -59,6 +84,16 @@ def build_http_datasets(path: Path) -> dg.AssetsDefinition:
         )
 
     return http_datasets
+
+
+def build_http_datasets(path: Path) -> dg.AssetsDefinition:
+    """The `http_datasets` asset for the bundles listed in ``path``; never raises because of the
+    file (a file that does not load gives an asset that fails with the reason)."""
+    bundles, problem = try_load_bundles(path)
+    if problem is not None:
+        logger.warning("http_datasets is unavailable: %s", problem)
+        return _unavailable(path, problem)
+    return _available(path, bundles)
 
 
 http_datasets = build_http_datasets(bundles_file())

@@ -3,12 +3,16 @@
 Serves ``files[path] = bytes`` (GET, HEAD; the query string is ignored) with ``Range: bytes=N-``
 -> 206 + Content-Range (416 past the end), a strong ``ETag`` (from the content) honoured in
 ``If-Range`` (a changed file is sent whole, 200). Faults hit upcoming GETs in the order queued:
-``fail_next`` (status), ``throttle_next`` (429 + ``Retry-After: 0``), ``truncate_next`` (full
-Content-Length, part of the body, connection dropped); ``ignore_range`` always answers 200;
+``fail_next`` (status, with ``Retry-After: <retry_after>`` when given), ``throttle_next`` (429 +
+``Retry-After: 0``), ``truncate_next`` (full Content-Length, part of the body, connection dropped),
+``overlong_next`` (``extra`` bytes more than announced: a 206 whose Content-Length exceeds its
+Content-Range by ``extra``; a 200 sent chunked, longer than its own Content-Length header,
+which chunked framing overrides); ``ignore_range`` always answers 200;
 ``validators`` = ``"etag"`` (default), ``"last-modified"`` (a date per content, no ETag) or
 ``None``; ``honour_if_range = False`` ignores If-Range (a broken server); ``max_range_bytes``
 answers a range with at most that many bytes (allowed by HTTP: the client asks again);
-``unsized_next`` sends a response without Content-Length, part of the body, then closes.
+``unsized_next`` sends a response without Content-Length, part of the body, then closes;
+``content_types[path]`` is sent as Content-Type (none by default).
 ``stats``: per-path ``get``/``head`` counts, ``ranges`` seen, ``bytes_sent``. Quiet; stops after ``max_lifetime_s``.
 """
 from __future__ import annotations
@@ -40,8 +44,9 @@ class FileServer:
         self.validators: str | None = "etag"
         self.honour_if_range = True
         self.max_range_bytes = 0
+        self.content_types: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._faults: list[tuple[str, float]] = []  # (kind, status or fraction), one per GET
+        self._faults: list[tuple[str, float, str]] = []  # (kind, status/fraction/bytes, Retry-After), one per GET
         self._conns: set[socket.socket] = set()
         self._stopped = False
         self.reset_stats()
@@ -54,15 +59,18 @@ class FileServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
 
-    def _queue(self, n: int, kind: str, value: float) -> None:
+    def _queue(self, n: int, kind: str, value: float, retry_after: str = "") -> None:
         with self._lock:
-            self._faults += [(kind, value)] * n
+            self._faults += [(kind, value, retry_after)] * n
 
-    def fail_next(self, n: int, status: int = 503) -> None:
-        self._queue(n, "fail", status)
+    def fail_next(self, n: int, status: int = 503, retry_after: str | None = None) -> None:
+        self._queue(n, "fail", status, "" if retry_after is None else str(retry_after))
 
     def throttle_next(self, n: int) -> None:
-        self._queue(n, "fail", 429)
+        self._queue(n, "fail", 429, "0")
+
+    def overlong_next(self, n: int, extra: int = 1000) -> None:
+        self._queue(n, "overlong", extra)
 
     def truncate_next(self, n: int, fraction: float = 0.5) -> None:
         self._queue(n, "truncate", fraction)
@@ -128,9 +136,11 @@ class _Handler(TrackedHandler):
             data = srv.files.get(path)
         if data is None:
             return self._reply(404, b"not found\n")
-        if fault and fault[0] == "fail":  # 429 comes with Retry-After: 0
-            return self._reply(int(fault[1]), b"injected failure\n", {"Retry-After": "0"} if fault[1] == 429 else {})
+        if fault and fault[0] == "fail":
+            return self._reply(int(fault[1]), b"injected failure\n", {"Retry-After": fault[2]} if fault[2] else {})
         start, end, status, headers = 0, len(data) - 1, 200, {"Accept-Ranges": "bytes"}
+        if path in srv.content_types:
+            headers["Content-Type"] = srv.content_types[path]
         digest = hashlib.sha256(data).digest()
         etag = '"' + digest.hex()[:20] + '"'
         modified = email.utils.formatdate(1_600_000_000 + int.from_bytes(digest[:3], "big"), usegmt=True)
@@ -154,6 +164,20 @@ class _Handler(TrackedHandler):
         body = data[start:end + 1]
         if not fault:
             return self._reply(status, body, headers)
+        if fault[0] == "overlong":
+            surplus = b"\0" * int(fault[1])
+            if status == 206:  # Content-Range announces the range; Content-Length and the body are longer
+                return self._reply(status, body + surplus, headers)
+            self.send_response(status)  # chunked framing overrides the (shorter) Content-Length
+            for item in {**headers, "Content-Length": str(len(body)), "Transfer-Encoding": "chunked"}.items():
+                self.send_header(*item)
+            self.end_headers()
+            for piece in (body, surplus):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            with srv._lock:
+                srv._bytes += len(body) + len(surplus)
+            return
         if fault[0] == "unsized":  # no Content-Length: the body ends where the connection does
             self.send_response(status)
             for item in {**headers, "Connection": "close"}.items():
