@@ -95,6 +95,7 @@ def test_killed_run_leaves_no_s5cmd_and_rerun_completes(idc_fixture, s3, tmp_pat
         "IDC_DOWNLOAD_DIR": str(download_dir),
         "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
         "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
+        "DAGSTER_EXECUTOR": "multiprocess",  # the step in a process of its own, to kill it alone
     }
     args = [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions",
             "--select", "collection_manifest,downloaded_collection", "--partition", "qin_pet_phantom"]

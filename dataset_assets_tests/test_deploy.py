@@ -41,9 +41,9 @@ def test_local_instance_is_sqlite_under_dagster_home(tmp_path):
 
 def test_executor_switch(monkeypatch):
     monkeypatch.delenv("DAGSTER_EXECUTOR", raising=False)
-    assert executor_from_env() is dg.multiprocess_executor
-    monkeypatch.setenv("DAGSTER_EXECUTOR", "in_process")
     assert executor_from_env() is dg.in_process_executor
+    monkeypatch.setenv("DAGSTER_EXECUTOR", "multiprocess")
+    assert executor_from_env() is dg.multiprocess_executor
     monkeypatch.setenv("DAGSTER_EXECUTOR", "slurm")
     with pytest.raises(ValueError, match="'slurm' is not one of multiprocess, in_process, celery, k8s, docker"):
         executor_from_env()

@@ -422,7 +422,7 @@ def test_10_a_disk_that_fills_during_the_transfer_stops_it_at_once(env, s3, tmp_
     assert s3.stats["get_object"] < 24  # stopped: the rest was never fetched
 
 
-def _materialize_env(idc_fixture, s3, tmp_path) -> dict[str, str]:
+def _materialize_env(idc_fixture, s3, tmp_path, executor: str = "multiprocess") -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir()
     return {
@@ -433,12 +433,13 @@ def _materialize_env(idc_fixture, s3, tmp_path) -> dict[str, str]:
         "IDC_DOWNLOAD_DIR": str(tmp_path / "idc"),
         "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
         "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
-        "DAGSTER_EXECUTOR": "multiprocess",
+        "DAGSTER_EXECUTOR": executor,
     }
 
 
-def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_fixture, s3, tmp_path):
-    env = _materialize_env(idc_fixture, s3, tmp_path)
+@pytest.mark.parametrize("executor", ["multiprocess", "in_process"])
+def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_fixture, s3, tmp_path, executor):
+    env = _materialize_env(idc_fixture, s3, tmp_path, executor)
     s3.faults.delay_s = 0.5
     proc = subprocess.Popen(
         [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions", "--select",

@@ -216,17 +216,56 @@ def collections_table(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
         return con.execute(COLLECTIONS_SQL).df()
 
 
-def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource) -> None:
-    """(Re)create the bundled indices as tables in ``con`` (a DuckDB database file), atomically."""
+def snapshot(source: IndexSource, folder: Path) -> Path:
+    """Copy the bundled index files of ``source`` into ``folder/<fingerprint>/`` once (a temporary
+    folder renamed into place) and return it: the DuckDB views keep reading the release they were
+    made from even after the package is upgraded. Older snapshots are kept (one per release)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    names = [n for n in BUNDLED if n == "idc_index" or (source.directory / f"{n}.parquet").is_file()]
+    stats = [(n, source.path(n).stat()) for n in names]
+    key = hashlib.sha256(
+        repr([str(source.directory.resolve()), source.package_version, *((n, st.st_size, st.st_mtime_ns) for n, st in stats)]).encode()
+    ).hexdigest()[:16]
+    target = folder / key
+    if all((target / f"{n}.parquet").is_file() for n in names):
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{key}-"))
+    try:
+        for name in names:
+            shutil.copyfile(source.path(name), tmp / f"{name}.parquet")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another run made the same snapshot first
+            if not all((target / f"{n}.parquet").is_file() for n in names):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource, snapshot_dir: Path | None = None) -> None:
+    """(Re)create the bundled indices in ``con`` (a DuckDB database file), atomically: views over
+    a snapshot of the Parquet files in ``snapshot_dir`` (a copy of 100 MB instead of 1,044,191 rows
+    written into DuckDB), or tables copied from ``source`` without one."""
+    folder = snapshot(source, snapshot_dir) if snapshot_dir is not None else None
     con.execute("BEGIN TRANSACTION")
     try:
         for name in BUNDLED:
             if name != "idc_index" and not (source.directory / f"{name}.parquet").is_file():
                 continue
-            path = source.path(name)
-            con.execute(
-                f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM read_parquet({_sql_str(str(path))})"
-            )
+            path = folder / f"{name}.parquet" if folder is not None else source.path(name)
+            read = f"SELECT * FROM read_parquet({_sql_str(str(path.absolute()))})"
+            kinds = con.execute(
+                "SELECT table_type FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
+                [name],
+            ).fetchall()
+            if kinds:  # replace what an earlier run made, table or view
+                con.execute(f"DROP {'VIEW' if kinds[0][0] == 'VIEW' else 'TABLE'} {name}")
+            con.execute(f"CREATE {'VIEW' if folder is not None else 'TABLE'} {name} AS {read}")
         check_columns(con)
         con.execute("COMMIT")
     except duckdb.Error as exc:

@@ -23,14 +23,16 @@ IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
 )
 def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckDBResource) -> dg.MaterializeResult:
     """The series-level index of NCI Imaging Data Commons (one row per DICOM series), from the
-    installed `idc-index-data` package, loaded into the project's DuckDB database
-    (`$IDC_DUCKDB_PATH`) with `collections_index`, `prior_versions_index` and
-    `version_metadata_index`. Its data version is the IDC release (e.g. `v25`), so an
+    installed `idc-index-data` package, in the project's DuckDB database (`$IDC_DUCKDB_PATH`)
+    with `collections_index`, `prior_versions_index` and `version_metadata_index`: views over a
+    snapshot of the package's Parquet files beside the database (`<name>_index_files/`), so a
+    package upgrade changes nothing until the asset is materialized again. Its data version is the IDC release (e.g. `v25`), so an
     unchanged release shows as unchanged."""
     source = idc.source()
-    Path(duckdb.database).parent.mkdir(parents=True, exist_ok=True)
+    database = Path(duckdb.database)
+    database.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.get_connection() as con:
-        idx.load_into(con, source)
+        idx.load_into(con, source, snapshot_dir=database.parent / f"{database.stem}_index_files")
         release = idx.release_of(con)
         totals = idx.index_summary(con)
     context.log.info(

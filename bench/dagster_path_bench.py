@@ -1,0 +1,283 @@
+"""The paths users run, side by side on one loopback S3 server and one collection with files sized
+as IDC's are (issue 10): raw s5cmd, `dataset idc download`, `dagster asset materialize` (index
+already there; and from an empty DAGSTER_HOME with `idc_index`), the re-run on a complete
+collection, and idc-index's `download_from_selection` when a venv with it is given.
+
+    .venv/bin/python bench/dagster_path_bench.py [--collection qin_pet_phantom] [--repeats 3]
+        [--idc-venv /tmp/idcidx]    # python3 -m venv /tmp/idcidx && /tmp/idcidx/bin/pip install idc-index
+
+from the repository root. The fixture takes the collection's rows from the installed
+idc-index-data and writes, per series, `instanceCount` DICOM files (pydicom; the row's UIDs and
+Modality) whose sizes add up to the index's `series_size_MB` to the byte, under the real
+`crdc_series_uuid` prefixes, so the real index drives every path. Each case downloads into a fresh
+folder under --work-root (/dev/shm); cases of one repeat run in rotating order. Wall time and peak
+RSS (the whole process tree) per case; medians; ratios with their targets:
+
+* dagster (collection_manifest + downloaded_collection, checks included) <= 1.5 x the CLI;
+* fresh home (idc_index + the two) <= 0.6 x idc-index (its index load included);
+* re-run of a complete collection <= 0.3 x the first download by the same command, 0 GETs.
+
+Writes bench/results/dagster_path.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+BIN = Path(sys.executable).parent
+
+from download_bench import PROXY_VARS, RssSampler, Server  # noqa: E402
+
+
+def dicom_bytes(row: dict, size: int) -> bytes:
+    """A DICOM file of exactly ``size`` bytes (when it can hold its header) with the row's UIDs."""
+    from pydicom import dcmwrite
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.128"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.StudyInstanceUID = row["PatientID"] or "", row["StudyInstanceUID"]
+    ds.SeriesInstanceUID, ds.Modality = row["SeriesInstanceUID"], row["Modality"] or "OT"
+    ds.PixelData = b""
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    header = len(buf.getvalue())
+    room = size - header
+    if room < 0:
+        return os.urandom(size)
+    ds.PixelData = b"\x5a" * (room - room % 2)
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    data = buf.getvalue()
+    return data + b"\0" * (size - len(data))  # an odd size: one byte after the pixel data
+
+
+def build(work: Path, collection: str) -> tuple[Path, list[dict]]:
+    """The S3 tree of ``collection`` under ``work/s3`` with sizes to the byte; returns it and the rows."""
+    import duckdb
+
+    from dataset_assets.core.index import IndexSource
+
+    path = IndexSource.installed().path("idc_index")
+    rows = duckdb.sql(
+        f"SELECT collection_id, PatientID, StudyInstanceUID, SeriesInstanceUID, Modality, aws_bucket, "
+        f"crdc_series_uuid, instanceCount, CAST(round(series_size_MB * 1e6) AS BIGINT) AS bytes "
+        f"FROM read_parquet('{path}') WHERE collection_id = ?", params=[collection]
+    ).to_arrow_table().to_pylist()
+    s3 = work / "s3"
+    for row in rows:
+        folder = s3 / row["aws_bucket"] / row["crdc_series_uuid"]
+        folder.mkdir(parents=True)
+        n, total = row["instanceCount"], row["bytes"]
+        sizes = [total // n + (1 if i < total % n else 0) for i in range(n)]
+        for size in sizes:
+            (folder / f"{uuid.uuid4()}.dcm").write_bytes(dicom_bytes(row, size))
+    return s3, rows
+
+
+def timed_process(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[float, float, int]:
+    """(seconds, peak RSS MB of the process tree, exit code)."""
+    with open(log, "w") as out:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        sampler = RssSampler(proc.pid, tree=True, every=0.1)
+        sampler.start()
+        proc.wait(timeout=3600)
+        elapsed = time.monotonic() - started
+    procs = sampler.stop()
+    # Peak of the tree: the processes alive at once are not known exactly; the sum of each
+    # process's peak is an upper bound, the largest single one a lower bound. Report the sum.
+    return elapsed, sum(p["hwm_mb"] for p in procs.values()), proc.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--collection", default="qin_pet_phantom")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--idc-venv", default="/tmp/idcidx")
+    ap.add_argument("--work-root", default="/dev/shm")
+    ap.add_argument("--workers", type=int, default=64)
+    a = ap.parse_args()
+    for name in PROXY_VARS:
+        os.environ.pop(name, None)
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+    from dataset_assets.core import s5cmd
+    from dataset_assets.core.download import _command
+    from dataset_assets.core.index import IndexSource
+    from dataset_assets.core.manifest import build_manifest
+
+    work = Path(tempfile.mkdtemp(prefix="dagster-path-bench-", dir=a.work_root if os.path.isdir(a.work_root) else None))
+    server = None
+    results: dict[str, list[dict]] = {}
+    notes: list[str] = []
+    try:
+        t = time.monotonic()
+        s3_root, rows = build(work, a.collection)
+        total = sum(r["bytes"] for r in rows)
+        files = sum(r["instanceCount"] for r in rows)
+        print(f"fixture: {a.collection}, {len(rows)} series, {files:,} files, {total / 1e6:.1f} MB "
+              f"(built in {time.monotonic() - t:.1f} s)", flush=True)
+        server = Server(s3_root)
+        endpoint = server.endpoint_url
+        opts = s5cmd.S5cmdOptions(endpoint_url=endpoint, workers=a.workers)
+        with IndexSource.installed().connect() as con:
+            manifest = build_manifest(con, a.collection)
+        base_env = {**os.environ, "IDC_S3_ENDPOINT_URL": endpoint, "DAGSTER_EXECUTOR": os.environ.get("DAGSTER_EXECUTOR", "")}
+        if not base_env["DAGSTER_EXECUTOR"]:
+            base_env.pop("DAGSTER_EXECUTOR")
+        warm_home = work / "home-warm"
+        warm_home.mkdir()
+        shutil.copy(REPO / "dagster.yaml", warm_home / "dagster.yaml")
+        materialize = [str(BIN / "dagster"), "asset", "materialize", "-m", "dataset_assets.definitions",
+                       "--partition", a.collection, "--select"]
+        counter = iter(range(10_000))
+
+        def record(case: str, seconds: float, rss: float, code: int, log: Path, **extra) -> None:
+            if code != 0:
+                raise SystemExit(f"{case} failed (exit {code}):\n{log.read_text()[-3000:]}")
+            gets = server.ask("stats")["get_object"]
+            results.setdefault(case, []).append({"seconds": seconds, "peak_rss_mb": rss, "gets": gets, **extra})
+            print(f"  {case:<12} {seconds:7.2f} s  {rss:7.0f} MB  {gets:6,} GETs", flush=True)
+
+        def raw() -> None:
+            dest = work / f"raw{next(counter)}"
+            cmds = work / "raw.s5cmd"
+            with open(cmds, "w") as f:
+                for row in manifest.select(["series_aws_url", "aws_bucket", "target_dir"]).to_pylist():
+                    f.write(_command("cp", opts.source_url(row["series_aws_url"], row["aws_bucket"]),
+                                     f"{dest / row['target_dir']}/", opts.copy_flags()))
+            server.ask("reset")
+            seconds, rss, code = timed_process([str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmds)],
+                                               s5cmd.s5cmd_env(), work, work / "raw.log")
+            record("raw_s5cmd", seconds, rss, code, work / "raw.log")
+
+        def cli() -> None:
+            dest = work / f"cli{next(counter)}"
+            server.ask("reset")
+            seconds, rss, code = timed_process([str(BIN / "dataset"), "idc", "download", a.collection, str(dest)],
+                                               base_env, work, work / "cli.log")
+            record("cli", seconds, rss, code, work / "cli.log")
+
+        def dagster() -> None:
+            n = next(counter)
+            env = {**base_env, "DAGSTER_HOME": str(warm_home), "IDC_DOWNLOAD_DIR": str(work / f"dg{n}"),
+                   "IDC_MANIFEST_DIR": str(work / "manifests"), "IDC_DUCKDB_PATH": str(work / "warm.duckdb")}
+            server.ask("reset")
+            log = work / "dagster.log"
+            seconds, rss, code = timed_process([*materialize, "collection_manifest,downloaded_collection"], env, work, log)
+            record("dagster", seconds, rss, code, log)
+            server.ask("reset")  # the re-run: the same command on the complete collection
+            seconds, rss, code = timed_process([*materialize, "collection_manifest,downloaded_collection"], env, work, log)
+            record("rerun", seconds, rss, code, log)
+
+        def fresh() -> None:
+            n = next(counter)
+            home = work / f"home{n}"
+            home.mkdir()
+            shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+            env = {**base_env, "DAGSTER_HOME": str(home), "IDC_DOWNLOAD_DIR": str(work / f"fresh{n}"),
+                   "IDC_MANIFEST_DIR": str(work / f"m{n}"), "IDC_DUCKDB_PATH": str(work / f"idc{n}.duckdb")}
+            server.ask("reset")
+            log = work / "fresh.log"
+            seconds, rss, code = timed_process(
+                [*materialize, "idc_index,collection_manifest,downloaded_collection"], env, work, log)
+            record("fresh_home", seconds, rss, code, log)
+
+        cases = [raw, cli, dagster, fresh]
+        for repeat in range(a.repeats):
+            print(f"repeat {repeat + 1}/{a.repeats}", flush=True)
+            for case in cases[repeat % len(cases):] + cases[: repeat % len(cases)]:
+                case()
+        idc = run_idc_index(a, work, endpoint, manifest, notes)
+        if idc:
+            results["idc_index"] = idc
+    finally:
+        if server:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, notes)
+
+
+def run_idc_index(a, work: Path, endpoint: str, manifest, notes: list[str]) -> list[dict] | None:
+    """idc-index's IDCClient(): its index load, then download_from_selection of the collection's series."""
+    from dataset_assets.core import s5cmd
+    from dataset_assets.core.index import IndexSource
+
+    py = Path(a.idc_venv) / "bin" / "python"
+    if not py.is_file():
+        notes.append(f"idc-index skipped: no {py} (python3 -m venv {a.idc_venv} && {a.idc_venv}/bin/pip install idc-index)")
+        return None
+    wrapper = work / "s5cmd-numworkers"
+    wrapper.write_text(f'#!/bin/sh\nexec "{s5cmd.find_binary()}" --numworkers {a.workers} "$@"\n')
+    wrapper.chmod(0o755)
+    out = []
+    for n in range(a.repeats):
+        cfg = {"endpoint": endpoint, "index": str(IndexSource.installed().path("idc_index")),
+               "dests": [str(work / f"idc{n}")], "s5cmd": str(wrapper),
+               "series": manifest.column("SeriesInstanceUID").to_pylist()}
+        env = {k: v for k, v in s5cmd.s5cmd_env().items() if k not in PROXY_VARS}
+        started = time.monotonic()
+        done = subprocess.run([str(py), str(REPO / "bench" / "idc_index_runner.py"), json.dumps(cfg)], env=env,
+                              cwd=work, capture_output=True, text=True, timeout=3600)
+        wall = time.monotonic() - started
+        if done.returncode:
+            notes.append(f"idc-index failed (exit {done.returncode}): {done.stderr[-1500:]}")
+            return None
+        result = json.loads(done.stdout.split("RESULT ", 1)[1])
+        out.append({"seconds": wall, "init_s": result["init_s"], "download_s": result["times"][0]})
+        print(f"  {'idc_index':<12} {wall:7.2f} s  (index load {result['init_s']:.1f} s, "
+              f"download {result['times'][0]:.1f} s)", flush=True)
+    return out
+
+
+def report(results: dict[str, list[dict]], notes: list[str]) -> None:
+    med = {case: statistics.median(r["seconds"] for r in runs) for case, runs in results.items()}
+    rss = {case: statistics.median(r.get("peak_rss_mb", 0) for r in runs) for case, runs in results.items()}
+    print("\ncase          median s   peak RSS MB (tree)")
+    for case in med:
+        print(f"{case:<12} {med[case]:9.2f}   {rss[case]:8.0f}")
+    ratios = []
+    if "dagster" in med and "cli" in med:
+        ratios.append(("dagster / cli", med["dagster"] / med["cli"], 1.5))
+    if "fresh_home" in med and "idc_index" in med:
+        ratios.append(("fresh home / idc-index", med["fresh_home"] / med["idc_index"], 0.6))
+    if "rerun" in med and "dagster" in med:
+        ratios.append(("re-run / first (same command)", med["rerun"] / med["dagster"], 0.3))
+    if "cli" in med and "raw_s5cmd" in med:
+        ratios.append(("cli / raw s5cmd", med["cli"] / med["raw_s5cmd"], None))
+    print()
+    for name, value, target in ratios:
+        verdict = "" if target is None else (" ok" if value <= target else " MISSED")
+        print(f"{name:<32} {value:5.2f}" + (f"  (target <= {target}){verdict}" if target else ""))
+    gets = [r["gets"] for r in results.get("rerun", [])]
+    print(f"re-run GETs: {gets}")
+    for note in notes:
+        print("note:", note)
+    out = REPO / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "dagster_path.json").write_text(json.dumps(
+        {"runs": results, "medians_s": med, "ratios": {n: v for n, v, _ in ratios}, "notes": notes}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
