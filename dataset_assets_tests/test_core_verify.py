@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401 - pa.parquet
+import pydicom
 import pytest
 
 from dataset_assets.core.download import download, state_path_for
@@ -171,3 +172,22 @@ def test_default_processes_are_capped(monkeypatch):
     assert verify.default_processes() == verify.MAX_DEFAULT_PROCESSES == 8
     monkeypatch.setattr(verify.os, "sched_getaffinity", lambda pid: {0})
     assert verify.default_processes() == 1
+
+
+def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifest, tmp_path):
+    from dataset_assets.core.verify import header_cache_path
+
+    root = tmp_path / "dl"
+    cache = header_cache_path(root, manifest)
+    download(manifest, root, S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1), log=lambda m: None,
+             header_cache=cache)
+    first = check_headers(manifest, root, processes=1, cache_path=cache)
+    assert first.passed and first.checked == 24 and first.notes["read"] == 0  # read as the files landed
+    victim = sorted(root.rglob("*.dcm"))[5]
+    ds = pydicom.dcmread(victim)
+    ds.PatientID = "someone-else"
+    ds.save_as(victim)  # a changed file (new mtime) is read again, and caught
+    second = check_headers(manifest, root, processes=1, cache_path=cache)
+    assert not second.passed and second.notes["read"] == 0 and "someone-else" in second.problems[0]
+    third = check_headers(manifest, root, processes=1, cache_path=cache, reread=True)
+    assert not third.passed and third.notes["read"] == 23  # everything read; the bad file is never cached

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import pydicom
 
@@ -36,32 +37,139 @@ def file_problems(path: str, expected: tuple[str, ...]) -> list[str]:
     ]
 
 
-def check_series(batch: list[Series], sample_per_series: int, max_listed: int) -> tuple[int, int, list[str], list[str]]:
+def check_series(
+    batch: list[Series], sample_per_series: int, max_listed: int, known: dict | None = None
+) -> tuple[int, int, list[str], list[str], list[tuple[str, str, int, int]]]:
     """Read the ``*.dcm`` headers of each series directory in ``batch`` (the first
-    ``sample_per_series`` by name when > 0). Returns (files checked, problem count, the first
-    ``max_listed`` problems, UIDs of series with problems). A missing directory is skipped:
-    missing files are the file-count check's business."""
+    ``sample_per_series`` by name when > 0). ``known`` maps ``(folder, name)`` to the
+    ``(size, mtime_ns, key)`` of a file whose header matched before: such a file, unchanged since,
+    is not read again. Returns (files checked, problem count, the first ``max_listed`` problems,
+    UIDs of series with problems, ``(folder, name, size, mtime_ns)`` of each file read that
+    matched). A missing directory is skipped: missing files are the file-count check's business."""
     checked = count = 0
     listed: list[str] = []
     culprits: list[str] = []
+    passed: list[tuple[str, str, int, int]] = []
+    known = known or {}
     for folder, series_uid, expected in batch:
         try:
-            names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".dcm"))
+            entries = sorted(
+                ((e.name, e.stat(follow_symlinks=False)) for e in os.scandir(folder) if e.name.endswith(".dcm")),
+                key=lambda item: item[0],
+            )
         except (FileNotFoundError, NotADirectoryError):
             continue
         if sample_per_series:
-            names = names[:sample_per_series]
+            entries = entries[:sample_per_series]
+        key = header_key(expected)
         bad = False
-        for name in names:
+        for name, st in entries:
             checked += 1
-            for problem in file_problems(os.path.join(folder, name), expected):
+            if known.get((folder, name)) == (st.st_size, st.st_mtime_ns, key):
+                continue
+            problems = file_problems(os.path.join(folder, name), expected)
+            if not problems:
+                passed.append((folder, name, st.st_size, st.st_mtime_ns))
+            for problem in problems:
                 count += 1
                 bad = True
                 if len(listed) < max_listed:
                     listed.append(problem)
         if bad:
             culprits.append(series_uid)
-    return checked, count, listed, culprits
+    return checked, count, listed, culprits, passed
+
+
+def header_key(expected: tuple[str, ...]) -> str:
+    return "\x1f".join(expected)
+
+
+class HeaderCache:
+    """Files whose header matched their series, with the size and mtime they had then: a file
+    unchanged since is not read again (as make and rsync trust size and mtime). One Parquet file
+    per collection below the download root; unreadable means empty (it is only a cache)."""
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path, self.root = path, root
+        self.entries: dict[tuple[str, str], tuple[int, int, str]] = {}
+
+    def load(self) -> HeaderCache:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(self.path)
+            rows = zip(*(table.column(c).to_pylist() for c in ("folder", "name", "size", "mtime_ns", "key")))
+            self.entries = {(os.path.normpath(self.root / f), n): (s, m, k) for f, n, s, m, k in rows}
+        except Exception:  # noqa: BLE001 - missing, truncated, foreign: start empty
+            self.entries = {}
+        return self
+
+    def add(self, folder: str, name: str, size: int, mtime_ns: int, key: str) -> None:
+        self.entries[(folder, name)] = (size, mtime_ns, key)
+
+    def save(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [(os.path.relpath(f, self.root), n, *v) for (f, n), v in self.entries.items()]
+        columns = list(zip(*rows)) if rows else [[], [], [], [], []]
+        table = pa.table(
+            dict(zip(("folder", "name", "size", "mtime_ns", "key"), map(list, columns))),
+            schema=pa.schema([("folder", pa.string()), ("name", pa.string()), ("size", pa.int64()),
+                              ("mtime_ns", pa.int64()), ("key", pa.string())]),
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class StreamingHeaderCheck:
+    """Reads the header of each file as soon as the transfer reports it copied (a thread, while
+    s5cmd fetches the rest) and records the ones that match in a ``HeaderCache``; the blocking
+    check then reads only files that are new or changed since."""
+
+    def __init__(self, cache: HeaderCache, expected_by_folder: dict[str, tuple[str, ...]]) -> None:
+        import queue
+        import threading
+
+        self.cache, self.expected = cache, expected_by_folder
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, daemon=True, name="header-check")
+        self.thread.start()
+
+    def file_copied(self, destination: str) -> None:
+        self.queue.put(destination)
+
+    stopping = False
+
+    def _work(self) -> None:
+        while (destination := self.queue.get()) is not None and not self.stopping:
+            folder, _, name = destination.rpartition("/")
+            folder = os.path.normpath(folder)
+            expected = self.expected.get(folder)
+            if expected is None or not name.endswith(".dcm"):
+                continue
+            try:
+                st = os.stat(destination, follow_symlinks=False)
+            except OSError:
+                continue
+            if not file_problems(destination, expected):
+                self.cache.add(folder, name, st.st_size, st.st_mtime_ns, header_key(expected))
+
+    def finish(self, drain: bool = True) -> None:
+        """Wait for the files reported so far (``drain``; else stop at once) and save the cache."""
+        self.stopping = not drain
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            self.cache.save()
+        except OSError:
+            pass  # only a cache: the check reads these files itself
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

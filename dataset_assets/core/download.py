@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,7 @@ import pyarrow as pa
 import requests
 
 from . import s5cmd
+from .dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
 from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, TransferStoppedError
 from .fmt import human_bytes, redact_url, scrub_text
 from .fs import check_writable, space_reservation
@@ -131,7 +133,7 @@ def _fits(files: dict[str, int] | None, row: dict) -> bool:
 
 def _rows(manifest: pa.Table) -> Iterator[dict]:
     columns = ["SeriesInstanceUID", "crdc_series_uuid", "aws_bucket", "series_aws_url", "instanceCount",
-               "series_bytes", "target_dir", "series_revised_idc_version"]
+               "series_bytes", "target_dir", "series_revised_idc_version", *HEADER_FIELDS]
     for batch in manifest.select(columns).to_batches(50_000):
         yield from batch.to_pylist()
 
@@ -333,12 +335,14 @@ class Download:
         on_progress: Callable[[Progress], None] | None = None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         allowed_buckets: Iterable[str] = IDC_BUCKETS,
+        header_cache: Path | None = None,
     ) -> None:
         self.manifest, self.root, self.options, self.log = manifest, root, options, log
         self.progress_interval_s, self.check_endpoint_first = progress_interval_s, check_endpoint_first
         self.state_path, self.on_progress = state_path, on_progress
         self.stall_timeout_s = stall_timeout_s
         self.allowed_buckets = tuple(allowed_buckets)
+        self.header_cache = header_cache  # read each file's header as it lands (see StreamingHeaderCheck)
         self.control = root / CONTROL_DIR
         self.started = time.monotonic()
         self.records: dict[str, SeriesRecord] = {}  # the state, updated as series are verified
@@ -502,13 +506,25 @@ class Download:
                         for name in t.fetch:
                             handle.write(_command("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
                 handle.close()
-                try:
-                    self.result.returncode = s5cmd.run(
-                        [*self.options.global_args(), "run", str(path)],
-                        on_stdout=progress.on_stdout, on_stderr=progress.on_stderr, on_tick=tick,
-                        tick_s=self.progress_interval_s, grace_period_s=self.options.grace_period_s,
-                        check=lambda: self._check(progress),
+                headers = None
+                if self.header_cache is not None:
+                    headers = StreamingHeaderCheck(
+                        HeaderCache(self.header_cache, self.root).load(),
+                        {os.path.normpath(self.root / t.row["target_dir"]): tuple(t.row[f] or "" for f in HEADER_FIELDS)
+                         for t in todo},
                     )
+                    progress.on_copied = headers.file_copied
+                try:
+                    try:
+                        self.result.returncode = s5cmd.run(
+                            [*self.options.global_args(), "run", str(path)],
+                            on_stdout=progress.on_stdout, on_stderr=progress.on_stderr, on_tick=tick,
+                            tick_s=self.progress_interval_s, grace_period_s=self.options.grace_period_s,
+                            check=lambda: self._check(progress),
+                        )
+                    finally:
+                        if headers is not None:  # what was read is kept; an interrupted run stops reading
+                            headers.finish(drain=sys.exc_info()[0] is None)
                 except _Stop as stop:
                     self.log("transfer stopped: " + progress.line())
                     self.verify()

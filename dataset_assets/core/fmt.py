@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import re
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _is_na(value: object) -> bool:
+    """pandas' NA and NaT (only when pandas is already loaded: it is never imported for this)."""
+    import sys
+
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and value is not None and not isinstance(value, (int, float, str)) and bool(pandas.isna(value))
 
 
 def human_bytes(n: float | int | None) -> str:
     """``1234567`` -> ``'1.2 MB'`` (decimal units, as IDC reports sizes)."""
-    if n is None or pd.isna(n):
+    if n is None or (isinstance(n, float) and math.isnan(n)) or _is_na(n):
         return ""
     value = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
@@ -29,10 +40,10 @@ def human_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def markdown_table(df: pd.DataFrame, max_rows: int = 200) -> str:
+def markdown_table(df: "pd.DataFrame", max_rows: int = 200) -> str:
     """A GitHub-flavoured markdown table of ``df`` (first ``max_rows`` rows)."""
     def cell(v: object) -> str:
-        if v is None or (isinstance(v, float) and pd.isna(v)):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or _is_na(v):
             return ""
         if isinstance(v, int) and not isinstance(v, bool):
             return f"{v:,}"

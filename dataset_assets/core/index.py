@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-import pandas as pd
 
 from .errors import IndexUnavailableError, UnknownCollectionError, UnknownIndexError
 
@@ -209,7 +208,7 @@ ORDER BY s.collection_id
 """
 
 
-def collections_table(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+def collections_table(con: duckdb.DuckDBPyConnection):  # -> pandas.DataFrame (imported by DuckDB on demand)
     """One row per collection: counts and size from ``idc_index``, names/licence/DOI from
     ``collections_index`` (left join: a collection without metadata still appears)."""
     with _readable("the table of collections needs idc_index and collections_index"):

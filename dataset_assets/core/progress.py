@@ -37,6 +37,7 @@ class Progress:
     disk_full: str | None = None  # the first "no space left on device" error
     not_found: set = field(default_factory=set)  # source URLs s5cmd found no object for
     last_success: float = field(default_factory=time.monotonic)
+    on_copied: object = None  # called with the destination of each copied object (from the reader thread)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def on_stdout(self, line: str) -> None:
@@ -60,6 +61,8 @@ class Progress:
             self.last_success = time.monotonic()
             if isinstance(destination, str):
                 self.copied[destination] = size
+        if self.on_copied is not None and isinstance(destination, str):
+            self.on_copied(destination)
 
     def on_stderr(self, line: str) -> None:
         line = line.strip()

@@ -83,17 +83,21 @@ def check_files(manifest: pa.Table, root: Path) -> CheckReport:
 
 
 def _series_batches(
-    manifest: pa.Table, root: Path, sample_per_series: int, files_per_batch: int
+    manifest: pa.Table, root: Path, sample_per_series: int, files_per_batch: int, cached: dict[str, int] | None = None
 ) -> Iterator[list[dicom_headers.Series]]:
-    """Series grouped into batches of about ``files_per_batch`` files (by ``instanceCount``)."""
+    """Series grouped into batches of about ``files_per_batch`` files to read (``instanceCount``
+    less the files ``cached`` per folder)."""
     batch: list[dicom_headers.Series] = []
     files = 0
+    cached = cached or {}
     for rb in manifest.select(["target_dir", "instanceCount", *HEADER_FIELDS]).to_batches(10_000):
         for row in rb.to_pylist():
             expected = tuple(row[name] or "" for name in HEADER_FIELDS)
-            batch.append((str(root / row["target_dir"]), row["SeriesInstanceUID"], expected))
+            folder = os.path.normpath(root / row["target_dir"])
+            batch.append((folder, row["SeriesInstanceUID"], expected))
             count = row["instanceCount"] or 1
-            files += min(count, sample_per_series) if sample_per_series else count
+            count = min(count, sample_per_series) if sample_per_series else count
+            files += max(count - cached.get(folder, 0), 0) + 1  # + 1: a directory to list
             if files >= files_per_batch:
                 yield batch
                 batch, files = [], 0
@@ -110,36 +114,87 @@ def default_processes() -> int:
     return max(1, min(cpus, MAX_DEFAULT_PROCESSES))
 
 
+def header_cache_path(root: Path, manifest: pa.Table) -> Path:
+    """Where the header check remembers the files whose header matched (beside the state)."""
+    state = state_path_for(root, manifest)
+    return state.parent.parent / "headers" / state.name
+
+
 def check_headers(
-    manifest: pa.Table, root: Path, *, sample_per_series: int = 0, processes: int = 0, files_per_batch: int = 1_000
+    manifest: pa.Table,
+    root: Path,
+    *,
+    sample_per_series: int = 0,
+    processes: int = 0,
+    files_per_batch: int = 1_000,
+    cache_path: Path | None = None,
+    reread: bool = False,
 ) -> CheckReport:
     """DICOM header UIDs and Modality of every (or a sample of every series') file.
 
     Header parsing is pure Python, so batches of series go to ``processes`` worker processes
-    (0: one per CPU, at most 8), at most two batches per worker in flight (memory stays flat). A manifest
-    of a single batch is read in this process: starting workers would cost more than it saves.
-    Workers are spawned, so a script that calls this needs ``if __name__ == "__main__":``, as
-    any multiprocessing code does."""
+    (0: one per CPU, at most 8), at most two batches per worker in flight (memory stays flat).
+    When what is left to read fits in one batch it is read in this process: starting workers
+    would cost more than it saves. With ``cache_path``, files whose header matched before (read
+    by this check, or by the download as each file arrived) and whose size and mtime are
+    unchanged are not read again (``reread`` reads everything). Workers are spawned, so a
+    script that calls this needs ``if __name__ == "__main__":``, as any multiprocessing code does."""
     processes = processes or default_processes()
     report = CheckReport(notes={"sample_per_series": sample_per_series or "all files", "processes": processes})
+    cache = dicom_headers.HeaderCache(cache_path, root) if cache_path is not None else None
+    if cache is not None and not reread:
+        cache.load()
+    by_folder: dict[str, dict] = {}
+    if cache is not None:
+        for (folder, name), value in cache.entries.items():
+            by_folder.setdefault(folder, {})[(folder, name)] = value
+    cached = {folder: len(entries) for folder, entries in by_folder.items()}
 
-    def merge(result: tuple[int, int, list[str], list[str]]) -> None:
-        checked, count, listed, culprits = result
+    def known(batch: list[dicom_headers.Series]) -> dict:
+        merged: dict = {}
+        for folder, _, _ in batch:
+            merged.update(by_folder.get(folder, {}))
+        return merged
+
+    def merge(result: tuple) -> None:
+        checked, count, listed, culprits, passed = result
         report.checked += checked
         report.problem_count += count
         report.problems.extend(listed[: MAX_LISTED - len(report.problems)])
         report.culprit_series.update(culprits)
+        if cache is not None:
+            for folder, name, size, mtime_ns in passed:
+                report.notes["read"] = int(report.notes.get("read", 0)) + 1
+                cache.add(folder, name, size, mtime_ns, keys[folder])
 
-    batches = _series_batches(manifest, root, sample_per_series, files_per_batch)
+    keys: dict[str, str] = {}
+    batches = _series_batches(manifest, root, sample_per_series, files_per_batch, cached)
+
+    def remember(batch):
+        for folder, _, expected in batch:
+            keys[folder] = dicom_headers.header_key(expected)
+        return batch
+
     first = next(batches, None)
     second = next(batches, None)
     if first is None:
         return report
     if second is None or processes == 1:
         for batch in chain(filter(None, (first, second)), batches):
-            merge(dicom_headers.check_series(batch, sample_per_series, MAX_LISTED))
+            merge(dicom_headers.check_series(remember(batch), sample_per_series, MAX_LISTED, known(batch)))
         report.notes["processes"] = 1
-        return report
+    else:
+        _check_in_workers(chain((first, second), batches), remember, known, merge, sample_per_series, processes)
+    if cache is not None:
+        report.notes.setdefault("read", 0)
+        try:
+            cache.save()
+        except OSError as exc:  # only a cache: the next check reads more
+            report.notes["cache_not_saved"] = str(exc.strerror or exc)
+    return report
+
+
+def _check_in_workers(batches, remember, known, merge, sample_per_series: int, processes: int) -> None:
     pool = ProcessPoolExecutor(
         max_workers=processes,
         mp_context=multiprocessing.get_context("spawn"),  # never fork a process that runs threads
@@ -148,8 +203,9 @@ def check_headers(
     )
     try:
         pending: set[Future] = set()
-        for batch in chain((first, second), batches):
-            pending.add(pool.submit(dicom_headers.check_series, batch, sample_per_series, MAX_LISTED))
+        for batch in batches:
+            pending.add(pool.submit(dicom_headers.check_series, remember(batch), sample_per_series, MAX_LISTED,
+                                    known(batch)))
             if len(pending) >= 2 * processes:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -167,7 +223,6 @@ def check_headers(
             ) from exc
         raise
     pool.shutdown(wait=True)
-    return report
 
 
 def check_tree(manifest: pa.Table, root: Path) -> CheckReport:

@@ -88,6 +88,11 @@ class HeaderCheckConfig(dg.Config):
     processes: int = Field(
         default=0, ge=0, description="Worker processes reading headers (0: one per CPU of the step's machine)."
     )
+    reread: bool = Field(
+        default=False,
+        description="Read every header again. By default a file whose header matched before (read by this "
+        "check, or by the download as the file arrived) and whose size and mtime are unchanged is not re-read.",
+    )
 
 
 @dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, blocking=True)
@@ -97,11 +102,14 @@ def dicom_headers_match_manifest(
     """Every file's DICOM header (read without pixel data) has the PatientID, StudyInstanceUID,
     SeriesInstanceUID and Modality of its manifest row."""
     collection_id = context.partition_key
+    manifest, root = read_manifest(idc.manifest_path(collection_id)), idc.download_root()
     report = verify.check_headers(
-        read_manifest(idc.manifest_path(collection_id)),
-        idc.download_root(),
+        manifest,
+        root,
         sample_per_series=config.sample_per_series,
         processes=config.processes,
+        cache_path=verify.header_cache_path(root, manifest),
+        reread=config.reread,
     )
     return _result(report, "DICOM headers")
 

@@ -7,6 +7,7 @@ from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, Tr
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
 from dataset_assets.core.manifest import read_manifest
 from dataset_assets.core.s5cmd import binary_version, die_with_launcher
+from dataset_assets.core.verify import header_cache_path
 
 from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
@@ -91,6 +92,7 @@ def downloaded_collection(
             state_path=dl.state_path_for(root, manifest),
             stall_timeout_s=s5cmd.stall_timeout_s,
             allowed_buckets=s5cmd.buckets(),
+            header_cache=header_cache_path(root, manifest),  # headers read as files land, for the check
         )
     except (IncompleteDownloadError, TransferStoppedError) as exc:
         result = exc.result
