@@ -79,11 +79,16 @@ def build(work: Path, collection: str) -> tuple[Path, list[dict]]:
     from dataset_assets.core.index import IndexSource
 
     path = IndexSource.installed().path("idc_index")
-    rows = duckdb.sql(
-        f"SELECT collection_id, PatientID, StudyInstanceUID, SeriesInstanceUID, Modality, aws_bucket, "
-        f"crdc_series_uuid, instanceCount, CAST(round(series_size_MB * 1e6) AS BIGINT) AS bytes "
-        f"FROM read_parquet('{path}') WHERE collection_id = ?", params=[collection]
-    ).to_arrow_table().to_pylist()
+    rows = (
+        duckdb.sql(
+            f"SELECT collection_id, PatientID, StudyInstanceUID, SeriesInstanceUID, Modality, aws_bucket, "
+            f"crdc_series_uuid, instanceCount, CAST(round(series_size_MB * 1e6) AS BIGINT) AS bytes "
+            f"FROM read_parquet('{path}') WHERE collection_id = ?",
+            params=[collection],
+        )
+        .to_arrow_table()
+        .to_pylist()
+    )
     s3 = work / "s3"
     for row in rows:
         folder = s3 / row["aws_bucket"] / row["crdc_series_uuid"]
@@ -135,21 +140,36 @@ def main() -> None:
         s3_root, rows = build(work, a.collection)
         total = sum(r["bytes"] for r in rows)
         files = sum(r["instanceCount"] for r in rows)
-        print(f"fixture: {a.collection}, {len(rows)} series, {files:,} files, {total / 1e6:.1f} MB "
-              f"(built in {time.monotonic() - t:.1f} s)", flush=True)
+        print(
+            f"fixture: {a.collection}, {len(rows)} series, {files:,} files, {total / 1e6:.1f} MB "
+            f"(built in {time.monotonic() - t:.1f} s)",
+            flush=True,
+        )
         server = Server(s3_root)
         endpoint = server.endpoint_url
         opts = s5cmd.S5cmdOptions(endpoint_url=endpoint, workers=a.workers)
         with IndexSource.installed().connect() as con:
             manifest = build_manifest(con, a.collection)
-        base_env = {**os.environ, "IDC_S3_ENDPOINT_URL": endpoint, "DAGSTER_EXECUTOR": os.environ.get("DAGSTER_EXECUTOR", "")}
+        base_env = {
+            **os.environ,
+            "IDC_S3_ENDPOINT_URL": endpoint,
+            "DAGSTER_EXECUTOR": os.environ.get("DAGSTER_EXECUTOR", ""),
+        }
         if not base_env["DAGSTER_EXECUTOR"]:
             base_env.pop("DAGSTER_EXECUTOR")
         warm_home = work / "home-warm"
         warm_home.mkdir()
         shutil.copy(REPO / "dagster.yaml", warm_home / "dagster.yaml")
-        materialize = [str(BIN / "dagster"), "asset", "materialize", "-m", "dataset_assets.definitions",
-                       "--partition", a.collection, "--select"]
+        materialize = [
+            str(BIN / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "dataset_assets.definitions",
+            "--partition",
+            a.collection,
+            "--select",
+        ]
         counter = iter(range(10_000))
 
         def record(case: str, seconds: float, rss: float, code: int, log: Path, **extra) -> None:
@@ -164,30 +184,50 @@ def main() -> None:
             cmds = work / "raw.s5cmd"
             with open(cmds, "w") as f:
                 for row in manifest.select(["series_aws_url", "aws_bucket", "target_dir"]).to_pylist():
-                    f.write(_command("cp", opts.source_url(row["series_aws_url"], row["aws_bucket"]),
-                                     f"{dest / row['target_dir']}/", opts.copy_flags()))
+                    f.write(
+                        _command(
+                            "cp",
+                            opts.source_url(row["series_aws_url"], row["aws_bucket"]),
+                            f"{dest / row['target_dir']}/",
+                            opts.copy_flags(),
+                        )
+                    )
             server.ask("reset")
-            seconds, rss, code = timed_process([str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmds)],
-                                               s5cmd.s5cmd_env(), work, work / "raw.log")
+            seconds, rss, code = timed_process(
+                [str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmds)],
+                s5cmd.s5cmd_env(),
+                work,
+                work / "raw.log",
+            )
             record("raw_s5cmd", seconds, rss, code, work / "raw.log")
 
         def cli() -> None:
             dest = work / f"cli{next(counter)}"
             server.ask("reset")
-            seconds, rss, code = timed_process([str(BIN / "dataset"), "idc", "download", a.collection, str(dest)],
-                                               base_env, work, work / "cli.log")
+            seconds, rss, code = timed_process(
+                [str(BIN / "dataset"), "idc", "download", a.collection, str(dest)], base_env, work, work / "cli.log"
+            )
             record("cli", seconds, rss, code, work / "cli.log")
 
         def dagster() -> None:
             n = next(counter)
-            env = {**base_env, "DAGSTER_HOME": str(warm_home), "IDC_DOWNLOAD_DIR": str(work / f"dg{n}"),
-                   "IDC_MANIFEST_DIR": str(work / "manifests"), "IDC_DUCKDB_PATH": str(work / "warm.duckdb")}
+            env = {
+                **base_env,
+                "DAGSTER_HOME": str(warm_home),
+                "IDC_DOWNLOAD_DIR": str(work / f"dg{n}"),
+                "IDC_MANIFEST_DIR": str(work / "manifests"),
+                "IDC_DUCKDB_PATH": str(work / "warm.duckdb"),
+            }
             server.ask("reset")
             log = work / "dagster.log"
-            seconds, rss, code = timed_process([*materialize, "collection_manifest,downloaded_collection"], env, work, log)
+            seconds, rss, code = timed_process(
+                [*materialize, "collection_manifest,downloaded_collection"], env, work, log
+            )
             record("dagster", seconds, rss, code, log)
             server.ask("reset")  # the re-run: the same command on the complete collection
-            seconds, rss, code = timed_process([*materialize, "collection_manifest,downloaded_collection"], env, work, log)
+            seconds, rss, code = timed_process(
+                [*materialize, "collection_manifest,downloaded_collection"], env, work, log
+            )
             record("rerun", seconds, rss, code, log)
 
         def fresh() -> None:
@@ -195,18 +235,24 @@ def main() -> None:
             home = work / f"home{n}"
             home.mkdir()
             shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-            env = {**base_env, "DAGSTER_HOME": str(home), "IDC_DOWNLOAD_DIR": str(work / f"fresh{n}"),
-                   "IDC_MANIFEST_DIR": str(work / f"m{n}"), "IDC_DUCKDB_PATH": str(work / f"idc{n}.duckdb")}
+            env = {
+                **base_env,
+                "DAGSTER_HOME": str(home),
+                "IDC_DOWNLOAD_DIR": str(work / f"fresh{n}"),
+                "IDC_MANIFEST_DIR": str(work / f"m{n}"),
+                "IDC_DUCKDB_PATH": str(work / f"idc{n}.duckdb"),
+            }
             server.ask("reset")
             log = work / "fresh.log"
             seconds, rss, code = timed_process(
-                [*materialize, "idc_index,collection_manifest,downloaded_collection"], env, work, log)
+                [*materialize, "idc_index,collection_manifest,downloaded_collection"], env, work, log
+            )
             record("fresh_home", seconds, rss, code, log)
 
         cases = [raw, cli, dagster, fresh]
         for repeat in range(a.repeats):
             print(f"repeat {repeat + 1}/{a.repeats}", flush=True)
-            for case in cases[repeat % len(cases):] + cases[: repeat % len(cases)]:
+            for case in cases[repeat % len(cases) :] + cases[: repeat % len(cases)]:
                 case()
         idc = run_idc_index(a, work, endpoint, manifest, notes)
         if idc:
@@ -225,28 +271,43 @@ def run_idc_index(a, work: Path, endpoint: str, manifest, notes: list[str]) -> l
 
     py = Path(a.idc_venv) / "bin" / "python"
     if not py.is_file():
-        notes.append(f"idc-index skipped: no {py} (python3 -m venv {a.idc_venv} && {a.idc_venv}/bin/pip install idc-index)")
+        notes.append(
+            f"idc-index skipped: no {py} (python3 -m venv {a.idc_venv} && {a.idc_venv}/bin/pip install idc-index)"
+        )
         return None
     wrapper = work / "s5cmd-numworkers"
     wrapper.write_text(f'#!/bin/sh\nexec "{s5cmd.find_binary()}" --numworkers {a.workers} "$@"\n')
     wrapper.chmod(0o755)
     out = []
     for n in range(a.repeats):
-        cfg = {"endpoint": endpoint, "index": str(IndexSource.installed().path("idc_index")),
-               "dests": [str(work / f"idc{n}")], "s5cmd": str(wrapper),
-               "series": manifest.column("SeriesInstanceUID").to_pylist()}
+        cfg = {
+            "endpoint": endpoint,
+            "index": str(IndexSource.installed().path("idc_index")),
+            "dests": [str(work / f"idc{n}")],
+            "s5cmd": str(wrapper),
+            "series": manifest.column("SeriesInstanceUID").to_pylist(),
+        }
         env = {k: v for k, v in s5cmd.s5cmd_env().items() if k not in PROXY_VARS}
         started = time.monotonic()
-        done = subprocess.run([str(py), str(REPO / "bench" / "idc_index_runner.py"), json.dumps(cfg)], env=env,
-                              cwd=work, capture_output=True, text=True, timeout=3600)
+        done = subprocess.run(
+            [str(py), str(REPO / "bench" / "idc_index_runner.py"), json.dumps(cfg)],
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         wall = time.monotonic() - started
         if done.returncode:
             notes.append(f"idc-index failed (exit {done.returncode}): {done.stderr[-1500:]}")
             return None
         result = json.loads(done.stdout.split("RESULT ", 1)[1])
         out.append({"seconds": wall, "init_s": result["init_s"], "download_s": result["times"][0]})
-        print(f"  {'idc_index':<12} {wall:7.2f} s  (index load {result['init_s']:.1f} s, "
-              f"download {result['times'][0]:.1f} s)", flush=True)
+        print(
+            f"  {'idc_index':<12} {wall:7.2f} s  (index load {result['init_s']:.1f} s, "
+            f"download {result['times'][0]:.1f} s)",
+            flush=True,
+        )
     return out
 
 
@@ -275,8 +336,11 @@ def report(results: dict[str, list[dict]], notes: list[str]) -> None:
         print("note:", note)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "dagster_path.json").write_text(json.dumps(
-        {"runs": results, "medians_s": med, "ratios": {n: v for n, v, _ in ratios}, "notes": notes}, indent=2))
+    (out / "dagster_path.json").write_text(
+        json.dumps(
+            {"runs": results, "medians_s": med, "ratios": {n: v for n, v, _ in ratios}, "notes": notes}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Case 6 of download_bench.py, run by the python of a separate venv that has idc-index installed.
 
-    python idc_index_runner.py '{"endpoint": URL, "index": PARQUET, "dests": [DIR, ...], "s5cmd": EXE, "series": [UID, ...]}'
+    python idc_index_runner.py '{"endpoint": URL, "index": PARQUET, "dests": [DIR, ...], "s5cmd": EXE,
+                                 "series": [UID, ...]}'
 
 Times ``IDCClient.download_from_selection`` of the given series into each destination and prints
 ``RESULT {"init_s": ..., "times": [...]}``. The client gets the fixture's index rows (buckets and
@@ -8,6 +9,7 @@ sizes as the loopback server has them), the loopback endpoint (idc-index's modul
 ``aws_endpoint_url``) and an s5cmd wrapper fixing ``--numworkers``; any Python connection to a
 non-loopback address is refused.
 """
+
 import json
 import socket
 import sys

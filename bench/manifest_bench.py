@@ -47,13 +47,27 @@ def child(case: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 1024
     # The "all" timing includes the one collection_ids() query (a few ms).
-    print(json.dumps({"case": case, "collections": len(ids), "rows": rows, "build_s": t2 - t1,
-                      "with_connect_s": t2 - t0, "peak_rss_mib": peak_mib}))
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "collections": len(ids),
+                "rows": rows,
+                "build_s": t2 - t1,
+                "with_connect_s": t2 - t0,
+                "peak_rss_mib": peak_mib,
+            }
+        )
+    )
 
 
 def run_child(case: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", case], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", case],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if out.returncode != 0:
         raise SystemExit(f"case {case} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -84,16 +98,25 @@ def main() -> None:
             if not (ok_s and ok_m):
                 missed.append(case)
         label = case + (f" (median of {NLST_RUNS})" if case == "nlst" else "")
-        print(f"{label:<20}{r['collections']:>6}{r['rows']:>10}{r['build_s']:>9.2f}{r['with_connect_s']:>9.2f}"
-              f"{r['peak_rss_mib']:>10.0f}  {verdict}")
+        print(
+            f"{label:<20}{r['collections']:>6}{r['rows']:>10}{r['build_s']:>9.2f}{r['with_connect_s']:>9.2f}"
+            f"{r['peak_rss_mib']:>10.0f}  {verdict}"
+        )
     if "nlst" in results:
-        print("nlst runs (build s / peak MiB): " + ", ".join(
-            f"{r['build_s']:.2f}/{r['peak_rss_mib']:.0f}" for r in nlst_runs))
+        print(
+            "nlst runs (build s / peak MiB): "
+            + ", ".join(f"{r['build_s']:.2f}/{r['peak_rss_mib']:.0f}" for r in nlst_runs)
+        )
     print("MISSED: " + ", ".join(missed) if missed else "all targets met")
 
-    machine = {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-               "duckdb": duckdb.__version__, "pyarrow": pyarrow.__version__,
-               "idc_index_data": idc_index_data.__version__}
+    machine = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "duckdb": duckdb.__version__,
+        "pyarrow": pyarrow.__version__,
+        "idc_index_data": idc_index_data.__version__,
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": machine, "cases": results, "missed": missed}, indent=2) + "\n")
     print(f"machine: {machine}\nwrote {RESULTS}")

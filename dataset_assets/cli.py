@@ -13,14 +13,15 @@ Exit codes a script can rely on:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
+import time
 import webbrowser
 from pathlib import Path
 
 import click
 
+from . import settings
 from .core import index as idx
 from .core.download import DEFAULT_STALL_TIMEOUT_S, download, series_status, state_path_for
 from .core.errors import (
@@ -35,13 +36,13 @@ from .core.errors import (
 )
 from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.layout import DEFAULT_LAYOUT, default_max_path
-from .core.safety import allowed_buckets_from_env
-from .core.state import load_state
 from .core.manifest import ManifestFilters, build_manifest, build_selection_manifest, summarize
 from .core.progress import Progress
-from .core.s5cmd import AWS_ENDPOINT, S5cmdOptions
+from .core.s5cmd import S5cmdOptions
+from .core.safety import allowed_buckets_from_env
+from .core.state import load_state
 
-PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
+PORTAL = settings.PORTAL_URL
 EXIT_INCOMPLETE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -54,7 +55,14 @@ class Failure(click.ClickException):
 
 
 def _fail(exc: DatasetError) -> Failure:
-    bad_input = (FilterError, LayoutError, UnknownCollectionError, UnknownIndexError, BadDestinationError, UnsafeValueError)
+    bad_input = (
+        FilterError,
+        LayoutError,
+        UnknownCollectionError,
+        UnknownIndexError,
+        BadDestinationError,
+        UnsafeValueError,
+    )
     if isinstance(exc, bad_input):
         return Failure(str(exc), EXIT_INPUT)
     if isinstance(exc, IncompleteDownloadError):
@@ -77,7 +85,8 @@ class _Group(click.Group):
         except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path
             raise Failure(
                 f"{os_error_text(exc)}; everything completed so far is kept, run the same command again "
-                "once that is fixed", EXIT_ENVIRONMENT,
+                "once that is fixed",
+                EXIT_ENVIRONMENT,
             ) from None
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
@@ -156,31 +165,59 @@ def collections(as_json: bool) -> None:
     click.echo(_table(rows, ["collection_id", "subjects", "series", "size", "modalities", "license"]))
 
 
-class _Bar:
-    """A one-line progress bar on stderr, redrawn in place."""
+class _ProgressView:
+    """Progress on stderr: a rich progress bar on a terminal; plain ``progress:`` lines every
+    ``plain_every_s`` seconds otherwise (a CI log, a file, a pipe)."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.drawn = False
+    def __init__(self, plain_every_s: float = 5.0) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.plain_every_s = plain_every_s
+        self._bar = None
+        self._task = None
+        self._last_plain = 0.0
 
     def __call__(self, progress: Progress) -> None:
-        width = 30
-        frac = progress.done_bytes / progress.total_bytes if progress.total_bytes else 1.0
-        filled = int(width * min(frac, 1.0))
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
-            f"{progress.done_files:,}/{progress.total_files:,} files "
-            f"{progress.rate() / 1e6:6.1f} MB/s ETA {human_duration(progress.eta())}"
-            + (f" {progress.failures} failed" if progress.failures else "")
-            + " " * 4
+        if not self.console.is_terminal:
+            now = time.monotonic()
+            if now - self._last_plain >= self.plain_every_s:
+                self._last_plain = now
+                self.console.print("progress: " + progress.line(), markup=False, soft_wrap=True)
+            return
+        if self._bar is None:
+            from rich import progress as rp
+
+            self._bar = rp.Progress(
+                rp.BarColumn(),
+                rp.TaskProgressColumn(),
+                rp.TextColumn(
+                    "{task.fields[files]} files {task.fields[rate]} ETA {task.fields[eta]} {task.fields[failed]}"
+                ),
+                console=self.console,
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(
+                "download", total=progress.total_bytes or None, files="", rate="", eta="", failed=""
+            )
+        self._bar.update(
+            self._task,
+            completed=progress.done_bytes,
+            files=f"{progress.done_files:,}/{progress.total_files:,}",
+            rate=f"{progress.rate() / 1e6:.1f} MB/s",
+            eta=human_duration(progress.eta()),
+            failed=f"{progress.failures} failed" if progress.failures else "",
         )
-        self.stream.flush()
-        self.drawn = True
+
+    def log(self, line: str) -> None:
+        """A log line above the bar (or on its own when there is none)."""
+        self.console.print(line, markup=False, soft_wrap=True)
 
     def end(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.drawn = False
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -193,36 +230,68 @@ def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.argument("target")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--by", "kind", type=click.Choice(["collection", "series", "study", "patient"]), default="collection",
-    show_default=True, help="What TARGET names: a collection id, or comma-separated SeriesInstanceUIDs, "
-    "StudyInstanceUIDs or PatientIDs.",
+    "--by",
+    "kind",
+    type=click.Choice(["collection", "series", "study", "patient"]),
+    default="collection",
+    show_default=True,
+    help="What TARGET names: a collection id, or comma-separated SeriesInstanceUIDs, StudyInstanceUIDs or PatientIDs.",
 )
 @click.option("--modality", "modalities", multiple=True, help="Keep only this Modality (repeatable).")
 @click.option("--body-part", "body_parts", multiple=True, help="Keep only this BodyPartExamined (repeatable).")
-@click.option("--layout", default=DEFAULT_LAYOUT, show_default=True, help="Directory of each series; %column for any index column.")
 @click.option(
-    "--long-paths", type=click.Choice(["hash", "error"]), default="hash", show_default=True,
+    "--layout",
+    default=DEFAULT_LAYOUT,
+    show_default=True,
+    help="Directory of each series; %column for any index column.",
+)
+@click.option(
+    "--long-paths",
+    type=click.Choice(["hash", "error"]),
+    default="hash",
+    show_default=True,
     help="Directories with a component over 255 bytes: shorten (hash, the same under any DEST) or fail.",
 )
 @click.option(
-    "--max-path", type=click.IntRange(50, 100_000), default=None,
+    "--max-path",
+    type=click.IntRange(50, 100_000),
+    default=None,
     help="Fail when a file path under DEST would be longer (default: 260 on Windows, no limit elsewhere).",
 )
 @click.option("--dry-run", is_flag=True, help="Print what would be fetched and its size; download nothing.")
-@click.option("--workers", type=click.IntRange(1, 4096), default=64, show_default=True, help="Objects in flight at once.")
-@click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True, help="Retries per failed request.")
 @click.option(
-    "--stall-timeout", type=click.FloatRange(0), default=DEFAULT_STALL_TIMEOUT_S, show_default=True,
+    "--workers", type=click.IntRange(1, 4096), default=64, show_default=True, help="Objects in flight at once."
+)
+@click.option(
+    "--retries", type=click.IntRange(0, 100), default=5, show_default=True, help="Retries per failed request."
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(0),
+    default=DEFAULT_STALL_TIMEOUT_S,
+    show_default=True,
     help="Stop when no file completes for this many seconds (0: wait forever).",
 )
 @click.option(
-    "--endpoint", default=lambda: os.environ.get("IDC_S3_ENDPOINT_URL") or AWS_ENDPOINT,
-    show_default="$IDC_S3_ENDPOINT_URL or https://s3.amazonaws.com", help="S3 endpoint (GCS mirror: https://storage.googleapis.com).",
+    "--endpoint",
+    default=settings.IDC_S3_ENDPOINT_URL.get,
+    show_default="$IDC_S3_ENDPOINT_URL or https://s3.amazonaws.com",
+    help="S3 endpoint (GCS mirror: https://storage.googleapis.com).",
     callback=_endpoint,
 )
 def download_command(
-    target: str, dest: Path, kind: str, modalities: tuple[str, ...], body_parts: tuple[str, ...], layout: str,
-    long_paths: str, max_path: int | None, dry_run: bool, workers: int, retries: int, stall_timeout: float,
+    target: str,
+    dest: Path,
+    kind: str,
+    modalities: tuple[str, ...],
+    body_parts: tuple[str, ...],
+    layout: str,
+    long_paths: str,
+    max_path: int | None,
+    dry_run: bool,
+    workers: int,
+    retries: int,
+    stall_timeout: float,
     endpoint: str,
 ) -> None:
     """Download TARGET into DEST, resuming: files already complete are not fetched again.
@@ -231,7 +300,9 @@ def download_command(
     3 destination, space, endpoint or index problem, 130 interrupted."""
     filters = ManifestFilters(modalities=modalities, body_parts=body_parts)
     render = {
-        "layout": layout, "root_length": len(str(dest.absolute())), "long_paths": long_paths,
+        "layout": layout,
+        "root_length": len(str(dest.absolute())),
+        "long_paths": long_paths,
         "max_path": max_path if max_path is not None else default_max_path(),
     }
     with _source().connect() as con:
@@ -243,16 +314,21 @@ def download_command(
     if dry_run:
         _dry_run(manifest, dest, stats)
         return
-    bar = _Bar()
+    view = _ProgressView()
     try:
         result = download(
-            manifest, dest, S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
-            log=lambda line: (bar.end(), click.echo(line, err=True)), progress_interval_s=0.5, on_progress=bar,
-            state_path=state_path_for(dest, manifest), stall_timeout_s=stall_timeout,
+            manifest,
+            dest,
+            S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
+            log=view.log,
+            progress_interval_s=0.5,
+            on_progress=view,
+            state_path=state_path_for(dest, manifest),
+            stall_timeout_s=stall_timeout,
             allowed_buckets=allowed_buckets_from_env(),
         )
     finally:
-        bar.end()
+        view.end()
     click.echo(
         f"complete: {result.series:,} series, {result.files:,} files, {human_bytes(result.bytes)} in {dest} "
         f"({result.transferred_files:,} files / {human_bytes(result.transferred_bytes)} transferred in "
@@ -275,7 +351,10 @@ def _dry_run(manifest, dest: Path, stats: dict) -> None:
         f"modalities {', '.join(stats['modalities'])}"
     )
     for row in manifest.slice(0, 10).to_pylist():
-        click.echo(f"  {row['series_aws_url']} -> {row['target_dir']} ({row['instanceCount']} files, {human_bytes(row['series_bytes'])})")
+        click.echo(
+            f"  {row['series_aws_url']} -> {row['target_dir']} "
+            f"({row['instanceCount']} files, {human_bytes(row['series_bytes'])})"
+        )
     if manifest.num_rows > 10:
         click.echo(f"  ... and {manifest.num_rows - 10:,} more series")
 
@@ -297,7 +376,7 @@ def browse(collection_id: str | None, no_open: bool) -> None:
 
 def _has_display() -> bool:
     if sys.platform.startswith("linux"):
-        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("BROWSER"))
+        return settings.has_display()
     return True
 
 

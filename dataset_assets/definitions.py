@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from dataset_assets import settings
 from dataset_assets.defs import automation
 from dataset_assets.defs.checks import download_checks, index_checks
 from dataset_assets.defs.download_assets import downloaded_collection
@@ -12,7 +13,6 @@ from dataset_assets.defs.index_assets import idc_collections, idc_index
 from dataset_assets.defs.jobs import download_collections_job, verify_downloads_job
 from dataset_assets.defs.manifest_assets import collection_manifest
 from dataset_assets.defs.resources import IdcResource, S5cmdResource
-from dataset_assets.defs.settings import DEFAULT_DUCKDB_PATH, env
 
 defs = dg.Definitions(
     assets=[idc_index, idc_collections, collection_manifest, downloaded_collection, http_datasets],
@@ -23,7 +23,7 @@ defs = dg.Definitions(
     executor=executor_from_env(),
     resources={
         "idc": IdcResource(),
-        "duckdb": DuckDBResource(database=env("IDC_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)),
+        "duckdb": DuckDBResource(database=settings.IDC_DUCKDB_PATH.require()),
         "s5cmd": S5cmdResource(),
     },
 )

@@ -23,7 +23,9 @@ def release_24(idc_fixture, tmp_path):
     folder = tmp_path / "index-v24"
     shutil.copytree(idc_fixture.index_dir, folder)
     versions = pq.read_table(folder / "version_metadata_index.parquet").to_pylist()
-    pq.write_table(pa.Table.from_pylist([v for v in versions if v["idc_version"] <= 24]), folder / "version_metadata_index.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([v for v in versions if v["idc_version"] <= 24]), folder / "version_metadata_index.parquet"
+    )
     return folder
 
 
@@ -31,19 +33,32 @@ def test_defaults_users_expect():
     assert {s.name for s in defs.sensors} == {"idc_release_sensor", "idc_automation_sensor"}
     assert {s.name for s in defs.schedules} == {"weekly_index_refresh", "watched_collections_schedule"}
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in defs.sensors)
-    assert defs.get_assets_def("downloaded_collection").automation_conditions_by_key[downloaded_collection.key] is not None
+    assert (
+        defs.get_assets_def("downloaded_collection").automation_conditions_by_key[downloaded_collection.key] is not None
+    )
 
 
 def test_release_sensor_requests_refresh_of_older_release(release_24, idc_fixture, tmp_path, monkeypatch):
     resources = {
-        "idc": IdcResource(index_dir=str(release_24), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")),
+        "idc": IdcResource(
+            index_dir=str(release_24), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")
+        ),
         "duckdb": DuckDBResource(database=str(tmp_path / "idc.duckdb")),
     }
     with dg.instance_for_test() as instance:
         assert dg.materialize([idc_index, idc_collections], resources=resources, instance=instance).success
         assert dg.materialize(
-            [collection_manifest], resources=resources, instance=instance, partition_key="qin_pet_phantom",
-            run_config={"ops": {"collection_manifest": {"config": {"modalities": ["PT"], "layout": "%collection_id/%SeriesInstanceUID"}}}},
+            [collection_manifest],
+            resources=resources,
+            instance=instance,
+            partition_key="qin_pet_phantom",
+            run_config={
+                "ops": {
+                    "collection_manifest": {
+                        "config": {"modalities": ["PT"], "layout": "%collection_id/%SeriesInstanceUID"}
+                    }
+                }
+            },
         ).success
 
         monkeypatch.setenv("IDC_INDEX_DIR", str(release_24))
@@ -54,8 +69,10 @@ def test_release_sensor_requests_refresh_of_older_release(release_24, idc_fixtur
         before = today()
         requests = idc_release_sensor(dg.build_sensor_context(instance=instance))
         days = {before, today()}  # a run that crosses midnight UTC sees either day
-        assert any([r.run_key for r in requests] == [f"idc-release-v25-{day}", f"idc-release-v25-{day}-qin_pet_phantom"]
-                   for day in days), [r.run_key for r in requests]
+        assert any(
+            [r.run_key for r in requests] == [f"idc-release-v25-{day}", f"idc-release-v25-{day}-qin_pet_phantom"]
+            for day in days
+        ), [r.run_key for r in requests]
         assert set(requests[0].asset_selection) == {idc_index.key, idc_collections.key}
         manifest_request = requests[1]
         assert manifest_request.partition_key == "qin_pet_phantom"
@@ -69,7 +86,9 @@ def test_watched_collections_schedule(monkeypatch):
         assert isinstance(watched_collections_schedule(dg.build_schedule_context(instance=instance)), dg.SkipReason)
         monkeypatch.setenv("IDC_WATCHED_COLLECTIONS", "qin_pet_phantom, nope ,nlst")
         when = datetime.datetime(2026, 11, 24, 3, 0, tzinfo=datetime.timezone.utc)
-        requests = watched_collections_schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        requests = watched_collections_schedule(
+            dg.build_schedule_context(instance=instance, scheduled_execution_time=when)
+        )
         assert [r.partition_key for r in requests] == ["qin_pet_phantom", "nlst"]
         assert requests[0].run_key == "watched-qin_pet_phantom-2026-11-24"
         assert all(r.tags["idc/download"] == "true" for r in requests)
@@ -77,7 +96,9 @@ def test_watched_collections_schedule(monkeypatch):
 
 def test_automation_refreshes_only_collections_downloaded_before(idc_fixture, s3, tmp_path):
     resources = {
-        "idc": IdcResource(index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")),
+        "idc": IdcResource(
+            index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")
+        ),
         "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
     }
     assets = [collection_manifest, downloaded_collection]
@@ -88,8 +109,12 @@ def test_automation_refreshes_only_collections_downloaded_before(idc_fixture, s3
         assert first.total_requested == 0  # nothing changed; never-downloaded collections stay missing
         # a new release rebuilt the manifest of the downloaded collection and of another one
         for pk in ("qin_pet_phantom", "nlst"):
-            dg.materialize([collection_manifest], resources={**resources, "idc": IdcResource(manifest_dir=str(tmp_path / "m"))},
-                           instance=instance, partition_key=pk)
+            dg.materialize(
+                [collection_manifest],
+                resources={**resources, "idc": IdcResource(manifest_dir=str(tmp_path / "m"))},
+                instance=instance,
+                partition_key=pk,
+            )
         second = dg.evaluate_automation_conditions(defs=automation_defs, instance=instance, cursor=first.cursor)
         requested = second.get_requested_partitions(downloaded_collection.key)
         assert requested == {"qin_pet_phantom"}

@@ -22,10 +22,14 @@ PK = "qin_pet_phantom"
 @pytest.fixture
 def env(idc_fixture, s3, tmp_path):
     resources = {
-        "idc": IdcResource(index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "idc")),
+        "idc": IdcResource(
+            index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "idc")
+        ),
         "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
     }
-    result = dg.materialize([collection_manifest, downloaded_collection, *download_checks], resources=resources, partition_key=PK)
+    result = dg.materialize(
+        [collection_manifest, downloaded_collection, *download_checks], resources=resources, partition_key=PK
+    )
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(evaluations) == {"files_match_manifest", "dicom_headers_match_manifest", "no_stray_files"}
@@ -40,7 +44,10 @@ def run_checks(resources, run_config=None):
         assets=[downloaded_collection], asset_checks=download_checks, jobs=[verify_downloads_job], resources=resources
     )
     result = defs.resolve_job_def("verify_downloads").execute_in_process(
-        tags={"dagster/partition": PK}, run_config=run_config, raise_on_error=False, instance=dg.DagsterInstance.ephemeral()
+        tags={"dagster/partition": PK},
+        run_config=run_config,
+        raise_on_error=False,
+        instance=dg.DagsterInstance.ephemeral(),
     )
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
@@ -116,7 +123,10 @@ def test_index_checks_pass_on_real_index_and_fail_on_null_urls(idc_fixture, tmp_
     urls[0] = None
     table = table.set_column(table.column_names.index("series_aws_url"), "series_aws_url", pa.array(urls, pa.string()))
     pq.write_table(table, broken / "idc_index.parquet")
-    resources = {"idc": IdcResource(index_dir=str(broken)), "duckdb": DuckDBResource(database=str(tmp_path / "b.duckdb"))}
+    resources = {
+        "idc": IdcResource(index_dir=str(broken)),
+        "duckdb": DuckDBResource(database=str(tmp_path / "b.duckdb")),
+    }
     result = dg.materialize([idc_index, *index_checks], resources=resources, raise_on_error=False)
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert evaluations["idc_index_has_required_columns"].passed

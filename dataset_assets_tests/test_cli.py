@@ -40,7 +40,9 @@ def test_indices_and_columns():
     assert rows["sm_index"]["availability"] == "on demand (internet)" and rows["sm_index"]["rows"] is None
     columns = {c["column"]: c for c in json.loads(run("idc", "columns", "idc_index", "--json").stdout)}
     assert columns["instanceCount"]["type"] == "BIGINT" and "instances" in columns["instanceCount"]["description"]
-    assert_one_line_error(run("idc", "columns", "nope"), 2, "unknown index 'nope'; known indices: analysis_results_index")
+    assert_one_line_error(
+        run("idc", "columns", "nope"), 2, "unknown index 'nope'; known indices: analysis_results_index"
+    )
 
 
 def test_collections_table_and_json():
@@ -55,7 +57,10 @@ def test_collections_table_and_json():
 
 def test_browse_prints_url():
     proc = run("idc", "browse", "qin_pet_phantom", "--no-open")
-    assert proc.stdout.strip() == "https://portal.imaging.datacommons.cancer.gov/explore/filters/?collection_id=qin_pet_phantom"
+    assert (
+        proc.stdout.strip()
+        == "https://portal.imaging.datacommons.cancer.gov/explore/filters/?collection_id=qin_pet_phantom"
+    )
     assert run("idc", "browse").stdout.strip() == "https://portal.imaging.datacommons.cancer.gov/explore/"
     assert_one_line_error(run("idc", "browse", "nope"), 2, "unknown collection 'nope'")
 
@@ -77,13 +82,26 @@ def test_download_dry_run_download_and_resume(fixture_env, s3, tmp_path):
     again = run("idc", "download", "qin_pet_phantom", str(dest), env=fixture_env)
     assert again.returncode == 0 and "(0 files / 0 B transferred" in again.stdout
     assert s3.stats["get_object"] == 24
-    assert "would fetch 0 of 6 series" in run("idc", "download", "qin_pet_phantom", str(dest), "--dry-run", env=fixture_env).stdout
+    assert (
+        "would fetch 0 of 6 series"
+        in run("idc", "download", "qin_pet_phantom", str(dest), "--dry-run", env=fixture_env).stdout
+    )
 
 
 def test_download_by_series_with_layout(fixture_env, idc_fixture, tmp_path):
     rows = idc_fixture.rows[:2]
     uids = ",".join(r["SeriesInstanceUID"] for r in rows)
-    proc = run("idc", "download", uids, str(tmp_path / "o"), "--by", "series", "--layout", "%PatientID/%SeriesInstanceUID", env=fixture_env)
+    proc = run(
+        "idc",
+        "download",
+        uids,
+        str(tmp_path / "o"),
+        "--by",
+        "series",
+        "--layout",
+        "%PatientID/%SeriesInstanceUID",
+        env=fixture_env,
+    )
     assert proc.returncode == 0, proc.stderr
     for row in rows:
         assert len(list((tmp_path / "o" / row["PatientID"] / row["SeriesInstanceUID"]).glob("*.dcm"))) == 4
@@ -92,18 +110,33 @@ def test_download_by_series_with_layout(fixture_env, idc_fixture, tmp_path):
 def test_download_bad_input(fixture_env, tmp_path):
     dest = str(tmp_path / "o")
     assert_one_line_error(run("idc", "download", "nope", dest, env=fixture_env), 2, "unknown collection 'nope'")
-    assert_one_line_error(run("idc", "download", "qin_pet_phantom", dest, "--modality", "MR", env=fixture_env), 2, "modalities=MR matches no series")
-    assert_one_line_error(run("idc", "download", "qin_pet_phantom", dest, "--layout", "%Nope/x", env=fixture_env), 2, "unknown placeholder '%Nope'")
-    assert_one_line_error(run("idc", "download", "1.2.3", dest, "--by", "series", env=fixture_env), 2, "not in the index: 1.2.3")
+    assert_one_line_error(
+        run("idc", "download", "qin_pet_phantom", dest, "--modality", "MR", env=fixture_env),
+        2,
+        "modalities=MR matches no series",
+    )
+    assert_one_line_error(
+        run("idc", "download", "qin_pet_phantom", dest, "--layout", "%Nope/x", env=fixture_env),
+        2,
+        "unknown placeholder '%Nope'",
+    )
+    assert_one_line_error(
+        run("idc", "download", "1.2.3", dest, "--by", "series", env=fixture_env), 2, "not in the index: 1.2.3"
+    )
     bad_option = run("idc", "download", "qin_pet_phantom", dest, "--workers", "0", env=fixture_env)
     assert bad_option.returncode == 2 and "Traceback" not in bad_option.stderr and "--workers" in bad_option.stderr
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_one_line_error(run("idc", "download", "qin_pet_phantom", str(blocker / "o"), env=fixture_env), 3, "is not writable")
-    refused = {**fixture_env, "IDC_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    assert_one_line_error(run("idc", "download", "qin_pet_phantom", dest, env=refused), 3, "cannot reach the S3 endpoint")
     assert_one_line_error(
-        run("idc", "download", "qin_pet_phantom", dest, env={**fixture_env, "IDC_INDEX_DIR": str(tmp_path)}), 3,
+        run("idc", "download", "qin_pet_phantom", str(blocker / "o"), env=fixture_env), 3, "is not writable"
+    )
+    refused = {**fixture_env, "IDC_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    assert_one_line_error(
+        run("idc", "download", "qin_pet_phantom", dest, env=refused), 3, "cannot reach the S3 endpoint"
+    )
+    assert_one_line_error(
+        run("idc", "download", "qin_pet_phantom", dest, env={**fixture_env, "IDC_INDEX_DIR": str(tmp_path)}),
+        3,
         "idc_index.parquet does not exist",
     )
 
@@ -136,14 +169,20 @@ def test_unreadable_or_incomplete_index_is_one_line_exit_3(tmp_path, idc_fixture
     shutil.copytree(idc_fixture.index_dir, broken)
     (broken / "prior_versions_index.parquet").write_bytes(b"garbage")
     env = {"IDC_INDEX_DIR": str(broken)}
-    for verb in (["collections"], ["indices"], ["columns", "prior_versions_index"], ["download", "qin_pet_phantom", str(tmp_path / "o")]):
+    for verb in (
+        ["collections"],
+        ["indices"],
+        ["columns", "prior_versions_index"],
+        ["download", "qin_pet_phantom", str(tmp_path / "o")],
+    ):
         assert_one_line_error(run("idc", *verb, env=env), 3, "prior_versions_index.parquet cannot be read")
     (broken / "prior_versions_index.parquet").unlink()
     (broken / "collections_index.parquet").unlink()
     assert_one_line_error(run("idc", "collections", env=env), 3, "collections_index does not exist")
     for verb in ("indices", "collections"):  # a folder without the index at all
-        assert_one_line_error(run("idc", verb, env={"IDC_INDEX_DIR": str(tmp_path / "nowhere")}), 3,
-                              "idc_index.parquet does not exist")
+        assert_one_line_error(
+            run("idc", verb, env={"IDC_INDEX_DIR": str(tmp_path / "nowhere")}), 3, "idc_index.parquet does not exist"
+        )
 
 
 def test_an_empty_index_lists_no_collections_without_a_traceback(tmp_path, idc_fixture):
@@ -173,8 +212,13 @@ def test_sigterm_stops_s5cmd_removes_the_command_file_and_exits_130(fixture_env,
 
     s3.faults.delay_s = 0.5
     dest = tmp_path / "out"
-    proc = subprocess.Popen([DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
-                            env={**os.environ, **fixture_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
+        env={**os.environ, **fixture_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while len(s3.get_keys) < 2 and time.monotonic() < deadline:

@@ -8,7 +8,15 @@ import pytest
 from dataset_assets.core.errors import LayoutError
 from dataset_assets.core.layout import DEFAULT_LAYOUT, Layout, sanitize_value
 
-COLUMNS = ["collection_id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Modality_x", "crdc_series_uuid"]
+COLUMNS = [
+    "collection_id",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Modality_x",
+    "crdc_series_uuid",
+]
 
 
 def render(template, rows, **kw):
@@ -97,7 +105,9 @@ def test_long_component_hashing_is_deterministic_and_independent_of_the_root():
     first = render(DEFAULT_LAYOUT, rows, root_length=100)
     assert first == render(DEFAULT_LAYOUT, rows) == render(DEFAULT_LAYOUT, rows, root_length=3000)
     assert first[0].startswith("v0/_long/") and first[1] == "v0/v1/v2/v4_s2/"
-    assert render(DEFAULT_LAYOUT, [row(PatientID="p" * 200, SeriesInstanceUID="s1")], root_length=900)[0].startswith("v0/ppp")
+    assert render(DEFAULT_LAYOUT, [row(PatientID="p" * 200, SeriesInstanceUID="s1")], root_length=900)[0].startswith(
+        "v0/ppp"
+    )
 
 
 def test_component_over_255_bytes_is_long_even_with_short_path():

@@ -22,16 +22,22 @@ def test_binary_override_must_exist(monkeypatch, tmp_path):
 
 def test_flags_are_anonymous_with_explicit_endpoint():
     args = s5cmd.S5cmdOptions(endpoint_url="http://127.0.0.1:1", workers=7, retry_count=2).global_args()
-    assert args[:2] == ["--json", "--no-sign-request"]
+    assert args[0] == "--json" and "--no-sign-request" in args and args[args.index("--log") + 1] == "debug"
     assert args[args.index("--endpoint-url") + 1] == "http://127.0.0.1:1"
     assert args[args.index("--numworkers") + 1] == "7" and args[args.index("--retry-count") + 1] == "2"
 
 
 def test_environment_for_corporate_networks():
-    env = s5cmd.s5cmd_env({
-        "HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "internal", "REQUESTS_CA_BUNDLE": "/etc/corp.pem",
-        "S3_ENDPOINT_URL": "http://elsewhere", "AWS_ENDPOINT_URL": "http://elsewhere", "AWS_PROFILE": "x",
-    })
+    env = s5cmd.s5cmd_env(
+        {
+            "HTTPS_PROXY": "http://proxy.corp:3128",
+            "NO_PROXY": "internal",
+            "REQUESTS_CA_BUNDLE": "/etc/corp.pem",
+            "S3_ENDPOINT_URL": "http://elsewhere",
+            "AWS_ENDPOINT_URL": "http://elsewhere",
+            "AWS_PROFILE": "x",
+        }
+    )
     assert env["HTTPS_PROXY"] == "http://proxy.corp:3128" and env["NO_PROXY"] == "internal"
     assert env["AWS_CA_BUNDLE"] == "/etc/corp.pem"
     assert env["AWS_REGION"] == "us-east-1" and env["AWS_EC2_METADATA_DISABLED"] == "true"
@@ -50,8 +56,12 @@ def test_gcs_mirror_bucket_names():
 
 def test_progress_counts_json_lines_and_bounds_errors():
     progress = Progress(total_files=4, total_bytes=400)
-    progress.on_stdout('{"operation":"cp","success":true,"source":"s3://b/k1","destination":"d/k1","object":{"type":"file","size":100}}\n')
-    progress.on_stdout('{"operation":"cp","success":true,"source":"s3://b/k2","destination":"d/k2","object":{"type":"file","size":150}}\n')
+    progress.on_stdout(
+        '{"operation":"cp","success":true,"source":"s3://b/k1","destination":"d/k1","object":{"type":"file","size":100}}\n'
+    )
+    progress.on_stdout(
+        '{"operation":"cp","success":true,"source":"s3://b/k2","destination":"d/k2","object":{"type":"file","size":150}}\n'
+    )
     progress.on_stdout("not json\n")
     for i in range(30):
         progress.on_stderr(f'{{"operation":"cp","command":"cp s3://b/k{i} d/","error":"SlowDown: status code: 503"}}\n')
@@ -59,4 +69,9 @@ def test_progress_counts_json_lines_and_bounds_errors():
     assert (progress.done_files, progress.done_bytes, progress.failures) == (2, 250, 31)
     assert len(progress.errors) == 20 and progress.errors[-1] == "ERROR plain text failure"
     line = progress.line()
-    assert line.startswith("2/4 files, 250 B/400 B (62.5%)") and "MB/s" in line and "ETA" in line and "31 failure(s)" in line
+    assert (
+        line.startswith("2/4 files, 250 B/400 B (62.5%)")
+        and "MB/s" in line
+        and "ETA" in line
+        and "31 failure(s)" in line
+    )

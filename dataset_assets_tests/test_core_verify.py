@@ -2,6 +2,7 @@
 one process, bounded work, no worker left behind when its caller is stopped) and the tree check
 with series that other downloads recorded."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet  # noqa: F401 - pa.parquet
+import pyarrow.parquet
 import pydicom
 import pytest
 
@@ -29,9 +30,14 @@ SERIES, FILES = 12, 5
 def tree(root: Path, series: int = SERIES, files: int = FILES) -> pa.Table:
     rows = []
     for s in range(series):
-        row = {"target_dir": f"c/P{s % 3}/1.2.{s % 3}/CT_1.2.{s % 3}.{s}", "instanceCount": files,
-               "PatientID": f"P{s % 3}", "StudyInstanceUID": f"1.2.{s % 3}", "SeriesInstanceUID": f"1.2.{s % 3}.{s}",
-               "Modality": "CT"}
+        row = {
+            "target_dir": f"c/P{s % 3}/1.2.{s % 3}/CT_1.2.{s % 3}.{s}",
+            "instanceCount": files,
+            "PatientID": f"P{s % 3}",
+            "StudyInstanceUID": f"1.2.{s % 3}",
+            "SeriesInstanceUID": f"1.2.{s % 3}.{s}",
+            "Modality": "CT",
+        }
         folder = root / row["target_dir"]
         folder.mkdir(parents=True)
         for i in range(files):
@@ -71,8 +77,15 @@ def test_sampling_and_missing_series_in_workers(damaged):
     assert sampled.checked == SERIES * 2
     assert str(victim) not in " ".join(sampled.problems)  # file 3 is outside a sample of 2
     assert sampled.notes["sample_per_series"] == 2
-    gone = pa.concat_tables([manifest, pa.Table.from_pylist(
-        [{**manifest.to_pylist()[0], "target_dir": "c/nowhere", "SeriesInstanceUID": "9.9"}], schema=manifest.schema)])
+    gone = pa.concat_tables(
+        [
+            manifest,
+            pa.Table.from_pylist(
+                [{**manifest.to_pylist()[0], "target_dir": "c/nowhere", "SeriesInstanceUID": "9.9"}],
+                schema=manifest.schema,
+            ),
+        ]
+    )
     assert check_headers(gone, root, processes=2, files_per_batch=7).checked == SERIES * FILES
 
 
@@ -104,8 +117,9 @@ def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
         check_headers(pq.read_table({str(pq_path)!r}), Path({str(tmp_path)!r}), processes=2, files_per_batch=1)
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     children: list[int] = []
     try:
         assert parent.stdout.readline().strip() == "start"
@@ -124,10 +138,8 @@ def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
         assert not [pid for pid in children if _alive(pid)], "header workers outlived the killed caller"
     finally:  # whatever happened, nothing outlives the test
         for pid in [parent.pid, *children]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         parent.wait(timeout=30)
         for fd in held:
             os.close(fd)
@@ -152,11 +164,17 @@ def test_tree_check_accounts_for_series_other_downloads_recorded(s3, manifest, i
     """After a whole collection, a manifest of one series: the other series are not stray; a
     file nobody downloaded still is."""
     root = tmp_path / "dl"
-    download(manifest, root, S5cmdOptions(endpoint_url=s3.endpoint_url), log=lambda m: None,
-             state_path=state_path_for(root, manifest))
+    download(
+        manifest,
+        root,
+        S5cmdOptions(endpoint_url=s3.endpoint_url),
+        log=lambda m: None,
+        state_path=state_path_for(root, manifest),
+    )
     with IndexSource(idc_fixture.index_dir).connect() as con:
-        one = build_manifest(con, idc_fixture.collection_id,
-                             ManifestFilters(series_uids=[idc_fixture.rows[0]["SeriesInstanceUID"]]))
+        one = build_manifest(
+            con, idc_fixture.collection_id, ManifestFilters(series_uids=[idc_fixture.rows[0]["SeriesInstanceUID"]])
+        )
     assert check_tree(one, root).passed
     stray = root / manifest.to_pylist()[3]["target_dir"] / "notes.txt"
     stray.write_text("mine")
@@ -179,8 +197,13 @@ def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifes
 
     root = tmp_path / "dl"
     cache = header_cache_path(root, manifest)
-    download(manifest, root, S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1), log=lambda m: None,
-             header_cache=cache)
+    download(
+        manifest,
+        root,
+        S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1),
+        log=lambda m: None,
+        header_cache=cache,
+    )
     first = check_headers(manifest, root, processes=1, cache_path=cache)
     assert first.passed and first.checked == 24 and first.notes["read"] == 0  # read as the files landed
     victim = sorted(root.rglob("*.dcm"))[5]

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -31,7 +32,9 @@ def resources(idc_fixture, tmp_path, server, **s5):
 
 def test_materialize_manifest_and_download(idc_fixture, s3, tmp_path):
     res = resources(idc_fixture, tmp_path, s3)
-    result = dg.materialize([collection_manifest, downloaded_collection], resources=res, partition_key="qin_pet_phantom")
+    result = dg.materialize(
+        [collection_manifest, downloaded_collection], resources=res, partition_key="qin_pet_phantom"
+    )
     assert result.success
     meta = result.asset_materializations_for_node("downloaded_collection")[0].metadata
     assert meta["series_complete"].value == 6 and meta["series_failed"].value == 0
@@ -52,7 +55,10 @@ def test_failed_series_fail_the_step_with_their_names(idc_fixture, s3, tmp_path)
     bad = idc_fixture.rows[0]
     s3.faults.fail_keys(lambda key: key.startswith(bad["crdc_series_uuid"]), status=503)
     result = dg.materialize(
-        [collection_manifest, downloaded_collection], resources=res, partition_key="qin_pet_phantom", raise_on_error=False
+        [collection_manifest, downloaded_collection],
+        resources=res,
+        partition_key="qin_pet_phantom",
+        raise_on_error=False,
     )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
@@ -65,8 +71,12 @@ def test_file_system_refusal_fails_the_step_naming_the_path(idc_fixture, s3, tmp
     patient = tmp_path / "idc" / idc_fixture.collection_id / idc_fixture.rows[0]["PatientID"]
     patient.parent.mkdir(parents=True)
     patient.symlink_to(patient.name)  # a loop where a patient directory should be
-    result = dg.materialize([collection_manifest, downloaded_collection], resources=resources(idc_fixture, tmp_path, s3),
-                            partition_key="qin_pet_phantom", raise_on_error=False)
+    result = dg.materialize(
+        [collection_manifest, downloaded_collection],
+        resources=resources(idc_fixture, tmp_path, s3),
+        partition_key="qin_pet_phantom",
+        raise_on_error=False,
+    )
     failure = next(e for e in result.all_events if e.is_step_failure)
     text = str(failure.step_failure_data.user_failure_data.description)
     assert str(patient) in text and "Too many levels of symbolic links" in text and "everything completed" in text
@@ -75,7 +85,9 @@ def test_file_system_refusal_fails_the_step_naming_the_path(idc_fixture, s3, tmp
 
 def test_missing_manifest_is_a_clear_error(idc_fixture, s3, tmp_path):
     result = dg.materialize(
-        [downloaded_collection], resources=resources(idc_fixture, tmp_path, s3), partition_key="qin_pet_phantom",
+        [downloaded_collection],
+        resources=resources(idc_fixture, tmp_path, s3),
+        partition_key="qin_pet_phantom",
         raise_on_error=False,
     )
     failure = next(e for e in result.all_events if e.is_step_failure)
@@ -97,12 +109,27 @@ def test_killed_run_leaves_no_s5cmd_and_rerun_completes(idc_fixture, s3, tmp_pat
         "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
         "DAGSTER_EXECUTOR": "multiprocess",  # the step in a process of its own, to kill it alone
     }
-    args = [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions",
-            "--select", "collection_manifest,downloaded_collection", "--partition", "qin_pet_phantom"]
+    args = [
+        DAGSTER,
+        "asset",
+        "materialize",
+        "-m",
+        "dataset_assets.definitions",
+        "--select",
+        "collection_manifest,downloaded_collection",
+        "--partition",
+        "qin_pet_phantom",
+    ]
     slow = json.dumps({"resources": {"s5cmd": {"config": {"workers": 1, "retry_count": 1}}}})
     s3.faults.delay_s = 0.5
-    proc = subprocess.Popen([*args, "--config-json", slow], env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*args, "--config-json", slow],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(s3.get_keys) < 3 and time.monotonic() < deadline:  # s5cmd is mid-download
@@ -112,7 +139,7 @@ def test_killed_run_leaves_no_s5cmd_and_rerun_completes(idc_fixture, s3, tmp_pat
         if how == "sigterm-cli":
             os.kill(proc.pid, signal.SIGTERM)
         else:  # the step process, s5cmd's parent, dies without any chance to clean up
-            step_pid = int(open(f"/proc/{s5cmd_pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            step_pid = int(Path(f"/proc/{s5cmd_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             os.kill(step_pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while processes_mentioning(str(download_dir)) and time.monotonic() < deadline:

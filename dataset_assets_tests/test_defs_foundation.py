@@ -85,7 +85,10 @@ def test_bad_filter_fails_the_run_and_keeps_the_previous_manifest(resources, tmp
     assert path.read_bytes() == before
 
     layout = dg.materialize(
-        [collection_manifest], resources=resources, partition_key="qin_pet_phantom", raise_on_error=False,
+        [collection_manifest],
+        resources=resources,
+        partition_key="qin_pet_phantom",
+        raise_on_error=False,
         run_config={"ops": {"collection_manifest": {"config": {"layout": "%collection_id/%Nope"}}}},
     )
     (failure,) = [e for e in layout.all_events if e.is_step_failure]
@@ -96,7 +99,9 @@ def test_bad_filter_fails_the_run_and_keeps_the_previous_manifest(resources, tmp
     broken.mkdir()
     (broken / "idc_index.parquet").write_bytes(b"not parquet")
     unreadable = dg.materialize(
-        [collection_manifest], partition_key="qin_pet_phantom", raise_on_error=False,
+        [collection_manifest],
+        partition_key="qin_pet_phantom",
+        raise_on_error=False,
         resources={**resources, "idc": IdcResource(index_dir=str(broken), manifest_dir=str(tmp_path / "manifests"))},
     )
     (failure,) = [e for e in unreadable.all_events if e.is_step_failure]
@@ -107,7 +112,9 @@ def test_bad_filter_fails_the_run_and_keeps_the_previous_manifest(resources, tmp
 def test_unknown_config_field_is_rejected(resources):
     with pytest.raises(dg.DagsterInvalidConfigError, match="modality"):
         dg.materialize(
-            [collection_manifest], resources=resources, partition_key="qin_pet_phantom",
+            [collection_manifest],
+            resources=resources,
+            partition_key="qin_pet_phantom",
             run_config={"ops": {"collection_manifest": {"config": {"modality": ["PT"]}}}},
         )
 
@@ -124,9 +131,22 @@ def test_cli_materialize_with_empty_dagster_home(tmp_path):
     }
     dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
     proc = subprocess.run(
-        [dagster, "asset", "materialize", "-m", "dataset_assets.definitions",
-         "--select", "idc_index,collection_manifest", "--partition", "qin_pet_phantom"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            dagster,
+            "asset",
+            "materialize",
+            "-m",
+            "dataset_assets.definitions",
+            "--select",
+            "idc_index,collection_manifest",
+            "--partition",
+            "qin_pet_phantom",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr

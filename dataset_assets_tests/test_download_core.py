@@ -116,7 +116,9 @@ def test_persistent_failure_names_the_series_keeps_the_rest_and_rerun_completes(
 def test_missing_series_on_the_server(s3, manifest, tmp_path):
     row = manifest.to_pylist()[0]
     shutil.rmtree(s3.root / row["aws_bucket"] / row["crdc_series_uuid"])
-    with pytest.raises(DownloadError, match=rf"{row['SeriesInstanceUID']} in .*: not found on the server .*a re-run will not fix it"):
+    with pytest.raises(
+        DownloadError, match=rf"{row['SeriesInstanceUID']} in .*: not found on the server .*a re-run will not fix it"
+    ):
         download(manifest, tmp_path / "dl", opts(s3), log=lambda m: None)
 
 
@@ -124,7 +126,9 @@ def test_a_server_that_serves_other_bytes_than_the_manifest_fails_verification(s
     row = manifest.to_pylist()[4]
     obj = next((s3.root / row["aws_bucket"] / row["crdc_series_uuid"]).iterdir())
     obj.write_bytes(obj.read_bytes() + b"extra")
-    with pytest.raises(DownloadError, match=rf"{row['SeriesInstanceUID']} in .*: 4/4 files, {row['series_bytes'] + 5:,}/"):
+    with pytest.raises(
+        DownloadError, match=rf"{row['SeriesInstanceUID']} in .*: 4/4 files, {row['series_bytes'] + 5:,}/"
+    ):
         download(manifest, tmp_path / "dl", opts(s3), log=lambda m: None)
 
 
@@ -145,7 +149,8 @@ def test_exit_code_is_not_trusted_disk_is(manifest, tmp_path):
 
 def test_not_enough_disk_space_is_refused_before_any_transfer(s3, manifest, tmp_path):
     huge = manifest.set_column(
-        manifest.column_names.index("series_bytes"), "series_bytes",
+        manifest.column_names.index("series_bytes"),
+        "series_bytes",
         pa.array([10**15] * manifest.num_rows, pa.int64()),
     )
     with pytest.raises(DownloadError, match="not enough free space in .* needs 6.0 PB"):
@@ -176,11 +181,17 @@ def test_reservation_of_a_killed_download_is_released(s3, manifest, tmp_path):
     root = tmp_path / "dl"
     ledger = root / CONTROL_DIR / "reservations"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from dataset_assets.core.fs import space_reservation as r; "
-         f"c = r(Path({str(tmp_path)!r}), Path({str(ledger)!r}), 1, 'nlst'); c.__enter__().update(10**18); "
-         "print('held', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from dataset_assets.core.fs import space_reservation as r; "
+            f"c = r(Path({str(tmp_path)!r}), Path({str(ledger)!r}), 1, 'nlst'); c.__enter__().update(10**18); "
+            "print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -194,8 +205,20 @@ def test_reservation_of_a_killed_download_is_released(s3, manifest, tmp_path):
     assert list(ledger.glob("*.reservation")) == []
 
 
-@pytest.mark.parametrize("name", ["back\\slash", "two\\\\slashes", "dol$lar", "esc\\$aped", "back`tick", 'dq"uote',
-                                  "sq'uote", "sp ace", "br[ack]et"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "back\\slash",
+        "two\\\\slashes",
+        "dol$lar",
+        "esc\\$aped",
+        "back`tick",
+        'dq"uote',
+        "sq'uote",
+        "sp ace",
+        "br[ack]et",
+    ],
+)
 def test_roots_with_shell_characters_get_every_file_inside_them(s3, manifest, tmp_path, name):
     """s5cmd's command file unescapes backslash, $, ` and " inside quotes: each is escaped, so the
     files land in this root and nowhere else."""
@@ -261,9 +284,11 @@ def test_a_collection_being_downloaded_is_locked(s3, manifest, tmp_path):
 
     root = tmp_path / "dl"
     root.mkdir()
-    with collection_locks(root, ["qin_pet_phantom"]):
-        with pytest.raises(DownloadError, match=rf"collection qin_pet_phantom is being downloaded into {root} by pid \d+"):
-            download(manifest, root, opts(s3), log=lambda m: None)
+    with (
+        collection_locks(root, ["qin_pet_phantom"]),
+        pytest.raises(DownloadError, match=rf"collection qin_pet_phantom is being downloaded into {root} by pid \d+"),
+    ):
+        download(manifest, root, opts(s3), log=lambda m: None)
     assert s3.stats["get_object"] == 0
     assert download(manifest, root, opts(s3), log=lambda m: None).failed_series == []  # free again
 
@@ -273,5 +298,8 @@ def test_extra_files_in_a_series_are_named_in_the_error(s3, manifest, tmp_path):
     download(manifest, root, opts(s3), log=lambda m: None)
     row = manifest.to_pylist()[0]
     (root / row["target_dir"] / "not-from-this-series.dcm").write_bytes(b"x" * 10)
-    with pytest.raises(DownloadError, match=r"1 .dcm file\(s\) that are not objects of this series \(e.g. not-from-this-series.dcm\): move them out"):
+    with pytest.raises(
+        DownloadError,
+        match=r"1 .dcm file\(s\) that are not objects of this series \(e.g. not-from-this-series.dcm\): move them out",
+    ):
         download(manifest, root, opts(s3), log=lambda m: None)

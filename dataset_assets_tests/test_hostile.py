@@ -183,16 +183,18 @@ def test_03_the_files_check_of_the_asset_fails_on_two_compensating_files(idc_fix
     from dataset_assets.defs.resources import IdcResource, S5cmdResource
 
     resources = {
-        "idc": IdcResource(index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"),
-                           download_dir=str(tmp_path / "idc")),
+        "idc": IdcResource(
+            index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "idc")
+        ),
         "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
     }
     assets = [collection_manifest, downloaded_collection, *download_checks]
     assert dg.materialize(assets, partition_key="qin_pet_phantom", resources=resources).success
     row = manifest_of(idc_fixture.index_dir).to_pylist()[0]
     _shift_bytes(tmp_path / "idc" / row["target_dir"], 50)
-    defs = dg.Definitions(assets=[downloaded_collection], asset_checks=download_checks, jobs=[verify_downloads_job],
-                          resources=resources)
+    defs = dg.Definitions(
+        assets=[downloaded_collection], asset_checks=download_checks, jobs=[verify_downloads_job], resources=resources
+    )
     result = defs.resolve_job_def("verify_downloads").execute_in_process(
         tags={"dagster/partition": "qin_pet_phantom"}, raise_on_error=False, instance=dg.DagsterInstance.ephemeral()
     )
@@ -265,7 +267,9 @@ def test_05_a_crdc_series_uuid_that_leaves_the_root_never_moves_files(idc_fixtur
         rows[1]["crdc_series_uuid"] = evil  # the URL still points at real objects
 
     hostile = manifest_of(index_with(idc_fixture, tmp_path, change))
-    with pytest.raises(IncompleteDownloadError, match=r"crdc_series_uuid '\.\./\.\./\.\./\.\./adv/moved_here' is not a UUID"):
+    with pytest.raises(
+        IncompleteDownloadError, match=r"crdc_series_uuid '\.\./\.\./\.\./\.\./adv/moved_here' is not a UUID"
+    ):
         download(hostile, root, opts(s3), log=quiet)
     assert len(list(root.rglob("*.dcm"))) == 20  # the other five series are complete
     download(good_manifest, root, opts(s3), log=quiet)
@@ -303,18 +307,30 @@ def test_07_only_allow_listed_buckets_are_downloaded(idc_fixture, s3, tmp_path, 
         rows[0]["series_aws_url"] = f"s3://evil-bucket/{rows[0]['crdc_series_uuid']}/*"
 
     row = idc_fixture.rows[0]
-    shutil.copytree(s3.root / row["aws_bucket"] / row["crdc_series_uuid"],
-                    s3.root / "evil-bucket" / row["crdc_series_uuid"])
+    shutil.copytree(
+        s3.root / row["aws_bucket"] / row["crdc_series_uuid"], s3.root / "evil-bucket" / row["crdc_series_uuid"]
+    )
     index = index_with(idc_fixture, tmp_path, change)
     root = tmp_path / "dl"
-    proc = cli("download", "qin_pet_phantom", str(root),
-               env={"IDC_INDEX_DIR": str(index), "IDC_S3_ENDPOINT_URL": s3.endpoint_url})
+    proc = cli(
+        "download",
+        "qin_pet_phantom",
+        str(root),
+        env={"IDC_INDEX_DIR": str(index), "IDC_S3_ENDPOINT_URL": s3.endpoint_url},
+    )
     one_line(proc, 1, "bucket 'evil-bucket' is not an allowed bucket", "IDC_ALLOWED_BUCKETS")
     assert not any(key.startswith(row["crdc_series_uuid"]) for key in s3.get_keys)
     assert len(list(root.rglob("*.dcm"))) == 20
-    mirror = cli("download", "qin_pet_phantom", str(root),  # a mirror the user vouches for
-                 env={"IDC_INDEX_DIR": str(index), "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
-                      "IDC_ALLOWED_BUCKETS": "idc-open-data,idc-open-data-two,evil-bucket"})
+    mirror = cli(
+        "download",
+        "qin_pet_phantom",
+        str(root),  # a mirror the user vouches for
+        env={
+            "IDC_INDEX_DIR": str(index),
+            "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
+            "IDC_ALLOWED_BUCKETS": "idc-open-data,idc-open-data-two,evil-bucket",
+        },
+    )
     assert mirror.returncode == 0, mirror.stderr
 
 
@@ -348,8 +364,18 @@ def test_09_a_silent_endpoint_stops_after_the_stall_timeout(env, s3, tmp_path):
 
 def test_09_an_endpoint_answering_only_errors_stops_with_the_first_error(env, s3, tmp_path):
     s3.faults.fail_keys(lambda key: True, status=503)
-    proc = cli("download", "qin_pet_phantom", str(tmp_path / "dl"), "--stall-timeout", "3", "--retries", "50",
-               "--workers", "2", env=env)
+    proc = cli(
+        "download",
+        "qin_pet_phantom",
+        str(tmp_path / "dl"),
+        "--stall-timeout",
+        "3",
+        "--retries",
+        "50",
+        "--workers",
+        "2",
+        env=env,
+    )
     one_line(proc, 3, "no file completed for 3 s", "answered only errors", "first error:", "503")
     gets = s3.stats["get_object"]
     time.sleep(1.5)
@@ -365,10 +391,15 @@ def test_09_the_stall_timeout_is_a_resource_field(idc_fixture, s3, tmp_path):
 
     s3.faults.delay_s = 3600
     result = dg.materialize(
-        [collection_manifest, downloaded_collection], partition_key="qin_pet_phantom", raise_on_error=False,
+        [collection_manifest, downloaded_collection],
+        partition_key="qin_pet_phantom",
+        raise_on_error=False,
         resources={
-            "idc": IdcResource(index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"),
-                               download_dir=str(tmp_path / "idc")),
+            "idc": IdcResource(
+                index_dir=str(idc_fixture.index_dir),
+                manifest_dir=str(tmp_path / "m"),
+                download_dir=str(tmp_path / "idc"),
+            ),
             "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1, stall_timeout_s=2),
         },
     )
@@ -411,8 +442,13 @@ def test_10_a_disk_that_fills_during_the_transfer_stops_it_at_once(env, s3, tmp_
     disk = tmp_path / "disk"
     prefix = _mount_small_disk(disk)
     s3.faults.delay_s = 0.3
-    proc = subprocess.run([*prefix, sys.executable, "-c", FILL_DISK, str(disk), str(disk / "dl"), DATASET],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, **env})
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", FILL_DISK, str(disk), str(disk / "dl"), DATASET],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 0, proc.stderr
     code, _, err = proc.stdout.partition("\n")
     assert code == "3", err
@@ -442,10 +478,24 @@ def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_
     env = _materialize_env(idc_fixture, s3, tmp_path, executor)
     s3.faults.delay_s = 0.5
     proc = subprocess.Popen(
-        [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions", "--select",
-         "collection_manifest,downloaded_collection", "--partition", "qin_pet_phantom",
-         "--config-json", '{"resources": {"s5cmd": {"config": {"workers": 1}}}}'],
-        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            DAGSTER,
+            "asset",
+            "materialize",
+            "-m",
+            "dataset_assets.definitions",
+            "--select",
+            "collection_manifest,downloaded_collection",
+            "--partition",
+            "qin_pet_phantom",
+            "--config-json",
+            '{"resources": {"s5cmd": {"config": {"workers": 1}}}}',
+        ],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -456,8 +506,9 @@ def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_
         os.kill(proc.pid, signal.SIGKILL)  # the launching process only
         proc.wait(timeout=10)
         deadline = time.monotonic() + 30
-        while (processes_mentioning(str(tmp_path / "idc")) or processes_with_env("DAGSTER_HOME", env["DAGSTER_HOME"])) \
-                and time.monotonic() < deadline:
+        while (
+            processes_mentioning(str(tmp_path / "idc")) or processes_with_env("DAGSTER_HOME", env["DAGSTER_HOME"])
+        ) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert processes_mentioning(str(tmp_path / "idc")) == []
         assert processes_with_env("DAGSTER_HOME", env["DAGSTER_HOME"]) == []  # no step process either
@@ -471,8 +522,13 @@ def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_
 def test_12_command_and_temporary_files_of_a_killed_cli_are_removed_by_the_next_run(env, s3, tmp_path, sig):
     dest = tmp_path / "dl"
     s3.faults.delay_s = 0.5
-    proc = subprocess.Popen([DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while len(s3.get_keys) < 2 and time.monotonic() < deadline:
@@ -546,7 +602,9 @@ def test_an_object_missing_on_the_server_says_so_and_that_a_rerun_will_not_fix_i
     gone.unlink()
     (root / row["target_dir"] / gone.name).unlink()
     shutil.rmtree(root / CONTROL_DIR / "state")  # no record: the listing is the truth
-    with pytest.raises(IncompleteDownloadError, match="1 of 4 object.s. not found on the server; a re-run will not fix it"):
+    with pytest.raises(
+        IncompleteDownloadError, match="1 of 4 object.s. not found on the server; a re-run will not fix it"
+    ):
         download(manifest, root, opts(s3), log=quiet)
 
 
@@ -554,7 +612,9 @@ def test_more_objects_on_the_server_than_the_index_lists_is_named_as_such(s3, ma
     row = manifest.to_pylist()[0]
     folder = s3.root / row["aws_bucket"] / row["crdc_series_uuid"]
     shutil.copy(sorted(folder.iterdir())[0], folder / "00000000-0000-0000-0000-000000000000.dcm")
-    with pytest.raises(IncompleteDownloadError, match=r"the server holds more objects \(5\) than the index lists \(4\)"):
+    with pytest.raises(
+        IncompleteDownloadError, match=r"the server holds more objects \(5\) than the index lists \(4\)"
+    ):
         download(manifest, tmp_path / "dl", opts(s3), log=quiet)
     (tmp_path / "dl" / row["target_dir"] / "00000000-0000-0000-0000-000000000000.dcm").unlink()
     shutil.rmtree(tmp_path / "dl" / CONTROL_DIR / "state")
@@ -673,8 +733,7 @@ def test_14_wait_within_the_cap_is_honoured(srv, session, tmp_path):
     srv.fail_next(1, status=503, retry_after="1")
     logs: list[str] = []
     started = time.monotonic()
-    result = download_bundle(bundle(srv, sha256=SHA), tmp_path, session=session, max_retry_after_s=2,
-                             log=logs.append)
+    result = download_bundle(bundle(srv, sha256=SHA), tmp_path, session=session, max_retry_after_s=2, log=logs.append)
     assert 0.9 < time.monotonic() - started < 10
     assert result.path.read_bytes() == PAYLOAD and srv.stats["get"] == {"/d/sample.bin": 2}
     assert any("the server asks to wait 1 s" in line for line in logs)
@@ -691,8 +750,11 @@ def test_14_endless_short_waits_end(srv, session, tmp_path):
 @pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
 def test_14_bad_cap_in_the_environment_is_refused(srv, session, tmp_path, monkeypatch, value):
     monkeypatch.setenv("DATASET_BUNDLES_MAX_RETRY_AFTER_S", value)
-    with pytest.raises(DownloadError, match=rf"\$DATASET_BUNDLES_MAX_RETRY_AFTER_S '{value}' is not a number "
-                                            r"of seconds >= 0.*e\.g\. 300"):
+    with pytest.raises(
+        DownloadError,
+        match=rf"\$DATASET_BUNDLES_MAX_RETRY_AFTER_S '{value}' is not a number "
+        r"of seconds >= 0.*e\.g\. 300",
+    ):
         download_bundle(bundle(srv), tmp_path, session=session)
     assert srv.stats["get"] == {}
 
@@ -718,8 +780,10 @@ BAD_FILES = {
     "syntax": (f"bundles:\n  - {{name: a, url: {SECRET_URL}\n", "is not valid YAML: expected ',' or '}'"),
     "field": (f"bundles:\n  - name: a\n    url: '{SECRET_URL}'\n    size: -1\n", "size -1 is not a non-negative"),
     "entry": (f"bundles:\n  - '{SECRET_URL}'\n", "entry 1: expected a mapping with name and url"),
-    "scheme": ("bundles:\n  - {name: a, url: 'ftp://user:S3CRETPW@example.org/x?sig=abc'}\n",
-               "url ftp://example.org/x?… has scheme 'ftp'"),
+    "scheme": (
+        "bundles:\n  - {name: a, url: 'ftp://user:S3CRETPW@example.org/x?sig=abc'}\n",
+        "url ftp://example.org/x?… has scheme 'ftp'",
+    ),
 }
 
 
@@ -729,11 +793,16 @@ def test_15_bad_bundles_file_leaves_the_code_location_loading(tmp_path, kind):
     text, problem = BAD_FILES[kind]
     listing = tmp_path / "bundles.yaml"
     listing.write_text(text)
-    env = {**os.environ, "DATASET_BUNDLES_FILE": str(listing), "DATASET_BUNDLES_DIR": str(tmp_path / "out"),
-           "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    env = {
+        **os.environ,
+        "DATASET_BUNDLES_FILE": str(listing),
+        "DATASET_BUNDLES_DIR": str(tmp_path / "out"),
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+    }
     (tmp_path / "dagster_home").mkdir()
-    run = subprocess.run([sys.executable, "-c", LOAD_AND_MATERIALIZE], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=150)
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_MATERIALIZE], cwd=REPO, env=env, capture_output=True, text=True, timeout=150
+    )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-3000:]
     lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if line[:1].isupper() and " " in line)
@@ -760,12 +829,15 @@ def test_15_unloadable_file_gives_an_asset_that_fails_with_one_line(tmp_path):
         assert problem in failure.description and "\n" not in failure.description
 
 
-@pytest.mark.parametrize("text", [
-    f"bundles:\n  - {{name: a, url: {SECRET_URL}\n",
-    "bundles:\n  - name: a\n    url: https://user:S3CRETPW@example.org/a/long/path/that/goes/on/and/on/x.zip"
-    "?sig=abcdefghijklmnopqrstuvwxyz0123456789 : x\n",
-    f"bundles:\n  - name: a\n    url: {SECRET_URL}\n   bad: [\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"bundles:\n  - {{name: a, url: {SECRET_URL}\n",
+        "bundles:\n  - name: a\n    url: https://user:S3CRETPW@example.org/a/long/path/that/goes/on/and/on/x.zip"
+        "?sig=abcdefghijklmnopqrstuvwxyz0123456789 : x\n",
+        f"bundles:\n  - name: a\n    url: {SECRET_URL}\n   bad: [\n",
+    ],
+)
 def test_15_yaml_errors_never_quote_the_offending_line(tmp_path, text):
     """PyYAML's message quotes the line, cut anywhere ('https://user:S3CR ...', '... 6789 : x'):
     a cut secret escapes any pattern, so the message names the line and column instead."""
@@ -869,8 +941,11 @@ def test_17_html_is_accepted_when_it_is_the_file(srv, session, tmp_path):
 
 def test_17_named_content_type_must_match(srv, session, tmp_path):
     srv.content_types["/d/sample.bin"] = "application/octet-stream"
-    with pytest.raises(DownloadError, match=r"Content-Type application/octet-stream, not the bundle's "
-                                            r"content_type application/zip") as err:
+    with pytest.raises(
+        DownloadError,
+        match=r"Content-Type application/octet-stream, not the bundle's "
+        r"content_type application/zip",
+    ) as err:
         download_bundle(bundle(srv, content_type="application/zip"), tmp_path, session=session)
     one_message(err)
     assert leftovers(tmp_path) == []
@@ -887,8 +962,11 @@ def test_17_content_type_in_the_bundles_file(tmp_path):
     path.write_text("bundles:\n  - {name: a, url: 'https://example.org/a.zip', content_type: Application/Zip}\n")
     assert load_bundles(path)["a"].content_type == "application/zip"
     path.write_text("bundles:\n  - {name: a, url: 'https://example.org/a.zip', content_type: zip}\n")
-    with pytest.raises(DatasetError, match=r"entry 1 \('a'\): content_type 'zip' is not a media type: use "
-                                           r"type/subtype without parameters, e\.g\. application/zip"):
+    with pytest.raises(
+        DatasetError,
+        match=r"entry 1 \('a'\): content_type 'zip' is not a media type: use "
+        r"type/subtype without parameters, e\.g\. application/zip",
+    ):
         load_bundles(path)
 
 
@@ -896,8 +974,11 @@ def test_17_body_longer_than_content_length_is_refused(srv, session, tmp_path):
     """A 200 announcing Content-Length: 300,000 whose (chunked) body goes on: reading stops at the
     announced length and the download fails, even without a size or sha256 in the bundle."""
     srv.overlong_next(1, extra=200_000)
-    with pytest.raises(DownloadError, match=r"the server sent more than the 300,000 bytes it announced "
-                                            r"\(Content-Length\)") as err:
+    with pytest.raises(
+        DownloadError,
+        match=r"the server sent more than the 300,000 bytes it announced "
+        r"\(Content-Length\)",
+    ) as err:
         download_bundle(bundle(srv), tmp_path, session=session, chunk_size=16 * 1024)
     assert "partial file was deleted" in one_message(err)
     assert leftovers(tmp_path) == []
@@ -907,8 +988,11 @@ def test_17_range_body_longer_than_content_range_is_refused(srv, session, tmp_pa
     """A resumed 206 whose Content-Length (and body) exceed its Content-Range: never spliced in."""
     srv.truncate_next(1, fraction=0.4)
     srv.overlong_next(1, extra=5_000)
-    with pytest.raises(DownloadError, match=r"the server sent more than the 180,000 bytes it announced "
-                                            r"\(Content-Range\)"):
+    with pytest.raises(
+        DownloadError,
+        match=r"the server sent more than the 180,000 bytes it announced "
+        r"\(Content-Range\)",
+    ):
         download_bundle(bundle(srv), tmp_path, session=session, attempts=3)
     assert srv.stats["ranges"] == ["bytes=120000-"]
     assert leftovers(tmp_path) == []

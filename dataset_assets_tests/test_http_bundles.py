@@ -56,8 +56,9 @@ def leftovers(dest: Path) -> list[str]:
 
 def test_full_download_verifies_sha256(srv, session, tmp_path):
     logs: list[str] = []
-    result = download_bundle(bundle(srv, sha256=SHA, size=SIZE), tmp_path / "out", session=session,
-                             chunk_size=64 * 1024, log=logs.append)
+    result = download_bundle(
+        bundle(srv, sha256=SHA, size=SIZE), tmp_path / "out", session=session, chunk_size=64 * 1024, log=logs.append
+    )
     assert result.path == tmp_path / "out" / "sample.bin"
     assert result.path.read_bytes() == PAYLOAD
     assert (result.bytes, result.sha256, result.transferred_bytes) == (SIZE, SHA, SIZE)
@@ -89,8 +90,9 @@ def test_429_throttling_then_success(srv, session, tmp_path):
 def test_truncated_body_resumes_with_range(srv, session, tmp_path):
     srv.truncate_next(1, fraction=0.4)
     logs: list[str] = []
-    result = download_bundle(bundle(srv, sha256=SHA, size=SIZE), tmp_path, session=session,
-                             chunk_size=16 * 1024, log=logs.append)
+    result = download_bundle(
+        bundle(srv, sha256=SHA, size=SIZE), tmp_path, session=session, chunk_size=16 * 1024, log=logs.append
+    )
     assert result.path.read_bytes() == PAYLOAD and result.resumed
     ranges = srv.stats["ranges"]
     assert len(ranges) == 1 and ranges[0].startswith("bytes=") and ranges[0].endswith("-")
@@ -360,7 +362,10 @@ GOOD = "https://example.org/f.zip"
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (f"bundles:\n  - {{name: a, url: {GOOD}}}\n  - {{name: a, url: {GOOD}}}\n", r"entry 2 \('a'\): duplicate name 'a' \(entry 1"),
+        (
+            f"bundles:\n  - {{name: a, url: {GOOD}}}\n  - {{name: a, url: {GOOD}}}\n",
+            r"entry 2 \('a'\): duplicate name 'a' \(entry 1",
+        ),
         (f"bundles:\n  - {{name: ../etc, url: {GOOD}}}\n", r"entry 1 \('../etc'\): name '../etc' is not valid"),
         (f"bundles:\n  - {{name: -x, url: {GOOD}}}\n", r"name '-x' is not valid"),
         (f"bundles:\n  - {{name: 'a b', url: {GOOD}}}\n", r"name 'a b' is not valid"),
@@ -398,8 +403,9 @@ def test_bad_url_message_hides_the_query(tmp_path):
     assert "s3cr3tSIG" not in str(err.value) and "ftp://h/f.zip?…" in str(err.value)
 
 
-@pytest.mark.parametrize("text", [f"bundles:\n  - 'https://h/f.zip?{SECRET}'\n",
-                                  f"bundles:\n  - {{name: a, url: https://h/f.zip?{SECRET}\n"])
+@pytest.mark.parametrize(
+    "text", [f"bundles:\n  - 'https://h/f.zip?{SECRET}'\n", f"bundles:\n  - {{name: a, url: https://h/f.zip?{SECRET}\n"]
+)
 def test_bundle_file_errors_hide_signed_queries(tmp_path, text):
     path = tmp_path / "bundles.yaml"
     path.write_text(text)

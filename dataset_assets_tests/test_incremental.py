@@ -48,8 +48,11 @@ def test_interrupted_refresh_does_not_set_the_new_revision_aside_again(idc_fixtu
     with IndexSource(release.index_dir).connect() as con:
         new_manifest = build_manifest(con, "qin_pet_phantom")
 
-    revised_dir = root / next(r["target_dir"] for r in new_manifest.to_pylist()
-                              if r["crdc_series_uuid"] == release.revised["crdc_series_uuid"])
+    revised_dir = root / next(
+        r["target_dir"]
+        for r in new_manifest.to_pylist()
+        if r["crdc_series_uuid"] == release.revised["crdc_series_uuid"]
+    )
 
     def stop_once_new_files_land(line):
         if line.startswith("progress: ") and any(revised_dir.glob("*.dcm")):
@@ -77,7 +80,9 @@ def test_a_filtered_selection_reports_nothing_removed(idc_fixture, s3, manifest,
     options = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
     download(manifest, root, options, log=lambda m: None, state_path=state)
     with IndexSource(idc_fixture.index_dir).connect() as con:
-        one = build_manifest(con, "qin_pet_phantom", ManifestFilters(series_uids=[idc_fixture.rows[0]["SeriesInstanceUID"]]))
+        one = build_manifest(
+            con, "qin_pet_phantom", ManifestFilters(series_uids=[idc_fixture.rows[0]["SeriesInstanceUID"]])
+        )
     assert not is_whole_collection(one) and is_whole_collection(manifest)
     log = []
     result = download(one, root, options, log=log.append, state_path=state)
@@ -94,7 +99,9 @@ def test_incremental_refresh_through_the_assets(idc_fixture, s3, tmp_path):
 
     def resources(index_dir):
         return {
-            "idc": IdcResource(index_dir=str(index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")),
+            "idc": IdcResource(
+                index_dir=str(index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")
+            ),
             "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
         }
 
@@ -118,10 +125,17 @@ def test_cli_refresh_of_a_revised_series(idc_fixture, s3, tmp_path):
     dataset = os.path.join(os.path.dirname(sys.executable), "dataset")
     dest = tmp_path / "out"
     env = {**os.environ, "IDC_INDEX_DIR": str(idc_fixture.index_dir), "IDC_S3_ENDPOINT_URL": s3.endpoint_url}
-    assert subprocess.run([dataset, "idc", "download", "qin_pet_phantom", str(dest)], env=env, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [dataset, "idc", "download", "qin_pet_phantom", str(dest)], env=env, capture_output=True
+        ).returncode
+        == 0
+    )
     release = next_release(idc_fixture, s3.root, tmp_path)
     env["IDC_INDEX_DIR"] = str(release.index_dir)
     s3.reset_stats()
-    proc = subprocess.run([dataset, "idc", "download", "qin_pet_phantom", str(dest)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [dataset, "idc", "download", "qin_pet_phantom", str(dest)], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert s3.stats["get_object"] == 6 and "was revised" in proc.stderr

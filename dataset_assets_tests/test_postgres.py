@@ -26,17 +26,37 @@ def test_parallel_partitions_on_postgres_lose_nothing(tmp_path):
     home.mkdir()
     shutil.copy(POSTGRES_YAML, home / "dagster.yaml")
     with postgres_server() as pg_env:
-        env = {**os.environ, **pg_env, "DAGSTER_HOME": str(home),
-               "IDC_MANIFEST_DIR": str(tmp_path / "manifests"), "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb")}
+        env = {
+            **os.environ,
+            **pg_env,
+            "DAGSTER_HOME": str(home),
+            "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
+            "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
+        }
         # The deployment step the README names: create the schema once. Dagster creates its tables on
         # first connect, and first connects racing each other fail on "relation already exists".
-        migrate = subprocess.run([DAGSTER, "instance", "migrate"], env=env, cwd=tmp_path, capture_output=True,
-                                 text=True, timeout=300)
+        migrate = subprocess.run(
+            [DAGSTER, "instance", "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert migrate.returncode == 0, migrate.stdout + migrate.stderr
         procs = [
             subprocess.Popen(
-                [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions", "--select", "collection_manifest",
-                 "--partition", pk], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                [
+                    DAGSTER,
+                    "asset",
+                    "materialize",
+                    "-m",
+                    "dataset_assets.definitions",
+                    "--select",
+                    "collection_manifest",
+                    "--partition",
+                    pk,
+                ],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
             for pk in PARTITIONS
         ]
@@ -47,7 +67,7 @@ def test_parallel_partitions_on_postgres_lose_nothing(tmp_path):
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        for pk, proc, out in zip(PARTITIONS, procs, outputs):
+        for pk, proc, out in zip(PARTITIONS, procs, outputs, strict=False):
             assert proc.returncode == 0, f"{pk}: {out[-3000:]}"
         saved = {k: os.environ.get(k) for k in pg_env}
         os.environ.update(pg_env)
@@ -61,4 +81,6 @@ def test_parallel_partitions_on_postgres_lose_nothing(tmp_path):
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         assert materialized == set(PARTITIONS)
         assert len(runs) == len(PARTITIONS) and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
-        assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == sorted(f"{pk}.parquet" for pk in PARTITIONS)
+        assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == sorted(
+            f"{pk}.parquet" for pk in PARTITIONS
+        )

@@ -1,4 +1,5 @@
 """Tests for the local S3 test server, driven by the real s5cmd Go binary."""
+
 from __future__ import annotations
 
 import http.client
@@ -43,17 +44,19 @@ def put(root: Path, key: str, data: bytes) -> Path:
     return path
 
 
-def s5cmd(endpoint: str, *args: str, retry: int = 1, cwd: Path | None = None,
-          timeout: float = 30) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if "proxy" not in k.lower() and not k.startswith(("AWS_", "S3_"))}
-    env.update(AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
-               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-               NO_PROXY="127.0.0.1,localhost")
-    cmd = [str(S5CMD), "--no-sign-request", "--endpoint-url", endpoint, "--json",
-           "--retry-count", str(retry), *args]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+def s5cmd(
+    endpoint: str, *args: str, retry: int = 1, cwd: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(("AWS_", "S3_"))}
+    env.update(
+        AWS_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    cmd = [str(S5CMD), "--no-sign-request", "--endpoint-url", endpoint, "--json", "--retry-count", str(retry), *args]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def json_lines(text: str) -> list[dict]:
@@ -61,8 +64,7 @@ def json_lines(text: str) -> list[dict]:
 
 
 def tree(directory: Path) -> dict[str, bytes]:
-    return {p.relative_to(directory).as_posix(): p.read_bytes()
-            for p in directory.rglob("*") if p.is_file()}
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
 
 def make_series(root: Path, n: int = 50, prefix: str = "series") -> dict[str, bytes]:
@@ -73,6 +75,7 @@ def make_series(root: Path, n: int = 50, prefix: str = "series") -> dict[str, by
 
 
 # -- with the real s5cmd --------------------------------------------------------
+
 
 def test_ls_and_cp_prefix(srv, root, tmp_path):
     files = make_series(root, 50)
@@ -206,6 +209,7 @@ def test_refusing_endpoint_fails_fast():
 
 # -- server behaviour, plain HTTP -------------------------------------------------
 
+
 def test_http_details(srv, root):
     data = bytes(range(256)) * 4
     put(root, "d/x.bin", data)
@@ -247,8 +251,7 @@ def test_delimiter_paging_with_small_max_keys(srv, root):
     put(root, "p/top2", b"yy")
     names, token = [], None
     while True:
-        q = "list-type=2&prefix=p/&delimiter=/&max-keys=2" + (
-            f"&continuation-token={token}" if token else "")
+        q = "list-type=2&prefix=p/&delimiter=/&max-keys=2" + (f"&continuation-token={token}" if token else "")
         doc = ET.fromstring(_OPENER.open(f"{srv.endpoint_url}/{BUCKET}?{q}", timeout=5).read())
         page = [e.text for e in doc.iterfind("s3:CommonPrefixes/s3:Prefix", NS)]
         page += [e.text for e in doc.iterfind("s3:Contents/s3:Key", NS)]

@@ -15,13 +15,15 @@ collection_manifest (one per collection: qin_pet_phantom, nlst, ...); the manife
 (series, instances, size, dagster/row_count, the preview table); description, owners, kinds;
 a materialization of downloaded_collection launched from the partition dialog that runs to
 success; and a second one, on a throttled server, terminated with the run page's Terminate
-button: the run ends CANCELED, no s5cmd survives, no cut-short file stands at a final path. Screenshots of every step go to ``test-artifacts/ui/``; on failure also ``failure.png``
+button: the run ends CANCELED, no s5cmd survives, no cut-short file stands at a final path.
+Screenshots of every step go to ``test-artifacts/ui/``; on failure also ``failure.png``
 and ``dagster-dev.log`` (the server's output).
 
 Without Chromium the test skips locally and fails in CI (``$CI`` set), where ``.ci/run``
 installs it.
 """
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -45,8 +47,14 @@ from dataset_assets_tests.support.webserver import DagsterDev, dagster_home
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
 DAGSTER = os.path.join(os.path.dirname(sys.executable), "dagster")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 MANIFEST_COLLECTION = "qin_pet_phantom"  # real index: real numbers in the UI
 DOWNLOAD_COLLECTION = "rider_breast_mri"  # fixture index + loopback S3: downloaded from the UI
@@ -70,8 +78,10 @@ def require_chromium() -> str:
     if path is None or importlib.util.find_spec("playwright") is None:
         if os.environ.get("CI"):
             pytest.fail("Chromium (/usr/bin/chromium) or the playwright package is missing; .ci/run installs both")
-        pytest.skip("Chromium (/usr/bin/chromium) or the playwright package is missing: `apt-get install chromium` "
-                    "and `pip install -e '.[test]'`; CI (.ci/run, $CI set) installs both and fails instead of skipping")
+        pytest.skip(
+            "Chromium (/usr/bin/chromium) or the playwright package is missing: `apt-get install chromium` "
+            "and `pip install -e '.[test]'`; CI (.ci/run, $CI set) installs both and fails instead of skipping"
+        )
     return path
 
 
@@ -84,9 +94,22 @@ def fresh_artifacts() -> Path:
 
 def materialize(env: dict, cwd: Path, select: str, partition: str) -> None:
     proc = subprocess.run(
-        [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions", "--select", select,
-         "--partition", partition],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=120,
+        [
+            DAGSTER,
+            "asset",
+            "materialize",
+            "-m",
+            "dataset_assets.definitions",
+            "--select",
+            select,
+            "--partition",
+            partition,
+        ],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -169,8 +192,13 @@ def drawn_edges(page) -> set[tuple[str, str]]:
     for e in graph["edges"]:
         for src, a in boxes.items():
             for dst, b in boxes.items():
-                if (src != dst and abs(e["x1"] - (a["x"] + a["w"])) < 15 and a["y"] <= e["y1"] <= a["y"] + a["h"]
-                        and abs(e["x2"] - b["x"]) < 15 and b["y"] <= e["y2"] <= b["y"] + b["h"]):
+                if (
+                    src != dst
+                    and abs(e["x1"] - (a["x"] + a["w"])) < 15
+                    and a["y"] <= e["y1"] <= a["y"] + a["h"]
+                    and abs(e["x2"] - b["x"]) < 15
+                    and b["y"] <= e["y2"] <= b["y"] + b["h"]
+                ):
                     pairs.add((src, dst))
     return pairs
 
@@ -207,9 +235,11 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
     files_expected = sum(r["instanceCount"] for r in fixture.rows)
     setup_s = time.monotonic() - started
 
-    with LocalS3Server(fixture.s3_root, max_lifetime_s=600) as s3, \
-            DagsterDev({**env, "IDC_S3_ENDPOINT_URL": s3.endpoint_url}, cwd=tmp_path) as ui, \
-            sync_playwright() as pw:
+    with (
+        LocalS3Server(fixture.s3_root, max_lifetime_s=600) as s3,
+        DagsterDev({**env, "IDC_S3_ENDPOINT_URL": s3.endpoint_url}, cwd=tmp_path) as ui,
+        sync_playwright() as pw,
+    ):
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)  # fresh temporary profile
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         try:
@@ -232,7 +262,14 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             expect(page.get_by_text("The series of one IDC collection to download")).to_be_visible(timeout=WAIT_MS)
             row_count = page.get_by_text("Row count", exact=True).locator("xpath=..")
             expect(row_count).to_contain_text(f"{series:,}", timeout=WAIT_MS)  # the latest: qin_pet_phantom
-            for text in ("imaging-data", "DuckDB", "Parquet", "domain: idc", "download_collections", MANIFEST_COLLECTION):
+            for text in (
+                "imaging-data",
+                "DuckDB",
+                "Parquet",
+                "domain: idc",
+                "download_collections",
+                MANIFEST_COLLECTION,
+            ):
                 expect(visible(page, text)).to_be_visible()
             expect(metadata_row(page, "series")).to_contain_text(str(series))
             expect(metadata_row(page, "preview")).to_contain_text("[Show Markdown]")  # too long to show inline
@@ -278,8 +315,12 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             expect(page).to_have_url(re.compile(rf"partition={MANIFEST_COLLECTION}"))
             expect(page.get_by_text("View all historical events (1)")).to_be_visible(timeout=WAIT_MS)
             expected = {
-                "series": str(series), "instances": str(instances), "size": size, "dagster/row_count": str(series),
-                "modalities": "PT", "idc_release": "v25",
+                "series": str(series),
+                "instances": str(instances),
+                "size": size,
+                "dagster/row_count": str(series),
+                "modalities": "PT",
+                "idc_release": "v25",
             }
             for key, value in expected.items():
                 expect(metadata_row(page, key)).to_contain_text(value)
@@ -288,7 +329,14 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             metadata_row(page, "preview").get_by_text("[Show Markdown]").click()
             preview = page.locator(".dagster-dialog").filter(has_text="preview")
             expect(preview.locator("table")).to_be_visible()
-            for column in ("PatientID", "Modality", "SeriesInstanceUID", "instanceCount", "series_size_MB", "target_dir"):
+            for column in (
+                "PatientID",
+                "Modality",
+                "SeriesInstanceUID",
+                "instanceCount",
+                "series_size_MB",
+                "target_dir",
+            ):
                 expect(preview.locator("th", has_text=column)).to_be_visible()
             rows = preview.locator("tbody tr")
             expect(rows).to_have_count(min(10, series))
@@ -299,7 +347,9 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             expect(preview).to_be_hidden()
 
             page.goto(ui.url + "/assets/idc_index")
-            expect(page.get_by_text("The series-level index of NCI Imaging Data Commons")).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_text("The series-level index of NCI Imaging Data Commons")).to_be_visible(
+                timeout=WAIT_MS
+            )
             for text in ("imaging-data", "DuckDB", "Parquet", "refresh_idc_index", "idc_release_sensor"):
                 expect(visible(page, text)).to_be_visible()
             expect(metadata_row(page, "idc_release")).to_contain_text("v25")
@@ -324,8 +374,12 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             # -- the downloaded partition's metadata in the UI matches the disk -------------------
             page.goto(ui.url + f"/assets/downloaded_collection?view=partitions&partition={DOWNLOAD_COLLECTION}")
             expect(page.get_by_text("Materialized (1)")).to_be_visible(timeout=WAIT_MS)
-            for key, value in {"series": "3", "series_complete": "3", "series_failed": "0",
-                               "files": str(files_expected)}.items():
+            for key, value in {
+                "series": "3",
+                "series_complete": "3",
+                "series_failed": "0",
+                "files": str(files_expected),
+            }.items():
                 expect(metadata_row(page, key)).to_contain_text(value)
             expect(metadata_row(page, "download_path")).to_contain_text(str(download_dir / DOWNLOAD_COLLECTION))
             steps.shot("downloaded_collection-partition-metadata")
@@ -360,16 +414,17 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             while processes_mentioning(str(download_dir)) and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert processes_mentioning(str(download_dir)) == [], f"s5cmd {s5cmd_pids} outlived its run"
-            sizes = {key.split("/")[-1]: (fixture.s3_root / row["aws_bucket"] / key).stat().st_size
-                     for row in fixture.rows for key in fixture.object_keys(row)}
+            sizes = {
+                key.split("/")[-1]: (fixture.s3_root / row["aws_bucket"] / key).stat().st_size
+                for row in fixture.rows
+                for key in fixture.object_keys(row)
+            }
             for path in download_dir.rglob("*.dcm"):  # what was cut short is not at a final path
                 assert path.stat().st_size == sizes[path.name], path
         except BaseException:  # evidence for CI: what the browser showed, and the server's log
             (artifacts / "dagster-dev.log").write_text(ui.log_tail(200_000))
-            try:
+            with contextlib.suppress(Exception):  # a dead browser must not hide the real error
                 page.screenshot(path=artifacts / "failure.png", full_page=True)
-            except Exception:  # a dead browser must not hide the real error
-                pass
             raise
         finally:
             browser.close()
@@ -379,5 +434,7 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
     assert {"runId": run_id, "status": "SUCCESS"} in runs and {"runId": stopped_run, "status": "CANCELED"} in runs, runs
     assert not [r for r in runs if r["status"] == "FAILURE"], runs  # e.g. nothing a sensor launched failed
     assert processes_mentioning(str(home)) == [] and processes_mentioning(str(download_dir)) == []
-    print(f"\nUI test: setup {setup_s:.0f} s, server start {ui.startup_s:.0f} s, server stop {ui.stop_s:.0f} s, "
-          f"total {time.monotonic() - started:.0f} s; screenshots: {', '.join(p.name for p in steps.paths)}")
+    print(
+        f"\nUI test: setup {setup_s:.0f} s, server start {ui.startup_s:.0f} s, server stop {ui.stop_s:.0f} s, "
+        f"total {time.monotonic() - started:.0f} s; screenshots: {', '.join(p.name for p in steps.paths)}"
+    )

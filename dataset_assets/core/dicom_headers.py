@@ -6,6 +6,7 @@ in worker processes instead. This module imports only pydicom, so a worker start
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -28,11 +29,11 @@ def file_problems(path: str, expected: tuple[str, ...]) -> list[str]:
             warnings.simplefilter("ignore")  # pydicom warns about every oddity of a damaged file
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_FIELDS))
             values = [str(ds.get(name, "<missing>")) for name in HEADER_FIELDS]
-    except Exception as exc:  # noqa: BLE001 - any failure to parse is a finding about this file
+    except Exception as exc:
         return [f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})"]
     return [
         f"{path}: {name} is {value!r}, manifest says {want!r}"
-        for name, value, want in zip(HEADER_FIELDS, values, expected)
+        for name, value, want in zip(HEADER_FIELDS, values, expected, strict=False)
         if value != want
     ]
 
@@ -98,9 +99,11 @@ class HeaderCache:
 
         try:
             table = pq.read_table(self.path)
-            rows = zip(*(table.column(c).to_pylist() for c in ("folder", "name", "size", "mtime_ns", "key")))
+            rows = zip(
+                *(table.column(c).to_pylist() for c in ("folder", "name", "size", "mtime_ns", "key")), strict=False
+            )
             self.entries = {(os.path.normpath(self.root / f), n): (s, m, k) for f, n, s, m, k in rows}
-        except Exception:  # noqa: BLE001 - missing, truncated, foreign: start empty
+        except Exception:
             self.entries = {}
         return self
 
@@ -112,11 +115,18 @@ class HeaderCache:
         import pyarrow.parquet as pq
 
         rows = [(os.path.relpath(f, self.root), n, *v) for (f, n), v in self.entries.items()]
-        columns = list(zip(*rows)) if rows else [[], [], [], [], []]
+        columns = list(zip(*rows, strict=False)) if rows else [[], [], [], [], []]
         table = pa.table(
-            dict(zip(("folder", "name", "size", "mtime_ns", "key"), map(list, columns))),
-            schema=pa.schema([("folder", pa.string()), ("name", pa.string()), ("size", pa.int64()),
-                              ("mtime_ns", pa.int64()), ("key", pa.string())]),
+            dict(zip(("folder", "name", "size", "mtime_ns", "key"), map(list, columns), strict=False)),
+            schema=pa.schema(
+                [
+                    ("folder", pa.string()),
+                    ("name", pa.string()),
+                    ("size", pa.int64()),
+                    ("mtime_ns", pa.int64()),
+                    ("key", pa.string()),
+                ]
+            ),
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -166,10 +176,8 @@ class StreamingHeaderCheck:
         self.stopping = not drain
         self.queue.put(None)
         self.thread.join()
-        try:
+        with contextlib.suppress(OSError):  # only a cache: the check reads these files itself
             self.cache.save()
-        except OSError:
-            pass  # only a cache: the check reads these files itself
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

@@ -37,6 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import requests
 
+from .. import settings
 from . import s5cmd
 from .dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
 from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, TransferStoppedError
@@ -132,8 +133,17 @@ def _fits(files: dict[str, int] | None, row: dict) -> bool:
 
 
 def _rows(manifest: pa.Table) -> Iterator[dict]:
-    columns = ["SeriesInstanceUID", "crdc_series_uuid", "aws_bucket", "series_aws_url", "instanceCount",
-               "series_bytes", "target_dir", "series_revised_idc_version", *HEADER_FIELDS]
+    columns = [
+        "SeriesInstanceUID",
+        "crdc_series_uuid",
+        "aws_bucket",
+        "series_aws_url",
+        "instanceCount",
+        "series_bytes",
+        "target_dir",
+        "series_revised_idc_version",
+        *HEADER_FIELDS,
+    ]
     for batch in manifest.select(columns).to_batches(50_000):
         yield from batch.to_pylist()
 
@@ -156,7 +166,9 @@ def describe(row: dict, disk: SeriesOnDisk, expected: dict[str, int] | None) -> 
         parts.append(f"{len(absent)} of {len(expected)} file(s) missing (e.g. {absent[0]})")
     if sized:
         n = sized[0]
-        parts.append(f"{len(sized)} file(s) of the wrong size (e.g. {n}: {disk.files[n]:,} bytes, expected {expected[n]:,})")
+        parts.append(
+            f"{len(sized)} file(s) of the wrong size (e.g. {n}: {disk.files[n]:,} bytes, expected {expected[n]:,})"
+        )
     if foreign:
         parts.append(
             f"{len(foreign)} .dcm file(s) that are not objects of this series (e.g. {foreign[0]}): move them out"
@@ -208,7 +220,7 @@ def check_root(root: Path) -> None:
 
 def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
     """Raise ``DownloadError`` when the endpoint cannot be reached at all (any HTTP answer is fine)."""
-    verify = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE") or True
+    verify = settings.ca_bundle() or True
     try:
         requests.head(endpoint_url, timeout=timeout_s, allow_redirects=False, verify=verify)
     except requests.RequestException as exc:
@@ -407,7 +419,9 @@ class Download:
             if target is None:  # a key below a deeper prefix, or one nobody asked for
                 owner = next((p for p in prefixes if key.startswith(p)), None)
                 if owner:
-                    odd.setdefault(owner, f"the server lists {key!r}, which is not a plain object name below the series")
+                    odd.setdefault(
+                        owner, f"the server lists {key!r}, which is not a plain object name below the series"
+                    )
                 return
             problem = object_name_problem(name)
             if problem or not isinstance(size, int) or size < 0:
@@ -430,8 +444,13 @@ class Download:
                 handle.write(f"ls {_quoted(prefix + '*')}\n")
             handle.close()
             try:
-                s5cmd.run([*self.options.global_args(), "run", str(path)], on_stdout=on_stdout, on_stderr=on_stderr,
-                          grace_period_s=self.options.grace_period_s, check=lambda: self._check(activity))
+                s5cmd.run(
+                    [*self.options.global_args(), "run", str(path)],
+                    on_stdout=on_stdout,
+                    on_stderr=on_stderr,
+                    grace_period_s=self.options.grace_period_s,
+                    check=lambda: self._check(activity),
+                )
             except _Stop as stop:
                 self._stopped(stop, activity, listing=True)
         completed: set[str] = set()
@@ -470,7 +489,9 @@ class Download:
                     self._complete(row, objects)
                     completed.add(row["target_dir"])
         self.result.skipped_series += len(completed)
-        self.todo = [t for t in self.todo if t.row["target_dir"] not in self.failed and t.row["target_dir"] not in completed]
+        self.todo = [
+            t for t in self.todo if t.row["target_dir"] not in self.failed and t.row["target_dir"] not in completed
+        ]
 
     def transfer(self) -> None:
         """One ``s5cmd run`` of the copies the scan and the listing planned."""
@@ -479,7 +500,8 @@ class Download:
             return
         missing_files = sum(t.row["instanceCount"] if t.whole else len(t.fetch) for t in todo)
         missing_bytes = sum(
-            t.row["series_bytes"] if t.whole else sum(t.expected[n] for n in t.fetch) for t in todo  # type: ignore[index]
+            t.row["series_bytes"] if t.whole else sum(t.expected[n] for n in t.fetch)
+            for t in todo  # type: ignore[index]
         )
         label = ",".join(sorted(set(self.manifest.column("collection_id").to_pylist())))
         flags = self.options.copy_flags()
@@ -510,16 +532,23 @@ class Download:
                 if self.header_cache is not None:
                     headers = StreamingHeaderCheck(
                         HeaderCache(self.header_cache, self.root).load(),
-                        {os.path.normpath(self.root / t.row["target_dir"]): tuple(t.row[f] or "" for f in HEADER_FIELDS)
-                         for t in todo},
+                        {
+                            os.path.normpath(self.root / t.row["target_dir"]): tuple(
+                                t.row[f] or "" for f in HEADER_FIELDS
+                            )
+                            for t in todo
+                        },
                     )
                     progress.on_copied = headers.file_copied
                 try:
                     try:
                         self.result.returncode = s5cmd.run(
                             [*self.options.global_args(), "run", str(path)],
-                            on_stdout=progress.on_stdout, on_stderr=progress.on_stderr, on_tick=tick,
-                            tick_s=self.progress_interval_s, grace_period_s=self.options.grace_period_s,
+                            on_stdout=progress.on_stdout,
+                            on_stderr=progress.on_stderr,
+                            on_tick=tick,
+                            tick_s=self.progress_interval_s,
+                            grace_period_s=self.options.grace_period_s,
                             check=lambda: self._check(progress),
                         )
                     finally:
@@ -551,7 +580,8 @@ class Download:
                 if self.progress is not None and self._prefix(row) + "*" in self.progress.not_found:
                     self.failed[row["target_dir"]] = (
                         f"series {row['SeriesInstanceUID']} in {row['target_dir']}: not found on the server (no "
-                        f"object under {self._prefix(row)}); a re-run will not fix it: the index and the bucket disagree"
+                        f"object under {self._prefix(row)}); a re-run will not fix it: "
+                        "the index and the bucket disagree"
                     )
                     continue
                 got = copied.get(os.path.normpath(self.root / row["target_dir"]), {})
@@ -563,9 +593,13 @@ class Download:
                     )
                     continue
                 expected = got if _fits(got, row) else None
-            problem = describe(row, disk, expected) if expected is not None else (
-                f"series {row['SeriesInstanceUID']} in {row['target_dir']}: {disk.count}/{row['instanceCount']} "
-                f"files, {disk.bytes:,}/{row['series_bytes']:,} bytes"
+            problem = (
+                describe(row, disk, expected)
+                if expected is not None
+                else (
+                    f"series {row['SeriesInstanceUID']} in {row['target_dir']}: {disk.count}/{row['instanceCount']} "
+                    f"files, {disk.bytes:,}/{row['series_bytes']:,} bytes"
+                )
             )
             if t.note:
                 problem = f"series {row['SeriesInstanceUID']} in {row['target_dir']}: {t.note}"
@@ -591,8 +625,10 @@ class Download:
         result.duration_s = time.monotonic() - self.started
         if not result.failed_count:
             if self.progress is None:
-                self.log(f"all {self.manifest.num_rows:,} series already complete on disk "
-                         f"({human_bytes(result.bytes)}); nothing to transfer")
+                self.log(
+                    f"all {self.manifest.num_rows:,} series already complete on disk "
+                    f"({human_bytes(result.bytes)}); nothing to transfer"
+                )
             return result
         shown = "; ".join(result.failed_series[:10])
         more = f"; and {result.failed_count - 10} more" if result.failed_count > 10 else ""
@@ -646,8 +682,10 @@ class Download:
                     dest, n = self.control / "replaced" / f"{before.crdc_series_uuid}.{n}", n + 1
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, dest)
-                self.log(f"series {row['SeriesInstanceUID']} was revised ({before.crdc_series_uuid} -> "
-                         f"{row['crdc_series_uuid']}); previous files moved to {dest}")
+                self.log(
+                    f"series {row['SeriesInstanceUID']} was revised ({before.crdc_series_uuid} -> "
+                    f"{row['crdc_series_uuid']}); previous files moved to {dest}"
+                )
             revised.append(row["target_dir"])
             self.result.replaced_series.append(
                 f"{row['SeriesInstanceUID']} ({before.crdc_series_uuid} -> {row['crdc_series_uuid']})"
@@ -660,8 +698,10 @@ class Download:
             removed = sorted(f"{r.series_uid} ({d})" for d, r in self.records.items() if d not in in_manifest)
             self.result.removed_series = removed
             if removed:
-                self.log(f"{len(removed)} series downloaded before are no longer in the collection; kept on disk: "
-                         + "; ".join(removed[:10]))
+                self.log(
+                    f"{len(removed)} series downloaded before are no longer in the collection; kept on disk: "
+                    + "; ".join(removed[:10])
+                )
 
     def _save(self) -> None:
         if self.state_path is not None:

@@ -15,7 +15,12 @@ def _is_na(value: object) -> bool:
     import sys
 
     pandas = sys.modules.get("pandas")
-    return pandas is not None and value is not None and not isinstance(value, (int, float, str)) and bool(pandas.isna(value))
+    return (
+        pandas is not None
+        and value is not None
+        and not isinstance(value, (int, float, str))
+        and bool(pandas.isna(value))
+    )
 
 
 def human_bytes(n: float | int | None) -> str:
@@ -40,8 +45,9 @@ def human_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def markdown_table(df: "pd.DataFrame", max_rows: int = 200) -> str:
+def markdown_table(df: pd.DataFrame, max_rows: int = 200) -> str:
     """A GitHub-flavoured markdown table of ``df`` (first ``max_rows`` rows)."""
+
     def cell(v: object) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)) or _is_na(v):
             return ""

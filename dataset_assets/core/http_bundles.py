@@ -72,9 +72,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.util import Retry
 
+from .. import settings
 from .errors import DatasetError, DownloadError
-from .fs import check_free_space, check_writable
 from .fmt import human_bytes, human_duration
+from .fs import check_free_space, check_writable
 
 try:
     import fcntl
@@ -87,8 +88,8 @@ FIELDS = ("name", "url", "sha256", "size", "filename", "content_type")
 MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 HTML_SUFFIXES = (".html", ".htm")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-MAX_RETRY_AFTER_S = 300.0  # longest server-requested wait honoured by default
-MAX_RETRY_AFTER_ENV = "DATASET_BUNDLES_MAX_RETRY_AFTER_S"
+MAX_RETRY_AFTER_S = float(settings.DATASET_BUNDLES_MAX_RETRY_AFTER_S.require())  # longest wait honoured by default
+MAX_RETRY_AFTER_ENV = settings.DATASET_BUNDLES_MAX_RETRY_AFTER_S.name
 RESUME_BACKOFF_S = 0.5  # pause before the first resume of a cut-short body; doubles each time
 RESUME_BACKOFF_MAX_S = 8.0
 MAX_RESTARTS = 3  # times one download may start over (Range ignored or refused)
@@ -135,12 +136,15 @@ def default_filename(url: str, name: str) -> str:
     return segment if _safe_filename(segment) else name
 
 
-def _bundle_problem(name: Any, url: Any, sha256: Any = None, size: Any = None, filename: Any = None,
-                    content_type: Any = None) -> str | None:
+def _bundle_problem(
+    name: Any, url: Any, sha256: Any = None, size: Any = None, filename: Any = None, content_type: Any = None
+) -> str | None:
     """What is wrong with these bundle fields, in words, or ``None``."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        return (f"name {name!r} is not valid: use letters, digits, '_', '.' and '-', starting with a letter "
-                "or digit (it becomes a partition key and a directory name)")
+        return (
+            f"name {name!r} is not valid: use letters, digits, '_', '.' and '-', starting with a letter "
+            "or digit (it becomes a partition key and a directory name)"
+        )
     if not isinstance(url, str) or not url.strip():
         return f"url {url!r} is not a URL string"
     try:
@@ -158,12 +162,17 @@ def _bundle_problem(name: Any, url: Any, sha256: Any = None, size: Any = None, f
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         return f"size {size!r} is not a non-negative integer number of bytes"
     if filename is not None and not _safe_filename(filename):
-        return (f"filename {filename!r} is not a plain file name (no '/', '\\', NUL, control characters "
-                f"or '..'; at most {MAX_FILENAME_BYTES} bytes)")
-    if content_type is not None and (not isinstance(content_type, str)
-                                     or not MEDIA_TYPE.fullmatch(content_type.strip().lower())):
-        return (f"content_type {content_type!r} is not a media type: use type/subtype without "
-                "parameters, e.g. application/zip or application/octet-stream")
+        return (
+            f"filename {filename!r} is not a plain file name (no '/', '\\', NUL, control characters "
+            f"or '..'; at most {MAX_FILENAME_BYTES} bytes)"
+        )
+    if content_type is not None and (
+        not isinstance(content_type, str) or not MEDIA_TYPE.fullmatch(content_type.strip().lower())
+    ):
+        return (
+            f"content_type {content_type!r} is not a media type: use type/subtype without "
+            "parameters, e.g. application/zip or application/octet-stream"
+        )
     return None
 
 
@@ -201,7 +210,9 @@ def _yaml_problem(exc: Exception) -> str:
         mark = exc.problem_mark
         text = f"{exc.problem or 'syntax error'} at line {mark.line + 1}, column {mark.column + 1}"
         if exc.context and exc.context_mark is not None:
-            text += f" ({exc.context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+            text += (
+                f" ({exc.context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+            )
         return scrub(" ".join(text.split()))
     if isinstance(exc, RecursionError):
         return "nested too deeply"
@@ -220,11 +231,13 @@ def _parse_bundles(path: Path) -> dict[str, Bundle]:
     except (yaml.YAMLError, RecursionError) as exc:
         raise DatasetError(f"bundle file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("bundles"), list):
-        raise DatasetError(f"bundle file {path}: expected a mapping with a 'bundles' list, "
-                           "as in 'bundles: [{name: ..., url: ...}]'")
+        raise DatasetError(
+            f"bundle file {path}: expected a mapping with a 'bundles' list, as in 'bundles: [{{name: ..., url: ...}}]'"
+        )
     if extra := sorted(map(str, set(data) - {"bundles"})):
-        raise DatasetError(f"bundle file {path}: unknown top-level key(s) {', '.join(extra)}; "
-                           "only 'bundles' is allowed")
+        raise DatasetError(
+            f"bundle file {path}: unknown top-level key(s) {', '.join(extra)}; only 'bundles' is allowed"
+        )
     bundles: dict[str, Bundle] = {}
     first_entry: dict[str, int] = {}
     for number, entry in enumerate(data["bundles"], 1):
@@ -266,7 +279,7 @@ def try_load_bundles(path: Path) -> tuple[dict[str, Bundle], str | None]:
         return load_bundles(path), None
     except DatasetError as exc:
         return {}, str(exc)
-    except Exception as exc:  # noqa: BLE001 - the file is outside input: whatever it does, report it
+    except Exception as exc:
         return {}, scrub(f"bundle file {path} cannot be loaded: {exc.__class__.__name__}: {_one_line(exc)}")
 
 
@@ -348,8 +361,10 @@ def _not_regular(path: Path, what: str) -> str | None:
             target = f" (to {os.readlink(path)})"
         except OSError:
             target = ""
-        return (f"{what} {path} is a symbolic link{target}; refusing to follow it: remove the link "
-                "(its target is left alone)")
+        return (
+            f"{what} {path} is a symbolic link{target}; refusing to follow it: remove the link "
+            "(its target is left alone)"
+        )
     if not stat.S_ISREG(mode):
         return f"{what} {path} is not a regular file; remove it"
     return None
@@ -366,9 +381,14 @@ def _open_own(name: str, path: Path, flags: int, what: str) -> int:
             raise DownloadError(f"bundle {name}: {why}") from None
         raise
     info = os.fstat(fd)
-    why = (f"{what} {path} is not a regular file; remove it" if not stat.S_ISREG(info.st_mode) else
-           f"{what} {path} has {info.st_nlink - 1} other hard link(s); refusing to write into a file "
-           "shared with another name: remove it" if info.st_nlink > 1 else None)
+    why = (
+        f"{what} {path} is not a regular file; remove it"
+        if not stat.S_ISREG(info.st_mode)
+        else f"{what} {path} has {info.st_nlink - 1} other hard link(s); refusing to write into a file "
+        "shared with another name: remove it"
+        if info.st_nlink > 1
+        else None
+    )
     if why:
         os.close(fd)
         raise DownloadError(f"bundle {name}: {why}")
@@ -507,8 +527,9 @@ def _body(response: requests.Response, chunk_size: int, limit: int | None) -> It
     received = 0
     try:
         while limit is None or received < limit:
-            block = response.raw.read(chunk_size if limit is None else min(chunk_size, limit - received),
-                                      decode_content=False)
+            block = response.raw.read(
+                chunk_size if limit is None else min(chunk_size, limit - received), decode_content=False
+            )
             if not block:
                 return
             received += len(block)
@@ -533,12 +554,16 @@ def _content_type_problem(bundle: Bundle, response: requests.Response) -> str:
     assert bundle.filename is not None
     got = _media_type(response.headers.get("Content-Type"))
     if bundle.content_type is not None and got != bundle.content_type:
-        return (f"the server answered with Content-Type {got or '(none)'}, not the bundle's content_type "
-                f"{bundle.content_type}")
+        return (
+            f"the server answered with Content-Type {got or '(none)'}, not the bundle's content_type "
+            f"{bundle.content_type}"
+        )
     if bundle.content_type is None and got == "text/html" and not bundle.filename.lower().endswith(HTML_SUFFIXES):
-        return (f"the server answered with an HTML page (Content-Type text/html) instead of {bundle.filename}, "
-                "most likely an error or sign-in page; if the file really is HTML, give the bundle "
-                "content_type: text/html")
+        return (
+            f"the server answered with an HTML page (Content-Type text/html) instead of {bundle.filename}, "
+            "most likely an error or sign-in page; if the file really is HTML, give the bundle "
+            "content_type: text/html"
+        )
     return ""
 
 
@@ -555,8 +580,10 @@ def _check_total(bundle: Bundle, total: int | None, part: _Part, path: Path) -> 
     if bundle.size is not None and total is not None and total != bundle.size:
         part.restart()
         _remove_own(path)
-        raise DownloadError(f"bundle {bundle.name}: size mismatch: expected {bundle.size:,} bytes, the server "
-                            f"announces {total:,} for {redact_url(bundle.url)}; the partial file was deleted")
+        raise DownloadError(
+            f"bundle {bundle.name}: size mismatch: expected {bundle.size:,} bytes, the server "
+            f"announces {total:,} for {redact_url(bundle.url)}; the partial file was deleted"
+        )
 
 
 def _seconds(value: float) -> str:
@@ -583,7 +610,7 @@ def max_retry_after(value: float | None = None) -> float:
     ``$DATASET_BUNDLES_MAX_RETRY_AFTER_S`` (read now), else ``MAX_RETRY_AFTER_S`` (300)."""
     source, shown = "max_retry_after_s", repr(value)
     if value is None:
-        raw = os.environ.get(MAX_RETRY_AFTER_ENV, "").strip()
+        raw = (settings.DATASET_BUNDLES_MAX_RETRY_AFTER_S.given() or "").strip()
         if not raw:
             return MAX_RETRY_AFTER_S
         source, shown = f"${MAX_RETRY_AFTER_ENV}", repr(raw)
@@ -592,13 +619,16 @@ def max_retry_after(value: float | None = None) -> float:
         except ValueError:
             value = -1.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise DownloadError(f"{source} {shown} is not a number of seconds >= 0 (the longest wait a server may "
-                            f"ask for with Retry-After), e.g. {MAX_RETRY_AFTER_S:g}")
+        raise DownloadError(
+            f"{source} {shown} is not a number of seconds >= 0 (the longest wait a server may "
+            f"ask for with Retry-After), e.g. {MAX_RETRY_AFTER_S:g}"
+        )
     return float(value)
 
 
-def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, timeout: float,
-           log: Log) -> tuple[str, int | None, str]:
+def _fetch(
+    bundle: Bundle, part: _Part, path: Path, session: requests.Session, timeout: float, log: Log
+) -> tuple[str, int | None, str]:
     """One GET filling the part -> (``complete`` | ``more`` | ``restart`` | ``interrupted``, total size,
     detail); ``more``: a whole response, but a range ending before the file does. ``_Wait`` when
     the server asks (Retry-After) to come back later."""
@@ -607,8 +637,10 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
     validator = part.validator() if offset else None
     if offset and validator is None and bundle.sha256 is None:
         # Nothing could show that the file on the server is still the one the part began with.
-        log(f"bundle {bundle.name}: the server gave no ETag or Last-Modified and the bundle has no sha256, "
-            f"so the {offset:,} bytes received cannot be trusted to match; starting over")
+        log(
+            f"bundle {bundle.name}: the server gave no ETag or Last-Modified and the bundle has no sha256, "
+            f"so the {offset:,} bytes received cannot be trusted to match; starting over"
+        )
         part.restart()
         offset = 0
     if offset:
@@ -619,8 +651,10 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
     try:
         response = session.get(bundle.url, headers=headers, stream=True, timeout=timeout)
     except requests.RequestException as exc:
-        raise DownloadError(f"bundle {bundle.name}: cannot download {redact_url(bundle.url)}: "
-                            f"{exc.__class__.__name__}: {scrub(str(exc))}") from None
+        raise DownloadError(
+            f"bundle {bundle.name}: cannot download {redact_url(bundle.url)}: "
+            f"{exc.__class__.__name__}: {scrub(str(exc))}"
+        ) from None
     with response:
         status = response.status_code
         if status == 416 and offset:
@@ -638,10 +672,18 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
         length = _int_header(response, "Content-Length")
         if status == 206:
             match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-            if (not match or int(match.group(1)) != offset or int(match.group(2)) < offset
-                    or (match.group(3) != "*" and int(match.group(2)) >= int(match.group(3)))):
-                return "restart", None, f"the server answered Range bytes={offset}- with Content-Range " \
-                                        f"{response.headers.get('Content-Range')!r}"
+            if (
+                not match
+                or int(match.group(1)) != offset
+                or int(match.group(2)) < offset
+                or (match.group(3) != "*" and int(match.group(2)) >= int(match.group(3)))
+            ):
+                return (
+                    "restart",
+                    None,
+                    f"the server answered Range bytes={offset}- with Content-Range "
+                    f"{response.headers.get('Content-Range')!r}",
+                )
             total = None if match.group(3) == "*" else int(match.group(3))
             range_end = int(match.group(2))
             if validator and (changed := _changed(validator, response)):  # a server that ignored If-Range
@@ -650,8 +692,10 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
             limit, announced = range_end - offset + 1, "Content-Range"
         else:
             if offset:
-                log(f"bundle {bundle.name}: the server sent the whole file (Range ignored, or the file "
-                    "changed since the part began); starting over")
+                log(
+                    f"bundle {bundle.name}: the server sent the whole file (Range ignored, or the file "
+                    "changed since the part began); starting over"
+                )
                 part.restart()
                 offset = 0
             part.remember(response)
@@ -672,10 +716,15 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
             return "interrupted", total, str(exc)
         except _TooLong:
             part.restart()
-            what = f"the {limit:,} bytes it announced ({announced})" if announced != "size" else \
-                f"the bundle's size of {limit:,} bytes"
-            raise DownloadError(f"bundle {bundle.name}: the server sent more than {what} for "
-                                f"{redact_url(bundle.url)}; the partial file was deleted") from None
+            what = (
+                f"the {limit:,} bytes it announced ({announced})"
+                if announced != "size"
+                else f"the bundle's size of {limit:,} bytes"
+            )
+            raise DownloadError(
+                f"bundle {bundle.name}: the server sent more than {what} for "
+                f"{redact_url(bundle.url)}; the partial file was deleted"
+            ) from None
         finally:
             part.handle.flush()
         if status == 200 and length is not None and received < length:
@@ -687,8 +736,16 @@ def _fetch(bundle: Bundle, part: _Part, path: Path, session: requests.Session, t
         return "complete", total, ""
 
 
-def _transfer(bundle: Bundle, part: _Part, path: Path, session: requests.Session, attempts: int,
-              timeout: float, max_wait: float, log: Log) -> int | None:
+def _transfer(
+    bundle: Bundle,
+    part: _Part,
+    path: Path,
+    session: requests.Session,
+    attempts: int,
+    timeout: float,
+    max_wait: float,
+    log: Log,
+) -> int | None:
     """Fill the part until the server says it is complete; the total size announced (or ``None``)."""
     failures = restarts = waits = 0
     while True:
@@ -711,8 +768,10 @@ def _transfer(bundle: Bundle, part: _Part, path: Path, session: requests.Session
                 raise DownloadError(f"{wait.error}; the server asked to wait (Retry-After) {waits} times") from None
             if pause is None:  # not a number of seconds nor a date: back off as for an interruption
                 pause = min(RESUME_BACKOFF_S * 2 ** (waits - 1), RESUME_BACKOFF_MAX_S)
-            log(f"bundle {bundle.name}: HTTP {wait.status}; the server asks to wait {_seconds(pause)}, "
-                f"trying again then (wait {waits} of at most {attempts})")
+            log(
+                f"bundle {bundle.name}: HTTP {wait.status}; the server asks to wait {_seconds(pause)}, "
+                f"trying again then (wait {waits} of at most {attempts})"
+            )
             time.sleep(pause)
             continue
         if kind == "complete":
@@ -733,8 +792,10 @@ def _transfer(bundle: Bundle, part: _Part, path: Path, session: requests.Session
                 f"time(s), last: {detail}; the {part.size:,} bytes received are kept in {path}: run again to resume"
             )
         pause = min(RESUME_BACKOFF_S * 2 ** (failures - 1), RESUME_BACKOFF_MAX_S)
-        log(f"bundle {bundle.name}: transfer interrupted at {part.size:,} bytes ({detail}); "
-            f"resuming in {pause:.1f}s (attempt {failures + 1} of {attempts})")
+        log(
+            f"bundle {bundle.name}: transfer interrupted at {part.size:,} bytes ({detail}); "
+            f"resuming in {pause:.1f}s (attempt {failures + 1} of {attempts})"
+        )
         time.sleep(pause)
 
 
@@ -749,8 +810,10 @@ def _verify(bundle: Bundle, part: _Part, path: Path, total: int | None) -> str:
     if problem:
         part.restart()
         _remove_own(path)
-        raise DownloadError(f"bundle {bundle.name}: {problem} for {redact_url(bundle.url)}; "
-                            "the partial file was deleted, run again to download it afresh")
+        raise DownloadError(
+            f"bundle {bundle.name}: {problem} for {redact_url(bundle.url)}; "
+            "the partial file was deleted, run again to download it afresh"
+        )
     return digest
 
 
@@ -818,12 +881,15 @@ def download_bundle(
                     _remove_own(validator_path)
                 raise
     except OSError as exc:
-        raise DownloadError(f"bundle {bundle.name}: cannot write {path if path.exists() else final}: "
-                            f"{exc.strerror or scrub(str(exc))}") from None
+        raise DownloadError(
+            f"bundle {bundle.name}: cannot write {path if path.exists() else final}: {exc.strerror or scrub(str(exc))}"
+        ) from None
     finally:
         if own_session:
             session.close()
     result = BundleResult(final, size, digest, part.transferred, part.resumed, False, time.monotonic() - started)
-    log(f"bundle {bundle.name}: {final} complete ({human_bytes(size)}, sha256 {digest[:12]}…; "
-        f"{human_bytes(part.transferred)} transferred in {human_duration(result.duration_s)})")
+    log(
+        f"bundle {bundle.name}: {final} complete ({human_bytes(size)}, sha256 {digest[:12]}…; "
+        f"{human_bytes(part.transferred)} transferred in {human_duration(result.duration_s)})"
+    )
     return result

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from .. import settings
 from .errors import IndexUnavailableError, UnknownCollectionError, UnknownIndexError
 
 #: Bundled indices this project reads. Others (sm_index, clinical_index, ...) are fetched
@@ -75,7 +76,7 @@ class IndexSource:
     @classmethod
     def from_env(cls, directory: str | os.PathLike[str] | None = None) -> IndexSource:
         """``directory``, else ``$IDC_INDEX_DIR``, else the installed package."""
-        chosen = directory or os.environ.get("IDC_INDEX_DIR")
+        chosen = directory or settings.IDC_INDEX_DIR.get()
         if chosen:
             return cls(Path(chosen), None)
         return cls.installed()
@@ -226,7 +227,13 @@ def snapshot(source: IndexSource, folder: Path) -> Path:
     names = [n for n in BUNDLED if n == "idc_index" or (source.directory / f"{n}.parquet").is_file()]
     stats = [(n, source.path(n).stat()) for n in names]
     key = hashlib.sha256(
-        repr([str(source.directory.resolve()), source.package_version, *((n, st.st_size, st.st_mtime_ns) for n, st in stats)]).encode()
+        repr(
+            [
+                str(source.directory.resolve()),
+                source.package_version,
+                *((n, st.st_size, st.st_mtime_ns) for n, st in stats),
+            ]
+        ).encode()
     ).hexdigest()[:16]
     target = folder / key
     if all((target / f"{n}.parquet").is_file() for n in names):
@@ -296,7 +303,8 @@ def available_indices(source: IndexSource) -> list[dict[str, object]]:
         if bundled:
             with _readable(f"index file {path} cannot be read"):
                 (count,) = duckdb.execute(
-                    f"SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
+                    "SELECT sum(num_rows) FROM "
+                    f"(SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
                     f"FROM parquet_metadata({_sql_str(str(path))}))"
                 ).fetchone()
         description = ((meta.get("schema") or {}).get("table_description") or "").strip()

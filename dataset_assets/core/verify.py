@@ -31,8 +31,8 @@ import pyarrow as pa
 from . import dicom_headers
 from .dicom_headers import HEADER_FIELDS
 from .download import CONTROL_DIR, series_status, state_path_for
-from .state import load_state
 from .errors import VerifyError
+from .state import load_state
 
 MAX_LISTED = 20
 
@@ -204,8 +204,9 @@ def _check_in_workers(batches, remember, known, merge, sample_per_series: int, p
     try:
         pending: set[Future] = set()
         for batch in batches:
-            pending.add(pool.submit(dicom_headers.check_series, remember(batch), sample_per_series, MAX_LISTED,
-                                    known(batch)))
+            pending.add(
+                pool.submit(dicom_headers.check_series, remember(batch), sample_per_series, MAX_LISTED, known(batch))
+            )
             if len(pending) >= 2 * processes:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -213,7 +214,7 @@ def _check_in_workers(batches, remember, known, merge, sample_per_series: int, p
         for future in pending:
             merge(future.result())
     except BaseException as exc:  # interrupted or failed: stop the workers now, whatever they are reading
-        for proc in list((pool._processes or {}).values()):  # noqa: SLF001 - terminate_workers() is Python 3.14+
+        for proc in list((pool._processes or {}).values()):
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(exc, BrokenProcessPool):

@@ -13,10 +13,10 @@
 """
 
 import datetime
-import os
 
 import dagster as dg
 
+from dataset_assets import settings
 from dataset_assets.core.index import IndexSource
 
 from .index_assets import idc_collections, idc_index
@@ -71,8 +71,11 @@ def idc_release_sensor(context: dg.SensorEvaluationContext):
     requests = []
     if _latest_metadata(context.instance, idc_index.key).get("idc_release") != release:
         requests.append(
-            dg.RunRequest(run_key=f"idc-release-{release}-{day}", asset_selection=[idc_index.key, idc_collections.key],
-                          tags={"idc/release": release})
+            dg.RunRequest(
+                run_key=f"idc-release-{release}-{day}",
+                asset_selection=[idc_index.key, idc_collections.key],
+                tags={"idc/release": release},
+            )
         )
     for pk in sorted(context.instance.get_materialized_partitions(MANIFEST)):
         if pk not in collection_partitions.get_partition_keys():
@@ -80,8 +83,11 @@ def idc_release_sensor(context: dg.SensorEvaluationContext):
         if _latest_metadata(context.instance, MANIFEST, pk).get("idc_release") != release:
             requests.append(
                 dg.RunRequest(
-                    run_key=f"idc-release-{release}-{day}-{pk}", asset_selection=[MANIFEST], partition_key=pk,
-                    run_config=manifest_run_config(context.instance, pk), tags={"idc/release": release},
+                    run_key=f"idc-release-{release}-{day}-{pk}",
+                    asset_selection=[MANIFEST],
+                    partition_key=pk,
+                    run_config=manifest_run_config(context.instance, pk),
+                    tags={"idc/release": release},
                 )
             )
     if not requests:
@@ -99,7 +105,7 @@ weekly_index_refresh = dg.ScheduleDefinition(
 
 
 def watched_collections() -> list[str]:
-    return [c.strip() for c in os.environ.get("IDC_WATCHED_COLLECTIONS", "").split(",") if c.strip()]
+    return settings.listed(settings.IDC_WATCHED_COLLECTIONS)
 
 
 @dg.schedule(
@@ -123,8 +129,12 @@ def watched_collections_schedule(context: dg.ScheduleEvaluationContext):
         )
     day = context.scheduled_execution_time.strftime("%Y-%m-%d")
     return [
-        dg.RunRequest(run_key=f"watched-{pk}-{day}", partition_key=pk, run_config=manifest_run_config(context.instance, pk),
-                      tags={"idc/watched": "true", "idc/download": "true"})
+        dg.RunRequest(
+            run_key=f"watched-{pk}-{day}",
+            partition_key=pk,
+            run_config=manifest_run_config(context.instance, pk),
+            tags={"idc/watched": "true", "idc/download": "true"},
+        )
         for pk in valid
     ]
 

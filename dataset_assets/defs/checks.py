@@ -22,8 +22,18 @@ from .index_assets import idc_index
 from .partitions import collection_partitions
 from .resources import IdcResource
 
-# Partitioned asset checks are a preview feature in Dagster 1.13; we rely on it knowingly.
-warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
+
+def _partitioned_check(**kwargs):
+    """``dg.asset_check`` on ``downloaded_collection`` with the collection partitions. Partitioned
+    asset checks are a preview feature in Dagster 1.13 that we rely on knowingly: its warning is
+    silenced here only, never process-wide."""
+
+    def decorate(fn):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
+            return dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, **kwargs)(fn)
+
+    return decorate
 
 
 def _result(report: verify.CheckReport, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
@@ -73,7 +83,7 @@ def idc_index_urls_present(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, blocking=True)
+@_partitioned_check(blocking=True)
 def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
     """Every series has exactly its manifest's `instanceCount` files and bytes on disk."""
     collection_id = context.partition_key
@@ -95,7 +105,7 @@ class HeaderCheckConfig(dg.Config):
     )
 
 
-@dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, blocking=True)
+@_partitioned_check(blocking=True)
 def dicom_headers_match_manifest(
     context: dg.AssetCheckExecutionContext, config: HeaderCheckConfig, idc: IdcResource
 ) -> dg.AssetCheckResult:
@@ -114,7 +124,7 @@ def dicom_headers_match_manifest(
     return _result(report, "DICOM headers")
 
 
-@dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, blocking=False)
+@_partitioned_check(blocking=False)
 def no_stray_files(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
     """No stray or partial file in the collection's tree (warning only)."""
     collection_id = context.partition_key

@@ -38,8 +38,12 @@ def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
         "series_replaced": len(result.replaced_series),
         "series_removed_from_manifest": len(result.removed_series),
         "replaced_and_removed": dg.MetadataValue.md(
-            "\n".join([*(f"- replaced: {s}" for s in result.replaced_series[:50]),
-                       *(f"- no longer in manifest (kept on disk): {s}" for s in result.removed_series[:50])])
+            "\n".join(
+                [
+                    *(f"- replaced: {s}" for s in result.replaced_series[:50]),
+                    *(f"- no longer in manifest (kept on disk): {s}" for s in result.removed_series[:50]),
+                ]
+            )
             or "none"
         ),
     }

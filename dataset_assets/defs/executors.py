@@ -15,9 +15,10 @@ Run launchers (one pod or container per run) are instance settings instead: see
 """
 
 import importlib
-import os
 
 import dagster as dg
+
+from dataset_assets import settings
 
 DISTRIBUTED = {
     "celery": ("dagster_celery", "celery_executor"),
@@ -27,15 +28,13 @@ DISTRIBUTED = {
 
 
 def executor_from_env() -> dg.ExecutorDefinition:
-    name = os.environ.get("DAGSTER_EXECUTOR", "in_process").strip().lower() or "in_process"
+    name = settings.DAGSTER_EXECUTOR.require().strip().lower()
     if name == "multiprocess":
         return dg.multiprocess_executor
     if name == "in_process":
         return dg.in_process_executor
     if name not in DISTRIBUTED:
-        raise ValueError(
-            f"DAGSTER_EXECUTOR={name!r} is not one of multiprocess, in_process, {', '.join(DISTRIBUTED)}"
-        )
+        raise ValueError(f"DAGSTER_EXECUTOR={name!r} is not one of multiprocess, in_process, {', '.join(DISTRIBUTED)}")
     module, attribute = DISTRIBUTED[name]
     try:
         return getattr(importlib.import_module(module), attribute)

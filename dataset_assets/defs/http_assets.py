@@ -10,10 +10,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from dataset_assets import settings
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.http_bundles import Bundle, download_bundle, redact_url, try_load_bundles
 
-from .settings import BUNDLES_GROUP, OWNERS, env
+from .settings import BUNDLES_GROUP, OWNERS
 
 DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parents[1] / "bundles.yaml"
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def bundles_file() -> Path:
-    return Path(env("DATASET_BUNDLES_FILE", str(DEFAULT_BUNDLES_FILE)))
+    return Path(settings.DATASET_BUNDLES_FILE.get() or DEFAULT_BUNDLES_FILE)
 
 
 def _asset_args(path: Path, **metadata: object) -> dict:
@@ -40,7 +41,7 @@ def _unavailable(path: Path, problem: str) -> dg.AssetsDefinition:
 
     @dg.asset(
         description=f"Dataset bundles behind HTTP(S) URLs: unavailable, {problem}. Fix "
-                    "$DATASET_BUNDLES_FILE and reload the code location.",
+        "$DATASET_BUNDLES_FILE and reload the code location.",
         **_asset_args(path, bundles_error=problem),
     )
     def http_datasets() -> dg.MaterializeResult:
@@ -59,7 +60,7 @@ def _available(path: Path, bundles: dict[str, Bundle]) -> dg.AssetsDefinition:
         verified (size, sha256, Content-Type) and renamed into place atomically. Proxies and CA
         bundle come from the environment."""
         bundle = bundles[context.partition_key]
-        root = Path(env("DATASET_BUNDLES_DIR", "data/bundles")).absolute() / bundle.name
+        root = Path(settings.DATASET_BUNDLES_DIR.require()).absolute() / bundle.name
         context.log.info(f"bundle start name={bundle.name} url={redact_url(bundle.url)}")
         result = download_bundle(bundle, root, log=context.log.info)
         context.log.info(

@@ -1,14 +1,13 @@
 """The IDC index in DuckDB, and the table of collections."""
 
-
 from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from dataset_assets.core import index as idx
-
 from dataset_assets.core.fmt import human_bytes, markdown_table
+
 from .resources import IdcResource
 from .settings import INDEX_GROUP, OWNERS
 
@@ -26,7 +25,8 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckD
     installed `idc-index-data` package, in the project's DuckDB database (`$IDC_DUCKDB_PATH`)
     with `collections_index`, `prior_versions_index` and `version_metadata_index`: views over a
     snapshot of the package's Parquet files beside the database (`<name>_index_files/`), so a
-    package upgrade changes nothing until the asset is materialized again. Its data version is the IDC release (e.g. `v25`), so an
+    package upgrade changes nothing until the asset is materialized again. Its data version is the
+    IDC release (e.g. `v25`), so an
     unchanged release shows as unchanged."""
     source = idc.source()
     database = Path(duckdb.database)
@@ -37,7 +37,10 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckD
         totals = idx.index_summary(con)
     context.log.info(
         "idc_index loaded: IDC v%s, %s series, %s collections, %s",
-        release, f"{totals['series']:,}", totals["collections"], human_bytes(totals["bytes"]),
+        release,
+        f"{totals['series']:,}",
+        totals["collections"],
+        human_bytes(totals["bytes"]),
     )
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"v{release}"),
@@ -79,7 +82,20 @@ def idc_collections(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -
     view = table.assign(
         size=table["size_bytes"].map(human_bytes),
         doi=table["doi"].map(lambda d: f"[{d}](https://doi.org/{d})" if d else ""),
-    )[["collection_id", "collection_name", "subjects", "series", "instances", "size", "modalities", "licenses", "doi", "cancer_types"]]
+    )[
+        [
+            "collection_id",
+            "collection_name",
+            "subjects",
+            "series",
+            "instances",
+            "size",
+            "modalities",
+            "licenses",
+            "doi",
+            "cancer_types",
+        ]
+    ]
     context.log.info("idc_collections: %d collections", len(table))
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"v{release}"),

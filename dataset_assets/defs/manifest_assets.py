@@ -1,16 +1,15 @@
 """Per-collection manifests: which series to download and where each goes."""
 
-
 import hashlib
 import json
-from typing import Literal, Optional
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
 from dataset_assets.core import manifest as mf
-from dataset_assets.core.index import release_of
 from dataset_assets.core.fmt import human_bytes, markdown_table
+from dataset_assets.core.index import release_of
 from dataset_assets.core.layout import DEFAULT_LAYOUT, default_max_path
 
 from .index_assets import idc_index
@@ -25,17 +24,22 @@ class ManifestConfig(dg.Config):
     """Filters (values OR-ed within a field, fields AND-ed) and the layout of the download."""
 
     modalities: list[str] = Field(default=[], description="Keep series of these Modality values, e.g. ['CT', 'SEG'].")
-    body_parts: list[str] = Field(default=[], description="Keep series of these BodyPartExamined values, e.g. ['CHEST'].")
+    body_parts: list[str] = Field(
+        default=[], description="Keep series of these BodyPartExamined values, e.g. ['CHEST']."
+    )
     patient_ids: list[str] = Field(default=[], description="Keep series of these PatientID values.")
     study_uids: list[str] = Field(default=[], description="Keep series of these StudyInstanceUID values.")
     series_uids: list[str] = Field(default=[], description="Keep only these SeriesInstanceUID values.")
-    layout: str = Field(default=DEFAULT_LAYOUT, description="Directory of each series below the download root; %column for any index column.")
+    layout: str = Field(
+        default=DEFAULT_LAYOUT,
+        description="Directory of each series below the download root; %column for any index column.",
+    )
     long_paths: Literal["hash", "error"] = Field(
         default="hash",
         description="Directories with a component over 255 bytes: 'hash' shortens them deterministically "
         "(the same under any download root), 'error' fails.",
     )
-    max_path: Optional[int] = Field(
+    max_path: int | None = Field(
         default=None,
         description="Longest file path allowed, checked against the download root (never changes the layout); "
         "default: 260 on Windows, no limit elsewhere.",
@@ -78,7 +82,11 @@ def collection_manifest(
     stats = mf.summarize(table)
     context.log.info(
         "manifest %s: %s series, %s instances, %s -> %s",
-        collection_id, f"{stats['series']:,}", f"{stats['instances']:,}", human_bytes(stats["bytes"]), path,
+        collection_id,
+        f"{stats['series']:,}",
+        f"{stats['instances']:,}",
+        human_bytes(stats["bytes"]),
+        path,
     )
     fingerprint = json.dumps(
         {"index": str(source.directory), "release": release, **config.model_dump()}, sort_keys=True

@@ -1,14 +1,36 @@
-"""One partition per collection of the installed IDC index, known without any instance state."""
+"""One partition per collection of the installed IDC index, known without any instance state.
 
+The keys are read from the index's Parquet file (one column) when the definitions load: no
+database is opened and nothing outside this module changes. An index that cannot be read, or a
+collection id that is not a plain name, never takes the code location down: the problem is logged
+in one line and the partitions are what could be read.
+"""
+
+import logging
 
 import dagster as dg
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from dataset_assets.core.index import IndexSource, collection_ids
+from dataset_assets.core.index import IndexSource
+from dataset_assets.core.safety import name_problem
+
+logger = logging.getLogger(__name__)
 
 
 def collection_partition_keys() -> list[str]:
-    with IndexSource.from_env().connect() as con:
-        return collection_ids(con)
+    try:
+        column = pq.read_table(IndexSource.from_env().path("idc_index"), columns=["collection_id"]).column(0)
+        ids = [v for v in pc.unique(column).to_pylist() if v is not None]
+    except Exception as exc:
+        logger.warning("no collection partitions: the IDC index cannot be read (%s)", str(exc).splitlines()[0])
+        return []
+    unsafe = [v for v in ids if name_problem(v, "collection_id")]
+    if unsafe:
+        logger.warning(
+            "collection ids that are not plain names have no partition: %s", ", ".join(map(repr, unsafe[:5]))
+        )
+    return sorted(v for v in ids if v not in unsafe)
 
 
 collection_partitions = dg.StaticPartitionsDefinition(collection_partition_keys())

@@ -5,45 +5,45 @@ loads), so run config that sets one field never resets the others to a hard-code
 """
 
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
+from dataset_assets import settings
 from dataset_assets.core.download import DEFAULT_STALL_TIMEOUT_S
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets.core.safety import IDC_BUCKETS, allowed_buckets_from_env, require_name
 
-from .settings import DEFAULT_DOWNLOAD_DIR, DEFAULT_ENDPOINT, DEFAULT_MANIFEST_DIR, env
-
 
 class IdcResource(dg.ConfigurableResource):
     """The IDC index to read, and the folders for manifests and downloaded collections."""
 
-    index_dir: Optional[str] = Field(
+    index_dir: str | None = Field(
         default=None,
         description="Folder with the idc-index-data Parquet files; default: $IDC_INDEX_DIR, else the "
         "installed idc-index-data package.",
     )
-    manifest_dir: Optional[str] = Field(
+    manifest_dir: str | None = Field(
         default=None,
-        description=f"One Parquet manifest per collection; default: $IDC_MANIFEST_DIR, else {DEFAULT_MANIFEST_DIR}.",
+        description="One Parquet manifest per collection; default: $IDC_MANIFEST_DIR, else "
+        f"{settings.IDC_MANIFEST_DIR.default}.",
     )
-    download_dir: Optional[str] = Field(
+    download_dir: str | None = Field(
         default=None,
-        description=f"Root of downloaded collections; default: $IDC_DOWNLOAD_DIR, else {DEFAULT_DOWNLOAD_DIR}.",
+        description="Root of downloaded collections; default: $IDC_DOWNLOAD_DIR, else "
+        f"{settings.IDC_DOWNLOAD_DIR.default}.",
     )
 
     def source(self) -> IndexSource:
         return IndexSource.from_env(self.index_dir)
 
     def manifest_path(self, collection_id: str) -> Path:
-        folder = self.manifest_dir or env("IDC_MANIFEST_DIR", DEFAULT_MANIFEST_DIR)
+        folder = self.manifest_dir or settings.IDC_MANIFEST_DIR.require()
         return Path(folder) / f"{require_name(collection_id, 'collection_id')}.parquet"
 
     def download_root(self) -> Path:
-        return Path(self.download_dir or env("IDC_DOWNLOAD_DIR", DEFAULT_DOWNLOAD_DIR)).absolute()
+        return Path(self.download_dir or settings.IDC_DOWNLOAD_DIR.require()).absolute()
 
 
 class S5cmdResource(dg.ConfigurableResource):
@@ -52,10 +52,10 @@ class S5cmdResource(dg.ConfigurableResource):
     Always anonymous (`--no-sign-request`). `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and
     `AWS_CA_BUNDLE` (else `REQUESTS_CA_BUNDLE`) in the environment reach s5cmd."""
 
-    endpoint_url: Optional[str] = Field(
+    endpoint_url: str | None = Field(
         default=None,
-        description=f"S3 endpoint; default: $IDC_S3_ENDPOINT_URL, else {DEFAULT_ENDPOINT}. The GCS mirror "
-        "is https://storage.googleapis.com.",
+        description="S3 endpoint; default: $IDC_S3_ENDPOINT_URL, else "
+        f"{settings.IDC_S3_ENDPOINT_URL.default}. The GCS mirror is {settings.GCS_ENDPOINT}.",
     )
     workers: int = Field(default=64, description="Objects in flight at once (s5cmd --numworkers).")
     retry_count: int = Field(default=5, description="Retries of each failed request (s5cmd --retry-count).")
@@ -68,14 +68,14 @@ class S5cmdResource(dg.ConfigurableResource):
         description="Stop and fail when no file completes for this many seconds (a silent endpoint, or one "
         "that answers only errors); 0 waits forever. Raise it for very large files on a slow link.",
     )
-    allowed_buckets: Optional[list[str]] = Field(
+    allowed_buckets: list[str] | None = Field(
         default=None,
         description="Buckets an index row may point at; default: $IDC_ALLOWED_BUCKETS (comma-separated), "
         f"else IDC's own ({', '.join(IDC_BUCKETS)}).",
     )
 
     def resolved_endpoint(self) -> str:
-        return self.endpoint_url or env("IDC_S3_ENDPOINT_URL", DEFAULT_ENDPOINT)
+        return self.endpoint_url or settings.IDC_S3_ENDPOINT_URL.require()
 
     def buckets(self) -> tuple[str, ...]:
         return tuple(self.allowed_buckets) if self.allowed_buckets else allowed_buckets_from_env()

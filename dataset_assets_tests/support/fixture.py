@@ -24,7 +24,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dataset_assets.core.index import BUNDLED, IndexSource
 
-SOP_CLASSES = {"PT": "1.2.840.10008.5.1.4.1.1.128", "CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+SOP_CLASSES = {
+    "PT": "1.2.840.10008.5.1.4.1.1.128",
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+}
 
 
 @dataclass
@@ -87,7 +91,7 @@ def build_fixture(
         [collection_id, n_series],
     )
     names = [d[0] for d in result.description]
-    rows = [dict(zip(names, values)) for values in result.fetchall()]
+    rows = [dict(zip(names, values, strict=False)) for values in result.fetchall()]
     for i, row in enumerate(rows):
         if i == len(rows) - 1 and len(rows) > 1:  # one series in another bucket
             row["aws_bucket"] = "idc-open-data-two"
@@ -129,7 +133,7 @@ def next_release(fixture: Fixture, s3_root: Path, base: Path) -> NextRelease:
         [fixture.collection_id, len(fixture.rows)],
     )
     names = [d[0] for d in result.description]
-    added = dict(zip(names, result.fetchone()))
+    added = dict(zip(names, result.fetchone(), strict=False))
     rows.append(added)
     revised["crdc_series_uuid"] = str(uuid.uuid4())
     revised["series_aws_url"] = f"s3://{revised['aws_bucket']}/{revised['crdc_series_uuid']}/*"

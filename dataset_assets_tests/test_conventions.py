@@ -1,0 +1,102 @@
+"""Conventions the tools hold: one settings module, nothing done at import, dg and dagster CLIs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from dataset_assets import settings
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_the_readme_environment_table_lists_exactly_the_settings():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Environment", 1)[1].split("\n## ", 1)[0]
+    table = re.findall(r"^\| `([A-Z0-9_]+)` \|", section, re.M)
+    assert table == [s.name for s in settings.SETTINGS]
+
+
+def test_only_the_settings_module_reads_the_environment():
+    offenders = []
+    for path in (REPO / "dataset_assets").rglob("*.py"):
+        if path.name == "settings.py" and path.parent.name == "dataset_assets":
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"os\.environ\.get|os\.getenv|os\.environ\[", text):
+            offenders.append(f"{path.relative_to(REPO)}:{text[: match.start()].count(chr(10)) + 1}")
+    assert offenders == []
+
+
+IMPORT_PROBE = r"""
+import duckdb, warnings, sys, logging
+opened = []
+real = duckdb.connect
+duckdb.connect = lambda *a, **k: opened.append(a) or real(*a, **k)
+# Third-party imports may add warnings filters of their own: load them first.
+import dagster, dagster_duckdb, pyarrow.parquet, pydicom, requests, yaml, click
+before = list(warnings.filters)
+import dataset_assets.definitions as d
+assert warnings.filters == before, "the definitions changed a warnings filter"
+assert opened == [], f"the definitions opened DuckDB at import: {opened}"
+keys = d.defs.resolve_assets_def("collection_manifest").partitions_def.get_partition_keys()
+print(len(keys))
+"""
+
+
+def test_importing_the_definitions_opens_no_database_and_changes_no_process_state():
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "179"
+
+
+def test_an_unreadable_index_leaves_the_code_location_loading(tmp_path):
+    env = {**os.environ, "IDC_INDEX_DIR": str(tmp_path / "nothing-here")}
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "0"
+    assert "no collection partitions: the IDC index cannot be read" in done.stderr
+
+
+def dg(*args, env=None, cwd=REPO, timeout=300):
+    return subprocess.run(
+        [str(BIN / "dg"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_dg_check_defs_and_list_defs():
+    check = dg("check", "defs")
+    assert check.returncode == 0 and "All definitions loaded successfully" in check.stdout + check.stderr, check.stderr
+    listed = dg("list", "defs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    for key in ("idc_index", "idc_collections", "collection_manifest", "downloaded_collection", "http_datasets"):
+        assert key in listed.stdout
+
+
+def test_dg_launch_of_one_partition_against_the_loopback_server(idc_fixture, s3, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "DAGSTER_HOME": str(home),
+        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
+        "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
+        "IDC_DOWNLOAD_DIR": str(tmp_path / "idc"),
+        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
+        "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
+    }
+    launched = dg(
+        "launch", "--assets", "collection_manifest,downloaded_collection", "--partition", "qin_pet_phantom", env=env
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert "RUN_SUCCESS" in launched.stdout + launched.stderr
+    assert len(list((tmp_path / "idc").rglob("*.dcm"))) == 24
+    assert s3.stats["get_object"] == 24
