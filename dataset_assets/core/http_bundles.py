@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
+import fcntl
 import hashlib
 import math
 import os
@@ -76,11 +77,6 @@ from .. import settings
 from .errors import DatasetError, DownloadError
 from .fmt import human_bytes, human_duration
 from .fs import check_free_space, check_writable
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no lock
-    fcntl = None  # type: ignore[assignment]
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -494,8 +490,6 @@ def _existing_final(bundle: Bundle, final: Path, chunk_size: int) -> tuple[bool,
 
 
 def _lock(part: _Part, bundle: Bundle, path: Path) -> None:
-    if fcntl is None:  # pragma: no cover
-        return
     try:
         fcntl.flock(part.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
