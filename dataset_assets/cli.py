@@ -13,6 +13,7 @@ Exit codes a script can rely on:
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -39,7 +40,7 @@ from .core.layout import DEFAULT_LAYOUT, default_max_path
 from .core.manifest import ManifestFilters, build_manifest, build_selection_manifest, summarize
 from .core.progress import Progress
 from .core.s5cmd import S5cmdOptions
-from .core.safety import allowed_buckets_from_env
+from .core.safety import allowed_buckets_from_env, endpoint_problem
 from .core.state import load_state
 
 PORTAL = settings.PORTAL_URL
@@ -221,9 +222,16 @@ class _ProgressView:
 
 
 def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1].strip("/")) == 0:
-        raise click.BadParameter(f"{value!r} is not an http(s) URL, e.g. https://s3.amazonaws.com")
+    problem = endpoint_problem(value)
+    if problem:
+        raise click.BadParameter(problem)
     return value.rstrip("/")
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value!r} is not a number of seconds >= 0")
+    return value
 
 
 @idc.command(name="download")
@@ -267,7 +275,8 @@ def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
 )
 @click.option(
     "--stall-timeout",
-    type=click.FloatRange(0),
+    type=float,
+    callback=_seconds,
     default=DEFAULT_STALL_TIMEOUT_S,
     show_default=True,
     help="Stop when no file completes for this many seconds (0: wait forever).",

@@ -996,3 +996,196 @@ def test_17_range_body_longer_than_content_range_is_refused(srv, session, tmp_pa
         download_bundle(bundle(srv), tmp_path, session=session, attempts=3)
     assert srv.stats["ranges"] == ["bytes=120000-"]
     assert leftovers(tmp_path) == []
+
+
+# -- Found by the hostile review of this version -----------------------------------------------
+
+
+def test_review_a_state_record_with_wrong_names_is_settled_by_a_listing(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    state = state_path_for(root, manifest)
+    table = pq.read_table(state)
+    names = table.column("file_names").to_pylist()
+    names[0] = ["x" + n for n in names[0]]  # sizes kept: count and sum still match the index
+    pq.write_table(
+        table.set_column(table.column_names.index("file_names"), "file_names", pa.array(names, pa.list_(pa.string()))),
+        state,
+    )
+    s3.reset_stats()
+    result = download(manifest, root, opts(s3), log=quiet)
+    assert result.complete_series == 6 and result.listed_series == 1 and s3.stats["get_object"] == 0
+    assert all(not n.startswith("x") for r in load_state(state).values() for n in r.files)
+
+
+def _bounded(fn, seconds: float = 60):
+    """``fn()`` in a thread that must end within ``seconds`` (a hang fails the test, not the suite)."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn} did not return within {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_review_a_fifo_named_dcm_is_reported_never_read(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    fifo = root / manifest.to_pylist()[0]["target_dir"] / "notes.dcm"
+    os.mkfifo(fifo)
+    headers = _bounded(lambda: verify.check_headers(manifest, root, processes=1))
+    assert not headers.passed and "not a regular file" in headers.problems[0]
+    tree = verify.check_tree(manifest, root)
+    assert not tree.passed and "not a regular file" in tree.problems[0]
+
+
+def test_review_fifos_in_the_control_folder_never_hang_a_download(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    (next(root.rglob("*.dcm"))).unlink()
+    control = root / CONTROL_DIR
+    (control / "reservations").mkdir(exist_ok=True)
+    os.mkfifo(control / "reservations" / "evil.reservation")
+    os.mkfifo(control / "run-1-evil.s5cmd")
+    result = _bounded(lambda: download(manifest, root, opts(s3), log=quiet))
+    assert result.complete_series == 6
+    assert (control / "run-1-evil.s5cmd").exists()  # not ours: left alone
+    lock = control / "locks" / "qin_pet_phantom.lock"
+    lock.unlink()
+    os.mkfifo(lock)
+    with pytest.raises(DownloadError, match=r"the lock file .*qin_pet_phantom.lock is not a regular file"):
+        _bounded(lambda: download(manifest, root, opts(s3), log=quiet))
+
+
+def test_review_another_series_in_a_directory_is_never_moved_as_a_revision(idc_fixture, s3, tmp_path):
+    env = {"IDC_INDEX_DIR": str(idc_fixture.index_dir), "IDC_S3_ENDPOINT_URL": s3.endpoint_url}
+    first, second = idc_fixture.rows[0]["SeriesInstanceUID"], idc_fixture.rows[1]["SeriesInstanceUID"]
+    root = tmp_path / "r"
+    layout = ["--by", "series", "--layout", "%collection_id/%PatientID/"]
+    assert cli("download", first, str(root), *layout, env=env).returncode == 0
+    before = sorted(p.name for p in root.rglob("*.dcm"))
+    proc = cli("download", second, str(root), *layout, env=env)
+    one_line(proc, 1, f"holds series {first}", "nothing was moved")
+    assert sorted(p.name for p in root.rglob("*.dcm")) == before
+    assert not (root / CONTROL_DIR / "replaced").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e20, 0.0])
+def test_review_an_absurd_series_size_fails_that_series_only(idc_fixture, s3, tmp_path, value):
+    def change(rows):
+        rows[0]["series_size_MB"] = value
+
+    index = index_with(idc_fixture, tmp_path, change)
+    proc = cli(
+        "download",
+        "qin_pet_phantom",
+        str(tmp_path / "dl"),
+        env={"IDC_INDEX_DIR": str(index), "IDC_S3_ENDPOINT_URL": s3.endpoint_url},
+    )
+    one_line(proc, 1, "1 of 6 series incomplete", idc_fixture.rows[0]["SeriesInstanceUID"], "instanceCount")
+    assert len(list((tmp_path / "dl").rglob("*.dcm"))) == 20
+
+
+def test_review_a_count_stored_as_text_is_read_as_a_number(idc_fixture, s3, tmp_path):
+    folder = tmp_path / "text-index"
+    shutil.copytree(idc_fixture.index_dir, folder)
+    table = pq.read_table(folder / "idc_index.parquet")
+    i = table.column_names.index("instanceCount")
+    table = table.set_column(i, "instanceCount", pa.array([str(v) for v in table.column(i).to_pylist()]))
+    pq.write_table(table, folder / "idc_index.parquet")
+    proc = cli(
+        "download",
+        "qin_pet_phantom",
+        str(tmp_path / "dl"),
+        env={"IDC_INDEX_DIR": str(folder), "IDC_S3_ENDPOINT_URL": s3.endpoint_url},
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["drop-target_dir", "text-counts", "garbage", "empty"])
+def test_review_a_tampered_manifest_fails_in_one_line_naming_it(manifest, tmp_path, damage):
+    from dataset_assets.core.errors import ManifestError
+    from dataset_assets.core.manifest import read_manifest, write_manifest
+
+    path = write_manifest(manifest, tmp_path / "m" / "qin_pet_phantom.parquet")
+    if damage == "drop-target_dir":
+        pq.write_table(manifest.drop_columns(["target_dir"]), path)
+    elif damage == "text-counts":
+        i = manifest.column_names.index("instanceCount")
+        pq.write_table(manifest.set_column(i, "instanceCount", pa.array(["four"] * manifest.num_rows)), path)
+    elif damage == "garbage":
+        path.write_bytes(b"PAR1" + os.urandom(500))
+    else:
+        pq.write_table(manifest.slice(0, 0), path)
+    with pytest.raises(ManifestError, match=f"manifest {path}"):
+        read_manifest(path)
+
+
+def test_review_a_file_in_the_way_of_one_series_fails_that_series_only(s3, manifest, tmp_path):
+    root = tmp_path / "dl"
+    row = manifest.to_pylist()[0]
+    (root / row["target_dir"]).parent.mkdir(parents=True)
+    (root / row["target_dir"].rstrip("/")).write_text("notes")
+    with pytest.raises(IncompleteDownloadError, match="cannot create its directory .*is a file in the way"):
+        download(manifest, root, opts(s3), log=quiet)
+    assert len(list(root.rglob("*.dcm"))) == 20 and (root / row["target_dir"].rstrip("/")).read_text() == "notes"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--endpoint", "http://127.0.0.1:99999"],
+        ["--endpoint", "http://[::1"],
+        ["--endpoint", "http://127.0.0.1:9/sub path"],
+        ["--stall-timeout", "nan"],
+    ],
+)
+def test_review_malformed_options_are_bad_input(env, tmp_path, args):
+    proc = cli("download", "qin_pet_phantom", str(tmp_path / "dl"), *args, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_review_a_trickling_http_server_is_stopped(tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Trickle(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            for _ in range(100):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(http_bundles, "LOW_SPEED_WINDOW_S", 1.5)
+    try:
+        started = time.monotonic()
+        bundle = Bundle(name="slow", url=f"http://127.0.0.1:{server.server_port}/slow.bin")
+        with pytest.raises(DownloadError, match="bytes in .* s \\(under 1024 bytes in 1.5 s\\): stopped"):
+            download_bundle(bundle, tmp_path / "b", timeout=5)
+        assert time.monotonic() - started < 15
+    finally:
+        server.shutdown()
+        server.server_close()

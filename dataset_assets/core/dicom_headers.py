@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -68,7 +69,10 @@ def check_series(
             checked += 1
             if known.get((folder, name)) == (st.st_size, st.st_mtime_ns, key):
                 continue
-            problems = file_problems(os.path.join(folder, name), expected)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader; a link or folder is not a file
+                problems = [f"{os.path.join(folder, name)}: not a regular file"]
+            else:
+                problems = file_problems(os.path.join(folder, name), expected)
             if not problems:
                 passed.append((folder, name, st.st_size, st.st_mtime_ns))
             for problem in problems:
@@ -168,7 +172,7 @@ class StreamingHeaderCheck:
                 st = os.stat(destination, follow_symlinks=False)
             except OSError:
                 continue
-            if not file_problems(destination, expected):
+            if stat.S_ISREG(st.st_mode) and not file_problems(destination, expected):
                 self.cache.add(folder, name, st.st_size, st.st_mtime_ns, header_key(expected))
 
     def finish(self, drain: bool = True) -> None:

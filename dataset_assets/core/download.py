@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -40,12 +42,12 @@ import requests
 from .. import settings
 from . import s5cmd
 from .dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
-from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, TransferStoppedError
+from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, OptionError, TransferStoppedError
 from .fmt import human_bytes, redact_url, scrub_text
 from .fs import check_writable, space_reservation
 from .manifest import is_whole_collection
 from .progress import Progress, _parse
-from .safety import IDC_BUCKETS, object_name_problem, require_name, series_problem
+from .safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_name, series_problem
 from .state import SeriesRecord, load_state, remove_stale_temporaries, save_state
 
 #: What s5cmd leaves when killed: the object's name followed by digits.
@@ -250,9 +252,12 @@ def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
         for collection_id in collections:
             path = folder / f"{require_name(collection_id, 'collection_id')}.lock"
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as exc:
                 raise DownloadError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise DownloadError(f"the lock file {path} is not a regular file; remove it and run again")
             handle = stack.enter_context(os.fdopen(fd, "r+"))
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -274,8 +279,11 @@ def remove_stale_command_files(control: Path) -> list[str]:
     removed = []
     for path in list(control.glob("run-*.s5cmd")) + list(control.glob("list-*.s5cmd")):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # not a command file we could have written
+            os.close(fd)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -352,6 +360,11 @@ class Download:
         self.manifest, self.root, self.options, self.log = manifest, root, options, log
         self.progress_interval_s, self.check_endpoint_first = progress_interval_s, check_endpoint_first
         self.state_path, self.on_progress = state_path, on_progress
+        if not isinstance(stall_timeout_s, (int, float)) or not math.isfinite(stall_timeout_s) or stall_timeout_s < 0:
+            raise OptionError(f"stall timeout {stall_timeout_s!r} is not a number of seconds >= 0 (0: wait forever)")
+        problem = endpoint_problem(options.endpoint_url)
+        if problem:
+            raise OptionError(problem)
         self.stall_timeout_s = stall_timeout_s
         self.allowed_buckets = tuple(allowed_buckets)
         self.header_cache = header_cache  # read each file's header as it lands (see StreamingHeaderCheck)
@@ -371,12 +384,12 @@ class Download:
         self.records = load_state(self.state_path, self.log) if self.state_path else {}
         self._set_aside_revised()
         for row in _rows(self.manifest):
-            self.result.files += row["instanceCount"] or 0
-            self.result.bytes += row["series_bytes"] or 0
             problem = series_problem(row, self.allowed_buckets)
             if problem:
-                self.failed[row.get("target_dir") or row["SeriesInstanceUID"]] = problem
+                self.failed[row.get("target_dir") or str(row.get("SeriesInstanceUID"))] = problem
                 continue
+            self.result.files += row["instanceCount"]
+            self.result.bytes += row["series_bytes"]
             disk = scan_series(self.root / row["target_dir"])
             record = self.records.get(row["target_dir"])
             expected = record.files if record and record.crdc_series_uuid == row["crdc_series_uuid"] else None
@@ -386,11 +399,10 @@ class Download:
             if expected is None:
                 self.todo.append(_Todo(row, disk, whole=not disk.files))
                 continue
-            wrong, _ = compare(expected, disk)
             if describe(row, disk, expected) is None:
                 self._complete(row, expected)
-            else:
-                self.todo.append(_Todo(row, disk, expected, fetch=wrong))
+            else:  # the record is only the fast path to "complete": what to fetch, a listing says
+                self.todo.append(_Todo(row, disk))
         self.result.skipped_series = self.manifest.num_rows - len(self.todo) - len(self.failed)
 
     def list(self) -> None:
@@ -521,7 +533,14 @@ class Download:
             with command_file(self.control, "run") as (path, handle):
                 for t in todo:
                     dest = self.root / t.row["target_dir"]
-                    dest.mkdir(parents=True, exist_ok=True)
+                    try:
+                        dest.mkdir(parents=True, exist_ok=True)
+                    except OSError as exc:  # e.g. a file in the way: this series fails, the others go on
+                        self.failed[t.row["target_dir"]] = (
+                            f"series {t.row['SeriesInstanceUID']}: cannot create its directory {dest} "
+                            f"({exc.strerror or exc}; is a file in the way?)"
+                        )
+                        continue
                     if t.whole:
                         handle.write(_command("cp", self._prefix(t.row) + "*", f"{dest}/", flags))
                     else:
@@ -671,6 +690,13 @@ class Download:
             in_manifest.add(row["target_dir"])
             before = self.records.get(row["target_dir"])
             if before is None or before.crdc_series_uuid == row["crdc_series_uuid"]:
+                continue
+            if before.series_uid != row["SeriesInstanceUID"]:  # another series, not a revision: never moved
+                self.failed[row["target_dir"]] = (
+                    f"series {row['SeriesInstanceUID']}: its directory {row['target_dir']} holds series "
+                    f"{before.series_uid}, downloaded before with another selection; nothing was moved. "
+                    "Use a layout with %SeriesInstanceUID so that each series has its own directory"
+                )
                 continue
             if series_problem(row, self.allowed_buckets):
                 continue  # reported by the scan; never move anything for a row that is not safe

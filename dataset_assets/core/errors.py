@@ -21,6 +21,14 @@ class FilterError(DatasetError):
     """An unknown filter field, or a filter value that matches nothing."""
 
 
+class ManifestError(DatasetError):
+    """A manifest file that cannot be used as it is (unreadable, a column missing or of another type, empty)."""
+
+
+class OptionError(DatasetError):
+    """A setting or option with a value that cannot work (an endpoint that is not a bare URL, a NaN timeout)."""
+
+
 class LayoutError(DatasetError):
     """A malformed layout template, or rendered paths that are unsafe or too long."""
 

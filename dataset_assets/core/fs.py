@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +72,11 @@ def _reservations(ledger: Path) -> dict[str, int]:
     live: dict[str, int] = {}
     for path in ledger.glob("*.reservation"):
         try:
-            with open(path, encoding="utf-8") as handle:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # not an entry a download writes: ignored
+                os.close(fd)
+                continue
+            with os.fdopen(fd, encoding="utf-8") as handle:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # its holder is alive

@@ -515,18 +515,37 @@ def _http_error(bundle: Bundle, response: requests.Response) -> DownloadError:
     return DownloadError(message)
 
 
+#: A body that brings fewer than LOW_SPEED_BYTES in LOW_SPEED_WINDOW_S is stopped: a server that
+#: trickles one byte at a time never trips the per-read timeout, and would hold a run for days.
+LOW_SPEED_BYTES = 1024
+LOW_SPEED_WINDOW_S = 60.0
+
+
 def _body(response: requests.Response, chunk_size: int, limit: int | None) -> Iterator[bytes]:
     """The raw body bytes (no content decoding: they match Range offsets and Content-Length), at
-    most ``limit`` of them: ``_TooLong`` when the body goes on after that."""
+    most ``limit`` of them: ``_TooLong`` when the body goes on after that, ``DownloadError`` when
+    fewer than ``LOW_SPEED_BYTES`` arrive in ``LOW_SPEED_WINDOW_S``."""
     received = 0
+    window_start, window_bytes = time.monotonic(), 0
     try:
         while limit is None or received < limit:
-            block = response.raw.read(
+            # read1: whatever has arrived (up to the size), so a trickling server is seen at once
+            block = response.raw.read1(
                 chunk_size if limit is None else min(chunk_size, limit - received), decode_content=False
             )
             if not block:
                 return
             received += len(block)
+            window_bytes += len(block)
+            now = time.monotonic()
+            if now - window_start >= LOW_SPEED_WINDOW_S:
+                if window_bytes < LOW_SPEED_BYTES:
+                    raise DownloadError(
+                        f"the server sent {window_bytes} bytes in {now - window_start:.0f} s (under "
+                        f"{LOW_SPEED_BYTES} bytes in {LOW_SPEED_WINDOW_S:g} s): stopped; what arrived is kept, "
+                        "run again to resume"
+                    )
+                window_start, window_bytes = now, 0
             yield block
     except (Urllib3Error, requests.RequestException, OSError) as exc:
         raise _Interrupted(scrub(f"{exc.__class__.__name__}: {exc}")) from None

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 
-from .errors import FilterError
+from .errors import FilterError, ManifestError
 from .index import require_collection
 from .layout import DEFAULT_LAYOUT, Layout, LongPaths
 
@@ -140,10 +140,9 @@ def build_manifest(
             where.append(f"list_contains(?, {column})")
             params.append(list(wanted))
     extra = [c for c in parsed.columns if c not in MANIFEST_COLUMNS]
-    select = [
-        "CAST(round(series_size_MB * 1e6) AS BIGINT) AS series_bytes" if c == "series_bytes" else f'"{c}"'
-        for c in MANIFEST_COLUMNS
-    ] + [f'"{c}"' for c in extra]
+    # Index values are outside input: a count that is not a number, a NaN or absurd size becomes
+    # NULL here and fails its own series at download time (named), never the whole manifest.
+    select = [_column_sql(c) for c in MANIFEST_COLUMNS] + [f'"{c}"' for c in extra]
     # No ORDER BY: index order is deterministic, and sorting 600k rows doubles peak memory.
     sql = f"SELECT {', '.join(select)} FROM idc_index WHERE {' AND '.join(where)}"
     # Stream Arrow batches out of DuckDB and render each: peak memory stays near the result size.
@@ -166,6 +165,29 @@ def build_manifest(
     table = table.set_column(table.num_columns - 1, "target_dir", dirs)
     whole = not any(filters.as_dict().values())
     return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"true" if whole else b"false"})
+
+
+#: Manifest columns that are numbers (the others are text).
+_INTEGER_COLUMNS = ("instanceCount", "series_bytes", "series_revised_idc_version")
+
+
+def _column_sql(column: str) -> str:
+    if column == "series_bytes":
+        return "TRY_CAST(round(TRY_CAST(series_size_MB AS DOUBLE) * 1e6) AS BIGINT) AS series_bytes"
+    if column == "series_size_MB":
+        return 'TRY_CAST("series_size_MB" AS DOUBLE) AS "series_size_MB"'
+    if column in _INTEGER_COLUMNS:
+        return f'TRY_CAST("{column}" AS BIGINT) AS "{column}"'
+    return f'CAST("{column}" AS VARCHAR) AS "{column}"'
+
+
+def manifest_schema() -> pa.Schema:
+    """The types every manifest has (``target_dir`` last)."""
+
+    def kind(c: str) -> pa.DataType:
+        return pa.int64() if c in _INTEGER_COLUMNS else pa.float64() if c == "series_size_MB" else pa.string()
+
+    return pa.schema([(c, kind(c)) for c in (*MANIFEST_COLUMNS, "target_dir")])
 
 
 #: Schema metadata of a manifest: "true" when it holds every series of its collection (no filter).
@@ -205,10 +227,39 @@ def write_manifest(table: pa.Table, path: Path) -> Path:
 
 
 def read_manifest(path: Path) -> pa.Table:
-    """Read a manifest written by ``write_manifest``."""
+    """Read a manifest written by ``write_manifest``; ``ManifestError`` (one line naming the file
+    and what is wrong) when it is unreadable, lacks a column, has one of another type, or is empty."""
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; materialize collection_manifest for this collection first")
-    return pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ManifestError(
+            f"manifest {path} cannot be read ({str(exc).splitlines()[0][:160]}); materialize collection_manifest again"
+        ) from None
+    expected = manifest_schema()
+    missing = [f.name for f in expected if f.name not in table.column_names]
+    if missing:
+        raise ManifestError(
+            f"manifest {path} lacks the column(s) {', '.join(missing)}; materialize collection_manifest again"
+        )
+    columns = []
+    for field in expected:
+        column = table.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowException, ValueError):
+                raise ManifestError(
+                    f"manifest {path}: column {field.name} is {column.type}, not {field.type}; "
+                    "materialize collection_manifest again"
+                ) from None
+        columns.append(column)
+    if table.num_rows == 0:
+        raise ManifestError(f"manifest {path} has no series; materialize collection_manifest again")
+    extra = [c for c in table.column_names if c not in expected.names]
+    result = pa.Table.from_arrays(columns + [table.column(c) for c in extra], names=expected.names + extra)
+    return result.replace_schema_metadata(table.schema.metadata)
 
 
 #: What a download TARGET names, and the index column and filter field it maps to.

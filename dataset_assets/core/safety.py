@@ -105,8 +105,11 @@ def series_problem(row: dict, allowed_buckets: Iterable[str]) -> str | None:
         problem = target_dir_problem(row.get("target_dir"))
     if problem is None:
         count, size = row.get("instanceCount"), row.get("series_bytes")
-        if not isinstance(count, int) or count <= 0 or not isinstance(size, int) or size < 0:
-            problem = f"instanceCount {count!r} / size {size!r} are not a positive count and a size in bytes"
+        if not isinstance(count, int) or count <= 0 or not isinstance(size, int) or size < count:
+            problem = (
+                f"the index gives instanceCount {count!r} and series_size_MB x 10^6 = {size!r} bytes, which are "
+                "not a count of files and their size (every file holds at least one byte)"
+            )
     return f"series {uid!r}: {problem}" if problem else None
 
 
@@ -119,3 +122,26 @@ def object_name_problem(name: object) -> str | None:
 
 def is_uuid(value: object) -> bool:
     return isinstance(value, str) and bool(_UUID.match(value))
+
+
+def endpoint_problem(url: object) -> str | None:
+    """An S3 endpoint URL: http(s), a host, a valid port, no path, no whitespace or control character."""
+    from urllib.parse import urlsplit
+
+    from .fmt import redact_url
+
+    if not isinstance(url, str) or not url or _CONTROL.search(url) or any(c.isspace() for c in url):
+        return f"endpoint {url!r} is empty or contains whitespace or control characters"
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"endpoint {shown!r} is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"endpoint {shown!r} is not an http(s) URL with a host, e.g. https://s3.amazonaws.com"
+    if port is not None and not 0 < port < 65536:
+        return f"endpoint {shown!r} has an invalid port"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return f"endpoint {shown!r} has a path or query; s5cmd takes a bare endpoint such as https://s3.amazonaws.com"
+    return None

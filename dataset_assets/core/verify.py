@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import stat
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -249,9 +250,13 @@ def check_tree(manifest: pa.Table, root: Path) -> CheckReport:
             inside_series = os.path.normpath(folder) in expected
             for name in files:
                 report.checked += 1
+                path = os.path.join(folder, name)
                 if inside_series and name.endswith(".dcm"):
+                    if stat.S_ISREG(os.lstat(path).st_mode):
+                        continue
+                    report.add(None, f"not a regular file: {path}")
                     continue
                 kind = "partial (temporary) file" if inside_series and ".dcm" in name else "stray file"
-                report.add(None, f"{kind}: {os.path.join(folder, name)}")
+                report.add(None, f"{kind}: {path}")
     report.notes["directories_walked"] = len(tops)
     return report

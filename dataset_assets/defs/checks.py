@@ -14,6 +14,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from dataset_assets.core import verify
+from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.manifest import read_manifest
 
 from .download_assets import downloaded_collection
@@ -33,6 +34,14 @@ def _partitioned_check(**kwargs):
             return dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, **kwargs)(fn)
 
     return decorate
+
+
+def _manifest(idc: IdcResource, collection_id: str):
+    """The collection's manifest, or a one-line failure of the check naming what is wrong with it."""
+    try:
+        return read_manifest(idc.manifest_path(collection_id))
+    except (DatasetError, FileNotFoundError) as exc:
+        raise dg.Failure(description=str(exc)) from None
 
 
 def _result(report: verify.CheckReport, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
@@ -126,7 +135,7 @@ def idc_index_urls_present(duckdb: DuckDBResource) -> dg.AssetCheckResult:
 def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
     """Every series has exactly its manifest's `instanceCount` files and bytes on disk."""
     collection_id = context.partition_key
-    report = verify.check_files(read_manifest(idc.manifest_path(collection_id)), idc.download_root())
+    report = verify.check_files(_manifest(idc, collection_id), idc.download_root())
     return _result(report, "files and bytes per series")
 
 
@@ -151,7 +160,7 @@ def dicom_headers_match_manifest(
     """Every file's DICOM header (read without pixel data) has the PatientID, StudyInstanceUID,
     SeriesInstanceUID and Modality of its manifest row."""
     collection_id = context.partition_key
-    manifest, root = read_manifest(idc.manifest_path(collection_id)), idc.download_root()
+    manifest, root = _manifest(idc, collection_id), idc.download_root()
     report = verify.check_headers(
         manifest,
         root,
@@ -167,7 +176,7 @@ def dicom_headers_match_manifest(
 def no_stray_files(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
     """No stray or partial file in the collection's tree (warning only)."""
     collection_id = context.partition_key
-    report = verify.check_tree(read_manifest(idc.manifest_path(collection_id)), idc.download_root())
+    report = verify.check_tree(_manifest(idc, collection_id), idc.download_root())
     return _result(report, "files in the collection's tree", severity=dg.AssetCheckSeverity.WARN)
 
 

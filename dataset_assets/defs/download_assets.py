@@ -3,7 +3,7 @@
 import dagster as dg
 
 from dataset_assets.core import download as dl
-from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError, UnsafeValueError
+from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
 from dataset_assets.core.manifest import read_manifest
 from dataset_assets.core.s5cmd import binary_version, die_with_launcher
@@ -77,7 +77,7 @@ def downloaded_collection(
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
     try:
         manifest = read_manifest(idc.manifest_path(collection_id))
-    except UnsafeValueError as exc:
+    except (DatasetError, FileNotFoundError) as exc:  # an unsafe partition key, a tampered manifest
         raise dg.Failure(description=str(exc)) from None
     root = idc.download_root()
     collection_dir = _collection_dir(root, manifest)
