@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from . import settings
+from .core import extra_index as extra
 from .core import index as idx
 from .core.download import DEFAULT_STALL_TIMEOUT_S, download, series_status, state_path_for
 from .core.errors import (
@@ -118,7 +119,7 @@ def idc() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def indices(as_json: bool) -> None:
     """List the indices: bundled with idc-index-data (with row counts) or fetched on demand."""
-    rows = idx.available_indices(_source())
+    rows = idx.available_indices(_source(), extra.fetched())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -126,6 +127,37 @@ def indices(as_json: bool) -> None:
         row["rows"] = f"{row['rows']:,}" if row["rows"] is not None else "-"
         row["description"] = row["description"][:70]
     click.echo(_table(rows, ["index", "availability", "rows", "description"]))
+
+
+@idc.command()
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Fetch again even when the release's file is already here.")
+def fetch(names: tuple[str, ...], force: bool) -> None:
+    """Fetch on-demand indices (e.g. sm_index sm_instance_index) of the installed release, check
+    them against the schema shipped with idc-index-data, and keep them for `query` and downloads."""
+    for name in dict.fromkeys(names):
+        result = extra.fetch(name, force=force, log=lambda line: click.echo(line, err=True))
+        state = "already here" if result.skipped else f"fetched {human_bytes(result.transferred_bytes)}"
+        click.echo(f"{name}: {result.rows:,} rows, {human_bytes(result.bytes)} ({state}) at {result.path}")
+
+
+@idc.command()
+@click.argument("sql")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True
+)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+@click.option("--limit", type=click.IntRange(0), default=None, help="Show at most N rows (table format: 50).")
+def query(sql: str, fmt: str, output: Path | None, limit: int | None) -> None:
+    """Run SQL over every local index: the bundled ones (idc_index, collections_index, ...) and the
+    ones fetched with `dataset idc fetch` (sm_index, sm_instance_index, ...), with DuckDB."""
+    from .core.query import run_query, write_result
+
+    with extra.connect_all(_source()) as con:
+        table = run_query(con, sql)
+    if fmt == "parquet" and output is None:
+        raise Failure("--format parquet needs --output FILE", EXIT_INPUT)
+    write_result(table, fmt, output, limit, echo=click.echo)
 
 
 @idc.command()

@@ -8,6 +8,7 @@ from dataset_assets.defs import automation
 from dataset_assets.defs.checks import download_checks, index_checks
 from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.executors import executor_from_env
+from dataset_assets.defs.extra_index_assets import idc_extra_index
 from dataset_assets.defs.http_assets import http_datasets
 from dataset_assets.defs.index_assets import idc_collections, idc_index
 from dataset_assets.defs.jobs import download_collections_job, verify_downloads_job
@@ -15,7 +16,7 @@ from dataset_assets.defs.manifest_assets import collection_manifest
 from dataset_assets.defs.resources import IdcResource, S5cmdResource
 
 defs = dg.Definitions(
-    assets=[idc_index, idc_collections, collection_manifest, downloaded_collection, http_datasets],
+    assets=[idc_index, idc_collections, idc_extra_index, collection_manifest, downloaded_collection, http_datasets],
     asset_checks=[*index_checks, *download_checks],
     jobs=[download_collections_job, verify_downloads_job, *automation.jobs],
     schedules=automation.schedules,

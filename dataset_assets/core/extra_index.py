@@ -181,9 +181,11 @@ def fetched() -> dict[str, Path]:
 
 def connect_all(source: IndexSource | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per bundled index and per fetched one."""
-    con = (source or IndexSource.from_env()).connect()
-    for name, path in fetched().items():
-        if name not in BUNDLED:
+    source = source or IndexSource.from_env()
+    con = source.connect()
+    shipped = {p.stem: p for p in sorted(source.directory.glob("*.parquet"))}  # analysis_results_index, ...
+    for name, path in {**shipped, **fetched()}.items():
+        if name not in BUNDLED and name.isidentifier():
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(str(path))})")
     return con
 

@@ -290,7 +290,7 @@ def _package_metadata() -> dict:
     return getattr(idc_index_data, "INDEX_METADATA", {})
 
 
-def available_indices(source: IndexSource) -> list[dict[str, object]]:
+def available_indices(source: IndexSource, fetched: dict[str, Path] | None = None) -> list[dict[str, object]]:
     """Every index idc-index-data describes: bundled ones with their row counts, and the ones
     that idc-index fetches on demand from the internet (not available offline). A folder
     without the main ``idc_index`` is an ``IndexUnavailableError``, not a list of absences."""
@@ -299,8 +299,11 @@ def available_indices(source: IndexSource) -> list[dict[str, object]]:
     for name, meta in sorted(_package_metadata().items()):
         path = source.directory / f"{name}.parquet"
         bundled = path.is_file()
+        here = bundled or name in (fetched or {})
+        if not bundled and here:
+            path = (fetched or {})[name]
         count = None
-        if bundled:
+        if here:
             with _readable(f"index file {path} cannot be read"):
                 (count,) = duckdb.execute(
                     "SELECT sum(num_rows) FROM "
@@ -311,7 +314,11 @@ def available_indices(source: IndexSource) -> list[dict[str, object]]:
         rows.append(
             {
                 "index": name,
-                "availability": "bundled" if bundled else "on demand (internet)",
+                "availability": "bundled"
+                if bundled
+                else f"fetched ({path.parent.name})"
+                if here
+                else "on demand: dataset idc fetch " + name,
                 "rows": int(count) if count is not None else None,
                 "description": " ".join(description.split()),
             }

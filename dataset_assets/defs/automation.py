@@ -2,7 +2,8 @@
 
 * ``idc_release_sensor`` (on by default): when the installed index carries another IDC release
   than the last materialized ``idc_index``, or than a materialized manifest, it requests their
-  refresh. Manifests are rebuilt with the config they were last built with (filters, layout).
+  refresh. Manifests are rebuilt with the config they were last built with (filters, layout);
+  on-demand indices fetched before (``idc_extra_index``) are fetched again for the new release.
 * ``downloaded_collection`` has an automation condition: a collection that was downloaded
   before is brought up to date when its manifest changes (only new or revised series move;
   revised ones are set aside, removed ones reported). Collections never downloaded are never
@@ -24,6 +25,7 @@ from .jobs import download_collections_job
 from .partitions import collection_partitions
 
 MANIFEST = dg.AssetKey("collection_manifest")
+EXTRA_INDEX = dg.AssetKey("idc_extra_index")
 
 refresh_index_job = dg.define_asset_job(
     name="refresh_idc_index",
@@ -59,7 +61,7 @@ def manifest_run_config(instance: dg.DagsterInstance, collection_id: str) -> dic
     name="idc_release_sensor",
     description="Refreshes idc_index, idc_collections and materialized manifests when the installed "
     "idc-index-data carries a different IDC release than they were built from.",
-    asset_selection=dg.AssetSelection.assets(idc_index, idc_collections, MANIFEST),
+    asset_selection=dg.AssetSelection.assets(idc_index, idc_collections, MANIFEST, EXTRA_INDEX),
     minimum_interval_seconds=600,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
@@ -87,6 +89,16 @@ def idc_release_sensor(context: dg.SensorEvaluationContext):
                     asset_selection=[MANIFEST],
                     partition_key=pk,
                     run_config=manifest_run_config(context.instance, pk),
+                    tags={"idc/release": release},
+                )
+            )
+    for name in sorted(context.instance.get_materialized_partitions(EXTRA_INDEX)):
+        if _latest_metadata(context.instance, EXTRA_INDEX, name).get("idc_release") != release:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"idc-release-{release}-{day}-index-{name}",
+                    asset_selection=[EXTRA_INDEX],
+                    partition_key=name,
                     tags={"idc/release": release},
                 )
             )

@@ -1,0 +1,65 @@
+"""On-demand IDC indices (sm_index, sm_instance_index, clinical_index, ...), one partition each."""
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from dataset_assets.core import extra_index as extra
+from dataset_assets.core.errors import DatasetError
+from dataset_assets.core.fmt import human_bytes
+from dataset_assets.core.index import IndexSource, _sql_str
+
+from .index_assets import idc_index
+from .resources import IdcResource
+from .settings import INDEX_GROUP, OWNERS
+
+extra_index_partitions = dg.StaticPartitionsDefinition(extra.on_demand_indices())
+
+
+@dg.asset(
+    deps=[idc_index],
+    partitions_def=extra_index_partitions,
+    group_name=INDEX_GROUP,
+    kinds={"duckdb", "parquet"},
+    owners=OWNERS,
+    tags={"domain": "idc"},
+)
+def idc_extra_index(
+    context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """An IDC index that `idc-index-data` describes but does not ship (`sm_index`, `sm_instance_index`,
+    `clinical_index`, ...): `<name>.parquet` of the installed release fetched from
+    `$IDC_INDEX_BASE_URL/<idc-index-data version>/` (retries, resume, proxies, CA bundles, atomic
+    rename), checked against the `<name>_schema.json` shipped in the package, kept in
+    `$IDC_EXTRA_INDEX_DIR/<version>/`, and queryable in DuckDB as the view `<name>`. Its data
+    version is the IDC release."""
+    name = context.partition_key
+    try:
+        result = extra.fetch(name, log=context.log.info)
+    except DatasetError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    release = IndexSource.from_env(idc.index_dir).release()
+    database = Path(duckdb.database)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.get_connection() as con:
+        kinds = con.execute(
+            "SELECT table_type FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [name]
+        ).fetchall()
+        if kinds:
+            con.execute(f"DROP {'VIEW' if kinds[0][0] == 'VIEW' else 'TABLE'} {name}")
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(str(result.path))})")
+    context.log.info(f"{name}: {result.rows:,} rows, {human_bytes(result.bytes)} at {result.path}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"v{release}"),
+        metadata={
+            "idc_release": f"v{release}",
+            "idc_index_data_version": extra.package_version(),
+            "dagster/row_count": result.rows,
+            "bytes": result.bytes,
+            "transferred_bytes": result.transferred_bytes,
+            "already_here": result.skipped,
+            "path": dg.MetadataValue.path(str(result.path)),
+            "source_url": extra.url_of(name),
+        },
+    )
