@@ -6,6 +6,7 @@ from dagster_duckdb import DuckDBResource
 from dataset_assets import settings
 from dataset_assets.defs import automation
 from dataset_assets.defs.checks import download_checks, index_checks
+from dataset_assets.defs.cohort_assets import cohort_checks, cohort_manifest, downloaded_cohort
 from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.executors import executor_from_env
 from dataset_assets.defs.extra_index_assets import idc_extra_index
@@ -16,8 +17,17 @@ from dataset_assets.defs.manifest_assets import collection_manifest
 from dataset_assets.defs.resources import IdcResource, S5cmdResource
 
 defs = dg.Definitions(
-    assets=[idc_index, idc_collections, idc_extra_index, collection_manifest, downloaded_collection, http_datasets],
-    asset_checks=[*index_checks, *download_checks],
+    assets=[
+        idc_index,
+        idc_collections,
+        idc_extra_index,
+        collection_manifest,
+        downloaded_collection,
+        cohort_manifest,
+        downloaded_cohort,
+        http_datasets,
+    ],
+    asset_checks=[*index_checks, *download_checks, *cohort_checks],
     jobs=[download_collections_job, verify_downloads_job, *automation.jobs],
     schedules=automation.schedules,
     sensors=automation.sensors,

@@ -21,6 +21,7 @@ A download runs four named steps (``Download.scan``, ``.list``, ``.transfer``, `
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import math
@@ -244,8 +245,9 @@ def state_path_for(root: Path, manifest: pa.Table) -> Path:
 
 @contextmanager
 def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
-    """Hold an exclusive lock per collection below ``root`` for the whole download, so two runs
-    (UI and schedule, CLI and Dagster) never write one collection at once; the second fails."""
+    """Hold an exclusive lock per name (a collection, or a cohort's state) below ``root`` for the
+    whole download, so two runs (UI and schedule, CLI and Dagster) never write one at once; the
+    second fails."""
     folder = root / CONTROL_DIR / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -264,7 +266,7 @@ def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
             except BlockingIOError:
                 holder = handle.read(200).strip() or "another process"
                 raise DownloadError(
-                    f"collection {collection_id} is being downloaded into {root} by {holder}; "
+                    f"{_lock_label(collection_id)} is being downloaded into {root} by {holder}; "
                     "wait for it to finish (or stop it) and run again"
                 ) from None
             handle.seek(0)
@@ -272,6 +274,10 @@ def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
             handle.write(f"pid {os.getpid()}")
             handle.flush()
         yield
+
+
+def _lock_label(name: str) -> str:
+    return name if name.startswith(("cohort-", "selection-")) else f"collection {name}"
 
 
 def remove_stale_command_files(control: Path) -> list[str]:
@@ -317,6 +323,77 @@ def _quoted(text: str) -> str:
 
 def _command(verb: str, url: str, dest: str, flags: list[str]) -> str:
     return f"{verb} {' '.join(flags)} {_quoted(url)} {_quoted(dest)}\n"
+
+
+class SeriesClaims:
+    """Claims on series directories below one root, so that two downloads into it (two cohorts,
+    two shards that overlap, a cohort and its collection) never fetch one series at the same
+    time: a claim is a file ``<root>/.dataset_assets/claims/<sha1 of the directory>.claim``
+    made with O_EXCL, holding the claimant's pid and process start time; a claim whose process
+    is gone (killed, rebooted) is stale and taken over."""
+
+    def __init__(self, root: Path) -> None:
+        self.folder = root / CONTROL_DIR / "claims"
+        self.me = _process_identity(os.getpid())
+        self.held: list[Path] = []
+
+    def _path(self, target_dir: str) -> Path:
+        return self.folder / (hashlib.sha1(target_dir.encode()).hexdigest() + ".claim")
+
+    def holder(self, target_dir: str) -> str | None:
+        """Who holds the claim on ``target_dir`` (``None``: nobody alive)."""
+        try:
+            fd = os.open(self._path(target_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            text = os.read(fd, 200).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        pid = text.split(" ", 1)[0]
+        alive = pid.isdigit() and _process_identity(int(pid)) == text
+        return text if alive and text != self.me else None
+
+    def claim(self, todo: list[_Todo]) -> dict[str, dict]:
+        """Claim every series of ``todo``; returns ``target_dir -> row`` of those held by another live download."""
+        if not todo:
+            return {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        deferred: dict[str, dict] = {}
+        for t in todo:
+            path = self._path(t.row["target_dir"])
+            for _attempt in range(2):
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                except FileExistsError:
+                    if self.holder(t.row["target_dir"]) is None:  # stale: its process is gone
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                        continue
+                    deferred[t.row["target_dir"]] = t.row
+                    break
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(self.me)
+                self.held.append(path)
+                break
+        return deferred
+
+    def release(self) -> None:
+        for path in self.held:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self.held = []
+
+
+def _process_identity(pid: int) -> str | None:
+    """``"<pid> <start time>"`` of a live process (the start time tells a reused pid apart)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{pid} {fields[19]}" if fields[0] != "Z" else None
+    except (OSError, IndexError):
+        return None
 
 
 class _Stop(Exception):
@@ -379,17 +456,20 @@ class Download:
 
     # -- the steps -------------------------------------------------------------------------
 
-    def scan(self) -> None:
-        """Validate every row, compare every series directory with its record, plan the rest."""
-        self.records = load_state(self.state_path, self.log) if self.state_path else {}
-        self._set_aside_revised()
-        for row in _rows(self.manifest):
+    def scan(self, rows: list[dict] | None = None) -> None:
+        """Validate every row, compare every series directory with its record, plan the rest
+        (``rows``: only these again, after another download finished them)."""
+        if rows is None:
+            self.records = load_state(self.state_path, self.log) if self.state_path else {}
+            self._set_aside_revised()
+        for row in rows if rows is not None else _rows(self.manifest):
             problem = series_problem(row, self.allowed_buckets)
             if problem:
                 self.failed[row.get("target_dir") or str(row.get("SeriesInstanceUID"))] = problem
                 continue
-            self.result.files += row["instanceCount"]
-            self.result.bytes += row["series_bytes"]
+            if rows is None:
+                self.result.files += row["instanceCount"]
+                self.result.bytes += row["series_bytes"]
             disk = scan_series(self.root / row["target_dir"])
             record = self.records.get(row["target_dir"])
             expected = record.files if record and record.crdc_series_uuid == row["crdc_series_uuid"] else None
@@ -403,7 +483,8 @@ class Download:
                 self._complete(row, expected)
             else:  # the record is only the fast path to "complete": what to fetch, a listing says
                 self.todo.append(_Todo(row, disk))
-        self.result.skipped_series = self.manifest.num_rows - len(self.todo) - len(self.failed)
+        if rows is None:
+            self.result.skipped_series = self.manifest.num_rows - len(self.todo) - len(self.failed)
 
     def list(self) -> None:
         """One listing per series that has files on disk but no record; compare the files with it."""
@@ -586,9 +667,9 @@ class Download:
             for path, size in list(self.progress.copied.items()):
                 folder, _, name = path.rpartition("/")
                 copied.setdefault(os.path.normpath(folder), {})[name] = size
-            self.result.transferred_files = self.progress.done_files
-            self.result.transferred_bytes = self.progress.done_bytes
-            self.result.errors = list(self.progress.errors)
+            self.result.transferred_files += self.progress.done_files
+            self.result.transferred_bytes += self.progress.done_bytes
+            self.result.errors += list(self.progress.errors)
         for t in self.todo:
             row = t.row
             if row["target_dir"] in self.failed:
@@ -631,11 +712,36 @@ class Download:
 
     def run(self) -> DownloadResult:
         self.scan()
-        self.list()
-        self.transfer()
-        self.verify()
-        self._save()
-        return self._finish()
+        claims = SeriesClaims(self.root)
+        while True:
+            deferred = claims.claim(self.todo)  # series another download into this root is fetching
+            self.todo = [t for t in self.todo if t.row["target_dir"] not in deferred]
+            try:
+                self.list()
+                self.transfer()
+                self.verify()
+            finally:
+                claims.release()
+            self._save()
+            if not deferred:
+                return self._finish()
+            self._wait_for(claims, deferred)
+            self.todo, self.progress = [], None
+            self.scan(rows=list(deferred.values()))
+
+    def _wait_for(self, claims: SeriesClaims, deferred: dict[str, dict]) -> None:
+        """Wait until the other downloads let go of the ``deferred`` series (they finish them, or die)."""
+        self.log(
+            f"{len(deferred):,} series are being fetched by another download into {self.root}; "
+            "waiting for it, then checking them here"
+        )
+        last_log = time.monotonic()
+        while any(claims.holder(d) for d in deferred):
+            time.sleep(1.0)
+            if time.monotonic() - last_log > 30:
+                busy = sum(1 for d in deferred if claims.holder(d))
+                self.log(f"still waiting for {busy:,} series another download is fetching")
+                last_log = time.monotonic()
 
     def _finish(self) -> DownloadResult:
         result = self.result
@@ -785,13 +891,14 @@ def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **sett
     ``TransferStoppedError`` when the endpoint stalled or the disk filled; what completed stays."""
     root = root.absolute()
     check_root(root)
-    collections = sorted(set(manifest.column("collection_id").to_pylist()))
-    with collection_locks(root, collections):
+    state_path = settings.setdefault("state_path", None) or state_path_for(root, manifest)
+    settings["state_path"] = state_path
+    # One download per state (a collection, a cohort, a selection) at a time; downloads of other
+    # states into the same root run in parallel, and SeriesClaims keeps them off each other's series.
+    with collection_locks(root, [state_path.stem]):
         control = root / CONTROL_DIR
         control.mkdir(exist_ok=True)
         remove_stale_command_files(control)
-        state_path = settings.setdefault("state_path", None) or state_path_for(root, manifest)
-        settings["state_path"] = state_path
         state_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(state_path)
         return Download(manifest, root, options, **settings).run()

@@ -139,32 +139,56 @@ def build_manifest(
         if wanted:
             where.append(f"list_contains(?, {column})")
             params.append(list(wanted))
+    empty = (
+        f"the filters {filters.as_dict()} match no series of collection {collection_id!r} together; "
+        "each value exists, but no series has all of them"
+    )
+    table = render_manifest(
+        con,
+        " AND ".join(where),
+        params,
+        parsed,
+        empty,
+        root_length=root_length,
+        max_path=max_path,
+        long_paths=long_paths,
+    )
+    whole = not any(filters.as_dict().values())
+    return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"true" if whole else b"false"})
+
+
+def render_manifest(
+    con: duckdb.DuckDBPyConnection,
+    where: str,
+    params: list[object],
+    parsed: Layout,
+    empty_message: str,
+    *,
+    root_length: int = 0,
+    max_path: int | None = None,
+    long_paths: LongPaths = "hash",
+) -> pa.Table:
+    """The manifest rows of ``idc_index`` matching ``where``, each with its target directory."""
     extra = [c for c in parsed.columns if c not in MANIFEST_COLUMNS]
     # Index values are outside input: a count that is not a number, a NaN or absurd size becomes
     # NULL here and fails its own series at download time (named), never the whole manifest.
     select = [_column_sql(c) for c in MANIFEST_COLUMNS] + [f'"{c}"' for c in extra]
     # No ORDER BY: index order is deterministic, and sorting 600k rows doubles peak memory.
-    sql = f"SELECT {', '.join(select)} FROM idc_index WHERE {' AND '.join(where)}"
+    sql = f"SELECT {', '.join(select)} FROM idc_index WHERE {where}"
     # Stream Arrow batches out of DuckDB and render each: peak memory stays near the result size.
     relation = con.sql(sql, params=params)
     # DuckDB 2 renamed Relation.record_batch to to_arrow_reader.
     reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch
-    reader = reader(100_000)
     batches = []
-    for batch in reader:
+    for batch in reader(100_000):
         dirs = parsed.render_unchecked(batch)
         batches.append(batch.select(list(MANIFEST_COLUMNS)).append_column("target_dir", dirs))
     if not batches or sum(b.num_rows for b in batches) == 0:
-        raise FilterError(
-            f"the filters {filters.as_dict()} match no series of collection {collection_id!r} together; "
-            "each value exists, but no series has all of them"
-        )
+        raise FilterError(empty_message)
     table = pa.Table.from_batches(batches)
     del batches
     dirs = parsed.finish(table.column("target_dir"), root_length=root_length, max_path=max_path, long_paths=long_paths)
-    table = table.set_column(table.num_columns - 1, "target_dir", dirs)
-    whole = not any(filters.as_dict().values())
-    return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"true" if whole else b"false"})
+    return table.set_column(table.num_columns - 1, "target_dir", dirs)
 
 
 #: Manifest columns that are numbers (the others are text).

@@ -69,12 +69,12 @@ class CheckReport:
         )
 
 
-def check_files(manifest: pa.Table, root: Path) -> CheckReport:
+def check_files(manifest: pa.Table, root: Path, state_path: Path | None = None) -> CheckReport:
     """Every file of every series has its own size as recorded when it was fetched or listed
     (the download state), and no other ``.dcm`` file is in the series' directory; a series
     without such a record is reported as unverified."""
     notes: list[str] = []
-    records = load_state(state_path_for(root, manifest), notes.append, repair=False)
+    records = load_state(state_path or state_path_for(root, manifest), notes.append, repair=False)
     report = CheckReport(notes={"state": notes[0]} if notes else {})
     for row, _disk, problem in series_status(manifest, root, records, strict=True):
         report.checked += 1
@@ -115,9 +115,9 @@ def default_processes() -> int:
     return max(1, min(cpus, MAX_DEFAULT_PROCESSES))
 
 
-def header_cache_path(root: Path, manifest: pa.Table) -> Path:
+def header_cache_path(root: Path, manifest: pa.Table, state_path: Path | None = None) -> Path:
     """Where the header check remembers the files whose header matched (beside the state)."""
-    state = state_path_for(root, manifest)
+    state = state_path or state_path_for(root, manifest)
     return state.parent.parent / "headers" / state.name
 
 

@@ -26,6 +26,7 @@ from .partitions import collection_partitions
 
 MANIFEST = dg.AssetKey("collection_manifest")
 EXTRA_INDEX = dg.AssetKey("idc_extra_index")
+COHORT_MANIFEST = dg.AssetKey("cohort_manifest")
 
 refresh_index_job = dg.define_asset_job(
     name="refresh_idc_index",
@@ -61,7 +62,7 @@ def manifest_run_config(instance: dg.DagsterInstance, collection_id: str) -> dic
     name="idc_release_sensor",
     description="Refreshes idc_index, idc_collections and materialized manifests when the installed "
     "idc-index-data carries a different IDC release than they were built from.",
-    asset_selection=dg.AssetSelection.assets(idc_index, idc_collections, MANIFEST, EXTRA_INDEX),
+    asset_selection=dg.AssetSelection.assets(idc_index, idc_collections, MANIFEST, EXTRA_INDEX, COHORT_MANIFEST),
     minimum_interval_seconds=600,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
@@ -89,6 +90,16 @@ def idc_release_sensor(context: dg.SensorEvaluationContext):
                     asset_selection=[MANIFEST],
                     partition_key=pk,
                     run_config=manifest_run_config(context.instance, pk),
+                    tags={"idc/release": release},
+                )
+            )
+    for name in sorted(context.instance.get_materialized_partitions(COHORT_MANIFEST)):
+        if _latest_metadata(context.instance, COHORT_MANIFEST, name).get("idc_release") != release:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"idc-release-{release}-{day}-cohort-{name}",
+                    asset_selection=[COHORT_MANIFEST],
+                    partition_key=name,
                     tags={"idc/release": release},
                 )
             )

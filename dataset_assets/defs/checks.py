@@ -8,6 +8,8 @@
 """
 
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -21,27 +23,6 @@ from .download_assets import downloaded_collection
 from .index_assets import idc_index
 from .partitions import collection_partitions
 from .resources import IdcResource, S5cmdResource
-
-
-def _partitioned_check(**kwargs):
-    """``dg.asset_check`` on ``downloaded_collection`` with the collection partitions. Partitioned
-    asset checks are a preview feature in Dagster 1.13 that we rely on knowingly: its warning is
-    silenced here only, never process-wide."""
-
-    def decorate(fn):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
-            return dg.asset_check(asset=downloaded_collection, partitions_def=collection_partitions, **kwargs)(fn)
-
-    return decorate
-
-
-def _manifest(idc: IdcResource, collection_id: str):
-    """The collection's manifest, or a one-line failure of the check naming what is wrong with it."""
-    try:
-        return read_manifest(idc.manifest_path(collection_id))
-    except (DatasetError, FileNotFoundError) as exc:
-        raise dg.Failure(description=str(exc)) from None
 
 
 def _result(report: verify.CheckReport, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
@@ -131,14 +112,6 @@ def idc_index_urls_present(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     )
 
 
-@_partitioned_check(blocking=True)
-def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
-    """Every series has exactly its manifest's `instanceCount` files and bytes on disk."""
-    collection_id = context.partition_key
-    report = verify.check_files(_manifest(idc, collection_id), idc.download_root())
-    return _result(report, "files and bytes per series")
-
-
 class HeaderCheckConfig(dg.Config):
     sample_per_series: int = Field(
         default=0, ge=0, description="Read only this many files per series (0: all). For very large collections."
@@ -153,32 +126,70 @@ class HeaderCheckConfig(dg.Config):
     )
 
 
-@_partitioned_check(blocking=True)
-def dicom_headers_match_manifest(
-    context: dg.AssetCheckExecutionContext, config: HeaderCheckConfig, idc: IdcResource
-) -> dg.AssetCheckResult:
-    """Every file's DICOM header (read without pixel data) has the PatientID, StudyInstanceUID,
-    SeriesInstanceUID and Modality of its manifest row."""
-    collection_id = context.partition_key
-    manifest, root = _manifest(idc, collection_id), idc.download_root()
-    report = verify.check_headers(
-        manifest,
-        root,
-        sample_per_series=config.sample_per_series,
-        processes=config.processes,
-        cache_path=verify.header_cache_path(root, manifest),
-        reread=config.reread,
-    )
-    return _result(report, "DICOM headers")
+def build_download_checks(
+    asset: dg.AssetsDefinition,
+    partitions_def: dg.PartitionsDefinition,
+    manifest_path: Callable[[IdcResource, str], Path],
+    state_path: Callable[[Path, str], Path | None] = lambda root, key: None,
+    what: str = "collection",
+) -> list[dg.AssetChecksDefinition]:
+    """The three checks of a downloaded asset partitioned like ``partitions_def``: files, DICOM
+    headers (both blocking) and stray files (a warning). ``manifest_path`` finds a partition's
+    manifest; ``state_path`` its download state (default: the collection's)."""
 
+    def check(**kwargs):
+        def decorate(fn):
+            # Partitioned asset checks are a preview feature in Dagster 1.13 that we rely on
+            # knowingly: its warning is silenced here only, never process-wide.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
+                return dg.asset_check(asset=asset, partitions_def=partitions_def, **kwargs)(fn)
 
-@_partitioned_check(blocking=False)
-def no_stray_files(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
-    """No stray or partial file in the collection's tree (warning only)."""
-    collection_id = context.partition_key
-    report = verify.check_tree(_manifest(idc, collection_id), idc.download_root())
-    return _result(report, "files in the collection's tree", severity=dg.AssetCheckSeverity.WARN)
+        return decorate
+
+    def manifest_of(idc: IdcResource, key: str):
+        try:
+            return read_manifest(manifest_path(idc, key))
+        except (DatasetError, FileNotFoundError) as exc:  # one line naming what is wrong with it
+            raise dg.Failure(description=str(exc)) from None
+
+    @check(blocking=True)
+    def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
+        """Every file of every series has its own size as recorded when it was listed or fetched,
+        and each series its manifest's `instanceCount` files and bytes."""
+        root = idc.download_root()
+        manifest = manifest_of(idc, context.partition_key)
+        report = verify.check_files(manifest, root, state_path(root, context.partition_key))
+        return _result(report, "files and bytes per series")
+
+    @check(blocking=True)
+    def dicom_headers_match_manifest(
+        context: dg.AssetCheckExecutionContext, config: HeaderCheckConfig, idc: IdcResource
+    ) -> dg.AssetCheckResult:
+        """Every file's DICOM header (read without pixel data) has the PatientID, StudyInstanceUID,
+        SeriesInstanceUID and Modality of its manifest row."""
+        root = idc.download_root()
+        manifest = manifest_of(idc, context.partition_key)
+        report = verify.check_headers(
+            manifest,
+            root,
+            sample_per_series=config.sample_per_series,
+            processes=config.processes,
+            cache_path=verify.header_cache_path(root, manifest, state_path(root, context.partition_key)),
+            reread=config.reread,
+        )
+        return _result(report, "DICOM headers")
+
+    @check(blocking=False)
+    def no_stray_files(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
+        """No stray or partial file in the tree of the downloaded series (warning only)."""
+        report = verify.check_tree(manifest_of(idc, context.partition_key), idc.download_root())
+        return _result(report, f"files in the {what}'s tree", severity=dg.AssetCheckSeverity.WARN)
+
+    return [files_match_manifest, dicom_headers_match_manifest, no_stray_files]
 
 
 index_checks = [idc_index_rows_are_safe, idc_index_urls_present]
-download_checks = [files_match_manifest, dicom_headers_match_manifest, no_stray_files]
+download_checks = build_download_checks(
+    downloaded_collection, collection_partitions, lambda idc, collection_id: idc.manifest_path(collection_id)
+)

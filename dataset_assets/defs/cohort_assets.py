@@ -1,0 +1,170 @@
+"""Cohorts as assets: one partition per cohort of `$IDC_COHORTS_FILE` (sets of series across
+collections, or shards of a huge one), with the download engine, state, resume and checks of
+collections.
+
+The cohorts file is outside input: when it cannot be loaded the code location still loads, the
+cohort assets have no partitions, say why in their description, and fail in one line when run.
+"""
+
+import hashlib
+import logging
+from pathlib import Path
+
+import dagster as dg
+
+from dataset_assets import settings
+from dataset_assets.core import download as dl
+from dataset_assets.core import extra_index as extra
+from dataset_assets.core import manifest as mf
+from dataset_assets.core.cohorts import DEFAULT_COHORTS_FILE, Cohort, build_cohort_manifest, try_load_cohorts
+from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError
+from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
+from dataset_assets.core.index import release_of
+from dataset_assets.core.layout import default_max_path
+from dataset_assets.core.s5cmd import binary_version, die_with_launcher
+from dataset_assets.core.verify import header_cache_path
+
+from .automation import refresh_downloaded_condition
+from .checks import build_download_checks
+from .download_assets import DOWNLOAD_POOL, _metadata
+from .index_assets import idc_index
+from .resources import IdcResource, S5cmdResource
+from .settings import DOWNLOADS_GROUP, OWNERS
+
+logger = logging.getLogger(__name__)
+
+
+def cohorts_file() -> Path:
+    return Path(settings.IDC_COHORTS_FILE.get() or DEFAULT_COHORTS_FILE)
+
+
+COHORTS, COHORTS_PROBLEM = try_load_cohorts(cohorts_file())
+if COHORTS_PROBLEM:
+    logger.warning("cohort assets have no partitions: %s", COHORTS_PROBLEM)
+cohort_partitions = dg.StaticPartitionsDefinition(sorted(COHORTS))
+
+
+def _cohort(name: str) -> Cohort:
+    if COHORTS_PROBLEM:
+        raise dg.Failure(description=COHORTS_PROBLEM)
+    return COHORTS[name]
+
+
+def cohort_manifest_path(idc: IdcResource, name: str) -> Path:
+    return idc.manifest_path(name).parent / "cohorts" / f"{name}.parquet"
+
+
+def cohort_state_path(root: Path, name: str) -> Path:
+    return root / dl.CONTROL_DIR / "state" / f"cohort-{name}.parquet"
+
+
+def _fingerprint(cohort: Cohort) -> str:
+    text = repr((cohort.sql, cohort.collection_id, cohort.filters.as_dict(), cohort.layout))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_NOTE = f" Cohorts file problem: {COHORTS_PROBLEM}" if COHORTS_PROBLEM else ""
+
+
+@dg.asset(
+    deps=[idc_index],
+    partitions_def=cohort_partitions,
+    group_name=DOWNLOADS_GROUP,
+    kinds={"parquet", "duckdb"},
+    owners=OWNERS,
+    tags={"domain": "idc"},
+    description="The series of one cohort of `$IDC_COHORTS_FILE` (a SQL query over the local indices, or a "
+    "collection with filters; across collections, or one shard of a huge one), each with its URL, size and "
+    "target directory: one Parquet file per cohort in `$IDC_MANIFEST_DIR/cohorts/`." + _NOTE,
+)
+def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.MaterializeResult:
+    cohort = _cohort(context.partition_key)
+    root = idc.download_root()
+    try:
+        with extra.connect_all(idc.source()) as con:
+            release = release_of(con)
+            table = build_cohort_manifest(con, cohort, root_length=len(str(root)), max_path=default_max_path())
+    except DatasetError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    path = mf.write_manifest(table, cohort_manifest_path(idc, cohort.name))
+    stats = mf.summarize(table)
+    collections = sorted(set(table.column("collection_id").to_pylist()))
+    context.log.info(
+        f"cohort {cohort.name}: {stats['series']:,} series of {len(collections)} collection(s), "
+        f"{stats['instances']:,} instances, {human_bytes(stats['bytes'])} -> {path}"
+    )
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"v{release}-{_fingerprint(cohort)}"),
+        metadata={
+            "series": stats["series"],
+            "instances": stats["instances"],
+            "bytes": stats["bytes"],
+            "size": human_bytes(stats["bytes"]),
+            "collections": ", ".join(collections),
+            "modalities": ", ".join(stats["modalities"]),
+            "dagster/row_count": stats["series"],
+            "idc_release": f"v{release}",
+            "definition": dg.MetadataValue.md(f"```sql\n{cohort.sql}\n```" if cohort.sql else str(cohort)),
+            "manifest_path": dg.MetadataValue.path(str(path)),
+        },
+    )
+
+
+@dg.asset(
+    deps=[cohort_manifest],
+    partitions_def=cohort_partitions,
+    group_name=DOWNLOADS_GROUP,
+    kinds={"s3", "dicom"},
+    owners=OWNERS,
+    pool=DOWNLOAD_POOL,
+    tags={"domain": "idc"},
+    automation_condition=refresh_downloaded_condition,
+    description="Every DICOM file of the cohort's manifest under `$IDC_DOWNLOAD_DIR`, fetched with s5cmd and "
+    "verified file by file, with the state, resume and checks of collections. Cohorts and collections share "
+    "the root: a series two of them select is fetched once, by whichever comes first." + _NOTE,
+)
+def downloaded_cohort(
+    context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
+) -> dg.MaterializeResult:
+    cohort = _cohort(context.partition_key)
+    die_with_launcher()
+    try:
+        manifest = mf.read_manifest(cohort_manifest_path(idc, cohort.name))
+    except (DatasetError, FileNotFoundError) as exc:
+        raise dg.Failure(description=str(exc)) from None
+    root = idc.download_root()
+    version = binary_version()
+    state = cohort_state_path(root, cohort.name)
+    context.log.info(
+        f"download start cohort={cohort.name} series={manifest.num_rows} root={root} "
+        f"endpoint={redact_url(s5cmd.resolved_endpoint())}"
+    )
+    try:
+        result = dl.download(
+            manifest,
+            root,
+            s5cmd.options(),
+            log=context.log.info,
+            progress_interval_s=s5cmd.progress_interval_s,
+            state_path=state,
+            stall_timeout_s=s5cmd.stall_timeout_s,
+            allowed_buckets=s5cmd.buckets(),
+            header_cache=header_cache_path(root, manifest, state),
+        )
+    except (IncompleteDownloadError, TransferStoppedError) as exc:
+        context.log.error(f"download failed cohort={cohort.name} failed_series={exc.result.failed_count}")
+        raise dg.Failure(description=str(exc), metadata=_metadata(exc.result, root, version)) from None
+    except DatasetError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    except OSError as exc:  # the file system said no: name the path, keep the rest
+        raise dg.Failure(description=f"{os_error_text(exc)}; everything completed so far is kept") from None
+    context.log.info(
+        f"download end cohort={cohort.name} files={result.files} bytes={result.bytes} "
+        f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f}"
+    )
+    return dg.MaterializeResult(metadata=_metadata(result, root, version))
+
+
+cohort_checks = build_download_checks(
+    downloaded_cohort, cohort_partitions, cohort_manifest_path, cohort_state_path, what="cohort"
+)
