@@ -630,10 +630,13 @@ def test_the_layout_dot_is_refused_as_empty(idc_fixture):
 def test_credentials_in_the_endpoint_url_are_never_echoed(env, tmp_path):
     from dataset_assets_tests.support.s3server import free_port
 
-    endpoint = f"http://user:S3CRETPW@127.0.0.1:{free_port()}/?sig=abc"
+    endpoint = f"http://user:S3CRETPW@127.0.0.1:{free_port()}"
     proc = cli("download", "qin_pet_phantom", str(tmp_path / "dl"), "--endpoint", endpoint, env=env)
     one_line(proc, 3, "cannot reach the S3 endpoint http://127.0.0.1:")
-    assert "S3CRETPW" not in proc.stderr + proc.stdout and "sig=abc" not in proc.stderr + proc.stdout
+    assert "S3CRETPW" not in proc.stderr + proc.stdout
+    signed = cli("download", "qin_pet_phantom", str(tmp_path / "dl"), "--endpoint", endpoint + "/?sig=abc", env=env)
+    assert signed.returncode == 2 and "has a path or query" in signed.stderr  # a bare endpoint only
+    assert "S3CRETPW" not in signed.stderr + signed.stdout and "sig=abc" not in signed.stderr + signed.stdout
 
 
 def test_a_transfer_stopped_keeps_what_completed_and_records_it(s3, manifest, tmp_path):

@@ -356,23 +356,23 @@ class SeriesClaims:
         alive = pid.isdigit() and _process_identity(int(pid)) == text
         return text if alive and text != self.me else None
 
-    def claim(self, todo: list[_Todo]) -> dict[str, dict]:
-        """Claim every series of ``todo``; returns ``target_dir -> row`` of those held by another live download."""
-        if not todo:
+    def claim(self, rows: list[dict]) -> dict[str, dict]:
+        """Claim every series of ``rows``; returns ``target_dir -> row`` of those held by another live download."""
+        if not rows:
             return {}
         self.folder.mkdir(parents=True, exist_ok=True)
         deferred: dict[str, dict] = {}
-        for t in todo:
-            path = self._path(t.row["target_dir"])
+        for row in rows:
+            path = self._path(row["target_dir"])
             for _attempt in range(2):
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 except FileExistsError:
-                    if self.holder(t.row["target_dir"]) is None:  # stale: its process is gone
+                    if self.holder(row["target_dir"]) is None:  # stale: its process is gone
                         with contextlib.suppress(OSError):
                             path.unlink()
                         continue
-                    deferred[t.row["target_dir"]] = t.row
+                    deferred[row["target_dir"]] = row
                     break
                 with os.fdopen(fd, "w") as handle:
                     handle.write(self.me)
@@ -450,6 +450,7 @@ class Download:
         self.records: dict[str, SeriesRecord] = {}  # the state, updated as series are verified
         self.failed: dict[str, str] = {}  # target_dir -> why
         self.todo: list[_Todo] = []
+        self.temporaries: list[tuple[dict, SeriesOnDisk, dict[str, int] | None]] = []
         self.result = DownloadResult(series=manifest.num_rows, files=0, bytes=0)
         self.progress: Progress | None = None
         self._endpoint_checked = False
@@ -475,7 +476,8 @@ class Download:
             expected = record.files if record and record.crdc_series_uuid == row["crdc_series_uuid"] else None
             if not _fits(expected, row):
                 expected = None
-            self._remove_temp_files(row, disk, expected)
+            if disk.temp_files:  # removed once this download holds the series' claim (see run)
+                self.temporaries.append((row, disk, expected))
             if expected is None:
                 self.todo.append(_Todo(row, disk, whole=not disk.files))
                 continue
@@ -714,8 +716,15 @@ class Download:
         self.scan()
         claims = SeriesClaims(self.root)
         while True:
-            deferred = claims.claim(self.todo)  # series another download into this root is fetching
+            # Series another download into this root is fetching are left to it (and waited for).
+            rows = {t.row["target_dir"]: t.row for t in self.todo}
+            rows.update({row["target_dir"]: row for row, _, _ in self.temporaries})
+            deferred = claims.claim(list(rows.values()))
             self.todo = [t for t in self.todo if t.row["target_dir"] not in deferred]
+            for row, disk, expected in self.temporaries:  # what a killed s5cmd left, in series we now hold
+                if row["target_dir"] not in deferred:
+                    self._remove_temp_files(row, disk, expected)
+            self.temporaries = []
             try:
                 self.list()
                 self.transfer()
