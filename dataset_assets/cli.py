@@ -8,12 +8,16 @@ Exit codes a script can rely on:
 * 3: the environment refused (destination not writable, not enough space, endpoint unreachable,
   index unreadable, the collection already being downloaded into DEST)
 * 130: interrupted (Ctrl-C or SIGTERM); s5cmd is stopped, what completed is kept
+* 141: the reader of the output went away (``| head``): the command stops quietly, as a tool
+  ended by SIGPIPE does
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -25,7 +29,7 @@ import click
 from . import settings
 from .core import extra_index as extra
 from .core import index as idx
-from .core.download import DEFAULT_STALL_TIMEOUT_S, download, series_status, state_path_for
+from .core.download import DEFAULT_STALL_TIMEOUT_S
 from .core.errors import (
     BadDestinationError,
     DatasetError,
@@ -38,11 +42,11 @@ from .core.errors import (
 )
 from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.layout import DEFAULT_LAYOUT, default_max_path
-from .core.manifest import ManifestFilters, build_manifest, build_selection_manifest, summarize
+from .core.manifest import ManifestFilters
 from .core.progress import Progress
+from .core.resolve import BY_CHOICES
 from .core.s5cmd import S5cmdOptions
-from .core.safety import allowed_buckets_from_env, endpoint_problem
-from .core.state import load_state
+from .core.safety import endpoint_problem
 
 PORTAL = settings.PORTAL_URL
 EXIT_INCOMPLETE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -84,6 +88,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except DatasetError as exc:
             raise _fail(exc) from None
+        except BrokenPipeError:  # before OSError, of which it is one
+            _quiet_broken_pipe()
         except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path
             raise Failure(
                 f"{os_error_text(exc)}; everything completed so far is kept, run the same command again "
@@ -93,6 +99,20 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool the signal ends exits with
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``| head -1``): no message and no traceback. As Python's
+    documentation recommends, stdout (and stderr) point at devnull from here on, so the flush at
+    interpreter exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
 
 
 def _source() -> idx.IndexSource:
@@ -181,6 +201,10 @@ def collections(as_json: bool) -> None:
     with _source().connect() as con:
         table = idx.collections_table(con)
     records = json.loads(table.to_json(orient="records"))
+    for record in records:  # pandas makes a count with a missing value a float: counts are integers
+        for key in ("subjects", "patients", "studies", "series", "instances", "size_bytes"):
+            if isinstance(record.get(key), float) and record[key].is_integer():
+                record[key] = int(record[key])
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
@@ -272,10 +296,12 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
 @click.option(
     "--by",
     "kind",
-    type=click.Choice(["collection", "series", "study", "patient"]),
-    default="collection",
+    type=click.Choice(list(BY_CHOICES)),
+    default="auto",
     show_default=True,
-    help="What TARGET names: a collection id, or comma-separated SeriesInstanceUIDs, StudyInstanceUIDs or PatientIDs.",
+    help="What the values of TARGET are (auto: each is looked up in the index; an ID that is two kinds "
+    "is refused): collection ids, PatientIDs, StudyInstanceUIDs, SeriesInstanceUIDs, crdc_series_uuids "
+    "or SOPInstanceUIDs (instance).",
 )
 @click.option("--modality", "modalities", multiple=True, help="Keep only this Modality (repeatable).")
 @click.option("--body-part", "body_parts", multiple=True, help="Keep only this BodyPartExamined (repeatable).")
@@ -283,7 +309,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     "--layout",
     default=DEFAULT_LAYOUT,
     show_default=True,
-    help="Directory of each series; %column for any index column.",
+    help="Directory of each series; %column for any index column; 'flat': every file in DEST itself.",
 )
 @click.option(
     "--long-paths",
@@ -299,6 +325,12 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     help="Fail when a file path under DEST would be longer (default: 260 on Windows, no limit elsewhere).",
 )
 @click.option("--dry-run", is_flag=True, help="Print what would be fetched and its size; download nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: one JSON document, every series.")
+@click.option(
+    "--skip-unresolved",
+    is_flag=True,
+    help="Download what resolves and list the rest (default: any unresolvable ID or line is an error, exit 2).",
+)
 @click.option(
     "--workers", type=click.IntRange(1, 4096), default=64, show_default=True, help="Objects in flight at once."
 )
@@ -330,6 +362,8 @@ def download_command(
     long_paths: str,
     max_path: int | None,
     dry_run: bool,
+    as_json: bool,
+    skip_unresolved: bool,
     workers: int,
     retries: int,
     stall_timeout: float,
@@ -337,67 +371,79 @@ def download_command(
 ) -> None:
     """Download TARGET into DEST, resuming: files already complete are not fetched again.
 
-    Exit codes: 0 complete, 1 some series incomplete (re-run to resume), 2 bad input,
-    3 destination, space, endpoint or index problem, 130 interrupted."""
-    filters = ManifestFilters(modalities=modalities, body_parts=body_parts)
-    render = {
-        "layout": layout,
-        "root_length": len(str(dest.absolute())),
-        "long_paths": long_paths,
-        "max_path": max_path if max_path is not None else default_max_path(),
-    }
-    with _source().connect() as con:
-        if kind == "collection":
-            manifest = build_manifest(con, target, filters, **render)  # type: ignore[arg-type]
-        else:
-            manifest = build_selection_manifest(con, kind, target.split(","), filters, **render)
-    stats = summarize(manifest)
-    if dry_run:
-        _dry_run(manifest, dest, stats)
-        return
-    view = _ProgressView()
-    try:
-        result = download(
-            manifest,
-            dest,
-            S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
-            log=view.log,
-            progress_interval_s=0.5,
-            on_progress=view,
-            state_path=state_path_for(dest, manifest),
-            stall_timeout_s=stall_timeout,
-            allowed_buckets=allowed_buckets_from_env(),
-        )
-    finally:
-        view.end()
-    click.echo(
-        f"complete: {result.series:,} series, {result.files:,} files, {human_bytes(result.bytes)} in {dest} "
-        f"({result.transferred_files:,} files / {human_bytes(result.transferred_bytes)} transferred in "
-        f"{human_duration(result.duration_s)}, {result.mb_per_s:.1f} MB/s)"
+    TARGET: comma-separated collection ids, PatientIDs, StudyInstanceUIDs, SeriesInstanceUIDs,
+    crdc_series_uuids (also of earlier releases) and SOPInstanceUIDs, in any mix; or a file: an
+    IDC portal / BigQuery s5cmd manifest, a CSV with an ID column, or a list of IDs.
+
+    Exit codes: 0 complete, 1 some series incomplete (re-run to resume), 2 bad input (also an
+    unresolvable ID or line, unless --skip-unresolved), 3 destination, space, endpoint or index
+    problem, 130 interrupted."""
+    from .cli_download import Request, run_download
+
+    request = Request(
+        target=target,
+        dest=dest,
+        kind=kind,
+        filters=ManifestFilters(modalities=modalities, body_parts=body_parts),
+        layout=layout,
+        long_paths=long_paths,
+        max_path=max_path if max_path is not None else default_max_path(),
+        skip_unresolved=skip_unresolved,
+        options=S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
+        stall_timeout_s=stall_timeout,
     )
+    if as_json and not dry_run:
+        raise click.UsageError("--json goes with --dry-run (a download prints its progress and one summary line)")
+    run_download(request, _source(), dry_run=dry_run, as_json=as_json, view=None if dry_run else _ProgressView())
 
 
-def _dry_run(manifest, dest: Path, stats: dict) -> None:
-    todo_series = todo_files = todo_bytes = 0
-    root = dest.absolute()
-    records = load_state(state_path_for(root, manifest), lambda _: None, repair=False)
-    for row, disk, problem in series_status(manifest, root, records):
-        if problem:
-            todo_series += 1
-            todo_files += max(row["instanceCount"] - disk.count, 0)
-            todo_bytes += max(row["series_bytes"] - disk.bytes, 0)
-    click.echo(
-        f"would fetch {todo_series:,} of {stats['series']:,} series ({todo_files:,} files, {human_bytes(todo_bytes)}) "
-        f"into {dest}; selection: {stats['instances']:,} files, {human_bytes(stats['bytes'])}, "
-        f"modalities {', '.join(stats['modalities'])}"
-    )
-    for row in manifest.slice(0, 10).to_pylist():
-        click.echo(
-            f"  {row['series_aws_url']} -> {row['target_dir']} "
-            f"({row['instanceCount']} files, {human_bytes(row['series_bytes'])})"
-        )
-    if manifest.num_rows > 10:
-        click.echo(f"  ... and {manifest.num_rows - 10:,} more series")
+@idc.command()
+@click.argument("target")
+@click.option(
+    "--format", "fmt", type=click.Choice(["apa", "bibtex", "json"]), default="apa", show_default=True, help="Output."
+)
+@click.option(
+    "--by", "kind", type=click.Choice(list(BY_CHOICES)), default="auto", show_default=True, help="As download."
+)
+@click.option("--skip-unresolved", is_flag=True, help="Cite what resolves; list the rest on stderr.")
+def citations(target: str, fmt: str, kind: str, skip_unresolved: bool) -> None:
+    """Cite TARGET (as for download: IDs, collections or a manifest file): every source DOI of its
+    series with its licence, from the index alone (no network; where a complete reference needs
+    doi.org, the output says so)."""
+    from .cli_download import citations_text
+
+    click.echo(citations_text(_source(), target, kind, fmt, skip_unresolved))
+
+
+@main.group(cls=_Group)
+def http() -> None:
+    """Datasets published as single files behind HTTP(S) URLs."""
+
+
+@http.command(name="download")
+@click.argument("source", metavar="URL|BUNDLE_NAME")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sha256", help="Expected SHA-256 (64 hex digits); the file is refused when it differs.")
+@click.option("--size", type=click.IntRange(0), help="Expected size in bytes.")
+@click.option("--filename", help="File name in DEST (default: the URL's last path segment).")
+@click.option(
+    "--bundles-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Bundles YAML for BUNDLE_NAME (default: $DATASET_BUNDLES_FILE or dataset_assets/bundles.yaml).",
+)
+def http_download(
+    source: str, dest: Path, sha256: str | None, size: int | None, filename: str | None, bundles_file: Path | None
+) -> None:
+    """Download URL (or the bundle BUNDLE_NAME of the bundles file) into DEST: resumed where a
+    previous run stopped, verified (size, sha256, Content-Type), renamed into place when complete.
+    Signed URLs never appear in the output (query strings are shown as ?…).
+
+    Exit codes: 0 complete, 2 bad input (URL, name, sha256), 3 transfer or verification failed
+    (a partial file is kept and resumed by the same command), 130 interrupted."""
+    from .cli_http import http_download as run
+
+    run(source, dest, sha256=sha256, size=size, filename=filename, bundles_file=bundles_file)
 
 
 @idc.command()

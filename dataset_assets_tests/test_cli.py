@@ -37,7 +37,9 @@ def test_indices_and_columns():
     proc = run("idc", "indices", "--json")
     rows = {r["index"]: r for r in json.loads(proc.stdout)}
     assert rows["idc_index"]["rows"] == 1_044_191 and rows["idc_index"]["availability"] == "bundled"
-    assert rows["sm_index"]["availability"] == "on demand (internet)" and rows["sm_index"]["rows"] is None
+    assert (
+        rows["sm_index"]["availability"] == "on demand: dataset idc fetch sm_index" and rows["sm_index"]["rows"] is None
+    )
     columns = {c["column"]: c for c in json.loads(run("idc", "columns", "idc_index", "--json").stdout)}
     assert columns["instanceCount"]["type"] == "BIGINT" and "instances" in columns["instanceCount"]["description"]
     assert_one_line_error(

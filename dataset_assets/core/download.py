@@ -315,14 +315,14 @@ def command_file(control: Path, prefix: str) -> Iterator[tuple[Path, object]]:
         path.unlink(missing_ok=True)
 
 
-def _quoted(text: str) -> str:
+def quoted(text: str) -> str:
     """``text`` in double quotes as s5cmd's command-file parser reads it: that parser drops a
     backslash before a backslash, dollar sign, backtick or double quote, so those get one."""
     return '"' + re.sub(r'([\\$`"])', r"\\\1", text) + '"'
 
 
 def _command(verb: str, url: str, dest: str, flags: list[str]) -> str:
-    return f"{verb} {' '.join(flags)} {_quoted(url)} {_quoted(dest)}\n"
+    return f"{verb} {' '.join(flags)} {quoted(url)} {quoted(dest)}\n"
 
 
 class SeriesClaims:
@@ -536,7 +536,7 @@ class Download:
 
         with command_file(self.control, "list") as (path, handle):
             for prefix in prefixes:
-                handle.write(f"ls {_quoted(prefix + '*')}\n")
+                handle.write(f"ls {quoted(prefix + '*')}\n")
             handle.close()
             try:
                 s5cmd.run(

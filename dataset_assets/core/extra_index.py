@@ -21,7 +21,7 @@ import duckdb
 
 from .. import settings
 from .errors import IndexUnavailableError, UnknownIndexError
-from .index import BUNDLED, IndexSource, _sql_str
+from .index import BUNDLED, IndexSource, sql_str
 
 Log = Callable[[str], None]
 
@@ -104,7 +104,7 @@ def check_schema(path: Path, name: str) -> None:
     """``IndexUnavailableError`` unless the Parquet file at ``path`` has every column of the
     shipped schema of ``name``, each of a compatible type (lists for REPEATED columns)."""
     try:
-        described = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()
+        described = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_str(str(path))})").fetchall()
     except duckdb.Error as exc:
         raise IndexUnavailableError(
             f"{name}: {path} is not a readable Parquet file ({str(exc).splitlines()[0]})"
@@ -144,7 +144,7 @@ class FetchResult:
 def row_count(path: Path) -> int:
     (count,) = duckdb.execute(
         "SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
-        f"FROM parquet_metadata({_sql_str(str(path))}))"
+        f"FROM parquet_metadata({sql_str(str(path))}))"
     ).fetchone()
     return int(count or 0)
 
@@ -186,7 +186,7 @@ def connect_all(source: IndexSource | None = None) -> duckdb.DuckDBPyConnection:
     shipped = {p.stem: p for p in sorted(source.directory.glob("*.parquet"))}  # analysis_results_index, ...
     for name, path in {**shipped, **fetched()}.items():
         if name not in BUNDLED and name.isidentifier():
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(str(path))})")
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_str(str(path))})")
     return con
 
 

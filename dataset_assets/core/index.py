@@ -51,7 +51,7 @@ def _readable(what: str) -> Iterator[None]:
         raise IndexUnavailableError(f"{what}: {str(exc).splitlines()[0]}") from None
 
 
-def _sql_str(value: str) -> str:
+def sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -101,7 +101,7 @@ class IndexSource:
                 continue
             path = self.path(name)
             try:
-                con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(str(path))})")
+                con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_str(str(path))})")
                 con.execute(f"SELECT * FROM {name} LIMIT 0")
             except duckdb.Error as exc:
                 con.close()
@@ -264,7 +264,7 @@ def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource, snapshot_dir:
             if name != "idc_index" and not (source.directory / f"{name}.parquet").is_file():
                 continue
             path = folder / f"{name}.parquet" if folder is not None else source.path(name)
-            read = f"SELECT * FROM read_parquet({_sql_str(str(path.absolute()))})"
+            read = f"SELECT * FROM read_parquet({sql_str(str(path.absolute()))})"
             kinds = con.execute(
                 "SELECT table_type FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
                 [name],
@@ -308,7 +308,7 @@ def available_indices(source: IndexSource, fetched: dict[str, Path] | None = Non
                 (count,) = duckdb.execute(
                     "SELECT sum(num_rows) FROM "
                     f"(SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
-                    f"FROM parquet_metadata({_sql_str(str(path))}))"
+                    f"FROM parquet_metadata({sql_str(str(path))}))"
                 ).fetchone()
         description = ((meta.get("schema") or {}).get("table_description") or "").strip()
         rows.append(
@@ -335,7 +335,7 @@ def index_columns(source: IndexSource, name: str) -> list[dict[str, str]]:
     path = source.directory / f"{name}.parquet"
     if path.is_file():
         with _readable(f"index file {path} cannot be read"):
-            types = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()
+            types = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_str(str(path))})").fetchall()
         names = [(n, t) for n, t, *_ in types]
     else:
         names = [(n, c.get("type", "")) for n, c in described.items()]

@@ -16,7 +16,6 @@ SOPInstanceUIDs, each found in the index; and the manifest that downloads them.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,9 +27,9 @@ import pyarrow.compute as pc
 
 from . import s5cmd
 from .errors import FilterError, IndexUnavailableError
-from .index import _sql_str, collection_ids, release_of
+from .index import collection_ids, release_of, sql_str
 from .layout import Layout
-from .manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, ManifestFilters, build_manifest
+from .manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, ManifestFilters, build_manifest, manifest_schema
 from .progress import _parse
 from .safety import bucket_problem, is_uuid
 
@@ -95,9 +94,7 @@ def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
 
-def kinds_of(
-    con: duckdb.DuckDBPyConnection, values: list[str], instance_index: Path | None
-) -> dict[str, list[str]]:
+def kinds_of(con: duckdb.DuckDBPyConnection, values: list[str], instance_index: Path | None) -> dict[str, list[str]]:
     """Value -> every kind it is found as (current index, prior releases, SOP instances)."""
     found: dict[str, list[str]] = {v: [] for v in values}
     if not values:
@@ -118,7 +115,7 @@ def kinds_of(
                 found[value].append("crdc_series_uuid")
     if instance_index is not None:
         rows = con.execute(
-            f"SELECT DISTINCT SOPInstanceUID FROM read_parquet({_sql_str(str(instance_index))}) "
+            f"SELECT DISTINCT SOPInstanceUID FROM read_parquet({sql_str(str(instance_index))}) "
             "WHERE list_contains(?, SOPInstanceUID)",
             [values],
         ).fetchall()
@@ -152,7 +149,9 @@ def _unknown_text(
 
 
 def _forced_unknown_text(kind: str, unknown: list[Entry], con: duckdb.DuckDBPyConnection) -> str:
-    shown = ", ".join(e.value for e in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+    shown = ", ".join(f"{e.value} ({e.origin})" if e.origin else e.value for e in unknown[:10]) + (
+        ", ..." if len(unknown) > 10 else ""
+    )
     if kind == "collection" and len(unknown) == 1:
         close = difflib.get_close_matches(unknown[0].value, collection_ids(con), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -284,22 +283,16 @@ def require_resolved(selection: Selection) -> Selection:
 
 
 def _manifest_schema(con: duckdb.DuckDBPyConnection) -> pa.Schema:
-    select = [
-        "CAST(round(series_size_MB * 1e6) AS BIGINT) AS series_bytes" if c == "series_bytes" else f'"{c}"'
-        for c in MANIFEST_COLUMNS
-    ]
-    empty = con.sql(f"SELECT {', '.join(select)}, '' AS target_dir FROM idc_index LIMIT 0").arrow()
-    schema = empty.schema if hasattr(empty, "schema") else empty.read_all().schema
-    return schema.remove_metadata()
+    """The types of every manifest (whatever types the index stored its values as)."""
+    del con
+    return manifest_schema()
 
 
 def _prior_table(con: duckdb.DuckDBPyConnection, uuids: list[str], parsed: Layout) -> pa.Table:
     """Manifest rows of series only an earlier release served; ``instanceCount`` and
     ``series_bytes`` are NULL until ``fill_prior_counts`` lists them."""
     prior_columns = {r[0] for r in con.execute("DESCRIBE prior_versions_index").fetchall()}
-    layout_columns = [
-        (f'"{c}"' if c in prior_columns else f'CAST(NULL AS VARCHAR) AS "{c}"') for c in parsed.columns
-    ]
+    layout_columns = [(f'"{c}"' if c in prior_columns else f'CAST(NULL AS VARCHAR) AS "{c}"') for c in parsed.columns]
     table = con.sql(
         "SELECT collection_id, PatientID, StudyInstanceUID, SeriesInstanceUID, Modality, "
         "CAST(NULL AS VARCHAR) AS BodyPartExamined, crdc_series_uuid, aws_bucket, series_aws_url, "
@@ -334,8 +327,9 @@ def _instances(
     assert instance_index is not None
     rows = con.execute(
         "SELECT s.SOPInstanceUID, s.crdc_instance_uuid, s.instance_size, i.collection_id, i.PatientID, "
-        "i.StudyInstanceUID, i.SeriesInstanceUID, i.Modality, i.crdc_series_uuid, i.aws_bucket, i.series_aws_url "
-        f"FROM read_parquet({_sql_str(str(instance_index))}) s JOIN idc_index i USING (SeriesInstanceUID) "
+        "i.StudyInstanceUID, i.SeriesInstanceUID, i.Modality, i.crdc_series_uuid, i.aws_bucket, i.series_aws_url, "
+        "i.source_DOI, i.license_short_name "
+        f"FROM read_parquet({sql_str(str(instance_index))}) s JOIN idc_index i USING (SeriesInstanceUID) "
         "WHERE list_contains(?, s.SOPInstanceUID) ORDER BY s.SOPInstanceUID",
         [uids],
     )
@@ -353,7 +347,9 @@ def _instances(
         by_collection.setdefault(instance["collection_id"], set()).add(instance["SeriesInstanceUID"])
     for collection_id, series in by_collection.items():
         table = build_manifest(con, collection_id, ManifestFilters(series_uids=tuple(sorted(series))), **render)
-        dirs.update(zip(table.column("SeriesInstanceUID").to_pylist(), table.column("target_dir").to_pylist()))
+        dirs.update(
+            zip(table.column("SeriesInstanceUID").to_pylist(), table.column("target_dir").to_pylist(), strict=True)
+        )
     for instance in instances:
         instance["target_dir"] = dirs[instance["SeriesInstanceUID"]]
     return instances
@@ -432,18 +428,6 @@ def list_prefixes(urls: list[str], options: s5cmd.S5cmdOptions) -> dict[str, dic
     finally:
         os.unlink(name)
     return listed
-
-
-def selection_json(selection: Selection) -> str:
-    """A compact JSON summary (for logs and tests)."""
-    return json.dumps(
-        {
-            "series": selection.series_count,
-            "instances": len(selection.instances),
-            "unresolved": selection.unresolved,
-            "prior": sorted(selection.prior),
-        }
-    )
 
 
 def total_bytes(manifest: pa.Table | None) -> int:

@@ -8,7 +8,7 @@ from dagster_duckdb import DuckDBResource
 from dataset_assets.core import extra_index as extra
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.index import IndexSource, _sql_str
+from dataset_assets.core.index import IndexSource, sql_str
 
 from .index_assets import idc_index
 from .resources import IdcResource
@@ -48,7 +48,7 @@ def idc_extra_index(
         ).fetchall()
         if kinds:
             con.execute(f"DROP {'VIEW' if kinds[0][0] == 'VIEW' else 'TABLE'} {name}")
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(str(result.path))})")
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_str(str(result.path))})")
     context.log.info(f"{name}: {result.rows:,} rows, {human_bytes(result.bytes)} at {result.path}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"v{release}"),

@@ -8,16 +8,26 @@ import dagster as dg
 from pydantic import Field
 
 from dataset_assets.core import manifest as mf
+from dataset_assets.core.citations import citations, license_summary
 from dataset_assets.core.fmt import human_bytes, markdown_table
 from dataset_assets.core.index import release_of
 from dataset_assets.core.layout import DEFAULT_LAYOUT, default_max_path
+from dataset_assets.core.viewer import viewer_url, viewer_urls
 
 from .index_assets import idc_index
 from .partitions import collection_partitions
 from .resources import IdcResource
 from .settings import DOWNLOADS_GROUP, OWNERS
 
-PREVIEW_COLUMNS = ["PatientID", "Modality", "SeriesInstanceUID", "instanceCount", "series_size_MB", "target_dir"]
+PREVIEW_COLUMNS = [
+    "PatientID",
+    "Modality",
+    "SeriesInstanceUID",
+    "instanceCount",
+    "series_size_MB",
+    "target_dir",
+    "viewer_url",
+]
 
 
 class ManifestConfig(dg.Config):
@@ -78,6 +88,7 @@ def collection_manifest(
             max_path=config.max_path if config.max_path is not None else default_max_path(),
             long_paths=config.long_paths,
         )
+        cited = citations(con, table, analysis_results=source.directory / "analysis_results_index.parquet")
     path = mf.write_manifest(table, idc.manifest_path(collection_id))
     stats = mf.summarize(table)
     context.log.info(
@@ -91,7 +102,8 @@ def collection_manifest(
     fingerprint = json.dumps(
         {"index": str(source.directory), "release": release, **config.model_dump()}, sort_keys=True
     )
-    preview = table.slice(0, 10).select(PREVIEW_COLUMNS).to_pandas()
+    head = table.slice(0, 10)
+    preview = head.append_column("viewer_url", viewer_urls(head)).select(PREVIEW_COLUMNS).to_pandas()
     first = table.slice(0, 1).to_pylist()[0]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(hashlib.sha256(fingerprint.encode()).hexdigest()[:16]),
@@ -117,7 +129,17 @@ def collection_manifest(
                 f"https://portal.imaging.datacommons.cancer.gov/explore/filters/?collection_id={collection_id}"
             ),
             "viewer_first_study": dg.MetadataValue.url(
-                f"https://viewer.imaging.datacommons.cancer.gov/v3/viewer/?StudyInstanceUIDs={first['StudyInstanceUID']}"
+                viewer_url(first["StudyInstanceUID"], None, first["Modality"]) or ""
+            ),
+            "viewer_first_series": dg.MetadataValue.url(
+                viewer_url(first["StudyInstanceUID"], first["SeriesInstanceUID"], first["Modality"]) or ""
+            ),
+            "licenses": license_summary(cited),
+            "citations": dg.MetadataValue.json(cited),
+            "citations_md": dg.MetadataValue.md(
+                "\n\n".join(
+                    f"- {c['citation'] or c['doi_url']} — **{c['license'] or 'licence unknown'}**" for c in cited
+                )
             ),
             **({"doi": dg.MetadataValue.url(f"https://doi.org/{first['source_DOI']}")} if first["source_DOI"] else {}),
         },

@@ -1,0 +1,275 @@
+"""``dataset idc download`` and ``citations``: from a TARGET (IDs or a manifest file) to a
+selection, a dry-run report (text or JSON) or a verified download. Kept apart from ``cli.py``
+so that the command definitions there stay short."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .core import extra_index
+from .core import index as idx
+from .core.download import check_endpoint, download, series_status, state_path_for
+from .core.errors import DownloadError, FilterError, IncompleteDownloadError
+from .core.flat import link_into
+from .core.fmt import human_bytes, human_duration
+from .core.instances import download_instances, file_of, is_complete, object_url
+from .core.manifest import ManifestFilters, summarize
+from .core.portal_manifest import read_entries
+from .core.resolve import FLAT, Entry, Selection, entries_from_target, fill_prior_counts, require_resolved, resolve
+from .core.s5cmd import S5cmdOptions
+from .core.safety import allowed_buckets_from_env
+from .core.state import load_state
+from .core.viewer import viewer_url
+
+INSTANCE_INDEX = "sm_instance_index"
+
+
+@dataclass
+class Request:
+    target: str
+    dest: Path
+    kind: str = "auto"
+    filters: ManifestFilters = ManifestFilters()
+    layout: str = FLAT
+    long_paths: str = "hash"
+    max_path: int | None = None
+    skip_unresolved: bool = False
+    options: S5cmdOptions = S5cmdOptions()
+    stall_timeout_s: float = 120.0
+
+
+def entries_of(target: str, kind: str) -> list[Entry]:
+    """A TARGET that names an existing file is a manifest file; anything else is comma-separated IDs."""
+    if os.path.isfile(target):
+        return read_entries(Path(target), kind)
+    return entries_from_target(target, kind)
+
+
+def select(source: idx.IndexSource, request: Request) -> Selection:
+    """Resolve the request's TARGET; unresolvable entries are an error unless ``skip_unresolved``
+    (then each is listed on stderr, and the rest goes on)."""
+    entries = entries_of(request.target, request.kind)
+    with source.connect() as con:
+        selection = resolve(
+            con,
+            entries,
+            request.filters,
+            layout=request.layout,
+            root_length=len(str(request.dest.absolute())),
+            max_path=request.max_path,
+            long_paths=request.long_paths,  # type: ignore[arg-type]
+            instance_index=extra_index.local_path(INSTANCE_INDEX),
+            instance_hint=extra_index.fetch_hint(INSTANCE_INDEX),
+        )
+    if selection.unresolved and request.skip_unresolved:
+        for text in selection.unresolved:
+            click.echo(f"skipped: {text}", err=True)
+        selection.unresolved = []
+    return require_resolved(selection)
+
+
+def _with_prior_counts(selection: Selection, request: Request) -> list[str]:
+    """List the prefixes of prior-release series (their file count and bytes); problems returned."""
+    if not selection.prior or selection.manifest is None:
+        return []
+    check_endpoint(request.options.endpoint_url)
+    manifest, problems = fill_prior_counts(
+        selection.manifest, selection.prior, request.options, allowed_buckets_from_env()
+    )
+    selection.manifest = manifest if manifest.num_rows else None
+    return problems
+
+
+def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as_json: bool, view=None) -> None:
+    selection = select(source, request)
+    problems = _with_prior_counts(selection, request)
+    if dry_run:
+        dry_run_report(selection, request, problems, as_json=as_json)
+        return
+    dest, flat = request.dest, request.layout == FLAT
+    allowed = allowed_buckets_from_env()
+    incomplete: list[str] = []
+    lines: list[str] = []
+    try:
+        if selection.manifest is not None:
+            try:
+                result = download(
+                    selection.manifest,
+                    dest,
+                    request.options,
+                    log=view.log if view else click.echo,
+                    progress_interval_s=0.5,
+                    on_progress=view,
+                    state_path=state_path_for(dest, selection.manifest),
+                    stall_timeout_s=request.stall_timeout_s,
+                    allowed_buckets=allowed,
+                )
+            except IncompleteDownloadError as exc:
+                incomplete.append(str(exc))
+                result = exc.result
+            lines.append(
+                f"complete: {result.complete_series:,} series, {result.files:,} files, {human_bytes(result.bytes)} "
+                f"in {dest} ({result.transferred_files:,} files / {human_bytes(result.transferred_bytes)} "
+                f"transferred in {human_duration(result.duration_s)}, {result.mb_per_s:.1f} MB/s)"
+            )
+        if selection.instances:
+            try:
+                done = download_instances(
+                    selection.instances,
+                    dest,
+                    request.options,
+                    allowed_buckets=allowed,
+                    log=view.log if view else click.echo,
+                    stall_timeout_s=request.stall_timeout_s,
+                )
+                lines.append(
+                    f"complete: {done.instances:,} instance(s), {human_bytes(done.bytes)} "
+                    f"({done.transferred_files:,} files / {human_bytes(done.transferred_bytes)} transferred)"
+                )
+            except IncompleteDownloadError as exc:
+                incomplete.append(str(exc))
+    finally:
+        if view is not None:
+            view.end()
+    if flat:
+        problems += _link_flat(selection, dest.absolute())
+    for line in lines:
+        click.echo(line)
+    if problems or incomplete:
+        from .cli import EXIT_INCOMPLETE, Failure
+
+        raise Failure(" | ".join([*problems, *incomplete]), EXIT_INCOMPLETE)
+
+
+def _link_flat(selection: Selection, root: Path) -> list[str]:
+    """Hard-link every verified file of the staged series (and every complete instance) into ``root``."""
+    files: list[str] = []
+    if selection.manifest is not None:
+        records = load_state(state_path_for(root, selection.manifest), lambda _m: None, repair=False)
+        for target_dir in selection.manifest.column("target_dir").to_pylist():
+            record = records.get(target_dir)
+            if record is not None:
+                files.extend(f"{target_dir}{name}" for name in sorted(record.files))
+    files += [file_of(i) for i in selection.instances if is_complete(root, i)]
+    _placed, problems = link_into(root, files)
+    return problems
+
+
+def dry_run_report(selection: Selection, request: Request, problems: list[str], *, as_json: bool) -> None:
+    dest = request.dest
+    root = dest.absolute()
+    flat = request.layout == FLAT
+    series: list[dict] = []
+    todo = {"series": 0, "files": 0, "bytes": 0, "instances": 0}
+    manifest = selection.manifest
+    if manifest is not None:
+        records = load_state(state_path_for(root, manifest), lambda _m: None, repair=False)
+        statuses = series_status(manifest, root, records)
+        for row, (_, disk, problem) in zip(manifest.to_pylist(), statuses, strict=True):
+            if problem:
+                todo["series"] += 1
+                todo["files"] += max(row["instanceCount"] - disk.count, 0)
+                todo["bytes"] += max(row["series_bytes"] - disk.bytes, 0)
+            series.append(
+                {
+                    "collection_id": row["collection_id"],
+                    "PatientID": row["PatientID"],
+                    "StudyInstanceUID": row["StudyInstanceUID"],
+                    "SeriesInstanceUID": row["SeriesInstanceUID"],
+                    "Modality": row["Modality"],
+                    "crdc_series_uuid": row["crdc_series_uuid"],
+                    "source_url": request.options.source_url(row["series_aws_url"], row["aws_bucket"]),
+                    "target_dir": "./" if flat else row["target_dir"],
+                    **({"staging_dir": row["target_dir"]} if flat else {}),
+                    "files": row["instanceCount"],
+                    "bytes": row["series_bytes"],
+                    "size": human_bytes(row["series_bytes"]),
+                    "idc_version": row["series_revised_idc_version"],
+                    "prior_release": row["crdc_series_uuid"] in selection.prior,
+                    "complete": problem is None,
+                    "viewer_url": viewer_url(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]),
+                }
+            )
+    instances = []
+    for row in selection.instances:
+        complete = is_complete(root, row)
+        if not complete:
+            todo["instances"] += 1
+            todo["bytes"] += row["instance_size"]
+        instances.append(
+            {
+                "SOPInstanceUID": row["SOPInstanceUID"],
+                "SeriesInstanceUID": row["SeriesInstanceUID"],
+                "collection_id": row["collection_id"],
+                "source_url": object_url(row, request.options),
+                "file": os.path.basename(file_of(row)) if flat else file_of(row),
+                "bytes": row["instance_size"],
+                "complete": complete,
+                "viewer_url": viewer_url(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]),
+            }
+        )
+    stats = summarize(manifest) if manifest is not None else None
+    if as_json:
+        document = {
+            "dest": str(dest),
+            "layout": request.layout,
+            "would_fetch": todo,
+            "selection": {
+                "series": len(series),
+                "instances": len(instances),
+                "files": (stats["instances"] if stats else 0) + len(instances),
+                "bytes": (stats["bytes"] if stats else 0) + sum(i["bytes"] for i in instances),
+                "modalities": stats["modalities"] if stats else [],
+                "collections": sorted({s["collection_id"] for s in series} | {i["collection_id"] for i in instances}),
+            },
+            "series": series,
+            "instances": instances,
+            "problems": problems,
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    if stats is not None:
+        click.echo(
+            f"would fetch {todo['series']:,} of {stats['series']:,} series ({todo['files']:,} files, "
+            f"{human_bytes(todo['bytes'])}) into {dest}; selection: {stats['instances']:,} files, "
+            f"{human_bytes(stats['bytes'])}, modalities {', '.join(stats['modalities'])}"
+        )
+    for item in series[:10]:
+        prior = f", from IDC v{item['idc_version']}" if item["prior_release"] else ""
+        click.echo(
+            f"  {item['source_url']} -> {item['target_dir']} ({item['files']} files, {item['size']}{prior}) "
+            f"{item['viewer_url']}"
+        )
+    if len(series) > 10:
+        click.echo(f"  ... and {len(series) - 10:,} more series")
+    if instances:
+        click.echo(f"would fetch {todo['instances']:,} of {len(instances):,} single instance(s) into {dest}")
+        for item in instances[:10]:
+            click.echo(f"  {item['source_url']} -> {item['file']} ({human_bytes(item['bytes'])}) {item['viewer_url']}")
+    for problem in problems:
+        click.echo(f"  cannot fetch: {problem}")
+
+
+def citations_text(source: idx.IndexSource, target: str, kind: str, fmt: str, skip_unresolved: bool) -> str:
+    from .core.citations import citations, render
+
+    request = Request(target=target, dest=Path("."), kind=kind, skip_unresolved=skip_unresolved, layout=FLAT)
+    selection = select(source, request)
+    with source.connect() as con:
+        records = citations(
+            con,
+            selection.manifest,
+            selection.instances,
+            analysis_results=source.directory / "analysis_results_index.parquet",
+        )
+    if not records:
+        raise FilterError("the selection has no source DOI in the index")
+    return render(records, fmt)
+
+
+__all__ = ["Request", "run_download", "citations_text", "DownloadError"]

@@ -1,0 +1,89 @@
+"""``dataset http download``: one file behind a URL, or a bundle of the bundles file, with the
+engine of ``http_datasets`` (``core.http_bundles``): resume, verification, signed URLs scrubbed.
+Progress is the size of the partial file, printed on stderr every few seconds."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import click
+
+from . import settings
+from .core.errors import DatasetError
+from .core.fmt import human_bytes
+from .core.http_bundles import Bundle, default_filename, download_bundle, redact_url, scrub, try_load_bundles
+
+DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parent / "bundles.yaml"
+PROGRESS_EVERY_S = 2.0
+
+
+def bundles_file(path: Path | None = None) -> Path:
+    return Path(path or settings.DATASET_BUNDLES_FILE.get() or DEFAULT_BUNDLES_FILE)
+
+
+def _bad_input(message: str):
+    from .cli import EXIT_INPUT, Failure
+
+    return Failure(scrub(message), EXIT_INPUT)
+
+
+def bundle_for(
+    source: str, *, sha256: str | None, size: int | None, filename: str | None, bundles_path: Path | None
+) -> Bundle:
+    """A ``Bundle`` for a URL (named after its file), or the named bundle of the bundles file
+    with the options given on the command line taking precedence."""
+    overrides = {k: v for k, v in {"sha256": sha256, "size": size, "filename": filename}.items() if v is not None}
+    try:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source):
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", default_filename(source, "download")).lstrip("._-") or "download"
+            return Bundle(name=name[:100], url=source, **overrides)
+        path = bundles_file(bundles_path)
+        bundles, problem = try_load_bundles(path)
+        if problem is not None:
+            raise _bad_input(problem)
+        if source not in bundles:
+            known = ", ".join(sorted(bundles)) or "none"
+            raise _bad_input(f"{source!r} is neither an http(s) URL nor a bundle of {path} (bundles: {known})")
+        found = bundles[source]
+        fields = {k: getattr(found, k) for k in ("name", "url", "sha256", "size", "filename", "content_type")}
+        return Bundle(**{**fields, **overrides})
+    except DatasetError as exc:
+        raise _bad_input(str(exc)) from None
+
+
+def _watch(part: Path, total: int | None, stop: threading.Event) -> None:
+    last = -1
+    while not stop.wait(PROGRESS_EVERY_S):
+        try:
+            have = part.stat().st_size
+        except OSError:
+            continue
+        if have != last:
+            last = have
+            of = f" of {human_bytes(total)}" if total else ""
+            click.echo(f"progress: {human_bytes(have)}{of}", err=True)
+
+
+def http_download(
+    source: str, dest: Path, *, sha256: str | None, size: int | None, filename: str | None, bundles_file: Path | None
+) -> None:
+    bundle = bundle_for(source, sha256=sha256, size=size, filename=filename, bundles_path=bundles_file)
+    dest = dest.absolute()
+    dest.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(dest / f".{bundle.filename}.part", bundle.size, stop), daemon=True, name="progress"
+    )
+    watcher.start()
+    try:
+        result = download_bundle(bundle, dest, log=lambda line: click.echo(scrub(line), err=True))
+    finally:
+        stop.set()
+        watcher.join()
+    how = "already complete" if result.skipped else ("resumed, complete" if result.resumed else "complete")
+    click.echo(
+        f"{how}: {result.path} ({human_bytes(result.bytes)}, sha256 {result.sha256 or 'not computed'}; "
+        f"{human_bytes(result.transferred_bytes)} transferred from {redact_url(bundle.url)})"
+    )

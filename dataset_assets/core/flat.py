@@ -1,0 +1,43 @@
+"""The flat layout: every file of a selection in one folder (idc-index's ``dirTemplate=None``).
+
+The engine verifies a series by comparing its directory's ``*.dcm`` files with the series'
+objects, so series cannot share a directory there. A flat download therefore runs the engine on
+a per-series staging layout (``<DEST>/.series/<crdc_series_uuid>/``, resumable and verified as
+any other), then hard-links each verified file into ``<DEST>/`` (a copy where the file system
+has no hard links). File names are ``<crdc_instance_uuid>.dcm``, unique across IDC, so no two
+series' files can collide. A name already in ``<DEST>`` that is another file is left alone and
+reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def link_into(root: Path, relative_files: Iterable[str]) -> tuple[int, list[str]]:
+    """Hard-link (or copy) each ``root/<relative file>`` to ``root/<its name>``; returns the number
+    of files now in place and one problem per name that is taken by another file."""
+    placed, problems = 0, []
+    for relative in relative_files:
+        source = root / relative
+        target = root / source.name
+        if os.path.lexists(target):
+            if target.is_file() and not target.is_symlink() and os.path.samefile(source, target):
+                placed += 1
+                continue
+            problems.append(f"{target} exists and is not the file of {relative}; left as it is")
+            continue
+        try:
+            os.link(source, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            tmp = target.with_name(f".{target.name}.copy")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        placed += 1
+    return placed, problems
