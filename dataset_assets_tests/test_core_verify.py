@@ -99,12 +99,13 @@ def test_listed_problems_are_capped_but_counted(tmp_path):
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
     """SIGKILL: the kernel ends the workers (parent-death signal). SIGINT (Ctrl-C, or Dagster
-    interrupting a step): the caller stops them at once, although they are stuck reading."""
+    interrupting a step): the caller stops them at once, in the middle of their reading."""
     manifest = tree(tmp_path, series=4, files=1)
-    fifos = [tmp_path / folder / "0001.dcm" for folder in manifest.column("target_dir").to_pylist()]
-    for fifo in fifos:
-        os.mkfifo(fifo)  # a FIFO that we hold open and never write: a worker reading it hangs
-    held = [os.open(fifo, os.O_RDWR | os.O_NONBLOCK) for fifo in fifos]
+    for folder in manifest.column("target_dir").to_pylist():  # 4 x 4,000 files: each worker reads for seconds
+        first = tmp_path / folder / "0000.dcm"
+        for i in range(1, 4000):
+            os.link(first, first.with_name(f"{i:04d}.dcm"))
+    held: list[int] = []
     pq_path = tmp_path / "manifest.parquet"
     pa.parquet.write_table(manifest, pq_path)
     script = textwrap.dedent(f"""
@@ -124,9 +125,11 @@ def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
     try:
         assert parent.stdout.readline().strip() == "start"
         deadline = time.monotonic() + 60
-        while sum(_reads_fifo(pid) for pid in children) < 2:
+        reading: set[int] = set()
+        while len(reading) < 2:
             assert time.monotonic() < deadline, "the check's two worker processes never reached the files"
-            time.sleep(0.2)
+            reading.update(pid for pid in children if _reads_files(pid))
+            time.sleep(0.02)
             children = live_processes(lambda proc: f"PPid:\t{parent.pid}\n" in (proc / "status").read_text())
         parent.send_signal(getattr(signal, how))
         _, err = parent.communicate(timeout=15)
@@ -145,9 +148,10 @@ def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
             os.close(fd)
 
 
-def _reads_fifo(pid: int) -> bool:
+def _reads_files(pid: int) -> bool:
+    """Whether a worker has a ``.dcm`` file of the tree open right now (it is reading headers)."""
     try:
-        return any(os.readlink(fd).endswith("0001.dcm") for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return any(os.readlink(fd).endswith(".dcm") for fd in Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return False
 
