@@ -201,6 +201,7 @@ def main() -> None:
                 work / "raw.log",
             )
             record("raw_s5cmd", seconds, rss, code, work / "raw.log")
+            shutil.rmtree(dest, ignore_errors=True)  # every copy sits in RAM (/dev/shm): one at a time
 
         def cli() -> None:
             dest = work / f"cli{next(counter)}"
@@ -209,6 +210,7 @@ def main() -> None:
                 [str(BIN / "dataset"), "idc", "download", a.collection, str(dest)], base_env, work, work / "cli.log"
             )
             record("cli", seconds, rss, code, work / "cli.log")
+            shutil.rmtree(dest, ignore_errors=True)
 
         def dagster() -> None:
             n = next(counter)
@@ -230,6 +232,7 @@ def main() -> None:
                 [*materialize, "collection_manifest,downloaded_collection"], env, work, log
             )
             record("rerun", seconds, rss, code, log)
+            shutil.rmtree(work / f"dg{n}", ignore_errors=True)
 
         def fresh() -> None:
             n = next(counter)
@@ -249,6 +252,7 @@ def main() -> None:
                 [*materialize, "idc_index,collection_manifest,downloaded_collection"], env, work, log
             )
             record("fresh_home", seconds, rss, code, log)
+            shutil.rmtree(work / f"fresh{n}", ignore_errors=True)
 
         cases = [raw, cli, dagster, fresh]
         for repeat in range(a.repeats):
@@ -329,6 +333,7 @@ def run_ui(a, work: Path, base_env: dict, collection: str, repeats: int) -> list
             assert status["status"] == "SUCCESS", (status, dev.log_tail())
             run_s = status["endTime"] - status["startTime"]
             out.append({"seconds": wall, "run_seconds": run_s})
+            shutil.rmtree(work / f"ui-{n}", ignore_errors=True)
             print(f"  {'ui_launch':<12} {wall:7.2f} s  (the run itself: {run_s:.2f} s)", flush=True)
     return out
 
@@ -367,6 +372,7 @@ def run_idc_index(a, work: Path, endpoint: str, manifest, notes: list[str]) -> l
             timeout=3600,
         )
         wall = time.monotonic() - started
+        shutil.rmtree(work / f"idc{n}", ignore_errors=True)
         if done.returncode:
             notes.append(f"idc-index failed (exit {done.returncode}): {done.stderr[-1500:]}")
             return None

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 import yaml
@@ -75,7 +75,7 @@ from urllib3.util import Retry
 
 from .. import settings
 from .errors import DatasetError, DownloadError
-from .fmt import human_bytes, human_duration
+from .fmt import human_bytes, human_duration, redact_url
 from .fs import check_free_space, check_writable
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -99,15 +99,6 @@ _USERINFO = re.compile(r"(?<=://)[^/\s?#@'\"<>]*@")
 _OPEN_FLAGS = sum(getattr(os, flag, 0) for flag in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "O_BINARY"))
 MAX_VALIDATOR_BYTES = 1024  # an ETag or a date: anything longer is not kept nor sent back
 Log = Callable[[str], None]
-
-
-def redact_url(url: str) -> str:
-    """``https://h/f.zip?X-Amz-Signature=…`` -> ``https://h/f.zip?…`` (drops ``user:password@`` too)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "…" if parts.query else "", ""))
 
 
 def scrub(text: str) -> str:

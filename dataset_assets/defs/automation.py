@@ -58,6 +58,15 @@ def manifest_run_config(instance: dg.DagsterInstance, collection_id: str) -> dic
     return {"ops": {"collection_manifest": {"config": config}}} if config else {}
 
 
+def _stale(context: dg.SensorEvaluationContext, key: dg.AssetKey, release: str) -> list[str]:
+    """Materialized partitions of ``key`` whose last materialization was of another IDC release."""
+    return [
+        pk
+        for pk in sorted(context.instance.get_materialized_partitions(key))
+        if _latest_metadata(context.instance, key, pk).get("idc_release") != release
+    ]
+
+
 @dg.sensor(
     name="idc_release_sensor",
     description="Refreshes idc_index, idc_collections and materialized manifests when the installed "
@@ -80,39 +89,26 @@ def idc_release_sensor(context: dg.SensorEvaluationContext):
                 tags={"idc/release": release},
             )
         )
-    for pk in sorted(context.instance.get_materialized_partitions(MANIFEST)):
-        if pk not in collection_partitions.get_partition_keys():
-            continue  # a collection the new release no longer has: nothing to rebuild
-        if _latest_metadata(context.instance, MANIFEST, pk).get("idc_release") != release:
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"idc-release-{release}-{day}-{pk}",
-                    asset_selection=[MANIFEST],
-                    partition_key=pk,
-                    run_config=manifest_run_config(context.instance, pk),
-                    tags={"idc/release": release},
-                )
+    known = set(collection_partitions.get_partition_keys())
+    stale = [  # (asset, partition, run config, run key suffix) of each partition built from another release
+        *(
+            (MANIFEST, pk, manifest_run_config(context.instance, pk), pk)
+            for pk in _stale(context, MANIFEST, release)
+            if pk in known
+        ),  # a collection the new release no longer has: nothing to rebuild
+        *((COHORT_MANIFEST, name, {}, f"cohort-{name}") for name in _stale(context, COHORT_MANIFEST, release)),
+        *((EXTRA_INDEX, name, {}, f"index-{name}") for name in _stale(context, EXTRA_INDEX, release)),
+    ]
+    for key, partition, run_config, suffix in stale:
+        requests.append(
+            dg.RunRequest(
+                run_key=f"idc-release-{release}-{day}-{suffix}",
+                asset_selection=[key],
+                partition_key=partition,
+                run_config=run_config,
+                tags={"idc/release": release},
             )
-    for name in sorted(context.instance.get_materialized_partitions(COHORT_MANIFEST)):
-        if _latest_metadata(context.instance, COHORT_MANIFEST, name).get("idc_release") != release:
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"idc-release-{release}-{day}-cohort-{name}",
-                    asset_selection=[COHORT_MANIFEST],
-                    partition_key=name,
-                    tags={"idc/release": release},
-                )
-            )
-    for name in sorted(context.instance.get_materialized_partitions(EXTRA_INDEX)):
-        if _latest_metadata(context.instance, EXTRA_INDEX, name).get("idc_release") != release:
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"idc-release-{release}-{day}-index-{name}",
-                    asset_selection=[EXTRA_INDEX],
-                    partition_key=name,
-                    tags={"idc/release": release},
-                )
-            )
+        )
     if not requests:
         return dg.SkipReason(f"everything materialized is from IDC {release}")
     return requests
