@@ -118,3 +118,29 @@ def test_automation_refreshes_only_collections_downloaded_before(idc_fixture, s3
         second = dg.evaluate_automation_conditions(defs=automation_defs, instance=instance, cursor=first.cursor)
         requested = second.get_requested_partitions(downloaded_collection.key)
         assert requested == {"qin_pet_phantom"}
+
+
+def test_release_sensor_refreshes_cohort_manifests_and_fetched_indices(release_24, idc_fixture, tmp_path, monkeypatch):
+    from dataset_assets.defs.cohort_assets import cohort_manifest
+
+    resources = {
+        "idc": IdcResource(
+            index_dir=str(release_24), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")
+        )
+    }
+    with dg.instance_for_test() as instance:
+        monkeypatch.setenv("IDC_INDEX_DIR", str(release_24))
+        assert dg.materialize(
+            [cohort_manifest], resources=resources, instance=instance, partition_key="qin_pet_phantom_pt"
+        ).success  # the shipped example cohort
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("idc_extra_index", partition="sm_index", metadata={"idc_release": "v24"})
+        )
+        instance.report_runless_asset_event(  # idc_index is current: only the stale partitions are asked for
+            dg.AssetMaterialization("idc_index", metadata={"idc_release": "v25"})
+        )
+        monkeypatch.setenv("IDC_INDEX_DIR", str(idc_fixture.index_dir))  # release v25 installed
+        requests = idc_release_sensor(dg.build_sensor_context(instance=instance))
+        asked = {(r.asset_selection[0].to_user_string(), r.partition_key) for r in requests}
+        assert asked == {("cohort_manifest", "qin_pet_phantom_pt"), ("idc_extra_index", "sm_index")}
+        assert all(r.run_key.startswith("idc-release-v25-") for r in requests)
