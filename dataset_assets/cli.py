@@ -171,13 +171,12 @@ def fetch(names: tuple[str, ...], force: bool) -> None:
 def query(sql: str, fmt: str, output: Path | None, limit: int | None) -> None:
     """Run SQL over every local index: the bundled ones (idc_index, collections_index, ...) and the
     ones fetched with `dataset idc fetch` (sm_index, sm_instance_index, ...), with DuckDB."""
-    from .core.query import run_query, write_result
+    from .core.query import write_query
 
-    with extra.connect_all(_source()) as con:
-        table = run_query(con, sql)
-    if fmt == "parquet" and output is None:
-        raise Failure("--format parquet needs --output FILE", EXIT_INPUT)
-    write_result(table, fmt, output, limit, echo=click.echo)
+    with extra.connect_all(_source(), log=lambda line: click.echo(line, err=True)) as con:
+        rows = write_query(con, sql, fmt, output, limit, stdout=click.get_text_stream("stdout"))
+    if output is not None:
+        click.echo(f"{rows:,} rows written to {output}", err=True)
 
 
 @idc.command()

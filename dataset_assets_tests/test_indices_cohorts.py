@@ -18,7 +18,7 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from dataset_assets.core import extra_index as extra
-from dataset_assets.core.cohorts import CohortError, build_cohort_manifest, load_cohorts
+from dataset_assets.core.cohorts import CohortError, build_cohort_manifest, load_cohorts, not_in_index
 from dataset_assets.core.errors import FilterError, IndexUnavailableError, UnknownIndexError
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.query import run_query
@@ -184,6 +184,7 @@ def test_cohort_definitions_that_cannot_work_are_one_line(tmp_path, two_collecti
         "cohorts: [{name: '../x', sql: 'SELECT 1'}]": "cannot be used as a file name",
         "cohorts: [{name: a, sql: 'SELECT 1'}, {name: a, sql: 'SELECT 2'}]": "used twice",
         "cohorts: [{name: a}]": "exactly one of `sql` or `collection_id`",
+        "cohorts: [{name: a, collection_id: 123}]": "`collection_id` must be a collection id",
         "cohorts: [{name: a, sql: 'x', modalities: [CT]}]": "filters go with `collection_id`",
         "cohorts: {name: a": "not valid YAML",
         "nothing: 1": "top-level list `cohorts:`",
@@ -200,18 +201,28 @@ cohorts:
   - {name: syntax, sql: "SELEC x"}
   - {name: unknown, sql: "SELECT SeriesInstanceUID FROM sm_index"}
   - {name: nothing, sql: "SELECT SeriesInstanceUID FROM idc_index WHERE false"}
+  - {name: number, sql: "SELECT 1 AS SeriesInstanceUID"}
+  - name: commented
+    sql: |
+      SELECT SeriesInstanceUID FROM idc_index LIMIT 2 -- two series
+  - {name: partly, sql: "SELECT '1.2.3.4' AS SeriesInstanceUID UNION ALL SELECT SeriesInstanceUID FROM idc_index"}
 """,
         )
     )
     with IndexSource(index).connect() as con:
         with pytest.raises(CohortError, match="returns no series column .*it returns collection_id"):
             build_cohort_manifest(con, cohorts["no_series"])
-        with pytest.raises(FilterError, match="query failed: Parser Error"):
+        with pytest.raises(CohortError, match="cohort syntax: its SQL failed: Parser Error"):
             build_cohort_manifest(con, cohorts["syntax"])
         with pytest.raises(UnknownIndexError, match="dataset idc fetch sm_index"):
             build_cohort_manifest(con, cohorts["unknown"])
         with pytest.raises(FilterError, match="selects no series"):
             build_cohort_manifest(con, cohorts["nothing"])
+        with pytest.raises(FilterError, match="selects no series"):
+            build_cohort_manifest(con, cohorts["number"])  # a number is no series UID: one line, not a traceback
+        assert build_cohort_manifest(con, cohorts["commented"]).num_rows == 2
+        partly = build_cohort_manifest(con, cohorts["partly"])
+        assert partly.num_rows == 7 and not_in_index(partly) == 1
         with pytest.raises(UnknownIndexError):
             run_query(con, "SELECT * FROM nowhere")
 

@@ -10,6 +10,7 @@ the file and the cohort, and it only affects the cohort assets.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from .errors import DatasetError, FilterError
 from .index import require_collection
 from .layout import DEFAULT_LAYOUT, Layout, LongPaths
 from .manifest import FILTER_COLUMNS, WHOLE_COLLECTION_KEY, ManifestFilters, build_manifest, render_manifest
-from .query import run_query
 from .safety import name_problem
 
 DEFAULT_COHORTS_FILE = Path(__file__).resolve().parents[1] / "cohorts.yaml"
@@ -81,6 +81,8 @@ def load_cohorts(path: Path) -> dict[str, Cohort]:
             raise CohortError(f"{where} ({name}) needs exactly one of `sql` or `collection_id` (with filters)")
         if sql is not None and (not isinstance(sql, str) or not sql.strip()):
             raise CohortError(f"{where} ({name}): `sql` must be a non-empty query")
+        if collection_id is not None and not isinstance(collection_id, str):
+            raise CohortError(f"{where} ({name}): `collection_id` must be a collection id (text)")
         if sql is not None and any(entry.get(f) for f in FILTER_COLUMNS):
             raise CohortError(f"{where} ({name}): filters go with `collection_id`; put them in the SQL instead")
         try:
@@ -127,21 +129,59 @@ def build_cohort_manifest(
         table = build_manifest(con, cohort.collection_id, cohort.filters, layout=cohort.layout, **render)
         return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"false"})
     assert cohort.sql is not None
+    inner = f"(\n{cohort.sql}\n)"  # on lines of their own: a trailing -- comment ends there
+    cur = con.cursor()  # a connection of its own: an earlier failed statement leaves nothing behind
     try:
-        columns = [d[0] for d in con.sql(f"SELECT * FROM ({cohort.sql}) LIMIT 0").description]
-    except duckdb.Error:
-        run_query(con, cohort.sql)  # raises the one-line error of the query itself
-        raise
+        cur.execute(f"SELECT * FROM {inner} LIMIT 0")
+        columns = [d[0] for d in cur.description]
+        cur.fetchall()
+    except duckdb.Error as exc:
+        raise _one_line(cohort, exc) from None
     column = next((c for c in SERIES_COLUMNS if c in columns), None)
     if column is None:
         raise CohortError(
             f"cohort {cohort.name}: its SQL returns no series column ({' or '.join(SERIES_COLUMNS)}); "
             f"it returns {', '.join(columns) or 'no column'}"
         )
-    index_columns = [r[0] for r in con.execute("DESCRIBE idc_index").fetchall()]
+    index_columns = [r[0] for r in cur.execute("DESCRIBE idc_index").fetchall()]
     parsed = Layout.parse(cohort.layout, index_columns)
-    where = f'"{column}" IN (SELECT "{column}" FROM ({cohort.sql}))'
-    table = render_manifest(
-        con, where, [], parsed, f"cohort {cohort.name}: its SQL selects no series of idc_index", **render
-    )
-    return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"false"})
+    selected = f'SELECT DISTINCT CAST("{column}" AS VARCHAR) AS v FROM {inner} WHERE "{column}" IS NOT NULL'
+    try:
+        ((missing,),) = cur.execute(
+            f'SELECT count(*) FROM ({selected}) WHERE v NOT IN (SELECT "{column}" FROM idc_index)'
+        ).fetchall()
+        table = render_manifest(
+            cur,
+            f'"{column}" IN (SELECT v FROM ({selected}))',
+            [],
+            parsed,
+            f"cohort {cohort.name}: its SQL selects no series of idc_index",
+            **render,
+        )
+    except duckdb.Error as exc:
+        raise _one_line(cohort, exc) from None
+    return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"false", NOT_IN_INDEX_KEY: str(missing).encode()})
+
+
+#: Schema metadata of a cohort manifest: how many series its SQL returned that idc_index does not have.
+NOT_IN_INDEX_KEY = b"dataset_assets.not_in_index"
+
+
+def not_in_index(manifest: pa.Table) -> int:
+    return int((manifest.schema.metadata or {}).get(NOT_IN_INDEX_KEY, b"0"))
+
+
+def _one_line(cohort: Cohort, exc: duckdb.Error) -> DatasetError:
+    """The cohort's SQL error in one line; an unknown table says how to fetch an on-demand index."""
+    from . import extra_index as extra
+    from .errors import UnknownIndexError
+
+    message = " ".join(str(exc).split())[:400]
+    missing = re.search(r"Table with name (\w+) does not exist", message)
+    if missing:
+        table = missing.group(1)
+        hint = (
+            f"; {table} is an on-demand index: {extra.fetch_hint(table)}" if table in extra.on_demand_indices() else ""
+        )
+        return UnknownIndexError(f"cohort {cohort.name}: no table {table!r}{hint}")
+    return CohortError(f"cohort {cohort.name}: its SQL failed: {message}")

@@ -283,7 +283,10 @@ def _lock_label(name: str) -> str:
 def remove_stale_command_files(control: Path) -> list[str]:
     """Remove command files of downloads that died (a live one holds a lock on its file)."""
     removed = []
-    for path in list(control.glob("run-*.s5cmd")) + list(control.glob("list-*.s5cmd")):
+    unnamed = [  # made by a process killed before it named them: an hour old at least
+        p for p in control.glob(".new-*.s5cmd") if p.is_file() and time.time() - p.stat().st_mtime > 3600
+    ]
+    for path in list(control.glob("run-*.s5cmd")) + list(control.glob("list-*.s5cmd")) + unnamed:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
@@ -304,15 +307,20 @@ def remove_stale_command_files(control: Path) -> list[str]:
 
 @contextmanager
 def command_file(control: Path, prefix: str) -> Iterator[tuple[Path, object]]:
-    """A private command file (mode 0600) locked for as long as it exists; removed afterwards."""
-    fd, name = tempfile.mkstemp(dir=control, prefix=f"{prefix}-{os.getpid()}-", suffix=".s5cmd")
-    path = Path(name)
+    """A private command file (mode 0600) locked for as long as it exists (through a descriptor of
+    its own: closing the written handle must not release the lock); removed afterwards."""
+    # Made under a name the cleaner does not look at, locked, then renamed: it is never seen unlocked.
+    fd, name = tempfile.mkstemp(dir=control, prefix=f".new-{prefix}-{os.getpid()}-", suffix=".s5cmd")
+    lock = os.open(name, os.O_RDONLY | os.O_NOFOLLOW)
+    path = Path(name).with_name(Path(name).name[len(".new-") :])
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.replace(name, path)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             yield path, handle
     finally:
         path.unlink(missing_ok=True)
+        os.close(lock)
 
 
 def quoted(text: str) -> str:

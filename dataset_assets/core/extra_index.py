@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,40 +157,90 @@ def fetch(name: str, *, log: Log = lambda _m: None, force: bool = False) -> Fetc
     from .http_bundles import Bundle, download_bundle
 
     require_on_demand(name)
-    final = local_dir() / f"{name}.parquet"
+    folder = local_dir()
+    final = folder / f"{name}.parquet"
+    if os.path.lexists(final) and not _regular(final):
+        raise IndexUnavailableError(
+            f"{final} is not a regular file (a link, FIFO or folder); remove it and fetch again"
+        )
     if final.is_file() and not force:
         check_schema(final, name)
         return FetchResult(name, final, row_count(final), final.stat().st_size, 0, True)
-    staging = local_dir() / ".incoming"
-    staging.mkdir(parents=True, exist_ok=True)
-    url = url_of(name)
-    log(f"fetching {name} from {url}")
-    result = download_bundle(Bundle(name=name, url=url, filename=f"{name}.parquet"), staging, log=log)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_old_staging(folder)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".incoming-"))  # private to this fetch: nothing planted
     try:
+        url = url_of(name)
+        log(f"fetching {name} from {url}")
+        result = download_bundle(Bundle(name=name, url=url, filename=f"{name}.parquet"), staging, log=log)
         check_schema(result.path, name)
-    except IndexUnavailableError:
-        result.path.unlink(missing_ok=True)  # what we downloaded ourselves, refused
-        raise
-    os.replace(result.path, final)
+        check_readable(result.path, name)
+        os.replace(result.path, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return FetchResult(name, final, row_count(final), final.stat().st_size, result.transferred_bytes, False)
+
+
+def check_readable(path: Path, name: str) -> None:
+    """Decode every row of the file once (a schema footer can sit on top of corrupt pages)."""
+    try:
+        rel = duckdb.sql(f"SELECT * FROM read_parquet({sql_str(str(path))})")
+        reader = getattr(rel, "to_arrow_reader", None) or rel.record_batch
+        for _batch in reader(100_000):
+            pass
+    except duckdb.Error as exc:
+        raise IndexUnavailableError(
+            f"{name}: the fetched file cannot be read to its end ({str(exc).splitlines()[0][:160]}); not kept"
+        ) from None
+
+
+def _remove_old_staging(folder: Path, older_than_s: float = 3600) -> None:
+    """Staging folders a killed fetch left (ours by their name; an hour old: no fetch still uses them)."""
+    import time
+
+    for path in folder.glob(".incoming-*"):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and time.time() - st.st_mtime > older_than_s:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def fetched() -> dict[str, Path]:
     """Fetched indices of the installed release: name -> path."""
     folder = local_dir()
-    return {p.stem: p for p in sorted(folder.glob("*.parquet"))} if folder.is_dir() else {}
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.parquet")) if _regular(p)}  # never a FIFO, link or folder
 
 
-def connect_all(source: IndexSource | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with a view per bundled index and per fetched one."""
+def connect_all(source: IndexSource | None = None, log: Log = lambda _m: None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with a view per bundled index and per fetched one. A file
+    that is not a regular, readable Parquet file is skipped with one line through ``log``.
+    DuckDB never installs or loads an extension from the internet here."""
     source = source or IndexSource.from_env()
     con = source.connect()
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
     shipped = {p.stem: p for p in sorted(source.directory.glob("*.parquet"))}  # analysis_results_index, ...
     for name, path in {**shipped, **fetched()}.items():
-        if name not in BUNDLED and name.isidentifier():
+        if name in BUNDLED or not name.isidentifier():
+            continue
+        if not _regular(path):
+            log(f"skipped {path}: not a regular file")
+            continue
+        try:
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_str(str(path))})")
+            con.execute(f"SELECT * FROM {name} LIMIT 0")
+        except duckdb.Error as exc:
+            con.execute(f"DROP VIEW IF EXISTS {name}")
+            log(f"skipped {path}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})")
     return con
 
 
-def remove_staging() -> None:
-    shutil.rmtree(local_dir() / ".incoming", ignore_errors=True)
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

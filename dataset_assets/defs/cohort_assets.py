@@ -16,7 +16,13 @@ from dataset_assets import settings
 from dataset_assets.core import download as dl
 from dataset_assets.core import extra_index as extra
 from dataset_assets.core import manifest as mf
-from dataset_assets.core.cohorts import DEFAULT_COHORTS_FILE, Cohort, build_cohort_manifest, try_load_cohorts
+from dataset_assets.core.cohorts import (
+    DEFAULT_COHORTS_FILE,
+    Cohort,
+    build_cohort_manifest,
+    not_in_index,
+    try_load_cohorts,
+)
 from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
 from dataset_assets.core.index import release_of
@@ -86,6 +92,12 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
             table = build_cohort_manifest(con, cohort, root_length=len(str(root)), max_path=default_max_path())
     except DatasetError as exc:
         raise dg.Failure(description=str(exc)) from None
+    missing = not_in_index(table)
+    if missing:
+        context.log.warning(
+            f"cohort {cohort.name}: {missing:,} series its SQL returns are not in idc_index (release v{release}); "
+            "they are left out"
+        )
     path = mf.write_manifest(table, cohort_manifest_path(idc, cohort.name))
     stats = mf.summarize(table)
     collections = sorted(set(table.column("collection_id").to_pylist()))
@@ -104,6 +116,7 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
             "modalities": ", ".join(stats["modalities"]),
             "dagster/row_count": stats["series"],
             "idc_release": f"v{release}",
+            "series_not_in_index": missing,
             "definition": dg.MetadataValue.md(f"```sql\n{cohort.sql}\n```" if cohort.sql else str(cohort)),
             "manifest_path": dg.MetadataValue.path(str(path)),
         },
