@@ -1192,3 +1192,26 @@ def test_review_a_trickling_http_server_is_stopped(tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_review_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only_so_long(s3, manifest, tmp_path):
+    from dataset_assets.core.download import SeriesClaims, _process_identity
+
+    root = tmp_path / "dl"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        row = manifest.to_pylist()[2]
+        claims = SeriesClaims(root.absolute())
+        claims.folder.mkdir(parents=True)
+        claims.path_of(row["target_dir"]).write_text(_process_identity(sleeper.pid))  # alive, never writes
+        started = time.monotonic()
+        with pytest.raises(
+            DownloadError, match=rf"claimed by another download \(pid {sleeper.pid}\) that wrote nothing"
+        ):
+            download(manifest, root, opts(s3), log=quiet, stall_timeout_s=2)
+        assert time.monotonic() - started < 30
+        assert len(list(root.rglob("*.dcm"))) == 20  # the other five series are complete and recorded
+        assert len(load_state(state_path_for(root, manifest))) == 5
+    finally:
+        sleeper.kill()
+        sleeper.wait()

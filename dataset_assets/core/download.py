@@ -345,13 +345,14 @@ class SeriesClaims:
         self.me = _process_identity(os.getpid())
         self.held: list[Path] = []
 
-    def _path(self, target_dir: str) -> Path:
+    def path_of(self, target_dir: str) -> Path:
+        """The claim file of ``target_dir``."""
         return self.folder / (hashlib.sha1(target_dir.encode()).hexdigest() + ".claim")
 
     def holder(self, target_dir: str) -> str | None:
         """Who holds the claim on ``target_dir`` (``None``: nobody alive)."""
         try:
-            fd = os.open(self._path(target_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(self.path_of(target_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         try:
@@ -369,9 +370,11 @@ class SeriesClaims:
         if not rows:
             return {}
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.folder.is_symlink() or not self.folder.is_dir():
+            raise DownloadError(f"the claims folder {self.folder} is a link or not a folder; remove it and run again")
         deferred: dict[str, dict] = {}
         for row in rows:
-            path = self._path(row["target_dir"])
+            path = self.path_of(row["target_dir"])
             for _attempt in range(2):
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -747,17 +750,31 @@ class Download:
             self.scan(rows=list(deferred.values()))
 
     def _wait_for(self, claims: SeriesClaims, deferred: dict[str, dict]) -> None:
-        """Wait until the other downloads let go of the ``deferred`` series (they finish them, or die)."""
+        """Wait until the other downloads let go of the ``deferred`` series (they finish them, or
+        die). A holder whose series see no new bytes for ``stall_timeout_s`` (stopped with Ctrl-Z,
+        hung) fails this download with one line naming it."""
+        holders = sorted({h.split(" ", 1)[0] for d in deferred if (h := claims.holder(d))})
         self.log(
-            f"{len(deferred):,} series are being fetched by another download into {self.root}; "
-            "waiting for it, then checking them here"
+            f"{len(deferred):,} series are being fetched by another download into {self.root} "
+            f"(pid {', '.join(holders) or '?'}); waiting for it, then checking them here"
         )
-        last_log = time.monotonic()
-        while any(claims.holder(d) for d in deferred):
+        last_log = last_change = time.monotonic()
+        seen = -1
+        while busy := [d for d in deferred if claims.holder(d)]:
             time.sleep(1.0)
+            disks = [scan_series(self.root / d) for d in busy]
+            on_disk = sum(disk.bytes + len(disk.temp_files) for disk in disks)
+            if on_disk != seen:
+                seen, last_change = on_disk, time.monotonic()
+            elif self.stall_timeout_s and time.monotonic() - last_change > self.stall_timeout_s:
+                holder = claims.holder(busy[0]) or "?"
+                raise DownloadError(
+                    f"{len(busy):,} series are claimed by another download (pid {holder.split(' ', 1)[0]}) that "
+                    f"wrote nothing to them for {self.stall_timeout_s:g} s (stopped, or hung?); let it finish or "
+                    f"stop it, or remove {claims.path_of(busy[0])} if it is gone, and run again"
+                )
             if time.monotonic() - last_log > 30:
-                busy = sum(1 for d in deferred if claims.holder(d))
-                self.log(f"still waiting for {busy:,} series another download is fetching")
+                self.log(f"still waiting for {len(busy):,} series another download is fetching")
                 last_log = time.monotonic()
 
     def _finish(self) -> DownloadResult:
