@@ -4,6 +4,8 @@ Progress is the size of the partial file, printed on stderr every few seconds.""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import threading
 from pathlib import Path
@@ -49,8 +51,34 @@ def bundle_for(
         found = bundles[source]
         fields = {k: getattr(found, k) for k in ("name", "url", "sha256", "size", "filename", "content_type")}
         return Bundle(**{**fields, **overrides})
-    except DatasetError as exc:
+    except (DatasetError, ValueError) as exc:  # ValueError: a URL that cannot be parsed
         raise _bad_input(str(exc)) from None
+
+
+def _source_key(url: str) -> str:
+    """What identifies where a file came from: the URL without credentials or query (a signed URL
+    changes its signature, not its file)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return hashlib.sha256(f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}".encode()).hexdigest()
+
+
+def _check_not_another_files(bundle: Bundle, dest: Path) -> Path:
+    """The record of where ``dest/<filename>`` came from; refuse (exit 2) a file of that name that
+    another URL left there, unless a sha256 will prove it either way."""
+    final, record = dest / bundle.filename, dest / f".{bundle.filename}.source"
+    if os.path.lexists(final) and not bundle.sha256:
+        try:
+            same = record.read_text(encoding="utf-8").strip() == _source_key(bundle.url)
+        except OSError:
+            same = False
+        if not same:
+            raise _bad_input(
+                f"{final} already exists and was not downloaded from {redact_url(bundle.url)}; give --sha256 to check "
+                "it, --filename for another name, or another DEST"
+            )
+    return record
 
 
 def _watch(part: Path, total: int | None, stop: threading.Event) -> None:
@@ -72,6 +100,7 @@ def http_download(
     bundle = bundle_for(source, sha256=sha256, size=size, filename=filename, bundles_path=bundles_file)
     dest = dest.absolute()
     dest.mkdir(parents=True, exist_ok=True)
+    record = _check_not_another_files(bundle, dest)
     stop = threading.Event()
     watcher = threading.Thread(
         target=_watch, args=(dest / f".{bundle.filename}.part", bundle.size, stop), daemon=True, name="progress"
@@ -82,6 +111,9 @@ def http_download(
     finally:
         stop.set()
         watcher.join()
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(_source_key(bundle.url) + "\n", encoding="utf-8")
+    os.replace(tmp, record)
     how = "already complete" if result.skipped else ("resumed, complete" if result.resumed else "complete")
     click.echo(
         f"{how}: {result.path} ({human_bytes(result.bytes)}, sha256 {result.sha256 or 'not computed'}; "

@@ -332,3 +332,17 @@ def test_flat_layout_puts_every_file_in_dest(idc_fixture, s3, env, tmp_path):
     assert sorted(p.name for p in dest.glob("*.dcm")) == expected
     again = run("idc", "download", ids, str(dest), "--layout", "flat", env=env)
     assert again.returncode == 0 and "(0 files / 0 B transferred" in again.stdout
+
+
+def test_http_download_never_takes_another_urls_file_for_its_own(tmp_path):
+    with FileServer(max_lifetime_s=120) as srv:
+        srv.files["/v1/data.zip"] = b"A" * 5000
+        srv.files["/v2/data.zip"] = b"B" * 7000
+        assert run("http", "download", srv.url("/v1/data.zip"), str(tmp_path)).returncode == 0
+        again = run("http", "download", srv.url("/v1/data.zip") + "?sig=new", str(tmp_path))
+        assert again.returncode == 0 and "already complete" in again.stdout  # same file, a new signature
+        srv.reset_stats()
+        other = run("http", "download", srv.url("/v2/data.zip"), str(tmp_path))
+        assert_one_line_error(other, 2, "already exists and was not downloaded from")
+        assert (tmp_path / "data.zip").read_bytes() == b"A" * 5000 and srv.stats["bytes_sent"] == 0
+    assert_one_line_error(run("http", "download", "http://[::1", str(tmp_path)), 2, "Invalid IPv6 URL")
