@@ -284,6 +284,13 @@ def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource, snapshot_dir:
         raise
 
 
+def _shipped(name: str) -> bool:
+    """Whether the installed idc-index-data ships ``name``'s data (not only its schema)."""
+    import idc_index_data
+
+    return (Path(idc_index_data.__file__).parent / f"{name}.parquet").is_file()
+
+
 def _package_metadata() -> dict:
     import idc_index_data
 
@@ -318,6 +325,8 @@ def available_indices(source: IndexSource, fetched: dict[str, Path] | None = Non
                 if bundled
                 else f"fetched ({path.parent.name})"
                 if here
+                else f"bundled with idc-index-data, not in {source.directory}"
+                if _shipped(name)
                 else "on demand: dataset idc fetch " + name,
                 "rows": int(count) if count is not None else None,
                 "description": " ".join(description.split()),
