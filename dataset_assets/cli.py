@@ -36,6 +36,8 @@ from .core.errors import (
     FilterError,
     IncompleteDownloadError,
     LayoutError,
+    ManifestError,
+    OptionError,
     UnknownCollectionError,
     UnknownIndexError,
     UnsafeValueError,
@@ -68,6 +70,8 @@ def _fail(exc: DatasetError) -> Failure:
         UnknownIndexError,
         BadDestinationError,
         UnsafeValueError,
+        OptionError,
+        ManifestError,
     )
     if isinstance(exc, bad_input):
         return Failure(str(exc), EXIT_INPUT)

@@ -109,6 +109,13 @@ def test_query_formats_and_errors(index_server, tmp_path):
     missing = cli("query", "SELECT * FROM sm_index")
     assert missing.returncode == 2 and "dataset idc fetch sm_index" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+    device = cli("query", "SELECT 1", "--format", "parquet", "--output", "/dev/null")
+    assert device.returncode == 2 and "is not a regular file" in device.stderr
+    assert Path("/dev/null").is_char_device()
+    twice = cli("query", "SELECT collection_id, collection_id FROM idc_index", "--format", "csv")
+    assert twice.returncode == 2 and "twice; give them aliases" in twice.stderr
+    many = cli("query", "SELECT range AS n FROM range(200000)", "--format", "csv")
+    assert many.returncode == 0 and len(many.stdout.splitlines()) == 200_001
     broken = cli("query", "SELEC 1")
     assert (
         broken.returncode == 2 and broken.stderr.startswith("Error: query failed") and "Traceback" not in broken.stderr
