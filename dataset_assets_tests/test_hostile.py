@@ -556,8 +556,6 @@ def test_12_command_and_temporary_files_of_a_killed_cli_are_removed_by_the_next_
 
 
 def test_12_a_command_file_in_use_by_a_running_download_is_not_removed(tmp_path):
-    import fcntl
-
     from dataset_assets.core.download import command_file, remove_stale_command_files
 
     with command_file(tmp_path, "run") as (path, _handle):
@@ -565,7 +563,6 @@ def test_12_a_command_file_in_use_by_a_running_download_is_not_removed(tmp_path)
     stale = tmp_path / "run-1-abc.s5cmd"
     stale.write_text("cp a b\n")
     assert remove_stale_command_files(tmp_path) == [stale.name] and not stale.exists()
-    del fcntl
 
 
 def test_13_only_what_s5cmd_left_is_removed_never_a_users_file(s3, manifest, tmp_path):
