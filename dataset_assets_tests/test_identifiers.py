@@ -332,6 +332,15 @@ def test_flat_layout_puts_every_file_in_dest(idc_fixture, s3, env, tmp_path):
     assert sorted(p.name for p in dest.glob("*.dcm")) == expected
     again = run("idc", "download", ids, str(dest), "--layout", "flat", env=env)
     assert again.returncode == 0 and "(0 files / 0 B transferred" in again.stdout
+    # A folder another tool filled flat (idc-index's dirTemplate=None) is taken over, not refused.
+    other = tmp_path / "filled-by-idc-index"
+    other.mkdir()
+    for r in rows:
+        for key in idc_fixture.object_keys(r):
+            shutil.copy(s3.root / r["aws_bucket"] / key, other / key.rsplit("/", 1)[1])
+    taken = run("idc", "download", ids, str(other), "--layout", "flat", env=env)
+    assert taken.returncode == 0, taken.stderr
+    assert sorted(p.name for p in other.glob("*.dcm")) == expected
 
 
 def test_http_download_never_takes_another_urls_file_for_its_own(tmp_path):

@@ -12,6 +12,7 @@ reported.
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import shutil
 from collections.abc import Iterable
@@ -26,8 +27,9 @@ def link_into(root: Path, relative_files: Iterable[str]) -> tuple[int, list[str]
         source = root / relative
         target = root / source.name
         if os.path.lexists(target):
-            if target.is_file() and not target.is_symlink() and os.path.samefile(source, target):
-                placed += 1
+            regular = target.is_file() and not target.is_symlink()
+            if regular and (os.path.samefile(source, target) or filecmp.cmp(source, target, shallow=False)):
+                placed += 1  # this very file, or the same bytes (a folder another tool filled): taken over
                 continue
             problems.append(f"{target} exists and is not the file of {relative}; left as it is")
             continue
