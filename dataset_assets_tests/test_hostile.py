@@ -1203,7 +1203,7 @@ def test_review_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only
         claims.path_of(row["target_dir"]).write_text(_process_identity(sleeper.pid))  # alive, never writes
         started = time.monotonic()
         with pytest.raises(
-            DownloadError, match=rf"claimed by another download \(pid {sleeper.pid}\) that wrote nothing"
+            DownloadError, match=rf"claimed by another download \(pid {sleeper.pid} on this host\) that "
         ):
             download(manifest, root, opts(s3), log=quiet, stall_timeout_s=2)
         assert time.monotonic() - started < 30
@@ -1212,3 +1212,64 @@ def test_review_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_review_a_claim_from_another_host_is_honoured_while_its_heartbeat_is_fresh(s3, manifest, tmp_path):
+    import threading
+
+    from dataset_assets.core.download import SeriesClaims
+
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    row = manifest.to_pylist()[1]
+    victim = sorted((root / row["target_dir"]).glob("*.dcm"))[0]
+    victim.unlink()  # the series needs work, and another host claims it
+    claims = SeriesClaims(root.absolute())
+    holder = "4242 123456 another-host"
+    heartbeat = claims.folder / "holders" / f"{holder.replace(' ', '-')}.alive"
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    heartbeat.touch()
+    claims.path_of(row["target_dir"]).write_text(holder)
+    done = threading.Event()
+
+    def the_other_host():  # beats for 4 s (busy elsewhere), then finishes the series and lets go
+        for _ in range(8):
+            os.utime(heartbeat)
+            time.sleep(0.5)
+        shutil.copy(s3.root / row["aws_bucket"] / row["crdc_series_uuid"] / victim.name, victim)
+        claims.path_of(row["target_dir"]).unlink()
+        done.set()
+
+    threading.Thread(target=the_other_host, daemon=True).start()
+    s3.reset_stats()
+    lines: list[str] = []
+    result = download(manifest, root, opts(s3), log=lines.append, stall_timeout_s=2)
+    assert done.is_set() and result.complete_series == 6
+    assert s3.stats["get_object"] == 0  # it waited, never fetched the claimed series itself
+    assert any("another-host" in line for line in lines)
+    # A claim whose heartbeat stopped long ago is stale, whichever host wrote it: taken over.
+    claims.path_of(row["target_dir"]).write_text(holder)
+    os.utime(heartbeat, (time.time() - 3600, time.time() - 3600))
+    victim.unlink()
+    assert download(manifest, root, opts(s3), log=quiet).complete_series == 6 and victim.exists()
+
+
+def test_review_a_refused_series_is_never_downloaded_and_a_stale_revision_record_moves_nothing(s3, manifest, tmp_path):
+    from dataset_assets.core.state import SeriesRecord, save_state
+
+    root = tmp_path / "dl"
+    download(manifest, root, opts(s3), log=quiet)
+    state = state_path_for(root, manifest)
+    records = load_state(state)
+    rows = manifest.to_pylist()
+    first, second = rows[0]["target_dir"], rows[1]["target_dir"]
+    records[first] = SeriesRecord("9.9.9", "00000000-0000-0000-0000-000000000000", records[first].files)
+    records[second] = SeriesRecord(rows[1]["SeriesInstanceUID"], "11111111-1111-1111-1111-111111111111", {"x.dcm": 1})
+    save_state(state, records)
+    shutil.rmtree(root / first)
+    s3.reset_stats()
+    with pytest.raises(IncompleteDownloadError, match="holds series 9.9.9"):
+        download(manifest, root, opts(s3), log=quiet)
+    assert not (root / first).exists()  # refused: not downloaded behind the message's back
+    assert len(list((root / second).glob("*.dcm"))) == 4  # the files there are the current ones: not moved
+    assert not (root / CONTROL_DIR / "replaced").exists() and s3.stats["get_object"] == 0

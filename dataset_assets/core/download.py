@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -335,43 +336,77 @@ def _command(verb: str, url: str, dest: str, flags: list[str]) -> str:
 
 class SeriesClaims:
     """Claims on series directories below one root, so that two downloads into it (two cohorts,
-    two shards that overlap, a cohort and its collection) never fetch one series at the same
-    time: a claim is a file ``<root>/.dataset_assets/claims/<sha1 of the directory>.claim``
-    made with O_EXCL, holding the claimant's pid and process start time; a claim whose process
-    is gone (killed, rebooted) is stale and taken over."""
+    two shards that overlap, a cohort and its collection, on one host or on several sharing the
+    root) never fetch one series at the same time.
 
-    def __init__(self, root: Path) -> None:
+    A claim is a file ``claims/<sha1 of the directory>.claim`` made with O_EXCL, naming its
+    holder: ``<pid> <process start time> <host>``. Each holder keeps a heartbeat file
+    (``claims/holders/<host>-<pid>-<start>.alive``) whose mtime it refreshes while it works. A
+    claim is live when its process is alive (same host: checked in /proc) or, for another host,
+    when its heartbeat is younger than ``remote_stale_s``; a claim that is not live is taken over."""
+
+    def __init__(self, root: Path, remote_stale_s: float = 600.0) -> None:
         self.folder = root / CONTROL_DIR / "claims"
-        self.me = _process_identity(os.getpid())
+        self.host = socket.gethostname() or "localhost"
+        self.me = f"{_process_identity(os.getpid())} {self.host}"
+        self.heartbeat = self.folder / "holders" / f"{self.me.replace(' ', '-')}.alive"
+        self.remote_stale_s = remote_stale_s
         self.held: list[Path] = []
+        self._last_beat = 0.0
 
     def path_of(self, target_dir: str) -> Path:
         """The claim file of ``target_dir``."""
         return self.folder / (hashlib.sha1(target_dir.encode()).hexdigest() + ".claim")
 
-    def holder(self, target_dir: str) -> str | None:
-        """Who holds the claim on ``target_dir`` (``None``: nobody alive)."""
+    def _read(self, path: Path) -> str | None:
         try:
-            fd = os.open(self.path_of(target_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            text = os.read(fd, 200).decode(errors="replace").strip()
+            return os.read(fd, 300).decode(errors="replace").strip() if stat.S_ISREG(os.fstat(fd).st_mode) else None
         finally:
             os.close(fd)
-        pid = text.split(" ", 1)[0]
-        alive = pid.isdigit() and _process_identity(int(pid)) == text
-        return text if alive and text != self.me else None
+
+    def heartbeat_age(self, holder: str) -> float | None:
+        """Seconds since ``holder`` last showed it is working (``None``: no heartbeat)."""
+        try:
+            return time.time() - os.stat(self.folder / "holders" / f"{holder.replace(' ', '-')}.alive").st_mtime
+        except OSError:
+            return None
+
+    def holder(self, target_dir: str) -> str | None:
+        """Who holds the claim on ``target_dir`` (``None``: nobody alive, or this download)."""
+        text = self._read(self.path_of(target_dir))
+        if not text or text == self.me:
+            return None
+        pid, _, rest = text.partition(" ")
+        start, _, host = rest.partition(" ")
+        if host == self.host or not host:
+            alive = pid.isdigit() and _process_identity(int(pid)) == f"{pid} {start}"
+        else:  # another host: its heartbeat says whether it still works
+            age = self.heartbeat_age(text)
+            alive = age is not None and age < self.remote_stale_s
+        return text if alive else None
+
+    def beat(self, every_s: float = 2.0) -> None:
+        """Show that this download is working (called while it lists and transfers)."""
+        now = time.monotonic()
+        if now - self._last_beat >= every_s and self.held:
+            self._last_beat = now
+            with contextlib.suppress(OSError):
+                os.utime(self.heartbeat)
 
     def claim(self, rows: list[dict]) -> dict[str, dict]:
-        """Claim every series of ``rows``; returns ``target_dir -> row`` of those held by another live download."""
+        """Claim every series of ``rows``; returns ``target_dir -> row`` of those held by another
+        live download (or that could not be claimed: they wait, never go unclaimed)."""
         if not rows:
             return {}
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.folder.is_symlink() or not self.folder.is_dir():
             raise DownloadError(f"the claims folder {self.folder} is a link or not a folder; remove it and run again")
+        self.heartbeat.parent.mkdir(exist_ok=True)
+        self.heartbeat.touch()
         deferred: dict[str, dict] = {}
         for row in rows:
             path = self.path_of(row["target_dir"])
@@ -379,16 +414,19 @@ class SeriesClaims:
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 except FileExistsError:
-                    if self.holder(row["target_dir"]) is None:  # stale: its process is gone
+                    if self.holder(row["target_dir"]) is None:  # stale: its holder is gone
                         with contextlib.suppress(OSError):
                             path.unlink()
                         continue
-                    deferred[row["target_dir"]] = row
+                    break
+                except OSError:
                     break
                 with os.fdopen(fd, "w") as handle:
                     handle.write(self.me)
                 self.held.append(path)
                 break
+            if not self.held or self.held[-1] != path:
+                deferred[row["target_dir"]] = row
         return deferred
 
     def release(self) -> None:
@@ -396,6 +434,8 @@ class SeriesClaims:
             with contextlib.suppress(OSError):
                 path.unlink()
         self.held = []
+        with contextlib.suppress(OSError):
+            self.heartbeat.unlink()
 
 
 def _process_identity(pid: int) -> str | None:
@@ -464,6 +504,7 @@ class Download:
         self.temporaries: list[tuple[dict, SeriesOnDisk, dict[str, int] | None]] = []
         self.result = DownloadResult(series=manifest.num_rows, files=0, bytes=0)
         self.progress: Progress | None = None
+        self.claims: SeriesClaims | None = None
         self._endpoint_checked = False
 
     # -- the steps -------------------------------------------------------------------------
@@ -475,6 +516,8 @@ class Download:
             self.records = load_state(self.state_path, self.log) if self.state_path else {}
             self._set_aside_revised()
         for row in rows if rows is not None else _rows(self.manifest):
+            if row.get("target_dir") in self.failed:  # refused while setting revised series aside
+                continue
             problem = series_problem(row, self.allowed_buckets)
             if problem:
                 self.failed[row.get("target_dir") or str(row.get("SeriesInstanceUID"))] = problem
@@ -724,8 +767,8 @@ class Download:
     # -- the whole run ---------------------------------------------------------------------
 
     def run(self) -> DownloadResult:
+        claims = self.claims = SeriesClaims(self.root)
         self.scan()
-        claims = SeriesClaims(self.root)
         while True:
             # Series another download into this root is fetching are left to it (and waited for).
             rows = {t.row["target_dir"]: t.row for t in self.todo}
@@ -751,28 +794,27 @@ class Download:
 
     def _wait_for(self, claims: SeriesClaims, deferred: dict[str, dict]) -> None:
         """Wait until the other downloads let go of the ``deferred`` series (they finish them, or
-        die). A holder whose series see no new bytes for ``stall_timeout_s`` (stopped with Ctrl-Z,
-        hung) fails this download with one line naming it."""
-        holders = sorted({h.split(" ", 1)[0] for d in deferred if (h := claims.holder(d))})
+        die). A holder whose heartbeat is older than ``stall_timeout_s`` (stopped with Ctrl-Z,
+        hung) fails this download with one line naming it; a holder busy elsewhere keeps beating."""
+        holders = sorted({h for d in deferred if (h := claims.holder(d))})
         self.log(
             f"{len(deferred):,} series are being fetched by another download into {self.root} "
-            f"(pid {', '.join(holders) or '?'}); waiting for it, then checking them here"
+            f"({', '.join(holders) or 'holder unknown'}); waiting for it, then checking them here"
         )
-        last_log = last_change = time.monotonic()
-        seen = -1
-        while busy := [d for d in deferred if claims.holder(d)]:
+        started = last_log = time.monotonic()
+        while busy := [(d, h) for d in deferred if (h := claims.holder(d))]:
             time.sleep(1.0)
-            disks = [scan_series(self.root / d) for d in busy]
-            on_disk = sum(disk.bytes + len(disk.temp_files) for disk in disks)
-            if on_disk != seen:
-                seen, last_change = on_disk, time.monotonic()
-            elif self.stall_timeout_s and time.monotonic() - last_change > self.stall_timeout_s:
-                holder = claims.holder(busy[0]) or "?"
-                raise DownloadError(
-                    f"{len(busy):,} series are claimed by another download (pid {holder.split(' ', 1)[0]}) that "
-                    f"wrote nothing to them for {self.stall_timeout_s:g} s (stopped, or hung?); let it finish or "
-                    f"stop it, or remove {claims.path_of(busy[0])} if it is gone, and run again"
-                )
+            for d, holder in busy:
+                age = claims.heartbeat_age(holder)
+                idle = age if age is not None else time.monotonic() - started
+                if self.stall_timeout_s and idle > self.stall_timeout_s:
+                    pid, _, rest = holder.partition(" ")
+                    raise DownloadError(
+                        f"{len(busy):,} series are claimed by another download (pid {pid} on "
+                        f"{rest.partition(' ')[2] or 'this host'}) that showed no sign of work for "
+                        f"{self.stall_timeout_s:g} s (stopped, or hung?); let it finish or stop it, or remove "
+                        f"{claims.path_of(d)} if it is gone, and run again"
+                    )
             if time.monotonic() - last_log > 30:
                 self.log(f"still waiting for {len(busy):,} series another download is fetching")
                 last_log = time.monotonic()
@@ -841,6 +883,18 @@ class Download:
             if series_problem(row, self.allowed_buckets):
                 continue  # reported by the scan; never move anything for a row that is not safe
             source = self.root / row["target_dir"]
+            holder = self.claims.holder(row["target_dir"]) if self.claims is not None else None
+            if holder is not None:  # another download is working in it right now: never pulled away
+                self.failed[row["target_dir"]] = (
+                    f"series {row['SeriesInstanceUID']}: another download ({holder}) is writing its directory; "
+                    "nothing was moved, run again once it is done"
+                )
+                continue
+            on_disk = scan_series(source).files
+            holds_old = bool(set(on_disk) & set(before.files)) if before.files is not None else bool(on_disk)
+            if not holds_old:  # the record is stale (another download put the new files there): just forget it
+                revised.append(row["target_dir"])
+                continue
             if source.is_dir() and not source.is_symlink():
                 dest = self.control / "replaced" / before.crdc_series_uuid
                 n = 1
@@ -879,6 +933,8 @@ class Download:
         self._endpoint_checked = True
 
     def _check(self, progress: Progress) -> None:
+        if self.claims is not None:
+            self.claims.beat()
         if progress.disk_full:
             raise _Stop("disk")
         if self.stall_timeout_s and progress.seconds_without_success() > self.stall_timeout_s:

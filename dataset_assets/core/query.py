@@ -125,15 +125,17 @@ def write_query(
     try:
         if fmt == "parquet":
             writer = None
-            for batch in _batches(con, rel, limit):
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, batch.schema)
-                writer.write_batch(batch)
-                rows += batch.num_rows
+            try:
+                for batch in _batches(con, rel, limit):
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, batch.schema)
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
             if writer is None:
                 pq.write_table(pa.table({n: pa.array([], pa.null()) for n in names}), tmp)
-            else:
-                writer.close()
         else:
             with open(tmp, "w", encoding="utf-8", newline="") if tmp is not None else _keep(stdout) as out:
                 rows = _write_text(con, rel, names, fmt, limit, out)
