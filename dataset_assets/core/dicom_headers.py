@@ -15,8 +15,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import pydicom
-
 HEADER_FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
 # One unit of work: (series directory, SeriesInstanceUID, expected values in HEADER_FIELDS order).
@@ -28,6 +26,8 @@ def file_problems(path: str, expected: tuple[str, ...]) -> list[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every oddity of a damaged file
+            import pydicom  # on first use: the definitions load without it
+
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_FIELDS))
             values = [str(ds.get(name, "<missing>")) for name in HEADER_FIELDS]
     except Exception as exc:

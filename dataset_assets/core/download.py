@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import requests
 
 from .. import settings
 from . import s5cmd
@@ -225,6 +224,8 @@ def check_root(root: Path) -> None:
 def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
     """Raise ``DownloadError`` when the endpoint cannot be reached at all (any HTTP answer is fine)."""
     verify = settings.ca_bundle() or True
+    import requests  # here, not at import: every start of the definitions would pay for it
+
     try:
         requests.head(endpoint_url, timeout=timeout_s, allow_redirects=False, verify=verify)
     except requests.RequestException as exc:
