@@ -23,16 +23,14 @@ from dataset_assets.core.cohorts import (
     not_in_index,
     try_load_cohorts,
 )
-from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError
-from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
+from dataset_assets.core.errors import DatasetError
+from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.index import release_of
 from dataset_assets.core.layout import default_max_path
-from dataset_assets.core.s5cmd import binary_version, die_with_launcher
-from dataset_assets.core.verify import header_cache_path
 
 from .automation import refresh_downloaded_condition
 from .checks import build_download_checks
-from .download_assets import DOWNLOAD_POOL, _metadata
+from .download_assets import DOWNLOAD_POOL, materialize_download
 from .index_assets import idc_index
 from .resources import IdcResource, S5cmdResource
 from .settings import DOWNLOADS_GROUP, OWNERS
@@ -140,42 +138,15 @@ def downloaded_cohort(
     context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
 ) -> dg.MaterializeResult:
     cohort = _cohort(context.partition_key)
-    die_with_launcher()
-    try:
-        manifest = mf.read_manifest(cohort_manifest_path(idc, cohort.name))
-    except (DatasetError, FileNotFoundError) as exc:
-        raise dg.Failure(description=str(exc)) from None
     root = idc.download_root()
-    version = binary_version()
-    state = cohort_state_path(root, cohort.name)
-    context.log.info(
-        f"download start cohort={cohort.name} series={manifest.num_rows} root={root} "
-        f"endpoint={redact_url(s5cmd.resolved_endpoint())}"
+    return materialize_download(
+        context,
+        s5cmd,
+        root,
+        lambda: cohort_manifest_path(idc, cohort.name),
+        f"cohort={cohort.name}",
+        cohort_state_path(root, cohort.name),
     )
-    try:
-        result = dl.download(
-            manifest,
-            root,
-            s5cmd.options(),
-            log=context.log.info,
-            progress_interval_s=s5cmd.progress_interval_s,
-            state_path=state,
-            stall_timeout_s=s5cmd.stall_timeout_s,
-            allowed_buckets=s5cmd.buckets(),
-            header_cache=header_cache_path(root, manifest, state),
-        )
-    except (IncompleteDownloadError, TransferStoppedError) as exc:
-        context.log.error(f"download failed cohort={cohort.name} failed_series={exc.result.failed_count}")
-        raise dg.Failure(description=str(exc), metadata=_metadata(exc.result, root, version)) from None
-    except DatasetError as exc:
-        raise dg.Failure(description=str(exc)) from None
-    except OSError as exc:  # the file system said no: name the path, keep the rest
-        raise dg.Failure(description=f"{os_error_text(exc)}; everything completed so far is kept") from None
-    context.log.info(
-        f"download end cohort={cohort.name} files={result.files} bytes={result.bytes} "
-        f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f}"
-    )
-    return dg.MaterializeResult(metadata=_metadata(result, root, version))
 
 
 cohort_checks = build_download_checks(

@@ -1,5 +1,8 @@
 """Downloaded collections: every DICOM file of a manifest on disk, verified against it."""
 
+from collections.abc import Callable
+from pathlib import Path
+
 import dagster as dg
 
 from dataset_assets.core import download as dl
@@ -74,16 +77,32 @@ def downloaded_collection(
     request. Succeeds only when every file of every series has its own size as listed on the
     server (recorded per file in the download state)."""
     collection_id = context.partition_key
+    return materialize_download(
+        context, s5cmd, idc.download_root(), lambda: idc.manifest_path(collection_id), f"collection={collection_id}"
+    )
+
+
+def materialize_download(
+    context: dg.AssetExecutionContext,
+    s5cmd: S5cmdResource,
+    root: Path,
+    manifest_path: Callable[[], Path],
+    label: str,
+    state_path: Path | None = None,
+) -> dg.MaterializeResult:
+    """The body of every downloaded asset (collections, cohorts): read the manifest, run the
+    download engine, and turn its outcome into metadata or a one-line ``dg.Failure``, with a
+    searchable start and end line in the run's log. ``state_path``: default, the collection's."""
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
     try:
-        manifest = read_manifest(idc.manifest_path(collection_id))
+        manifest = read_manifest(manifest_path())
     except (DatasetError, FileNotFoundError) as exc:  # an unsafe partition key, a tampered manifest
         raise dg.Failure(description=str(exc)) from None
-    root = idc.download_root()
     collection_dir = _collection_dir(root, manifest)
     version = binary_version()
+    state = state_path or dl.state_path_for(root, manifest)
     context.log.info(
-        f"download start collection={collection_id} series={manifest.num_rows} root={root} "
+        f"download start {label} series={manifest.num_rows} root={root} "
         f"endpoint={redact_url(s5cmd.resolved_endpoint())} s5cmd={version}"
     )
     try:
@@ -93,33 +112,33 @@ def downloaded_collection(
             s5cmd.options(),
             log=context.log.info,
             progress_interval_s=s5cmd.progress_interval_s,
-            state_path=dl.state_path_for(root, manifest),
+            state_path=state,
             stall_timeout_s=s5cmd.stall_timeout_s,
             allowed_buckets=s5cmd.buckets(),
-            header_cache=header_cache_path(root, manifest),  # headers read as files land, for the check
+            header_cache=header_cache_path(root, manifest, state),  # headers read as files land, for the check
         )
     except (IncompleteDownloadError, TransferStoppedError) as exc:
         result = exc.result
         reason = "incomplete" if isinstance(exc, IncompleteDownloadError) else "stopped"
         context.log.error(
-            f"download failed collection={collection_id} reason={reason} failed_series={result.failed_count} "
+            f"download failed {label} reason={reason} failed_series={result.failed_count} "
             f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f}"
         )
         raise dg.Failure(description=str(exc), metadata=_metadata(result, collection_dir, version)) from None
     except DatasetError as exc:  # could not start: bad root, unsafe value, no space, endpoint, lock
-        context.log.error(f"download failed collection={collection_id} reason={str(exc)[:200]!r}")
+        context.log.error(f"download failed {label} reason={str(exc)[:200]!r}")
         raise dg.Failure(description=str(exc)) from None
     except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path, keep the rest
-        context.log.error(f"download failed collection={collection_id} reason=OSError errno={exc.errno}")
+        context.log.error(f"download failed {label} reason=OSError errno={exc.errno}")
         raise dg.Failure(
             description=f"{os_error_text(exc)}; everything completed so far is kept, materialize again "
             "once that is fixed"
         ) from None
     except BaseException as exc:  # interrupted from the UI, or an unexpected error: still log the end
-        context.log.error(f"download failed collection={collection_id} reason={exc.__class__.__name__}")
+        context.log.error(f"download failed {label} reason={exc.__class__.__name__}")
         raise
     context.log.info(
-        f"download end collection={collection_id} files={result.files} bytes={result.bytes} "
+        f"download end {label} files={result.files} bytes={result.bytes} "
         f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f} "
         f"mb_per_s={result.mb_per_s:.1f} failures=0"
     )
