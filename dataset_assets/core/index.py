@@ -253,6 +253,18 @@ def snapshot(source: IndexSource, folder: Path) -> Path:
     return target
 
 
+def replace_relation(con: duckdb.DuckDBPyConnection, name: str, path: Path, *, view: bool = True) -> None:
+    """(Re)create ``name`` in ``con`` over the Parquet file ``path`` (a view, or a copied table),
+    replacing what an earlier run made there, table or view."""
+    kinds = con.execute(
+        "SELECT table_type FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [name]
+    ).fetchall()
+    if kinds:
+        con.execute(f"DROP {'VIEW' if kinds[0][0] == 'VIEW' else 'TABLE'} {name}")
+    read = f"SELECT * FROM read_parquet({sql_str(str(path.absolute()))})"
+    con.execute(f"CREATE {'VIEW' if view else 'TABLE'} {name} AS {read}")
+
+
 def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource, snapshot_dir: Path | None = None) -> None:
     """(Re)create the bundled indices in ``con`` (a DuckDB database file), atomically: views over
     a snapshot of the Parquet files in ``snapshot_dir`` (a copy of 100 MB instead of 1,044,191 rows
@@ -264,14 +276,7 @@ def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource, snapshot_dir:
             if name != "idc_index" and not (source.directory / f"{name}.parquet").is_file():
                 continue
             path = folder / f"{name}.parquet" if folder is not None else source.path(name)
-            read = f"SELECT * FROM read_parquet({sql_str(str(path.absolute()))})"
-            kinds = con.execute(
-                "SELECT table_type FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
-                [name],
-            ).fetchall()
-            if kinds:  # replace what an earlier run made, table or view
-                con.execute(f"DROP {'VIEW' if kinds[0][0] == 'VIEW' else 'TABLE'} {name}")
-            con.execute(f"CREATE {'VIEW' if folder is not None else 'TABLE'} {name} AS {read}")
+            replace_relation(con, name, path, view=folder is not None)
         check_columns(con)
         con.execute("COMMIT")
     except duckdb.Error as exc:

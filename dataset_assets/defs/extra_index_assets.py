@@ -8,7 +8,7 @@ from dagster_duckdb import DuckDBResource
 from dataset_assets.core import extra_index as extra
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.index import IndexSource, sql_str
+from dataset_assets.core.index import IndexSource, replace_relation
 
 from .index_assets import idc_index
 from .resources import IdcResource
@@ -43,12 +43,7 @@ def idc_extra_index(
     database = Path(duckdb.database)
     database.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.get_connection() as con:
-        kinds = con.execute(
-            "SELECT table_type FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [name]
-        ).fetchall()
-        if kinds:
-            con.execute(f"DROP {'VIEW' if kinds[0][0] == 'VIEW' else 'TABLE'} {name}")
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_str(str(result.path))})")
+        replace_relation(con, name, result.path)
     context.log.info(f"{name}: {result.rows:,} rows, {human_bytes(result.bytes)} at {result.path}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"v{release}"),
