@@ -42,3 +42,21 @@ def s3(idc_fixture, tmp_path):
 def manifest(idc_fixture):
     with IndexSource(idc_fixture.index_dir).connect() as con:
         return build_manifest(con, idc_fixture.collection_id)
+
+
+@pytest.fixture
+def file_server():
+    """A loopback HTTP file server (``support/httpserver.py``) that stops after the test."""
+    from dataset_assets_tests.support.httpserver import FileServer
+
+    with FileServer(max_lifetime_s=120) as server:
+        yield server
+
+
+@pytest.fixture
+def session():
+    """The HTTP bundles' requests session, with fast retries."""
+    from dataset_assets.core.http_bundles import make_session
+
+    with make_session(retries=3, backoff=0) as s:
+        yield s

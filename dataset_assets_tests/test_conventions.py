@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dataset_assets import settings
+from dataset_assets_tests.support.envs import project_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -83,16 +84,7 @@ def test_dg_check_defs_and_list_defs():
 
 
 def test_dg_launch_of_one_partition_against_the_loopback_server(idc_fixture, s3, tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {
-        "DAGSTER_HOME": str(home),
-        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
-        "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
-        "IDC_DOWNLOAD_DIR": str(tmp_path / "idc"),
-        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
-        "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
-    }
+    env = project_env(idc_fixture, s3, tmp_path)
     launched = dg(
         "launch", "--assets", "collection_manifest,downloaded_collection", "--partition", "qin_pet_phantom", env=env
     )

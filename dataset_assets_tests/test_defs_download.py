@@ -14,6 +14,7 @@ import pytest
 from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.manifest_assets import collection_manifest
 from dataset_assets.defs.resources import IdcResource, S5cmdResource
+from dataset_assets_tests.support.envs import project_env
 from dataset_assets_tests.support.procs import processes_mentioning
 
 DAGSTER = os.path.join(os.path.dirname(sys.executable), "dagster")
@@ -96,19 +97,9 @@ def test_missing_manifest_is_a_clear_error(idc_fixture, s3, tmp_path):
 
 @pytest.mark.parametrize("how", ["sigterm-cli", "sigkill-step"])
 def test_killed_run_leaves_no_s5cmd_and_rerun_completes(idc_fixture, s3, tmp_path, how):
-    home = tmp_path / "home"
-    home.mkdir()
     download_dir = tmp_path / "idc"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
-        "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
-        "IDC_DOWNLOAD_DIR": str(download_dir),
-        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
-        "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
-        "DAGSTER_EXECUTOR": "multiprocess",  # the step in a process of its own, to kill it alone
-    }
+    # The step in a process of its own, to kill it alone.
+    env = project_env(idc_fixture, s3, tmp_path, DAGSTER_EXECUTOR="multiprocess")
     args = [
         DAGSTER,
         "asset",

@@ -31,11 +31,12 @@ from dataset_assets.core.errors import (
     TransferStoppedError,
     UnsafeValueError,
 )
-from dataset_assets.core.http_bundles import Bundle, download_bundle, load_bundles, make_session
+from dataset_assets.core.http_bundles import Bundle, download_bundle, load_bundles
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.manifest import build_manifest
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets.core.state import load_state
+from dataset_assets_tests.support.envs import project_env
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.support.procs import processes_mentioning, processes_with_env
 
@@ -458,24 +459,9 @@ def test_10_a_disk_that_fills_during_the_transfer_stops_it_at_once(env, s3, tmp_
     assert s3.stats["get_object"] < 24  # stopped: the rest was never fetched
 
 
-def _materialize_env(idc_fixture, s3, tmp_path, executor: str = "multiprocess") -> dict[str, str]:
-    home = tmp_path / "home"
-    home.mkdir()
-    return {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
-        "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
-        "IDC_DOWNLOAD_DIR": str(tmp_path / "idc"),
-        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
-        "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
-        "DAGSTER_EXECUTOR": executor,
-    }
-
-
 @pytest.mark.parametrize("executor", ["multiprocess", "in_process"])
 def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_fixture, s3, tmp_path, executor):
-    env = _materialize_env(idc_fixture, s3, tmp_path, executor)
+    env = project_env(idc_fixture, s3, tmp_path, DAGSTER_EXECUTOR=executor)
     s3.faults.delay_s = 0.5
     proc = subprocess.Popen(
         [
@@ -664,16 +650,9 @@ def fast_resume(monkeypatch):
 
 
 @pytest.fixture
-def srv():
-    with FileServer(max_lifetime_s=120) as server:
-        server.files["/d/sample.bin"] = PAYLOAD
-        yield server
-
-
-@pytest.fixture
-def session():
-    with make_session(retries=3, backoff=0) as s:
-        yield s
+def srv(file_server):
+    file_server.files["/d/sample.bin"] = PAYLOAD
+    return file_server
 
 
 def bundle(srv: FileServer, path: str = "/d/sample.bin", **kw) -> Bundle:

@@ -31,16 +31,9 @@ def loopback_only(monkeypatch):
 
 
 @pytest.fixture
-def srv():
-    with FileServer(max_lifetime_s=60) as server:
-        server.files["/d/sample.bin"] = PAYLOAD
-        yield server
-
-
-@pytest.fixture
-def session():
-    with make_session(retries=3, backoff=0) as s:
-        yield s
+def srv(file_server):
+    file_server.files["/d/sample.bin"] = PAYLOAD
+    return file_server
 
 
 def bundle(srv: FileServer, query: str = "", **kw) -> Bundle:
