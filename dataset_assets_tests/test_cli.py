@@ -208,23 +208,12 @@ def test_bad_endpoint_is_a_usage_error(fixture_env, tmp_path):
 
 def test_sigterm_stops_s5cmd_removes_the_command_file_and_exits_130(fixture_env, s3, tmp_path):
     import signal
-    import time
 
-    from dataset_assets_tests.support.procs import processes_mentioning
+    from dataset_assets_tests.support.procs import cli_download_in_flight, processes_mentioning
 
-    s3.faults.delay_s = 0.5
     dest = tmp_path / "out"
-    proc = subprocess.Popen(
-        [DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
-        env={**os.environ, **fixture_env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = cli_download_in_flight(dest, fixture_env, s3)
     try:
-        deadline = time.monotonic() + 60
-        while len(s3.get_keys) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
         assert processes_mentioning(str(dest)), "s5cmd should be running"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

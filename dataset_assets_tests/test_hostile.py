@@ -38,7 +38,7 @@ from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets.core.state import load_state
 from dataset_assets_tests.support.envs import project_env
 from dataset_assets_tests.support.httpserver import FileServer
-from dataset_assets_tests.support.procs import processes_mentioning, processes_with_env
+from dataset_assets_tests.support.procs import cli_download_in_flight, processes_mentioning, processes_with_env
 
 BIN = os.path.dirname(sys.executable)
 DATASET, DAGSTER = os.path.join(BIN, "dataset"), os.path.join(BIN, "dagster")
@@ -507,18 +507,8 @@ def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
 def test_12_command_and_temporary_files_of_a_killed_cli_are_removed_by_the_next_run(env, s3, tmp_path, sig):
     dest = tmp_path / "dl"
-    s3.faults.delay_s = 0.5
-    proc = subprocess.Popen(
-        [DATASET, "idc", "download", "qin_pet_phantom", str(dest), "--workers", "1"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = cli_download_in_flight(dest, env, s3)
     try:
-        deadline = time.monotonic() + 60
-        while len(s3.get_keys) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:

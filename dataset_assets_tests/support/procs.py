@@ -30,3 +30,33 @@ def processes_with_env(name: str, value: str) -> list[int]:
     """Live processes whose environment has ``name=value``."""
     needle = f"{name}={value}".encode()
     return live_processes(lambda proc: needle in (proc / "environ").read_bytes().split(b"\0"))
+
+
+def cli_download_in_flight(dest, env: dict, s3, fetched: int = 2):
+    """``dataset idc download qin_pet_phantom DEST`` with one worker against a slowed loopback
+    server, returned once it has fetched ``fetched`` objects (s5cmd is mid-download)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    s3.faults.delay_s = 0.5
+    proc = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "dataset"),
+            "idc",
+            "download",
+            "qin_pet_phantom",
+            str(dest),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(s3.get_keys) < fetched and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    return proc
