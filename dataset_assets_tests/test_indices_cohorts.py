@@ -21,7 +21,7 @@ from dataset_assets.core import extra_index as extra
 from dataset_assets.core.cohorts import CohortError, build_cohort_manifest, load_cohorts, not_in_index
 from dataset_assets.core.errors import FilterError, IndexUnavailableError, UnknownIndexError
 from dataset_assets.core.index import IndexSource
-from dataset_assets.core.query import run_query
+from dataset_assets.core.query import relation
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.support.s3server import LocalS3Server
@@ -231,7 +231,7 @@ cohorts:
         partly = build_cohort_manifest(con, cohorts["partly"])
         assert partly.num_rows == 7 and not_in_index(partly) == 1
         with pytest.raises(UnknownIndexError):
-            run_query(con, "SELECT * FROM nowhere")
+            relation(con, "SELECT * FROM nowhere")
 
 
 def _env(tmp_path: Path, index: Path, endpoint: str, cohorts: Path, home: str) -> dict:

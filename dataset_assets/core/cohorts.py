@@ -41,11 +41,6 @@ class Cohort:
     layout: str = DEFAULT_LAYOUT
     description: str = ""
 
-    @property
-    def state_name(self) -> str:
-        """Its state and lock below a download root (shared by no collection and no other cohort)."""
-        return f"cohort-{self.name}"
-
 
 def load_cohorts(path: Path) -> dict[str, Cohort]:
     """The cohorts of ``path``; ``CohortError`` (one line naming the file) when it cannot be used."""

@@ -49,17 +49,6 @@ def relation(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelatio
         raise _errors(con, exc) from None
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
-    """The whole result of ``sql`` as Arrow (for small results; ``write_query`` streams)."""
-    rel = relation(con, sql)
-    if rel is None:
-        return pa.table({})
-    try:
-        return rel.to_arrow_table()
-    except duckdb.Error as exc:
-        raise _errors(con, exc) from None
-
-
 def _batches(con: duckdb.DuckDBPyConnection, rel: duckdb.DuckDBPyRelation, limit: int | None) -> Iterator:
     reader = getattr(rel, "to_arrow_reader", None) or rel.record_batch  # DuckDB 2 renamed it
     left = limit
