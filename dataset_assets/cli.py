@@ -125,7 +125,10 @@ def _source() -> idx.IndexSource:
 
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max([len(c), *(len(str(r.get(c) if r.get(c) is not None else "")) for r in rows)]) for c in columns}
-    line = lambda r: "  ".join(str(r.get(c) if r.get(c) is not None else "").ljust(widths[c]) for c in columns)  # noqa: E731
+
+    def line(r: dict) -> str:
+        return "  ".join(str(r.get(c) if r.get(c) is not None else "").ljust(widths[c]) for c in columns)
+
     return "\n".join([line({c: c for c in columns}), "  ".join("-" * widths[c] for c in columns), *map(line, rows)])
 
 
