@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .fmt import human_bytes, human_duration
@@ -37,7 +38,9 @@ class Progress:
     disk_full: str | None = None  # the first "no space left on device" error
     not_found: set = field(default_factory=set)  # source URLs s5cmd found no object for
     last_success: float = field(default_factory=time.monotonic)
-    on_copied: object = None  # called with the destination of each copied object (from the reader thread)
+    on_copied: Callable[[str], None] | None = (
+        None  # called with the destination of each copied object (from the reader thread)
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def on_stdout(self, line: str) -> None:
