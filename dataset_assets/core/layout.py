@@ -29,6 +29,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .arrow_build import scalar, strings
 from .errors import LayoutError
 
 DEFAULT_LAYOUT = "%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID/"
@@ -40,6 +41,8 @@ LongPaths = Literal["hash", "error"]
 
 _UNSAFE = r'[\x00-\x1f\x7f/\\:*?"<>|]'
 _RESERVED = r"^(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$"
+# Literals as Arrow scalars: a Python str handed to a compute function makes pyarrow import pandas.
+_EMPTY, _SLASH, _UNDERSCORE = scalar(""), scalar("/"), scalar("_")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -148,12 +151,12 @@ class Layout:
         """Directories before the length and uniqueness checks (for rendering batch by batch)."""
         rendered_components = []
         for comp in self.components:
-            pieces = [pa.scalar(value) if kind == "lit" else sanitize(table.column(value)) for kind, value in comp]
+            pieces = [scalar(value) if kind == "lit" else sanitize(table.column(value)) for kind, value in comp]
             if all(isinstance(p, pa.Scalar) for p in pieces):  # a literal-only component
-                pieces.insert(0, pa.nulls(table.num_rows, pa.string()).fill_null(""))
-            rendered_components.append(pc.binary_join_element_wise(*pieces, ""))
-        dirs = pc.binary_join_element_wise(*rendered_components, "/")
-        dirs = pc.binary_join_element_wise(dirs, "/", "")
+                pieces.insert(0, pc.fill_null(pa.nulls(table.num_rows, pa.string()), _EMPTY))
+            rendered_components.append(pc.binary_join_element_wise(*pieces, _EMPTY))
+        dirs = pc.binary_join_element_wise(*rendered_components, _SLASH)
+        dirs = pc.binary_join_element_wise(dirs, _SLASH, _EMPTY)
         return dirs
 
     def finish(
@@ -173,17 +176,17 @@ class Layout:
 def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Make every value a safe single path component (see the module docstring)."""
     text = pc.cast(values, pa.string()) if values.type != pa.string() else values
-    text = pc.fill_null(text, "unknown")
+    text = pc.fill_null(text, scalar("unknown"))
     text = pc.replace_substring_regex(text, pattern=_UNSAFE, replacement="_")
     text = pc.utf8_rtrim(text, characters=". ")
-    text = pc.if_else(pc.equal(text, ""), "_", text)
+    text = pc.if_else(pc.equal(text, _EMPTY), _UNDERSCORE, text)
     reserved = pc.match_substring_regex(text, pattern=_RESERVED)
-    return pc.if_else(reserved, pc.binary_join_element_wise("_", text, ""), text)
+    return pc.if_else(reserved, pc.binary_join_element_wise(_UNDERSCORE, text, _EMPTY), text)
 
 
 def sanitize_value(value: object) -> str:
     """``sanitize`` for one value (the CLI and tests use it)."""
-    return sanitize(pa.array([value], type=pa.string() if value is None else None))[0].as_py()
+    return sanitize(strings([None if value is None else str(value)]))[0].as_py()
 
 
 def default_max_path() -> int | None:
@@ -202,7 +205,7 @@ def _shorten_long(
     ``<first component>/_long/<sha256 prefix>/`` (or an error): a function of the manifest alone.
     ``max_path`` (Windows' whole-path limit, or one a user asks for) is only checked, never
     used to change the layout, so the same manifest lays out the same under any root."""
-    idx = pc.indices_nonzero(pc.greater(pc.binary_length(dirs), NAME_MAX_BYTES)).to_pylist()
+    idx = pc.indices_nonzero(pc.greater(pc.binary_length(dirs), scalar(NAME_MAX_BYTES))).to_pylist()
     values = None
     long_rows = []
     if idx:
@@ -218,10 +221,10 @@ def _shorten_long(
         for i in long_rows:
             head = values[i].split("/", 1)[0].encode()[:64].decode(errors="ignore") or "_"
             values[i] = f"{head}/_long/{hashlib.sha256(values[i].encode()).hexdigest()[:24]}/"
-        dirs = pa.array(values, type=pa.string())
+        dirs = strings(values)
     if max_path is not None:
-        full = pc.add(pc.utf8_length(dirs), root_length + 1 + FILE_NAME_LENGTH)
-        over = pc.indices_nonzero(pc.greater(full, max_path)).to_pylist()
+        full = pc.add(pc.utf8_length(dirs), scalar(root_length + 1 + FILE_NAME_LENGTH))
+        over = pc.indices_nonzero(pc.greater(full, scalar(max_path))).to_pylist()
         if over:
             example = dirs[over[0]].as_py()
             raise LayoutError(

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 
+from . import arrow_build
 from .errors import FilterError, ManifestError
 from .index import require_collection
 from .layout import DEFAULT_LAYOUT, Layout, LongPaths
@@ -256,7 +257,7 @@ def read_manifest(path: Path) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; materialize collection_manifest for this collection first")
     try:
-        table = pq.read_table(path)
+        table = arrow_build.read_parquet(path)
     except (OSError, pa.ArrowException) as exc:
         raise ManifestError(
             f"manifest {path} cannot be read ({str(exc).splitlines()[0][:160]}); materialize collection_manifest again"

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import arrow_build
 from .safety import is_uuid, object_name_problem, target_dir_problem
 
 Log = Callable[[str], None]
@@ -72,7 +73,7 @@ def load_state(path: Path | None, log: Log = print, *, repair: bool = True) -> d
     if path.is_symlink() or not path.is_file():
         return bad("is not a regular file")
     try:
-        table = pq.read_table(path)
+        table = arrow_build.read_parquet(path)
     except (OSError, pa.ArrowException, ValueError) as exc:
         return bad(f"cannot be read ({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:120]})")
     names = set(table.column_names)
@@ -127,7 +128,7 @@ def save_state(path: Path, records: dict[str, SeriesRecord]) -> None:
         rows["series_revised_idc_version"].append(rec.revised_version)
         rows["file_names"].append(list(rec.files) if rec.files is not None else None)
         rows["file_sizes"].append(list(rec.files.values()) if rec.files is not None else None)
-    table = pa.Table.from_pydict(rows, schema=SCHEMA)
+    table = arrow_build.table(rows, SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import pyarrow as pa
 
 from ..settings import VIEWER_URL
+from .arrow_build import strings
 
 
 def _q(value: object) -> str:
@@ -36,12 +37,11 @@ def viewer_url(study_uid: str | None, series_uid: str | None = None, modality: s
 def viewer_urls(table: pa.Table) -> pa.Array:
     """One viewer URL per row of a manifest (``StudyInstanceUID``, ``SeriesInstanceUID``, ``Modality``)."""
     columns = table.select(["StudyInstanceUID", "SeriesInstanceUID", "Modality"]).to_pydict()
-    return pa.array(
+    return strings(
         [
             viewer_url(study, series, modality)
             for study, series, modality in zip(
                 columns["StudyInstanceUID"], columns["SeriesInstanceUID"], columns["Modality"], strict=True
             )
-        ],
-        type=pa.string(),
+        ]
     )

@@ -103,7 +103,7 @@ def collection_manifest(
         {"index": str(source.directory), "release": release, **config.model_dump()}, sort_keys=True
     )
     head = table.slice(0, 10)
-    preview = head.append_column("viewer_url", viewer_urls(head)).select(PREVIEW_COLUMNS).to_pandas()
+    preview = head.append_column("viewer_url", viewer_urls(head)).select(PREVIEW_COLUMNS)
     first = table.slice(0, 1).to_pylist()[0]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(hashlib.sha256(fingerprint.encode()).hexdigest()[:16]),

@@ -9,6 +9,7 @@ in one line and the partitions are what could be read.
 import logging
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -20,12 +21,16 @@ logger = logging.getLogger(__name__)
 
 def collection_partition_keys() -> list[str]:
     try:
-        # Batches of one column: no database, and not pq.read_table, which imports pandas for the
-        # file's pandas metadata (0.3 s of every process start).
+        # One column read as a dictionary (its distinct values without decoding a million strings):
+        # no database, and not pq.read_table, which imports pandas for the file's pandas metadata.
         found: set[str] = set()
-        with pq.ParquetFile(IndexSource.from_env().path("idc_index")) as index:
-            for batch in index.iter_batches(columns=["collection_id"], batch_size=262_144):
-                found.update(v for v in pc.unique(batch.column(0)).to_pylist() if v is not None)
+        index_path = IndexSource.from_env().path("idc_index")
+        with pq.ParquetFile(index_path, read_dictionary=["collection_id"]) as index:
+            for batch in index.iter_batches(columns=["collection_id"], batch_size=1 << 20):
+                column = batch.column(0)
+                if not pa.types.is_dictionary(column.type):
+                    column = pc.dictionary_encode(column)
+                found.update(v for v in column.dictionary.take(pc.unique(column.indices)).to_pylist() if v is not None)
         ids = sorted(found)
     except Exception as exc:
         logger.warning("no collection partitions: the IDC index cannot be read (%s)", str(exc).splitlines()[0])
