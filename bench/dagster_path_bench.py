@@ -243,6 +243,7 @@ def main() -> None:
             # Dagster's own fixed cost: the same command, instance and executor on an asset that
             # does nothing. No run of ours through `dagster asset materialize` can take less.
             log = work / "floor.log"
+            server.ask("reset")
             seconds, rss, code = timed_process(
                 [str(BIN / "dagster"), "asset", "materialize", "-f", str(noop), "--select", "noop"],
                 {**base_env, "DAGSTER_HOME": str(warm_home)},

@@ -32,6 +32,11 @@ def _past_fields(tag: int, vr: str | None, length: int) -> bool:
     return tag > _LAST_FIELD_TAG
 
 
+@functools.lru_cache(maxsize=1)
+def _field_tags(tag: Callable) -> list:
+    return [tag(name) for name in HEADER_FIELDS]
+
+
 def file_problems(path: str, expected: tuple[str, ...]) -> list[str]:
     """What is wrong with one file's header (empty: nothing). A file pydicom cannot parse is a
     finding; so is anything but a regular file (a FIFO is never opened for reading, a link never
@@ -47,7 +52,7 @@ def file_problems(path: str, expected: tuple[str, ...]) -> list[str]:
             with open(fd, "rb") as fp:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     return [f"{path}: not a regular file"]
-                ds = read_partial(fp, stop_when=_past_fields, specific_tags=[Tag(name) for name in HEADER_FIELDS])
+                ds = read_partial(fp, stop_when=_past_fields, specific_tags=_field_tags(Tag))
             values = [str(ds.get(name, "<missing>")) for name in HEADER_FIELDS]
     except Exception as exc:
         return [f"{path}: not a readable DICOM file ({exc.__class__.__name__}: {exc})"]

@@ -64,19 +64,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
-import requests
 import yaml
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.util import Retry
 
 from .. import settings
 from .errors import DatasetError, DownloadError
 from .fmt import human_bytes, human_duration, redact_url
 from .fs import check_free_space, check_writable
+
+if TYPE_CHECKING:  # requests and urllib3 load with the first download: the definitions load without them
+    import requests
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -270,14 +269,6 @@ def try_load_bundles(path: Path) -> tuple[dict[str, Bundle], str | None]:
         return {}, scrub(f"bundle file {path} cannot be loaded: {exc.__class__.__name__}: {_one_line(exc)}")
 
 
-class _Retry(Retry):
-    """urllib3's ``Retry``, except that an answer carrying ``Retry-After`` is not retried (nor
-    waited for) here but handed back: ``download_bundle`` waits as asked, within its cap."""
-
-    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        return not has_retry_after and super().is_retry(method, status_code, has_retry_after)
-
-
 def make_session(retries: int = 5, backoff: float = 0.5) -> requests.Session:
     """A session retrying GET/HEAD on connection errors, 429 and 5xx (with exponential backoff).
 
@@ -285,6 +276,17 @@ def make_session(retries: int = 5, backoff: float = 0.5) -> requests.Session:
     its ``max_retry_after_s`` (urllib3 itself would wait up to 6 hours). ``trust_env`` stays on:
     ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
     from the environment apply."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util import Retry
+
+    class _Retry(Retry):
+        """urllib3's ``Retry``, except that an answer carrying ``Retry-After`` is not retried (nor
+        waited for) here but handed back: ``download_bundle`` waits as asked, within its cap."""
+
+        def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+            return not has_retry_after and super().is_retry(method, status_code, has_retry_after)
+
     retry = _Retry(
         total=retries,
         connect=retries,
@@ -516,6 +518,9 @@ def _body(response: requests.Response, chunk_size: int, limit: int | None) -> It
     """The raw body bytes (no content decoding: they match Range offsets and Content-Length), at
     most ``limit`` of them: ``_TooLong`` when the body goes on after that, ``DownloadError`` when
     fewer than ``LOW_SPEED_BYTES`` arrive in ``LOW_SPEED_WINDOW_S``."""
+    import requests
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
     received = 0
     window_start, window_bytes = time.monotonic(), 0
     try:
@@ -652,6 +657,8 @@ def _fetch(
         if validator:
             headers["If-Range"] = validator  # a changed file comes back whole (200), never spliced
         log(f"bundle {bundle.name}: resuming at {offset:,} bytes")
+    import requests
+
     try:
         response = session.get(bundle.url, headers=headers, stream=True, timeout=timeout)
     except requests.RequestException as exc:
