@@ -24,7 +24,7 @@ Series = tuple[str, str, tuple[str, ...]]
 
 
 # Elements are in tag order, so reading stops after SeriesInstanceUID (0020,000E), the last of
-# HEADER_FIELDS: a real CT header is then parsed in a sixth of the time ``dcmread`` takes.
+# HEADER_FIELDS: a CT header is read in 0.5 ms instead of 0.66 (bench/header_bench.py).
 _LAST_FIELD_TAG = 0x0020000E
 
 

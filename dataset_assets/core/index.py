@@ -8,6 +8,7 @@ a release it has copied somewhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,8 +77,9 @@ class IndexSource:
             raise IndexUnavailableError("idc-index-data is not installed; install it with `pip install idc-index-data`")
         folder = Path(next(iter(spec.submodule_search_locations)))
         if (folder / "idc_index.parquet").is_file():
-            return cls(folder, importlib.metadata.version("idc-index-data"))
-        import idc_index_data  # pragma: no cover - an editable or unusual install
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return cls(folder, importlib.metadata.version("idc-index-data"))
+        import idc_index_data  # an editable or unusual install: the package knows where its files are
 
         return cls(Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH).parent, idc_index_data.__version__)
 
