@@ -129,3 +129,147 @@ def test_a_header_check_never_opens_a_fifo_or_follows_a_link(tmp_path):
     link.symlink_to(target)
     (problem,) = file_problems(str(link), ("a", "b", "c", "d"))
     assert "not a readable DICOM file" in problem
+
+
+def test_a_column_past_the_32_bit_offsets_is_built_in_chunks(monkeypatch):
+    """Arrow's string and list offsets are 32-bit: a column with more text than that (the header
+    cache of all of NLST) comes out chunked, equal to what pa.array builds, and a table of it
+    writes. The limit is lowered here so that the test does not need 2 GiB."""
+    monkeypatch.setattr(arrow_build, "CHUNK_LIMIT", 10)
+    texts = ["abcd", None, "efghij", "k", "", "lmnopqrstuvw", "xy"]
+    built = arrow_build.strings(texts)
+    assert isinstance(built, pa.ChunkedArray) and built.num_chunks > 1
+    assert built.combine_chunks().equals(pa.array(texts, pa.string()))
+    names = [["abc", "def"], None, ["ghijk", "l"], [], ["mnopqrstuvwx"]]
+    listed = arrow_build.lists(names, pa.string())
+    assert isinstance(listed, pa.ChunkedArray) and listed.num_chunks > 1
+    assert listed.combine_chunks().equals(pa.array(names, pa.list_(pa.string())))
+    schema = pa.schema([("t", pa.string()), ("n", pa.int64())])
+    table = arrow_build.table({"t": texts, "n": list(range(len(texts)))}, schema)
+    assert table.to_pydict() == {"t": texts, "n": list(range(len(texts)))}
+
+
+def test_a_cache_file_that_is_a_fifo_is_not_waited_on(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "h.parquet"
+    os.mkfifo(fifo)
+    loaded = []
+    reader = threading.Thread(target=lambda: loaded.append(HeaderCache(fifo, tmp_path).load()), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert loaded and loaded[0].entries == {} and not loaded[0].loaded
+    with pytest.raises(OSError, match="not a regular file"):
+        arrow_build.read_parquet(fifo)
+
+
+def test_a_reread_that_finds_a_bad_file_drops_it_from_the_cache(tmp_path):
+    """A file swapped for bad bytes with the same size and mtime passes a normal check (size and
+    mtime are what the cache trusts); `reread` reads it and fails it, and the next normal check
+    must fail it too: the cache written by the reread no longer vouches for it."""
+    import os
+
+    from dataset_assets.core.verify import check_headers
+
+    row = {
+        "target_dir": "c/P/1.2/CT_1.2.3/",
+        "instanceCount": 1,
+        "PatientID": "P",
+        "StudyInstanceUID": "1.2",
+        "SeriesInstanceUID": "1.2.3",
+        "Modality": "CT",
+    }
+    from dataset_assets_tests.support.fixture import write_dicom
+
+    folder = tmp_path / "root" / row["target_dir"]
+    folder.mkdir(parents=True)
+    good = folder / "a.dcm"
+    write_dicom(good, row, 0, 64)
+    manifest, root, cache = pa.Table.from_pylist([row]), tmp_path / "root", tmp_path / "cache.parquet"
+    assert check_headers(manifest, root, cache_path=cache, processes=1).passed
+    st = good.stat()
+    good.write_bytes(b"\0" * st.st_size)
+    os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert check_headers(manifest, root, cache_path=cache, processes=1).passed  # trusted, as documented
+    assert not check_headers(manifest, root, cache_path=cache, processes=1, reread=True).passed
+    assert not check_headers(manifest, root, cache_path=cache, processes=1).passed
+
+
+def _header(extra: bytes = b"", drop: str | None = None, tail: bytes | None = None) -> bytes:
+    """A small CT file; ``extra`` elements inserted just before the pixel data, or the pixel data
+    replaced by ``tail``."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, "1.2.3.4.5", "CT"
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = "PAT1", "1.2.3", "1.2.3.4", 1
+    ds.BitsAllocated, ds.PixelData = 16, b"\0" * 8
+    if drop:
+        delattr(ds, drop)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, "1.2.3.4.5"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    at = data.rfind(b"\xe0\x7f\x10\x00")
+    return data[:at] + extra + (data[at:] if tail is None else tail)
+
+
+def _element(group: int, elem: int, vr: str, value: bytes) -> bytes:
+    import struct
+
+    value += b" " * (len(value) % 2)
+    return struct.pack("<HH", group, elem) + vr.encode() + struct.pack("<H", len(value)) + value
+
+
+@pytest.mark.parametrize(
+    ("content", "passes"),
+    [
+        (lambda: _header(), True),
+        (lambda: _header(_element(0x10, 0x20, "LO", b"PAT1"), drop="PatientID"), True),  # out of tag order
+        (lambda: _header(_element(0x08, 0x60, "CS", b"CT"), drop="Modality"), True),
+        (lambda: _header(_element(0x10, 0x20, "LO", b"EVIL")), False),  # a second, different PatientID
+        (lambda: _header(tail=b"\xff" * 37), False),  # a damaged tail after SeriesInstanceUID
+    ],
+    ids=["good", "patient-id-late", "modality-late", "second-patient-id", "damaged-tail"],
+)
+def test_the_whole_header_before_the_pixel_data_is_parsed(tmp_path, content, passes):
+    """As pydicom's dcmread(stop_before_pixels) parses it: elements out of order are read, a
+    second value or a damaged tail anywhere in the header is a finding."""
+    path = tmp_path / "f.dcm"
+    path.write_bytes(content())
+    assert (file_problems(str(path), ("PAT1", "1.2.3", "1.2.3.4", "CT")) == []) is passes
+
+
+def test_a_directory_given_as_a_file_leaks_no_descriptor(tmp_path):
+    import os
+
+    folder = tmp_path / "x.dcm"
+    folder.mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        assert file_problems(str(folder), ("a", "b", "c", "d")) == [f"{folder}: not a regular file"]
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_the_definitions_load_without_pandas_requests_or_the_index_package():
+    script = (
+        "import sys, dagster, dataset_assets.definitions as d\n"
+        "from dataset_assets.core.index import IndexSource\n"
+        "s = IndexSource.installed()\n"
+        "assert s.directory == s.directory.resolve(), s\n"
+        "print(sorted(m for m in ('pandas', 'requests', 'urllib3', 'idc_index_data', 'pydicom') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    import idc_index_data
+
+    from dataset_assets.core.index import IndexSource
+
+    assert IndexSource.installed().package_version == idc_index_data.__version__

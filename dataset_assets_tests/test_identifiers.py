@@ -229,9 +229,11 @@ def test_citations_of_two_collections_list_each_doi_with_its_licence():
 def test_viewer_urls_for_ct_and_sm_series(tmp_path):
     path = IndexSource.installed().path("idc_index")
     rows = {
-        m: duckdb.execute(
+        m: duckdb.connect()
+        .execute(
             f"SELECT SeriesInstanceUID, StudyInstanceUID FROM read_parquet('{path}') WHERE Modality = ? LIMIT 1", [m]
-        ).fetchone()
+        )
+        .fetchone()
         for m in ("CT", "SM")
     }
     doc = _dry_json(",".join(r[0] for r in rows.values()), str(tmp_path / "o"), env={})
@@ -252,10 +254,14 @@ def test_collections_json_counts_are_integers():
 
 def test_output_piped_into_head_ends_quietly(tmp_path):
     path = IndexSource.installed().path("idc_index")
-    (collection,) = duckdb.execute(
-        f"SELECT collection_id FROM read_parquet('{path}') GROUP BY 1 HAVING count(*) BETWEEN 400 AND 3000 "
-        "ORDER BY count(*) LIMIT 1"
-    ).fetchone()
+    (collection,) = (
+        duckdb.connect()
+        .execute(
+            f"SELECT collection_id FROM read_parquet('{path}') GROUP BY 1 HAVING count(*) BETWEEN 400 AND 3000 "
+            "ORDER BY count(*) LIMIT 1"
+        )
+        .fetchone()
+    )
     dry = ["download", collection, str(tmp_path / "o"), "--dry-run", "--json"]
     for args in (["collections", "--json"], dry):
         full = run("idc", *args).stdout

@@ -9,7 +9,9 @@ result is the same array ``pa.array(values, type)`` gives (a test compares them)
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 from array import array
 from collections.abc import Sequence
@@ -17,7 +19,10 @@ from itertools import accumulate
 
 import pyarrow as pa
 
-_LITTLE = sys.byteorder == "little"  # Arrow's buffers are little-endian
+_LITTLE = sys.byteorder == "little" and array("i").itemsize == 4  # Arrow's offsets: little-endian int32
+#: Bytes of text (or list items) per chunk: Arrow's ``string`` and ``list`` offsets are 32-bit, so
+#: a column holding more (the header cache of all of NLST: 21.5 M files) is built in chunks.
+CHUNK_LIMIT = 2**31 - 1
 
 
 def _validity(values: Sequence[object]) -> tuple[pa.Buffer | None, int]:
@@ -32,20 +37,38 @@ def _validity(values: Sequence[object]) -> tuple[pa.Buffer | None, int]:
 
 
 def _offsets(lengths: Sequence[int]) -> pa.Buffer:
-    return pa.py_buffer(array("q", accumulate(lengths, initial=0)).tobytes())
+    return pa.py_buffer(array("i", accumulate(lengths, initial=0)).tobytes())
 
 
-def strings(values: Sequence[str | None]) -> pa.Array:
-    """``pa.array(values, pa.string())``."""
+def _ranges(weights: Sequence[int]) -> list[tuple[int, int]]:
+    """Row ranges whose weights add up to at most ``CHUNK_LIMIT`` each (at least one row each)."""
+    ranges, start, total = [], 0, 0
+    for i, weight in enumerate(weights):
+        if total + weight > CHUNK_LIMIT and i > start:
+            ranges.append((start, i))
+            start, total = i, 0
+        total += weight
+    ranges.append((start, len(weights)))
+    return ranges
+
+
+def _chunked(parts: list[pa.Array], type_: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    return parts[0] if len(parts) == 1 else pa.chunked_array(parts, type_)
+
+
+def _string_chunk(values: Sequence[str | None], encoded: Sequence[bytes]) -> pa.Array:
+    validity, nulls = _validity(values)
+    buffers = [validity, _offsets([len(e) for e in encoded]), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers, null_count=nulls)
+
+
+def strings(values: Sequence[str | None]) -> pa.Array | pa.ChunkedArray:
+    """``pa.array(values, pa.string())`` (chunked beyond ``CHUNK_LIMIT`` bytes of text)."""
     if not _LITTLE:
         return pa.array(values, pa.string())
     encoded = [b"" if v is None else v.encode() for v in values]
-    validity, nulls = _validity(values)
-    data = pa.py_buffer(b"".join(encoded))
-    large = pa.Array.from_buffers(
-        pa.large_string(), len(values), [validity, _offsets([len(e) for e in encoded]), data], null_count=nulls
-    )
-    return large.cast(pa.string())
+    parts = [_string_chunk(values[a:b], encoded[a:b]) for a, b in _ranges([len(e) for e in encoded])]
+    return _chunked(parts, pa.string())
 
 
 def int64s(values: Sequence[int | None]) -> pa.Array:
@@ -57,21 +80,34 @@ def int64s(values: Sequence[int | None]) -> pa.Array:
     return pa.Array.from_buffers(pa.int64(), len(values), [validity, data], null_count=nulls)
 
 
-def lists(values: Sequence[Sequence | None], item: pa.DataType) -> pa.Array:
-    """``pa.array(values, pa.list_(item))`` for string or int64 items."""
-    if not _LITTLE:
-        return pa.array(values, pa.list_(item))
+def _list_chunk(values: Sequence[Sequence | None], item: pa.DataType) -> pa.Array:
     flat = [x for v in values if v is not None for x in v]
     child = strings(flat) if item == pa.string() else int64s(flat)
+    if isinstance(child, pa.ChunkedArray):  # cannot happen: chunks are cut by text size too
+        child = child.combine_chunks()
     validity, nulls = _validity(values)
     lengths = [0 if v is None else len(v) for v in values]
-    large = pa.Array.from_buffers(
-        pa.large_list(item), len(values), [validity, _offsets(lengths)], null_count=nulls, children=[child]
+    return pa.Array.from_buffers(
+        pa.list_(item), len(values), [validity, _offsets(lengths)], null_count=nulls, children=[child]
     )
-    return large.cast(pa.list_(item))
 
 
-def column(values: Sequence, type_: pa.DataType) -> pa.Array:
+def lists(values: Sequence[Sequence | None], item: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """``pa.array(values, pa.list_(item))`` for string or int64 items (chunked like ``strings``)."""
+    if not _LITTLE:
+        return pa.array(values, pa.list_(item))
+
+    def weight(v: Sequence | None) -> int:
+        if v is None:
+            return 0
+        text = sum(len(x.encode()) for x in v if x is not None) if item == pa.string() else 0
+        return max(len(v), text)
+
+    parts = [_list_chunk(values[a:b], item) for a, b in _ranges([weight(v) for v in values])]
+    return _chunked(parts, pa.list_(item))
+
+
+def column(values: Sequence, type_: pa.DataType) -> pa.Array | pa.ChunkedArray:
     """One of the above by type: string, int64, list<string>, list<int64>."""
     if type_ == pa.string():
         return strings(values)
@@ -93,8 +129,18 @@ def scalar(value: str | int) -> pa.Scalar:
 
 
 def read_parquet(path: str | os.PathLike) -> pa.Table:
-    """``pq.read_table(path)`` for one file, without pyarrow.dataset (which imports pandas)."""
+    """``pq.read_table(path)`` for one regular file, without pyarrow.dataset (which imports
+    pandas). Anything else (a FIFO, a device, a folder) is an ``OSError`` at once, never a read
+    that waits for a writer."""
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as file:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        handle = open(fd, "rb")  # noqa: SIM115 - closed below, with the fd it now owns
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle, pq.ParquetFile(handle) as file:
         return file.read()

@@ -23,7 +23,7 @@ import duckdb
 
 from .. import settings
 from .errors import IndexUnavailableError, UnknownIndexError
-from .index import BUNDLED, IndexSource, sql_str
+from .index import BUNDLED, IndexSource, installed_package, sql_str
 
 Log = Callable[[str], None]
 
@@ -44,15 +44,11 @@ _TYPE_FAMILIES = {
 
 
 def package_dir() -> Path:
-    import idc_index_data
-
-    return Path(idc_index_data.__file__).parent
+    return installed_package()[0]
 
 
 def package_version() -> str:
-    import idc_index_data
-
-    return str(idc_index_data.__version__)
+    return installed_package()[1]
 
 
 def described_indices() -> list[str]:
@@ -106,7 +102,8 @@ def check_schema(path: Path, name: str) -> None:
     """``IndexUnavailableError`` unless the Parquet file at ``path`` has every column of the
     shipped schema of ``name``, each of a compatible type (lists for REPEATED columns)."""
     try:
-        described = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_str(str(path))})").fetchall()
+        with duckdb.connect() as con:  # a private connection, never duckdb's shared default one
+            described = con.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_str(str(path))})").fetchall()
     except duckdb.Error as exc:
         raise IndexUnavailableError(
             f"{name}: {path} is not a readable Parquet file ({str(exc).splitlines()[0]})"
@@ -144,10 +141,11 @@ class FetchResult:
 
 
 def row_count(path: Path) -> int:
-    (count,) = duckdb.execute(
-        "SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
-        f"FROM parquet_metadata({sql_str(str(path))}))"
-    ).fetchone()
+    with duckdb.connect() as con:
+        (count,) = con.execute(
+            "SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
+            f"FROM parquet_metadata({sql_str(str(path))}))"
+        ).fetchone()
     return int(count or 0)
 
 
@@ -184,10 +182,11 @@ def fetch(name: str, *, log: Log = lambda _m: None, force: bool = False) -> Fetc
 def check_readable(path: Path, name: str) -> None:
     """Decode every row of the file once (a schema footer can sit on top of corrupt pages)."""
     try:
-        rel = duckdb.sql(f"SELECT * FROM read_parquet({sql_str(str(path))})")
-        reader = getattr(rel, "to_arrow_reader", None) or rel.record_batch
-        for _batch in reader(100_000):
-            pass
+        with duckdb.connect() as con:
+            rel = con.sql(f"SELECT * FROM read_parquet({sql_str(str(path))})")
+            reader = getattr(rel, "to_arrow_reader", None) or rel.record_batch
+            for _batch in reader(100_000):
+                pass
     except duckdb.Error as exc:
         raise IndexUnavailableError(
             f"{name}: the fetched file cannot be read to its end ({str(exc).splitlines()[0][:160]}); not kept"

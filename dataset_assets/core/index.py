@@ -9,6 +9,9 @@ a release it has copied somewhere.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +59,24 @@ def sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+@functools.lru_cache(maxsize=1)
+def installed_package() -> tuple[Path, str]:
+    """Folder (resolved) and version of the installed ``idc-index-data``, found without importing
+    it: its import walks the whole distribution record (60 ms of every process that loads the
+    definitions). Imported only when the files are not in the package's folder (an unusual
+    install), as it knows where they are then."""
+    spec = importlib.util.find_spec("idc_index_data")
+    if spec is None or not spec.submodule_search_locations:
+        raise IndexUnavailableError("idc-index-data is not installed; install it with `pip install idc-index-data`")
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
+    if (folder / "idc_index.parquet").is_file():
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return folder, importlib.metadata.version("idc-index-data")
+    import idc_index_data
+
+    return Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH).resolve().parent, str(idc_index_data.__version__)
+
+
 @dataclass(frozen=True)
 class IndexSource:
     """A folder holding the index Parquet files, and the package version it came from."""
@@ -66,22 +87,7 @@ class IndexSource:
     @classmethod
     def installed(cls) -> IndexSource:
         """The index bundled with the installed ``idc-index-data`` package."""
-        # Found without importing the package: its import walks the whole distribution record
-        # (60 ms of every process that loads the definitions). Imported only when the files are
-        # not beside the package (an unusual install), as it knows where they are then.
-        import importlib.metadata
-        import importlib.util
-
-        spec = importlib.util.find_spec("idc_index_data")
-        if spec is None or not spec.submodule_search_locations:
-            raise IndexUnavailableError("idc-index-data is not installed; install it with `pip install idc-index-data`")
-        folder = Path(next(iter(spec.submodule_search_locations)))
-        if (folder / "idc_index.parquet").is_file():
-            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-                return cls(folder, importlib.metadata.version("idc-index-data"))
-        import idc_index_data  # an editable or unusual install: the package knows where its files are
-
-        return cls(Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH).parent, idc_index_data.__version__)
+        return cls(*installed_package())
 
     @classmethod
     def from_env(cls, directory: str | os.PathLike[str] | None = None) -> IndexSource:
@@ -301,9 +307,7 @@ def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource, snapshot_dir:
 
 def _shipped(name: str) -> bool:
     """Whether the installed idc-index-data ships ``name``'s data (not only its schema)."""
-    import idc_index_data
-
-    return (Path(idc_index_data.__file__).parent / f"{name}.parquet").is_file()
+    return (installed_package()[0] / f"{name}.parquet").is_file()
 
 
 def _package_metadata() -> dict:
@@ -326,8 +330,8 @@ def available_indices(source: IndexSource, fetched: dict[str, Path] | None = Non
             path = (fetched or {})[name]
         count = None
         if here:
-            with _readable(f"index file {path} cannot be read"):
-                (count,) = duckdb.execute(
+            with _readable(f"index file {path} cannot be read"), duckdb.connect() as con:  # never the shared default
+                (count,) = con.execute(
                     "SELECT sum(num_rows) FROM "
                     f"(SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
                     f"FROM parquet_metadata({sql_str(str(path))}))"
@@ -358,8 +362,8 @@ def index_columns(source: IndexSource, name: str) -> list[dict[str, str]]:
     described = {c["name"]: c for c in ((metadata[name].get("schema") or {}).get("columns") or [])}
     path = source.directory / f"{name}.parquet"
     if path.is_file():
-        with _readable(f"index file {path} cannot be read"):
-            types = duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_str(str(path))})").fetchall()
+        with _readable(f"index file {path} cannot be read"), duckdb.connect() as con:
+            types = con.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_str(str(path))})").fetchall()
         names = [(n, t) for n, t, *_ in types]
     else:
         names = [(n, c.get("type", "")) for n, c in described.items()]
