@@ -96,9 +96,9 @@ def test_header_cache_is_written_only_when_something_changed(tmp_path):
     assert HeaderCache(tmp_path / "h.parquet", tmp_path).load().entries[(str(tmp_path / "s"), "a.dcm")] == (1, 3, "k")
 
 
-def test_a_real_ct_header_is_checked_up_to_the_series_uid(tmp_path):
+def test_each_field_of_a_real_ct_header_is_compared(tmp_path):
     """A full CT header (pydicom's CT_small: elements before and after the four fields, pixel
-    data after them): read only as far as SeriesInstanceUID, yet each of the four is compared."""
+    data after them): each of the four is compared, and a missing one is named."""
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     expected = tuple(str(ds.get(name)) for name in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"))
     good = tmp_path / "good.dcm"
@@ -196,6 +196,44 @@ def test_a_reread_that_finds_a_bad_file_drops_it_from_the_cache(tmp_path):
     assert not check_headers(manifest, root, cache_path=cache, processes=1).passed
 
 
+def test_a_reread_whose_cache_cannot_be_written_leaves_no_stale_cache(tmp_path, monkeypatch):
+    """The reread fails the swapped file but cannot write its cache (a full disk): the old cache,
+    which vouched for that file, must be gone, so the next check reads the file again."""
+    import errno
+    import os
+
+    from dataset_assets.core import dicom_headers
+    from dataset_assets.core.verify import check_headers
+    from dataset_assets_tests.support.fixture import write_dicom
+
+    row = {
+        "target_dir": "c/P/1.2/CT_1.2.3/",
+        "instanceCount": 1,
+        "PatientID": "P",
+        "StudyInstanceUID": "1.2",
+        "SeriesInstanceUID": "1.2.3",
+        "Modality": "CT",
+    }
+    folder = tmp_path / "root" / row["target_dir"]
+    folder.mkdir(parents=True)
+    good = folder / "a.dcm"
+    write_dicom(good, row, 0, 64)
+    manifest, root, cache = pa.Table.from_pylist([row]), tmp_path / "root", tmp_path / "cache.parquet"
+    assert check_headers(manifest, root, cache_path=cache, processes=1).passed
+    st = good.stat()
+    good.write_bytes(b"\0" * st.st_size)
+    os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dicom_headers.HeaderCache, "save", full)
+        report = check_headers(manifest, root, cache_path=cache, processes=1, reread=True)
+    assert not report.passed and "cache_not_saved" in report.notes
+    assert not check_headers(manifest, root, cache_path=cache, processes=1).passed
+
+
 def _header(extra: bytes = b"", drop: str | None = None, tail: bytes | None = None) -> bytes:
     """A small CT file; ``extra`` elements inserted just before the pixel data, or the pixel data
     replaced by ``tail``."""
@@ -233,14 +271,15 @@ def _element(group: int, elem: int, vr: str, value: bytes) -> bytes:
         (lambda: _header(), True),
         (lambda: _header(_element(0x10, 0x20, "LO", b"PAT1"), drop="PatientID"), True),  # out of tag order
         (lambda: _header(_element(0x08, 0x60, "CS", b"CT"), drop="Modality"), True),
-        (lambda: _header(_element(0x10, 0x20, "LO", b"EVIL")), False),  # a second, different PatientID
+        (lambda: _header(_element(0x10, 0x20, "LO", b"EVIL")), False),  # a later, different PatientID
         (lambda: _header(tail=b"\xff" * 37), False),  # a damaged tail after SeriesInstanceUID
     ],
     ids=["good", "patient-id-late", "modality-late", "second-patient-id", "damaged-tail"],
 )
 def test_the_whole_header_before_the_pixel_data_is_parsed(tmp_path, content, passes):
-    """As pydicom's dcmread(stop_before_pixels) parses it: elements out of order are read, a
-    second value or a damaged tail anywhere in the header is a finding."""
+    """As pydicom's dcmread(stop_before_pixels) parses it: elements out of order are read; a later,
+    different copy of a field (the last copy counts) or a damaged tail anywhere before the pixel
+    data is a finding."""
     path = tmp_path / "f.dcm"
     path.write_bytes(content())
     assert (file_problems(str(path), ("PAT1", "1.2.3", "1.2.3.4", "CT")) == []) is passes

@@ -28,7 +28,8 @@ _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # a set: one hash
 
 def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
     """Where ``stop_before_pixels`` stops: the header is every element before the pixel data, all
-    of it parsed (a damaged tail or a second, different PatientID is a finding)."""
+    of it parsed, as ``dcmread`` parses it (damage anywhere in it is a finding; of a repeated
+    element, the last copy counts)."""
     return tag in _PIXEL_TAGS
 
 

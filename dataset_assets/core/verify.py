@@ -17,6 +17,7 @@ Each returns a ``CheckReport`` naming up to ``MAX_LISTED`` culprits with counts.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import stat
@@ -145,6 +146,11 @@ def check_headers(
     cache = dicom_headers.HeaderCache(cache_path, root) if cache_path is not None else None
     if cache is not None and not reread:
         cache.load()
+    elif cache is not None:
+        # A reread trusts nothing the old cache says, so it goes first: a reread that is stopped,
+        # or whose cache cannot be written, must not leave it vouching for a file it failed.
+        with contextlib.suppress(OSError):
+            cache_path.unlink()
     by_folder: dict[str, dict] = {}
     if cache is not None:
         for (folder, name), value in cache.entries.items():
