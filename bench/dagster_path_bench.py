@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 BIN = Path(sys.executable).parent
 
-from download_bench import PROXY_VARS, RssSampler, Server  # noqa: E402
+from download_bench import PROXY_VARS, RssSampler, Server, run_idc_index_runner  # noqa: E402
 
 
 def dicom_bytes(row: dict, size: int) -> bytes:
@@ -363,7 +363,6 @@ def run_ui(a, work: Path, base_env: dict, collection: str, repeats: int) -> list
 
 def run_idc_index(a, work: Path, endpoint: str, manifest, notes: list[str]) -> list[dict] | None:
     """idc-index's IDCClient(): its index load, then download_from_selection of the collection's series."""
-    from dataset_assets.core import s5cmd
     from dataset_assets.core.index import IndexSource
 
     py = Path(a.idc_venv) / "bin" / "python"
@@ -372,34 +371,17 @@ def run_idc_index(a, work: Path, endpoint: str, manifest, notes: list[str]) -> l
             f"idc-index skipped: no {py} (python3 -m venv {a.idc_venv} && {a.idc_venv}/bin/pip install idc-index)"
         )
         return None
-    wrapper = work / "s5cmd-numworkers"
-    wrapper.write_text(f'#!/bin/sh\nexec "{s5cmd.find_binary()}" --numworkers {a.workers} "$@"\n')
-    wrapper.chmod(0o755)
+    index = IndexSource.installed().path("idc_index")
+    series = manifest.column("SeriesInstanceUID").to_pylist()
     out = []
     for n in range(a.repeats):
-        cfg = {
-            "endpoint": endpoint,
-            "index": str(IndexSource.installed().path("idc_index")),
-            "dests": [str(work / f"idc{n}")],
-            "s5cmd": str(wrapper),
-            "series": manifest.column("SeriesInstanceUID").to_pylist(),
-        }
-        env = {k: v for k, v in s5cmd.s5cmd_env().items() if k not in PROXY_VARS}
         started = time.monotonic()
-        done = subprocess.run(
-            [str(py), str(REPO / "bench" / "idc_index_runner.py"), json.dumps(cfg)],
-            env=env,
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
+        done, result = run_idc_index_runner(py, work, endpoint, index, [str(work / f"idc{n}")], series, a.workers, 3600)
         wall = time.monotonic() - started
         shutil.rmtree(work / f"idc{n}", ignore_errors=True)
-        if done.returncode:
+        if result is None:
             notes.append(f"idc-index failed (exit {done.returncode}): {done.stderr[-1500:]}")
             return None
-        result = json.loads(done.stdout.split("RESULT ", 1)[1])
         out.append({"seconds": wall, "init_s": result["init_s"], "download_s": result["times"][0]})
         print(
             f"  {'idc_index':<12} {wall:7.2f} s  (index load {result['init_s']:.1f} s, "

@@ -201,26 +201,16 @@ def run_cli(a, work: Path, fx, endpoint: str) -> tuple[dict, dict]:
     }, memory
 
 
-def run_idc(a, work: Path, fx, manifest, endpoint: str, notes: list[str]) -> dict | None:
+def run_idc_index_runner(py: Path, work: Path, endpoint: str, index: Path, dests: list[str], series: list[str],
+                         workers: int, timeout: float = 1800):  # fmt: skip
+    """idc-index (in its own venv ``py``) downloading ``series`` into each of ``dests`` in turn
+    through ``bench/idc_index_runner.py``, s5cmd with ``workers``: (process, its RESULT or None)."""
     from dataset_assets.core import s5cmd
 
-    py = Path(a.idc_venv) / "bin" / "python"
-    if not py.is_file():
-        return notes.append(
-            f"case 6 skipped: no {py}; make it with `python3 -m venv {a.idc_venv} && "
-            f"{a.idc_venv}/bin/pip install idc-index`"
-        )
     wrapper = work / "s5cmd-numworkers"
-    wrapper.write_text(f'#!/bin/sh\nexec "{s5cmd.find_binary()}" --numworkers {a.workers} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexec "{s5cmd.find_binary()}" --numworkers {workers} "$@"\n')
     wrapper.chmod(0o755)
-    dests = [str(fresh(work, f"idc{i}")) for i in range(a.repeats)]
-    cfg = {
-        "endpoint": endpoint,
-        "index": str(fx.index_dir / "idc_index.parquet"),
-        "dests": dests,
-        "s5cmd": str(wrapper),
-        "series": manifest.column("SeriesInstanceUID").to_pylist(),
-    }
+    cfg = {"endpoint": endpoint, "index": str(index), "dests": dests, "s5cmd": str(wrapper), "series": series}
     env = {k: v for k, v in s5cmd.s5cmd_env().items() if k not in PROXY_VARS}  # region fixed, no IMDS
     done = subprocess.run(
         [str(py), str(REPO / "bench" / "idc_index_runner.py"), json.dumps(cfg)],
@@ -228,12 +218,26 @@ def run_idc(a, work: Path, fx, manifest, endpoint: str, notes: list[str]) -> dic
         cwd=work,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=timeout,
     )
     found = re.search(r"^RESULT (.*)$", done.stdout, re.M)
-    if done.returncode or not found:
+    return done, (json.loads(found.group(1)) if done.returncode == 0 and found else None)
+
+
+def run_idc(a, work: Path, fx, manifest, endpoint: str, notes: list[str]) -> dict | None:
+
+    py = Path(a.idc_venv) / "bin" / "python"
+    if not py.is_file():
+        return notes.append(
+            f"case 6 skipped: no {py}; make it with `python3 -m venv {a.idc_venv} && "
+            f"{a.idc_venv}/bin/pip install idc-index`"
+        )
+    dests = [str(fresh(work, f"idc{i}")) for i in range(a.repeats)]
+    series = manifest.column("SeriesInstanceUID").to_pylist()
+    index = fx.index_dir / "idc_index.parquet"
+    done, result = run_idc_index_runner(py, work, endpoint, index, dests, series, a.workers)
+    if result is None:
         return notes.append(f"case 6 failed (exit {done.returncode}): {done.stderr[-1500:]}")
-    result = json.loads(found.group(1))
     return {
         "seconds": statistics.median(result["times"]),
         "all": result["times"],

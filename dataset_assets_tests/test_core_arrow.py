@@ -164,13 +164,14 @@ def test_a_cache_file_that_is_a_fifo_is_not_waited_on(tmp_path):
         arrow_build.read_parquet(fifo)
 
 
-def test_a_reread_that_finds_a_bad_file_drops_it_from_the_cache(tmp_path):
-    """A file swapped for bad bytes with the same size and mtime passes a normal check (size and
-    mtime are what the cache trusts); `reread` reads it and fails it, and the next normal check
-    must fail it too: the cache written by the reread no longer vouches for it."""
+def _swapped_after_a_check(tmp_path):
+    """One series of one file whose header check passed and was cached; the file is then
+    overwritten with zeros of the same size and given back its mtime (what the cache trusts).
+    Returns (manifest, root, cache path)."""
     import os
 
     from dataset_assets.core.verify import check_headers
+    from dataset_assets_tests.support.fixture import write_dicom
 
     row = {
         "target_dir": "c/P/1.2/CT_1.2.3/",
@@ -180,8 +181,6 @@ def test_a_reread_that_finds_a_bad_file_drops_it_from_the_cache(tmp_path):
         "SeriesInstanceUID": "1.2.3",
         "Modality": "CT",
     }
-    from dataset_assets_tests.support.fixture import write_dicom
-
     folder = tmp_path / "root" / row["target_dir"]
     folder.mkdir(parents=True)
     good = folder / "a.dcm"
@@ -191,6 +190,16 @@ def test_a_reread_that_finds_a_bad_file_drops_it_from_the_cache(tmp_path):
     st = good.stat()
     good.write_bytes(b"\0" * st.st_size)
     os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return manifest, root, cache
+
+
+def test_a_reread_that_finds_a_bad_file_drops_it_from_the_cache(tmp_path):
+    """A file swapped for bad bytes with the same size and mtime passes a normal check (size and
+    mtime are what the cache trusts); `reread` reads it and fails it, and the next normal check
+    must fail it too: the cache written by the reread no longer vouches for it."""
+    from dataset_assets.core.verify import check_headers
+
+    manifest, root, cache = _swapped_after_a_check(tmp_path)
     assert check_headers(manifest, root, cache_path=cache, processes=1).passed  # trusted, as documented
     assert not check_headers(manifest, root, cache_path=cache, processes=1, reread=True).passed
     assert not check_headers(manifest, root, cache_path=cache, processes=1).passed
@@ -200,29 +209,11 @@ def test_a_reread_whose_cache_cannot_be_written_leaves_no_stale_cache(tmp_path, 
     """The reread fails the swapped file but cannot write its cache (a full disk): the old cache,
     which vouched for that file, must be gone, so the next check reads the file again."""
     import errno
-    import os
 
     from dataset_assets.core import dicom_headers
     from dataset_assets.core.verify import check_headers
-    from dataset_assets_tests.support.fixture import write_dicom
 
-    row = {
-        "target_dir": "c/P/1.2/CT_1.2.3/",
-        "instanceCount": 1,
-        "PatientID": "P",
-        "StudyInstanceUID": "1.2",
-        "SeriesInstanceUID": "1.2.3",
-        "Modality": "CT",
-    }
-    folder = tmp_path / "root" / row["target_dir"]
-    folder.mkdir(parents=True)
-    good = folder / "a.dcm"
-    write_dicom(good, row, 0, 64)
-    manifest, root, cache = pa.Table.from_pylist([row]), tmp_path / "root", tmp_path / "cache.parquet"
-    assert check_headers(manifest, root, cache_path=cache, processes=1).passed
-    st = good.stat()
-    good.write_bytes(b"\0" * st.st_size)
-    os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
+    manifest, root, cache = _swapped_after_a_check(tmp_path)
 
     def full(self):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +13,8 @@ import pytest
 from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.manifest_assets import collection_manifest
 from dataset_assets.defs.resources import IdcResource, S5cmdResource
-from dataset_assets_tests.support.envs import project_env
+from dataset_assets_tests.support.envs import materialize_cmd, project_env
 from dataset_assets_tests.support.procs import processes_mentioning
-
-DAGSTER = os.path.join(os.path.dirname(sys.executable), "dagster")
 
 
 def resources(idc_fixture, tmp_path, server, **s5):
@@ -100,17 +97,7 @@ def test_killed_run_leaves_no_s5cmd_and_rerun_completes(idc_fixture, s3, tmp_pat
     download_dir = tmp_path / "idc"
     # The step in a process of its own, to kill it alone.
     env = project_env(idc_fixture, s3, tmp_path, DAGSTER_EXECUTOR="multiprocess")
-    args = [
-        DAGSTER,
-        "asset",
-        "materialize",
-        "-m",
-        "dataset_assets.definitions",
-        "--select",
-        "collection_manifest,downloaded_collection",
-        "--partition",
-        "qin_pet_phantom",
-    ]
+    args = materialize_cmd("collection_manifest,downloaded_collection", "qin_pet_phantom")
     slow = json.dumps({"resources": {"s5cmd": {"config": {"workers": 1, "retry_count": 1}}}})
     s3.faults.delay_s = 0.5
     proc = subprocess.Popen(

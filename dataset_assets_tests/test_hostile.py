@@ -36,12 +36,12 @@ from dataset_assets.core.index import IndexSource
 from dataset_assets.core.manifest import build_manifest
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets.core.state import load_state
-from dataset_assets_tests.support.envs import project_env
+from dataset_assets_tests.support.envs import materialize_cmd, project_env
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.support.procs import cli_download_in_flight, processes_mentioning, processes_with_env
 
 BIN = os.path.dirname(sys.executable)
-DATASET, DAGSTER = os.path.join(BIN, "dataset"), os.path.join(BIN, "dagster")
+DATASET = os.path.join(BIN, "dataset")
 
 
 def opts(server, **kw):
@@ -464,19 +464,12 @@ def test_11_sigkill_of_dagster_asset_materialize_leaves_no_download_running(idc_
     env = project_env(idc_fixture, s3, tmp_path, DAGSTER_EXECUTOR=executor)
     s3.faults.delay_s = 0.5
     proc = subprocess.Popen(
-        [
-            DAGSTER,
-            "asset",
-            "materialize",
-            "-m",
-            "dataset_assets.definitions",
-            "--select",
+        materialize_cmd(
             "collection_manifest,downloaded_collection",
-            "--partition",
             "qin_pet_phantom",
             "--config-json",
             '{"resources": {"s5cmd": {"config": {"workers": 1}}}}',
-        ],
+        ),
         env=env,
         cwd=tmp_path,
         start_new_session=True,

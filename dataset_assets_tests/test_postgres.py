@@ -3,16 +3,15 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 import dataset_assets
+from dataset_assets_tests.support.envs import DAGSTER, materialize_cmd
 from dataset_assets_tests.support.postgres import pg_bin, postgres_server
 
-DAGSTER = os.path.join(os.path.dirname(sys.executable), "dagster")
 POSTGRES_YAML = Path(dataset_assets.__file__).parent / "deploy" / "dagster.postgres.yaml"
 PARTITIONS = ["qin_pet_phantom", "lung_phantom", "qiba_ct_liver_phantom", "pancreas_ct", "rider_pilot"]
 
@@ -41,17 +40,7 @@ def test_parallel_partitions_on_postgres_lose_nothing(tmp_path):
         assert migrate.returncode == 0, migrate.stdout + migrate.stderr
         procs = [
             subprocess.Popen(
-                [
-                    DAGSTER,
-                    "asset",
-                    "materialize",
-                    "-m",
-                    "dataset_assets.definitions",
-                    "--select",
-                    "collection_manifest",
-                    "--partition",
-                    pk,
-                ],
+                materialize_cmd("collection_manifest", pk),
                 env=env,
                 cwd=tmp_path,
                 stdout=subprocess.PIPE,

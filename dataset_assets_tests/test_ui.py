@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,13 +38,13 @@ import pytest
 
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.index import IndexSource, collection_ids
+from dataset_assets_tests.support.envs import materialize_cmd
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.procs import processes_mentioning
 from dataset_assets_tests.support.s3server import LocalS3Server
 from dataset_assets_tests.support.webserver import DagsterDev, dagster_home
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
-DAGSTER = os.path.join(os.path.dirname(sys.executable), "dagster")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -94,17 +93,7 @@ def fresh_artifacts() -> Path:
 
 def materialize(env: dict, cwd: Path, select: str, partition: str) -> None:
     proc = subprocess.run(
-        [
-            DAGSTER,
-            "asset",
-            "materialize",
-            "-m",
-            "dataset_assets.definitions",
-            "--select",
-            select,
-            "--partition",
-            partition,
-        ],
+        materialize_cmd(select, partition),
         env=env,
         cwd=cwd,
         capture_output=True,

@@ -37,6 +37,20 @@ def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
 
+def _record(title, url, short, long, license_url, citation, kind, source_id) -> dict:
+    """One source as the citation formats read it (columns in the order both queries select them)."""
+    return {
+        "title": title,
+        "url": url,
+        "license": short,
+        "license_name": long,
+        "license_url": license_url,
+        "citation": _clean(citation),
+        "source_type": kind,
+        "source_id": source_id,
+    }
+
+
 def _shipped_sources(con: duckdb.DuckDBPyConnection, analysis_results: Path | None) -> dict[str, dict]:
     """lower(DOI) -> record from collections_index (and analysis_results_index)."""
     records: dict[str, dict] = {}
@@ -45,39 +59,18 @@ def _shipped_sources(con: duckdb.DuckDBPyConnection, analysis_results: Path | No
             "SELECT source_DOI, analysis_result_title, source_url, license_short_name, license_long_name, "
             f"license_url, citation, analysis_result_id FROM read_parquet({sql_str(str(analysis_results))})"
         ).fetchall()
-        for doi, title, url, short, long, lic_url, citation, result_id in rows:
+        for doi, *fields, result_id in rows:
             if doi:
-                records[doi.lower()] = {
-                    "title": title,
-                    "url": url,
-                    "license": short,
-                    "license_name": long,
-                    "license_url": lic_url,
-                    "citation": _clean(citation),
-                    "source_type": "analysis_result",
-                    "source_id": result_id,
-                }
+                records[doi.lower()] = _record(*fields, "analysis_result", result_id)
     if "collections_index" in _tables(con):
         rows = con.execute(
             "SELECT s.source_doi, s.source_title, s.source_url, s.license.license_short_name, "
             "s.license.license_long_name, s.license.license_url, s.citation, s.source_type, s.source_id "
             "FROM (SELECT unnest(sources) AS s FROM collections_index)"
         ).fetchall()
-        for doi, title, url, short, long, lic_url, citation, kind, source_id in rows:
+        for doi, *fields in rows:
             if doi:
-                records.setdefault(
-                    doi.lower(),
-                    {
-                        "title": title,
-                        "url": url,
-                        "license": short,
-                        "license_name": long,
-                        "license_url": lic_url,
-                        "citation": _clean(citation),
-                        "source_type": kind,
-                        "source_id": source_id,
-                    },
-                )
+                records.setdefault(doi.lower(), _record(*fields))
     return records
 
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+DAGSTER = os.path.join(os.path.dirname(sys.executable), "dagster")
+
+
+def materialize_cmd(select: str, partition: str, *extra: str) -> list[str]:
+    """``dagster asset materialize`` of ``select`` for one partition of the project's definitions."""
+    return [DAGSTER, "asset", "materialize", "-m", "dataset_assets.definitions", "--select", select,
+            "--partition", partition, *extra]  # fmt: skip
 
 
 def project_env(idc_fixture, s3, tmp_path: Path, **extra: str) -> dict[str, str]:

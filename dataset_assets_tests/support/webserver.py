@@ -26,18 +26,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dataset_assets_tests.support.envs import DAGSTER
 from dataset_assets_tests.support.procs import processes_with_env
 from dataset_assets_tests.support.s3server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-DAGSTER = os.path.join(os.path.dirname(sys.executable), "dagster")
 MODULE = "dataset_assets.definitions"
 
 _READY_QUERY = """
