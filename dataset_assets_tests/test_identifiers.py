@@ -349,6 +349,18 @@ def test_flat_layout_puts_every_file_in_dest(idc_fixture, s3, env, tmp_path):
     assert sorted(p.name for p in other.glob("*.dcm")) == expected
 
 
+def test_repeated_flat_downloads_all_exit_cleanly(idc_fixture, s3, env, tmp_path):
+    """Reading a Parquet file through a Python file object let Arrow's I/O threads call back into
+    Python and aborted about one CLI run in three at exit ('terminate called without an active
+    exception', exit -6). Each of these runs must end with 0."""
+    ids = ",".join(r["SeriesInstanceUID"] for r in idc_fixture.rows[:2])
+    codes = [
+        run("idc", "download", ids, str(tmp_path / f"o{i}"), "--layout", "flat", "--retries", "1", env=env)
+        for i in range(15)
+    ]
+    assert [p.returncode for p in codes] == [0] * 15, [p.stderr[-300:] for p in codes if p.returncode]
+
+
 def test_http_download_never_takes_another_urls_file_for_its_own(tmp_path):
     with FileServer(max_lifetime_s=120) as srv:
         srv.files["/v1/data.zip"] = b"A" * 5000

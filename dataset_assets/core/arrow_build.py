@@ -138,9 +138,11 @@ def read_parquet(path: str | os.PathLike) -> pa.Table:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        handle = open(fd, "rb")  # noqa: SIM115 - closed below, with the fd it now owns
-    except BaseException:
+        # Arrow opens the file itself (a Python file object would have Arrow's I/O threads call
+        # back into Python, which can abort the interpreter at exit); through the descriptor's
+        # /proc link where there is one, so it reads the very file checked above.
+        proc_link = f"/proc/self/fd/{fd}"
+        with pq.ParquetFile(proc_link if os.path.exists(proc_link) else os.fspath(path)) as file:
+            return file.read()
+    finally:
         os.close(fd)
-        raise
-    with handle, pq.ParquetFile(handle) as file:
-        return file.read()
