@@ -95,14 +95,17 @@ class _Group(click.Group):
         except BrokenPipeError:  # before OSError, of which it is one
             _quiet_broken_pipe()
         except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path
-            raise Failure(
-                f"{os_error_text(exc)}; everything completed so far is kept, run the same command again "
-                "once that is fixed",
-                EXIT_ENVIRONMENT,
-            ) from None
+            kept = ctx.meta.get(KEPT, "everything completed so far is kept, run the same command again")
+            raise Failure(f"{os_error_text(exc)}; {kept} once that is fixed", EXIT_ENVIRONMENT) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; run the same command again to resume", err=True)
+            kept = ctx.meta.get(KEPT, "everything completed so far is kept, run the same command again to resume")
+            click.echo(f"interrupted; {kept}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+
+#: What a command that stops early keeps, said when it is interrupted or the file system fails
+#: (``ctx.meta[KEPT]``, set by commands that keep nothing; the default suits resumable downloads).
+KEPT = "dataset_assets.kept"
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool the signal ends exits with
@@ -162,6 +165,9 @@ def indices(as_json: bool) -> None:
 def fetch(names: tuple[str, ...], force: bool) -> None:
     """Fetch on-demand indices (e.g. sm_index sm_instance_index) of the installed release, check
     them against the schema shipped with idc-index-data, and keep them for `query` and downloads."""
+    click.get_current_context().meta[KEPT] = (
+        "an index not yet complete is not kept (the indices already fetched are), run the same command again"
+    )
     for name in dict.fromkeys(names):
         result = extra.fetch(name, force=force, log=lambda line: click.echo(line, err=True))
         state = "already here" if result.skipped else f"fetched {human_bytes(result.transferred_bytes)}"
@@ -173,17 +179,37 @@ def fetch(names: tuple[str, ...], force: bool) -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True
 )
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+@click.option(
+    "--output", "output_text", metavar="FILE", help="Write to FILE instead of stdout ('-': stdout), replaced whole."
+)
 @click.option("--limit", type=click.IntRange(0), default=None, help="Show at most N rows (table format: 50).")
-def query(sql: str, fmt: str, output: Path | None, limit: int | None) -> None:
+def query(sql: str, fmt: str, output_text: str | None, limit: int | None) -> None:
     """Run SQL over every local index: the bundled ones (idc_index, collections_index, ...) and the
-    ones fetched with `dataset idc fetch` (sm_index, sm_instance_index, ...), with DuckDB."""
+    ones fetched with `dataset idc fetch` (sm_index, sm_instance_index, ...), with DuckDB. The SQL
+    reads the indices only: it cannot install or load extensions, read or write other files, or
+    change DuckDB's settings.
+
+    Exit codes: 0 done, 2 the query or an option is wrong (also when the query fails part-way
+    through: --output is then left as it was), 3 the index or the output cannot be read or written."""
     from .core.query import write_query
 
+    output = _output_path(output_text)
+    click.get_current_context().meta[KEPT] = (
+        f"{output} is left as it was, run the same command again" if output else "run the same command again"
+    )
     with extra.connect_all(_source(), log=lambda line: click.echo(line, err=True)) as con:
         rows = write_query(con, sql, fmt, output, limit, stdout=click.get_text_stream("stdout"))
     if output is not None:
         click.echo(f"{rows:,} rows written to {output}", err=True)
+
+
+def _output_path(text: str | None) -> Path | None:
+    """``--output``: ``None`` (stdout) for nothing or ``-``; a folder (``out/``, an existing folder) is refused."""
+    if text is None or text == "-":
+        return None
+    if not text or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise OptionError(f"--output {text!r} names a folder; give a file name, e.g. {text.rstrip('/')}/result.csv")
+    return Path(text)
 
 
 @idc.command()

@@ -14,8 +14,9 @@ import click
 
 from . import settings
 from .core.errors import DatasetError
-from .core.fmt import human_bytes
-from .core.http_bundles import Bundle, default_filename, download_bundle, redact_url, scrub, try_load_bundles
+from .core.fmt import human_bytes, scrub_text
+from .core.fs import new_file
+from .core.http_bundles import Bundle, default_filename, download_bundle, redact_url, try_load_bundles
 
 DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parent / "bundles.yaml"
 PROGRESS_EVERY_S = 2.0
@@ -28,7 +29,7 @@ def bundles_file(path: Path | None = None) -> Path:
 def _bad_input(message: str):
     from .cli import EXIT_INPUT, Failure
 
-    return Failure(scrub(message), EXIT_INPUT)
+    return Failure(scrub_text(message), EXIT_INPUT)
 
 
 def bundle_for(
@@ -107,13 +108,12 @@ def http_download(
     )
     watcher.start()
     try:
-        result = download_bundle(bundle, dest, log=lambda line: click.echo(scrub(line), err=True))
+        result = download_bundle(bundle, dest, log=lambda line: click.echo(scrub_text(line), err=True))
     finally:
         stop.set()
         watcher.join()
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(_source_key(bundle.url) + "\n", encoding="utf-8")
-    os.replace(tmp, record)
+    with new_file(record, "w", encoding="utf-8") as handle:
+        handle.write(_source_key(bundle.url) + "\n")
     how = "already complete" if result.skipped else ("resumed, complete" if result.resumed else "complete")
     click.echo(
         f"{how}: {result.path} ({human_bytes(result.bytes)}, sha256 {result.sha256 or 'not computed'}; "

@@ -82,6 +82,11 @@ DATASET_BUNDLES_DIR = Setting("DATASET_BUNDLES_DIR", "data/bundles", "where HTTP
 DATASET_BUNDLES_MAX_RETRY_AFTER_S = Setting(
     "DATASET_BUNDLES_MAX_RETRY_AFTER_S", "300", "longest Retry-After wait an HTTP server may ask for, in seconds"
 )
+DATASET_HTTP_MAX_UNSIZED_BYTES = Setting(
+    "DATASET_HTTP_MAX_UNSIZED_BYTES",
+    "4000000000",
+    "largest body accepted from an HTTP server that announces no size (no Content-Length) when none is declared",
+)
 AWS_CA_BUNDLE = Setting("AWS_CA_BUNDLE", None, "CA bundle for s5cmd and the endpoint check (corporate proxies)")
 REQUESTS_CA_BUNDLE = Setting(
     "REQUESTS_CA_BUNDLE", None, "CA bundle for requests; passed to s5cmd as AWS_CA_BUNDLE when that is unset"
@@ -103,6 +108,7 @@ SETTINGS = (
     DATASET_BUNDLES_FILE,
     DATASET_BUNDLES_DIR,
     DATASET_BUNDLES_MAX_RETRY_AFTER_S,
+    DATASET_HTTP_MAX_UNSIZED_BYTES,
     AWS_CA_BUNDLE,
     REQUESTS_CA_BUNDLE,
 )

@@ -31,6 +31,7 @@ from dataset_assets.core.errors import (
     TransferStoppedError,
     UnsafeValueError,
 )
+from dataset_assets.core.fmt import scrub_text
 from dataset_assets.core.http_bundles import Bundle, download_bundle, load_bundles
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.manifest import build_manifest
@@ -814,7 +815,7 @@ def test_15_yaml_errors_never_quote_the_offending_line(tmp_path, text):
 
 def test_15_scrub_removes_user_info_and_queries():
     text = "got str 'https://user:S3CRETPW@example.org/x?sig=abc' and http://u@h/p?q=1)"
-    assert http_bundles.scrub(text) == "got str 'https://example.org/x?…' and http://h/p?…)"
+    assert scrub_text(text) == "got str 'https://example.org/x?…' and http://h/p?…)"
 
 
 # ------------------------------------------------- 16. links planted where the download writes

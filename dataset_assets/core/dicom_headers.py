@@ -162,6 +162,7 @@ class HeaderCache:
         import pyarrow.parquet as pq
 
         from . import arrow_build
+        from .fs import new_file
 
         schema = pa.schema(
             [
@@ -177,14 +178,9 @@ class HeaderCache:
         columns = list(zip(*rows, strict=False)) if rows else [[], [], [], [], []]
         table = arrow_build.table(dict(zip(schema.names, columns, strict=True)), schema)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, self.path)
-            self.changed, self.loaded = False, True
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with new_file(self.path) as handle:
+            pq.write_table(table, handle)
+        self.changed, self.loaded = False, True
 
 
 def _memo(fn: Callable[[str], str]) -> Callable[[str], str]:

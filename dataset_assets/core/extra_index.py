@@ -23,6 +23,7 @@ import duckdb
 
 from .. import settings
 from .errors import IndexUnavailableError, UnknownIndexError
+from .fmt import redact_url
 from .index import BUNDLED, IndexSource, installed_package, sql_str
 
 Log = Callable[[str], None]
@@ -95,7 +96,14 @@ def fetch_hint(name: str) -> str:
 
 
 def url_of(name: str) -> str:
-    return f"{settings.IDC_INDEX_BASE_URL.require().rstrip('/')}/{package_version()}/{name}.parquet"
+    """``$IDC_INDEX_BASE_URL/<version>/<name>.parquet``: the path is appended to the base URL's
+    path, so a query string (a signed mirror's token) stays a query string, after it. The URL may
+    hold credentials: print, log or store it only through ``redact_url``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    base = urlsplit(settings.IDC_INDEX_BASE_URL.require())
+    path = f"{base.path.rstrip('/')}/{package_version()}/{name}.parquet"
+    return urlunsplit((base.scheme, base.netloc, path, base.query, ""))
 
 
 def check_schema(path: Path, name: str) -> None:
@@ -169,7 +177,7 @@ def fetch(name: str, *, log: Log = lambda _m: None, force: bool = False) -> Fetc
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".incoming-"))  # private to this fetch: nothing planted
     try:
         url = url_of(name)
-        log(f"fetching {name} from {url}")
+        log(f"fetching {name} from {redact_url(url)}")
         result = download_bundle(Bundle(name=name, url=url, filename=f"{name}.parquet"), staging, log=log)
         check_schema(result.path, name)
         check_readable(result.path, name)
@@ -217,11 +225,11 @@ def fetched() -> dict[str, Path]:
 def connect_all(source: IndexSource | None = None, log: Log = lambda _m: None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per bundled index and per fetched one. A file
     that is not a regular, readable Parquet file is skipped with one line through ``log``.
-    DuckDB never installs or loads an extension from the internet here."""
+    The connection is locked for user SQL (``lock_for_user_sql``): it reads the index files and
+    nothing else, and installs or loads no extension."""
     source = source or IndexSource.from_env()
     con = source.connect()
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
+    read = [source.directory / f"{n}.parquet" for n in BUNDLED if (source.directory / f"{n}.parquet").is_file()]
     shipped = {p.stem: p for p in sorted(source.directory.glob("*.parquet"))}  # analysis_results_index, ...
     for name, path in {**shipped, **fetched()}.items():
         if name in BUNDLED or not name.isidentifier():
@@ -232,10 +240,30 @@ def connect_all(source: IndexSource | None = None, log: Log = lambda _m: None) -
         try:
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_str(str(path))})")
             con.execute(f"SELECT * FROM {name} LIMIT 0")
+            read.append(path)
         except duckdb.Error as exc:
             con.execute(f"DROP VIEW IF EXISTS {name}")
             log(f"skipped {path}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})")
+    lock_for_user_sql(con, read)
     return con
+
+
+def lock_for_user_sql(con: duckdb.DuckDBPyConnection, files: list[Path]) -> None:
+    """Make ``con`` safe for SQL someone else wrote (``dataset idc query``, a cohort's ``sql``):
+    no extension is installed or loaded (explicitly or automatically, from any repository), no
+    file is read or written but ``files`` (the indices behind the views: no COPY TO, no ATTACH,
+    no reading other files), and then the configuration is locked, so a ``SET`` in that SQL
+    cannot undo any of it."""
+    allowed = sorted({text for f in files for text in (str(f), str(Path(f).absolute()))})
+    for statement in (
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET allow_community_extensions = false",
+        f"SET allowed_paths = [{', '.join(map(sql_str, allowed))}]",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ):
+        con.execute(statement)
 
 
 def _regular(path: Path) -> bool:

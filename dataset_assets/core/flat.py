@@ -18,6 +18,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from .fs import new_file
+
 
 def link_into(root: Path, relative_files: Iterable[str]) -> tuple[int, list[str]]:
     """Hard-link (or copy) each ``root/<relative file>`` to ``root/<its name>``; returns the number
@@ -38,8 +40,7 @@ def link_into(root: Path, relative_files: Iterable[str]) -> tuple[int, list[str]
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
-            tmp = target.with_name(f".{target.name}.copy")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            with open(source, "rb") as src, new_file(target) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
         placed += 1
     return placed, problems

@@ -75,7 +75,8 @@ def os_error_text(exc: OSError) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``https://user:pw@h/f?sig=…`` -> ``https://h/f?…``: no credentials or query in logs and errors."""
+    """``https://user:pw@h/f?sig=…#x`` -> ``https://h/f?…``: no credentials, query or fragment in
+    what is printed, logged or stored. The one rule for a URL; ``scrub_text`` applies it to text."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:
@@ -85,10 +86,13 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "…" if parts.query else "", ""))
 
 
-_USERINFO = re.compile(r"(?<=//)[^/@\s'\"]+@")
-_QUERY = re.compile(r"(?<=[^\s?'\"])\?[^\s'\"]+")
+#: ``user:password@`` right after ``scheme://``; a query string right after a URL or a path.
+_USERINFO = re.compile(r"(?<=://)[^/\s?#@'\"<>]*@")
+_QUERY = re.compile(r"(?<=[\w/.~%:-])\?[^\s'\"<>)\]]+")
 
 
 def scrub_text(text: str) -> str:
-    """``text`` without credentials (``//user:pw@``) or query strings of the URLs in it."""
+    """``text`` with the ``user:password@`` of every URL removed and every query string (``?...``
+    right after a URL or path) replaced by ``?…``: the one scrubber for messages, logs and
+    metadata that may quote a URL (exceptions from requests and urllib3 do)."""
     return _QUERY.sub("?…", _USERINFO.sub("", text))

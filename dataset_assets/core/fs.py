@@ -9,7 +9,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import DownloadError
@@ -17,6 +17,24 @@ from .fmt import human_bytes
 
 DISK_MARGIN = 0.02  # fraction of the needed bytes kept free on top of them
 DISK_MARGIN_MIN = 64 * 1024 * 1024
+
+
+@contextmanager
+def new_file(path: Path, mode: str = "wb", encoding: str | None = None, newline: str | None = None) -> Iterator:
+    """Write ``path`` through a temporary file beside it that this call creates (``mkstemp``:
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``, a random name no one can guess or have planted), renamed
+    over ``path`` when the block ends; removed when it fails. A link planted at ``path`` is
+    replaced, never written through. Every file the project writes for output goes through here."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # as an ordinary new file: readable by the others sharing the root
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def check_writable(directory: Path, what: str = "download root") -> None:

@@ -43,7 +43,7 @@ lists them::
    only ever holds a complete, verified file.
 
 Signed URLs carry credentials in their query string, and URLs may carry ``user:password@``:
-messages and logs show ``?…`` and no user info instead (``redact_url``, ``scrub``); exceptions
+messages and logs show ``?…`` and no user info instead (``redact_url``, ``scrub_text``); exceptions
 from requests/urllib3, which quote the URL, are scrubbed and not chained, and YAML errors are
 rebuilt from their line and column (PyYAML's excerpt of the line could show part of a secret).
 """
@@ -58,6 +58,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -71,8 +72,8 @@ import yaml
 
 from .. import settings
 from .errors import DatasetError, DownloadError
-from .fmt import human_bytes, human_duration, redact_url
-from .fs import check_free_space, check_writable
+from .fmt import human_bytes, human_duration, redact_url, scrub_text
+from .fs import DISK_MARGIN_MIN, check_free_space, check_writable
 
 if TYPE_CHECKING:  # requests and urllib3 load with the first download: the definitions load without them
     import requests
@@ -89,21 +90,13 @@ RESUME_BACKOFF_S = 0.5  # pause before the first resume of a cut-short body; dou
 RESUME_BACKOFF_MAX_S = 8.0
 MAX_RESTARTS = 3  # times one download may start over (Range ignored or refused)
 MAX_FILENAME_BYTES = 200  # leaves room for the ".part" name within the usual 255
-_QUERY = re.compile(r"(?<=[\w/.~%:-])\?[^\s'\"<>)\]]+")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
-_USERINFO = re.compile(r"(?<=://)[^/\s?#@'\"<>]*@")
 # Files the download writes are opened without following a link (O_NOFOLLOW), without blocking on
 # a FIFO put there (O_NONBLOCK: no effect on regular files), in binary mode on Windows.
 _OPEN_FLAGS = sum(getattr(os, flag, 0) for flag in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "O_BINARY"))
 MAX_VALIDATOR_BYTES = 1024  # an ETag or a date: anything longer is not kept nor sent back
 Log = Callable[[str], None]
-
-
-def scrub(text: str) -> str:
-    """``text`` with every query string (``?...`` right after a URL or path) replaced by ``?…``
-    and the ``user:password@`` of every URL removed."""
-    return _QUERY.sub("?…", _USERINFO.sub("", text))
 
 
 def _safe_filename(name: object) -> bool:
@@ -176,7 +169,7 @@ class Bundle:
     def __post_init__(self) -> None:
         problem = _bundle_problem(self.name, self.url, self.sha256, self.size, self.filename, self.content_type)
         if problem:
-            raise DatasetError(scrub(f"bundle {self.name!r}: {problem}"))
+            raise DatasetError(scrub_text(f"bundle {self.name!r}: {problem}"))
         if self.sha256 is not None:
             object.__setattr__(self, "sha256", self.sha256.lower())
         if self.content_type is not None:
@@ -199,10 +192,10 @@ def _yaml_problem(exc: Exception) -> str:
             text += (
                 f" ({exc.context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
             )
-        return scrub(" ".join(text.split()))
+        return scrub_text(" ".join(text.split()))
     if isinstance(exc, RecursionError):
         return "nested too deeply"
-    return scrub(_one_line(exc))
+    return scrub_text(_one_line(exc))
 
 
 def _parse_bundles(path: Path) -> dict[str, Bundle]:
@@ -255,7 +248,7 @@ def load_bundles(path: Path) -> dict[str, Bundle]:
     try:
         return _parse_bundles(Path(path))
     except DatasetError as exc:
-        raise DatasetError(scrub(_one_line(exc))) from None
+        raise DatasetError(scrub_text(_one_line(exc))) from None
 
 
 def try_load_bundles(path: Path) -> tuple[dict[str, Bundle], str | None]:
@@ -266,7 +259,7 @@ def try_load_bundles(path: Path) -> tuple[dict[str, Bundle], str | None]:
     except DatasetError as exc:
         return {}, str(exc)
     except Exception as exc:
-        return {}, scrub(f"bundle file {path} cannot be loaded: {exc.__class__.__name__}: {_one_line(exc)}")
+        return {}, scrub_text(f"bundle file {path} cannot be loaded: {exc.__class__.__name__}: {_one_line(exc)}")
 
 
 def make_session(retries: int = 5, backoff: float = 0.5) -> requests.Session:
@@ -544,7 +537,7 @@ def _body(response: requests.Response, chunk_size: int, limit: int | None) -> It
                 window_start, window_bytes = now, 0
             yield block
     except (Urllib3Error, requests.RequestException, OSError) as exc:
-        raise _Interrupted(scrub(f"{exc.__class__.__name__}: {exc}")) from None
+        raise _Interrupted(scrub_text(f"{exc.__class__.__name__}: {exc}")) from None
     try:  # all announced bytes are in: anything after them is a lie about the length
         more = response.raw.read(1, decode_content=False)
     except (Urllib3Error, requests.RequestException, OSError):
@@ -584,6 +577,21 @@ def _changed(validator: str, response: requests.Response) -> str:
     return "" if modified == validator else f"Last-Modified {validator} -> {modified or 'none'}"
 
 
+#: While a body arrives, free space is checked every this many bytes; under ``DISK_MARGIN_MIN`` free stops it.
+FREE_SPACE_EVERY_BYTES = 64 * 1024 * 1024
+
+
+def _check_room(bundle: Bundle, part: _Part, path: Path) -> None:
+    """``DownloadError`` (the part deleted) when the disk holding ``path`` is nearly full."""
+    free = shutil.disk_usage(path.parent).free
+    if free < DISK_MARGIN_MIN:
+        part.restart()
+        raise DownloadError(
+            f"bundle {bundle.name}: only {human_bytes(free)} left free in {path.parent} while receiving "
+            f"{redact_url(bundle.url)}; stopped and the partial file was deleted"
+        )
+
+
 def _check_total(bundle: Bundle, total: int | None, part: _Part, path: Path) -> None:
     """Fail before transferring when the server announces another size than the bundle file."""
     if bundle.size is not None and total is not None and total != bundle.size:
@@ -612,6 +620,19 @@ def retry_after_seconds(value: str) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def max_unsized_bytes() -> int:
+    """The most bytes accepted from a body whose size nothing announces (no Content-Length, no
+    declared size): ``$DATASET_HTTP_MAX_UNSIZED_BYTES``, read now (default 4 GB, above the largest
+    on-demand IDC index)."""
+    raw = settings.DATASET_HTTP_MAX_UNSIZED_BYTES.require().strip()
+    if not raw.isdigit() or int(raw) <= 0:
+        raise DownloadError(
+            f"${settings.DATASET_HTTP_MAX_UNSIZED_BYTES.name} {raw!r} is not a number of bytes > 0 (the largest "
+            "body accepted from a server that announces no size)"
+        )
+    return int(raw)
 
 
 def max_retry_after(value: float | None = None) -> float:
@@ -664,7 +685,7 @@ def _fetch(
     except requests.RequestException as exc:
         raise DownloadError(
             f"bundle {bundle.name}: cannot download {redact_url(bundle.url)}: "
-            f"{exc.__class__.__name__}: {scrub(str(exc))}"
+            f"{exc.__class__.__name__}: {scrub_text(str(exc))}"
         ) from None
     with response:
         status = response.status_code
@@ -713,25 +734,30 @@ def _fetch(
             total = length
             range_end = None
             limit, announced = (length, "Content-Length") if length is not None else (bundle.size, "size")
+            if limit is None:  # nothing says how long the body is: it is capped, never endless
+                limit, announced = max_unsized_bytes(), "cap"
         _check_total(bundle, total, part, path)
         expected_total = bundle.size if bundle.size is not None else total
         if expected_total is not None:
             check_free_space(path.parent, expected_total - offset, f"bundle {bundle.name}")
         part.digest()  # hash what the part already holds before appending
-        received = 0
+        received, checked = 0, 0
         try:
             for chunk in _body(response, part.chunk_size, limit):
                 part.append(chunk)
                 received += len(chunk)
+                if received - checked >= FREE_SPACE_EVERY_BYTES:  # the disk is watched as the bytes arrive
+                    checked = received
+                    _check_room(bundle, part, path)
         except _Interrupted as exc:
             return "interrupted", total, str(exc)
         except _TooLong:
             part.restart()
-            what = (
-                f"the {limit:,} bytes it announced ({announced})"
-                if announced != "size"
-                else f"the bundle's size of {limit:,} bytes"
-            )
+            what = {
+                "size": f"the bundle's size of {limit:,} bytes",
+                "cap": f"{limit:,} bytes without announcing a size "
+                f"(the cap, ${settings.DATASET_HTTP_MAX_UNSIZED_BYTES.name})",
+            }.get(announced, f"the {limit:,} bytes it announced ({announced})")
             raise DownloadError(
                 f"bundle {bundle.name}: the server sent more than {what} for "
                 f"{redact_url(bundle.url)}; the partial file was deleted"
@@ -893,7 +919,8 @@ def download_bundle(
                 raise
     except OSError as exc:
         raise DownloadError(
-            f"bundle {bundle.name}: cannot write {path if path.exists() else final}: {exc.strerror or scrub(str(exc))}"
+            f"bundle {bundle.name}: cannot write {path if path.exists() else final}: "
+            f"{exc.strerror or scrub_text(str(exc))}"
         ) from None
     finally:
         if own_session:

@@ -101,7 +101,7 @@ def download_instances(
             folder = root / row["target_dir"]
             if folder.is_dir():
                 for entry in folder.iterdir():
-                    match = TEMP_SUFFIX.match(entry.name)
+                    match = TEMP_SUFFIX.fullmatch(entry.name)
                     if match and match.group(1) == f"{row['crdc_instance_uuid']}.dcm" and entry.is_file():
                         entry.unlink(missing_ok=True)
         if todo:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from . import arrow_build
 from .errors import FilterError, ManifestError
+from .fs import new_file
 from .index import require_collection
 from .layout import DEFAULT_LAYOUT, Layout, LongPaths
 
@@ -242,12 +243,8 @@ def summarize(table: pa.Table) -> dict[str, object]:
 def write_manifest(table: pa.Table, path: Path) -> Path:
     """Write ``table`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with new_file(path) as handle:
+        pq.write_table(table, handle, compression="zstd")
     return path
 
 

@@ -40,12 +40,12 @@ CSV_COLUMNS = {
     "collection_id": "collection",
 }
 MAX_FILE_BYTES = 200 * 1024 * 1024
-_URL = re.compile(r"^['\"]?(s3|gs)://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([^/\s'\"]+)/\*?['\"]?$")
+_URL = re.compile(r"['\"]?(s3|gs)://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([^/\s'\"]+)/\*?['\"]?")
 _S5CMD_VERBS = ("cp", "sync")
 
 
 def _from_url(text: str, origin: str) -> Entry:
-    match = _URL.match(text.strip())
+    match = _URL.fullmatch(text.strip())
     if not match:
         return Entry(
             text, origin=origin, problem="not an s3:// or gs:// series prefix s3://<bucket>/<crdc_series_uuid>/*"
@@ -67,7 +67,7 @@ def _s5cmd_line(line: str, origin: str) -> Entry:
 def bucket_of(line: str) -> str | None:
     """The AWS name of the bucket an s5cmd line or URL names (for messages), or None."""
     for word in line.split():
-        match = _URL.match(word)
+        match = _URL.fullmatch(word)
         if match:
             return GCS_TO_AWS.get(match.group(2), match.group(2))
     return None

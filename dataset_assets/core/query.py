@@ -1,15 +1,18 @@
 """SQL over the local IDC indices with DuckDB, and writing a result as a table, CSV, JSON or
-Parquet, streamed in batches (memory stays flat whatever the number of rows)."""
+Parquet, streamed in batches (memory stays flat whatever the number of rows: a table's column
+widths come from its first rows, and a longer value is cut with a visible ``…``)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import stat
 import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
@@ -19,15 +22,19 @@ import pyarrow.parquet as pq
 
 from . import extra_index as extra
 from .errors import FilterError, OptionError, UnknownIndexError
+from .fs import new_file
 
 BATCH_ROWS = 50_000
+TABLE_WIDTH_ROWS = 1_000  # a table's column widths come from its first rows
+TABLE_MAX_WIDTH = 80  # no IDC identifier is longer (DICOM UIDs: 64): a longer value is cut with a marker
+CUT = "…"
 
 
 def tables_of(con: duckdb.DuckDBPyConnection) -> list[str]:
     return sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
 
 
-def _errors(con: duckdb.DuckDBPyConnection, exc: duckdb.Error) -> Exception:
+def _errors(con: duckdb.DuckDBPyConnection, exc: Exception) -> Exception:
     """One-line error for ``exc``: an unknown table names the tables there are and, for an
     on-demand index not fetched yet, how to fetch it."""
     message = str(exc).splitlines()[0]
@@ -36,7 +43,13 @@ def _errors(con: duckdb.DuckDBPyConnection, exc: duckdb.Error) -> Exception:
         name = missing.group(1)
         hint = f"; {name} is an on-demand index: {extra.fetch_hint(name)}" if name in extra.on_demand_indices() else ""
         return UnknownIndexError(f"no table {name!r}; tables here: {', '.join(tables_of(con))}{hint}")
-    return FilterError(f"query failed: {' '.join(str(exc).split())[:400]}")
+    text = " ".join(str(exc).split())
+    hint = (
+        "; queries read the indices only: no extension is installed or loaded, and no other file is read or written"
+        if "disabled by configuration" in text or "the configuration has been locked" in text
+        else ""
+    )
+    return FilterError(f"query failed: {text[:400]}{hint}")
 
 
 def relation(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
@@ -60,7 +73,7 @@ def _batches(con: duckdb.DuckDBPyConnection, rel: duckdb.DuckDBPyRelation, limit
                 batch = batch.slice(0, left)
                 left -= batch.num_rows
             yield batch
-    except duckdb.Error as exc:
+    except (duckdb.Error, OSError) as exc:  # an error found part-way through arrives as a plain OSError
         raise _errors(con, exc) from None
 
 
@@ -69,6 +82,8 @@ def check_output(output: Path) -> None:
     device, a link or a folder: ``--output /dev/null`` must not replace the device)."""
     if not str(output) or output.name in ("", ".", ".."):
         raise OptionError(f"--output {str(output)!r} is not a file name")
+    if not output.parent.is_dir():
+        raise OptionError(f"--output {output}: the folder {output.parent} does not exist; create it first")
     try:
         st = os.lstat(output)
     except FileNotFoundError:
@@ -109,36 +124,33 @@ def write_query(
         )
     if fmt == "table" and limit is None:
         limit = 50
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp") if output is not None else None
     rows = 0
     try:
+        if output is None:
+            with _keep(stdout) as out:
+                return _write_text(con, rel, names, fmt, limit, out)
         if fmt == "parquet":
-            writer = None
-            try:
-                for batch in _batches(con, rel, limit):
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, batch.schema)
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-            finally:
-                if writer is not None:
-                    writer.close()
-            if writer is None:
-                pq.write_table(pa.table({n: pa.array([], pa.null()) for n in names}), tmp)
-        else:
-            with open(tmp, "w", encoding="utf-8", newline="") if tmp is not None else _keep(stdout) as out:
-                rows = _write_text(con, rel, names, fmt, limit, out)
-        if tmp is not None:
-            os.replace(tmp, output)
+            with new_file(output) as handle:
+                writer = None
+                try:
+                    for batch in _batches(con, rel, limit):
+                        if writer is None:
+                            writer = pq.ParquetWriter(handle, batch.schema)
+                        writer.write_batch(batch)
+                        rows += batch.num_rows
+                finally:
+                    if writer is not None:
+                        writer.close()
+                if writer is None:
+                    pq.write_table(pa.table({n: pa.array([], pa.null()) for n in names}), handle)
+            return rows
+        with new_file(output, "w", encoding="utf-8", newline="") as out:
+            return _write_text(con, rel, names, fmt, limit, out)
     except (pa.ArrowException, OverflowError, ValueError) as exc:
         raise FilterError(
             f"the result cannot be written as {fmt} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
             "CAST the column to VARCHAR or choose another --format"
         ) from None
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
-    return rows
 
 
 class _keep:
@@ -154,36 +166,81 @@ class _keep:
         self.stream.flush()
 
 
+def _json_value(value: object) -> object:
+    """``value`` as JSON can hold it: NaN and infinities (which no JSON parser reads) become null,
+    a DECIMAL a number (an integer when it is whole)."""
+    if isinstance(value, Decimal):
+        value = int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _rows(con, rel, limit: int | None) -> Iterator[tuple]:
+    for batch in _batches(con, rel, limit):
+        yield from zip(*(c.to_pylist() for c in batch.columns), strict=True)
+
+
 def _write_text(con, rel, names: list[str], fmt: str, limit: int | None, out: TextIO) -> int:
     rows = 0
     if fmt == "csv":
         writer = csv.writer(out)
         writer.writerow(names)
-        for batch in _batches(con, rel, limit):
-            for row in zip(*(c.to_pylist() for c in batch.columns), strict=True):
-                writer.writerow([_text(v) for v in row])
-            rows += batch.num_rows
+        for row in _rows(con, rel, limit):
+            writer.writerow([_text(v) for v in row])
+            rows += 1
         return rows
     if fmt == "json":
         out.write("[")
-        for batch in _batches(con, rel, limit):
-            for row in zip(*(c.to_pylist() for c in batch.columns), strict=True):
-                out.write(
-                    ("\n  " if rows == 0 else ",\n  ") + json.dumps(dict(zip(names, row, strict=True)), default=str)
-                )
-                rows += 1
+        for row in _rows(con, rel, limit):
+            record = {n: _json_value(v) for n, v in zip(names, row, strict=True)}
+            out.write(("\n  " if rows == 0 else ",\n  ") + json.dumps(record, default=str, allow_nan=False))
+            rows += 1
         out.write("\n]\n" if rows else "]\n")
         return rows
-    shown = [
-        [_text(v) for v in row]
-        for b in _batches(con, rel, limit)
-        for row in zip(*(c.to_pylist() for c in b.columns), strict=True)
-    ]
-    widths = [min(max([len(n), *(len(r[i]) for r in shown)]), 60) for i, n in enumerate(names)]
-    out.write("  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)) + "\n")
+    return _write_table(_rows(con, rel, limit), names, limit, out)
+
+
+def _cell(value: object) -> str:
+    return _text(value).replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
+
+
+def _write_table(rows: Iterator[tuple], names: list[str], limit: int | None, out: TextIO) -> int:
+    """An aligned table, streamed: widths from the first ``TABLE_WIDTH_ROWS`` rows (at most
+    ``TABLE_MAX_WIDTH``); a value wider than its column is cut and ends in ``…``, and a last
+    line says so and how to get it whole."""
+    first: list[list[str]] = []
+    for row in rows:
+        first.append([_cell(v) for v in row])
+        if len(first) >= TABLE_WIDTH_ROWS:
+            break
+    widths = [min(max([len(n), *(len(r[i]) for r in first)]), TABLE_MAX_WIDTH) for i, n in enumerate(names)]
+    cut = False
+
+    def line(values: list[str]) -> str:
+        nonlocal cut
+        shown = []
+        for value, width in zip(values, widths, strict=True):
+            if len(value) > width:
+                value, cut = value[: width - 1] + CUT, True
+            shown.append(value.ljust(width))
+        return "  ".join(shown).rstrip() + "\n"
+
+    out.write(line(list(names)))
     out.write("  ".join("-" * w for w in widths) + "\n")
-    for r in shown:
-        out.write("  ".join(v[:60].ljust(w) for v, w in zip(r, widths, strict=True)) + "\n")
-    if limit is not None and len(shown) == limit:
+    count = 0
+    for values in first:
+        out.write(line(values))
+        count += 1
+    for row in rows:
+        out.write(line([_cell(v) for v in row]))
+        count += 1
+    if cut:
+        out.write(f"(values ending in {CUT} are cut to fit; --format csv or json prints every value whole)\n")
+    if limit is not None and count == limit:
         out.write(f"(first {limit:,} rows; --limit N, or --format csv|json|parquet for all)\n")
-    return len(shown)
+    return count

@@ -28,18 +28,19 @@ def allowed_buckets_from_env() -> tuple[str, ...]:
     return tuple(settings.listed(settings.IDC_ALLOWED_BUCKETS)) or IDC_BUCKETS
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: Control characters, and the Unicode line and paragraph separators (U+0085, U+2028, U+2029).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 #: An object name below a series prefix that can safely become a file name.
-_OBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}$")
+_OBJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,250}")
 NAME_MAX_BYTES = 255
 
 
 def name_problem(value: object, what: str) -> str | None:
     """A value used as a file name of its own (a collection id in lock and state file names)."""
-    if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
         return (
             f"{what} {value!r} cannot be used as a file name (letters, digits, '.', '_', '-', "
             "starting with a letter or digit, at most 200 characters)"
@@ -56,7 +57,7 @@ def require_name(value: object, what: str) -> str:
 
 def bucket_problem(bucket: object, allowed: Iterable[str]) -> str | None:
     allowed = tuple(allowed)
-    if not isinstance(bucket, str) or not _BUCKET.match(bucket):
+    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
         return f"bucket {bucket!r} is not a valid S3 bucket name"
     if bucket not in allowed:
         return (
@@ -94,7 +95,7 @@ def series_problem(row: dict, allowed_buckets: Iterable[str]) -> str | None:
     problem = bucket_problem(row.get("aws_bucket"), allowed_buckets)
     uuid = row.get("crdc_series_uuid")
     url = row.get("series_aws_url")
-    if problem is None and (not isinstance(uuid, str) or not _UUID.match(uuid)):
+    if problem is None and (not isinstance(uuid, str) or not _UUID.fullmatch(uuid)):
         problem = f"crdc_series_uuid {uuid!r} is not a UUID"
     if problem is None and url != f"s3://{row.get('aws_bucket')}/{uuid}/*":
         problem = (
@@ -115,13 +116,13 @@ def series_problem(row: dict, allowed_buckets: Iterable[str]) -> str | None:
 
 def object_name_problem(name: object) -> str | None:
     """A name a server listed below a series prefix, before it becomes a file name."""
-    if not isinstance(name, str) or not _OBJECT.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _OBJECT.fullmatch(name) or name in (".", ".."):
         return f"object name {name!r} is not a plain file name"
     return None
 
 
 def is_uuid(value: object) -> bool:
-    return isinstance(value, str) and bool(_UUID.match(value))
+    return isinstance(value, str) and bool(_UUID.fullmatch(value))
 
 
 def endpoint_problem(url: object) -> str | None:

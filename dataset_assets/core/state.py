@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import arrow_build
+from .fs import new_file
 from .safety import is_uuid, object_name_problem, target_dir_problem
 
 Log = Callable[[str], None]
@@ -130,12 +131,8 @@ def save_state(path: Path, records: dict[str, SeriesRecord]) -> None:
         rows["file_sizes"].append(list(rec.files.values()) if rec.files is not None else None)
     table = arrow_build.table(rows, SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with new_file(path) as handle:
+        pq.write_table(table, handle)
 
 
 def remove_stale_temporaries(path: Path) -> list[str]:

@@ -7,7 +7,7 @@ from dagster_duckdb import DuckDBResource
 
 from dataset_assets.core import extra_index as extra
 from dataset_assets.core.errors import DatasetError
-from dataset_assets.core.fmt import human_bytes
+from dataset_assets.core.fmt import human_bytes, redact_url, scrub_text
 from dataset_assets.core.index import IndexSource, replace_relation
 
 from .index_assets import idc_index
@@ -36,9 +36,9 @@ def idc_extra_index(
     version is the IDC release."""
     name = context.partition_key
     try:
-        result = extra.fetch(name, log=context.log.info)
+        result = extra.fetch(name, log=lambda line: context.log.info(scrub_text(line)))
     except DatasetError as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise dg.Failure(description=scrub_text(str(exc))) from None
     release = IndexSource.from_env(idc.index_dir).release()
     database = Path(duckdb.database)
     database.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,6 @@ def idc_extra_index(
             "transferred_bytes": result.transferred_bytes,
             "already_here": result.skipped,
             "path": dg.MetadataValue.path(str(result.path)),
-            "source_url": extra.url_of(name),
+            "source_url": redact_url(extra.url_of(name)),
         },
     )

@@ -12,7 +12,8 @@ which chunked framing overrides); ``ignore_range`` always answers 200;
 ``None``; ``honour_if_range = False`` ignores If-Range (a broken server); ``max_range_bytes``
 answers a range with at most that many bytes (allowed by HTTP: the client asks again);
 ``unsized_next`` sends a response without Content-Length, part of the body, then closes;
-``content_types[path]`` is sent as Content-Type (none by default).
+``endless_next`` sends a chunked body with no Content-Length that never ends (until the client
+hangs up); ``content_types[path]`` is sent as Content-Type (none by default).
 ``stats``: per-path ``get``/``head`` counts, ``ranges`` seen, ``bytes_sent``. Quiet; stops after ``max_lifetime_s``.
 """
 
@@ -79,9 +80,13 @@ class FileServer:
     def unsized_next(self, n: int, fraction: float = 0.0) -> None:
         self._queue(n, "unsized", fraction)
 
+    def endless_next(self, n: int) -> None:
+        self._queue(n, "endless", 0)
+
     def reset_stats(self) -> None:
         with self._lock:
             self._get, self._head, self._ranges, self._bytes = Counter(), Counter(), [], 0
+            self.requests: list[tuple[str, dict]] = []  # (path with query, headers) of every GET and HEAD
 
     @property
     def stats(self) -> dict:
@@ -136,6 +141,7 @@ class _Handler(TrackedHandler):
         with srv._lock:
             (srv._get if self.command == "GET" else srv._head)[path] += 1
             srv._ranges += [rng] if rng and self.command == "GET" else []
+            srv.requests.append((self.path, dict(self.headers)))
             fault = srv._faults.pop(0) if srv._faults and self.command == "GET" else None
             data = srv.files.get(path)
         if data is None:
@@ -181,6 +187,19 @@ class _Handler(TrackedHandler):
             self.wfile.write(b"0\r\n\r\n")
             with srv._lock:
                 srv._bytes += len(body) + len(surplus)
+            return
+        if fault[0] == "endless":
+            self.send_response(status)
+            for item in {**headers, "Transfer-Encoding": "chunked"}.items():
+                self.send_header(*item)
+            self.end_headers()
+            block = b"\0" * (1 << 20)
+            with suppress(OSError):
+                while not srv._stopped:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    with srv._lock:
+                        srv._bytes += len(block)
+            self.close_connection = True
             return
         if fault[0] == "unsized":  # no Content-Length: the body ends where the connection does
             self.send_response(status)
