@@ -137,15 +137,15 @@ def citations(
     return records
 
 
-_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\.?\s*(.*)$")
-_AUTHOR = re.compile(r"^[^,&()]+, (?:[A-Z][a-z]?\.(?:[ -]?[A-Z][a-z]?\.)*)$")
+_YEAR = re.compile(r"(.*?)\s*\((\d{4})\)\.?\s*(.*)", re.DOTALL)
+_AUTHOR = re.compile(r"[^,&()]+, (?:[A-Z][a-z]?\.(?:[ -]?[A-Z][a-z]?\.)*)")
 
 
 def _authors(apa_head: str) -> str | None:
     """``Beichel, R., Ulrich, E. J., & Buatti, J. M.`` -> ``Beichel, R. and Ulrich, E. J. and Buatti, J. M.``;
     None when any name does not parse (the APA text stays the reference)."""
     names = [n.strip() for n in re.split(r"(?<=\.),\s*(?:&\s*)?|\s+&\s+", apa_head.strip()) if n.strip()]
-    if not names or not all(_AUTHOR.match(n) for n in names):
+    if not names or not all(_AUTHOR.fullmatch(n) for n in names):
         return None
     return " and ".join(names)
 
@@ -162,7 +162,7 @@ def _bib(value: str) -> str:
 def bibtex(record: dict) -> str:
     fields = {"title": record["title"], "doi": record["doi"], "url": record["doi_url"]}
     citation = record["citation"] or ""
-    match = _YEAR.match(citation)
+    match = _YEAR.fullmatch(citation)
     if match:
         authors = _authors(match.group(1))
         if authors:
