@@ -98,7 +98,7 @@ class _Group(click.Group):
             kept = ctx.meta.get(KEPT, "everything completed so far is kept, run the same command again")
             raise Failure(f"{os_error_text(exc)}; {kept} once that is fixed", EXIT_ENVIRONMENT) from None
         except KeyboardInterrupt:
-            kept = ctx.meta.get(KEPT, "everything completed so far is kept, run the same command again to resume")
+            kept = ctx.meta.get(KEPT, "run the same command again to resume")
             click.echo(f"interrupted; {kept}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
 

@@ -44,10 +44,26 @@ class Request:
 
 
 def entries_of(target: str, kind: str) -> list[Entry]:
-    """A TARGET that names an existing file is a manifest file; anything else is comma-separated IDs."""
-    if os.path.isfile(target):
-        return read_entries(Path(target), kind)
-    return entries_from_target(target, kind)
+    """A TARGET that names an existing file is a manifest file; anything else is comma-separated IDs.
+
+    A bare name (no ``/``) that is also a file here could be either: it is read as the file unless
+    ``--by`` names a kind (then as IDs), and one line on stderr says which reading was taken (a
+    path with a ``/``, such as ``./x``, is always the file, and ``--by`` applies to its bare IDs)."""
+    if not os.path.isfile(target):
+        return entries_from_target(target, kind)
+    bare = "/" not in target and os.sep not in target
+    if bare and kind != "auto":
+        click.echo(
+            f"reading TARGET {target!r} as {kind} IDs, not as the manifest file ./{target} "
+            f"(give ./{target} to read the file)",
+            err=True,
+        )
+        return entries_from_target(target, kind)
+    if bare:
+        click.echo(
+            f"reading TARGET as the manifest file ./{target}; use --by <kind> to read {target!r} as IDs", err=True
+        )
+    return read_entries(Path(target), kind)
 
 
 def select(source: idx.IndexSource, request: Request) -> Selection:
@@ -94,7 +110,7 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
     dest, flat = request.dest, request.layout == FLAT
     allowed = allowed_buckets_from_env()
     incomplete: list[str] = []
-    lines: list[str] = []
+    result = done = None
     try:
         if selection.manifest is not None:
             try:
@@ -112,11 +128,6 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
             except IncompleteDownloadError as exc:
                 incomplete.append(str(exc))
                 result = exc.result
-            lines.append(
-                f"complete: {result.complete_series:,} series, {result.files:,} files, {human_bytes(result.bytes)} "
-                f"in {dest} ({result.transferred_files:,} files / {human_bytes(result.transferred_bytes)} "
-                f"transferred in {human_duration(result.duration_s)}, {result.mb_per_s:.1f} MB/s)"
-            )
         if selection.instances:
             try:
                 done = download_instances(
@@ -127,10 +138,6 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
                     log=view.log if view else click.echo,
                     stall_timeout_s=request.stall_timeout_s,
                 )
-                lines.append(
-                    f"complete: {done.instances:,} instance(s), {human_bytes(done.bytes)} "
-                    f"({done.transferred_files:,} files / {human_bytes(done.transferred_bytes)} transferred)"
-                )
             except IncompleteDownloadError as exc:
                 incomplete.append(str(exc))
     finally:
@@ -138,12 +145,40 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
             view.end()
     if flat:
         problems += _link_flat(selection, dest.absolute())
-    for line in lines:
+    for line in summary_lines(result, done, len(selection.instances), dest, failed=bool(problems or incomplete)):
         click.echo(line)
     if problems or incomplete:
         from .cli import EXIT_INCOMPLETE, Failure
 
         raise Failure(" | ".join([*problems, *incomplete]), EXIT_INCOMPLETE)
+
+
+def summary_lines(result, done, instances: int, dest: Path, *, failed: bool) -> list[str]:
+    """The closing lines of a download: ``complete: ...`` only when the whole run is; a run that
+    failed anywhere says ``incomplete:`` and how much of each part is complete."""
+    lines = []
+    if result is not None:
+        transferred = (
+            f"{result.transferred_files:,} files / {human_bytes(result.transferred_bytes)} "
+            f"transferred in {human_duration(result.duration_s)}, {result.mb_per_s:.1f} MB/s"
+        )
+        if failed:  # result.files and result.bytes are the selection's, not what is complete
+            lines.append(
+                f"incomplete: {result.complete_series:,} of {result.series:,} series complete in {dest}; "
+                f"the selection is {result.files:,} files, {human_bytes(result.bytes)} ({transferred})"
+            )
+        else:
+            lines.append(
+                f"complete: {result.complete_series:,} series, {result.files:,} files, "
+                f"{human_bytes(result.bytes)} in {dest} ({transferred})"
+            )
+    if done is not None:
+        count = f"{done.instances:,}" + (f" of {instances:,} instance(s) complete" if failed else " instance(s)")
+        lines.append(
+            f"{'incomplete' if failed else 'complete'}: {count}, {human_bytes(done.bytes)} "
+            f"({done.transferred_files:,} files / {human_bytes(done.transferred_bytes)} transferred)"
+        )
+    return lines
 
 
 def _link_flat(selection: Selection, root: Path) -> list[str]:

@@ -17,10 +17,21 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from . import s5cmd
 from .errors import DatasetError, FilterError
 from .index import require_collection
 from .layout import DEFAULT_LAYOUT, Layout, LongPaths
-from .manifest import FILTER_COLUMNS, WHOLE_COLLECTION_KEY, ManifestFilters, build_manifest, render_manifest
+from .manifest import (
+    FILTER_COLUMNS,
+    WHOLE_COLLECTION_KEY,
+    ManifestFilters,
+    build_manifest,
+    manifest_schema,
+    read_manifest,
+    render_manifest,
+    write_manifest,
+)
+from .resolve import fill_prior_counts, prior_manifest
 from .safety import name_problem
 
 DEFAULT_COHORTS_FILE = Path(__file__).resolve().parents[1] / "cohorts.yaml"
@@ -124,8 +135,8 @@ def build_cohort_manifest(
         table = build_manifest(con, cohort.collection_id, cohort.filters, layout=cohort.layout, **render)
         return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"false"})
     assert cohort.sql is not None
-    inner = f"(\n{cohort.sql}\n)"  # on lines of their own: a trailing -- comment ends there
     cur = con.cursor()  # a connection of its own: an earlier failed statement leaves nothing behind
+    inner = f"(\n{single_select(cur, cohort)}\n)"  # on lines of their own: a trailing -- comment ends there
     try:
         cur.execute(f"SELECT * FROM {inner} LIMIT 0")
         columns = [d[0] for d in cur.description]
@@ -141,21 +152,133 @@ def build_cohort_manifest(
     index_columns = [r[0] for r in cur.execute("DESCRIBE idc_index").fetchall()]
     parsed = Layout.parse(cohort.layout, index_columns)
     selected = f'SELECT DISTINCT CAST("{column}" AS VARCHAR) AS v FROM {inner} WHERE "{column}" IS NOT NULL'
+    known = f'SELECT "{column}" FROM idc_index WHERE "{column}" IS NOT NULL'
+    absent = f"SELECT v FROM ({selected}) WHERE v NOT IN ({known})"
+    empty = f"cohort {cohort.name}: its SQL selects no series of idc_index"
     try:
-        ((missing,),) = cur.execute(
-            f'SELECT count(*) FROM ({selected}) WHERE v NOT IN (SELECT "{column}" FROM idc_index)'
-        ).fetchall()
-        table = render_manifest(
-            cur,
-            f'"{column}" IN (SELECT v FROM ({selected}))',
-            [],
-            parsed,
-            f"cohort {cohort.name}: its SQL selects no series of idc_index",
-            **render,
-        )
+        ((missing,),) = cur.execute(f"SELECT count(*) FROM ({absent})").fetchall()
+        prior: list[str] = []
+        if column == "crdc_series_uuid" and missing and "prior_versions_index" in _tables(cur):
+            # As the CLI: a crdc_series_uuid only an earlier release served downloads that version.
+            prior = [
+                v
+                for (v,) in cur.execute(
+                    f"SELECT v FROM ({absent}) WHERE v IN (SELECT crdc_series_uuid FROM prior_versions_index) "
+                    "ORDER BY v"
+                ).fetchall()
+            ]
+            empty += " or prior_versions_index"
+        ((current,),) = cur.execute(f"SELECT count(*) FROM ({selected})").fetchall()
+        tables = []
+        if current > missing or not prior:
+            tables.append(
+                render_manifest(cur, f'"{column}" IN (SELECT v FROM ({selected}))', [], parsed, empty, **render)
+            )
+        if prior:
+            tables.append(prior_manifest(cur, prior, parsed))
     except duckdb.Error as exc:
         raise _one_line(cohort, exc) from None
-    return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"false", NOT_IN_INDEX_KEY: str(missing).encode()})
+    table = tables[0] if len(tables) == 1 else pa.concat_tables([t.cast(manifest_schema()) for t in tables])
+    if prior:  # one directory per series across both parts, prior ones shortened like the others
+        dirs = parsed.finish(table.column("target_dir"), **render)
+        table = table.set_column(table.num_columns - 1, "target_dir", dirs)
+    metadata = {WHOLE_COLLECTION_KEY: b"false", NOT_IN_INDEX_KEY: str(missing - len(prior)).encode()}
+    if prior:
+        metadata[PRIOR_KEY] = ",".join(prior).encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def single_select(cur: duckdb.DuckDBPyConnection, cohort: Cohort) -> str:
+    """The cohort's SQL as exactly one SELECT statement (``WITH ... SELECT`` and DuckDB's
+    ``FROM ...`` included) without its trailing ``;`` and comments, checked by DuckDB's own parser
+    before anything runs; anything else (a second statement, a ``COPY``, an ``ATTACH``) is a
+    ``CohortError`` naming the cohort."""
+    assert cohort.sql is not None
+    try:
+        statements = cur.extract_statements(cohort.sql)
+    except duckdb.Error as exc:
+        raise _one_line(cohort, exc) from None
+    kinds = [s.type for s in statements]
+    if kinds != [duckdb.StatementType.SELECT]:
+        found = ", ".join(k.name for k in kinds) if kinds else "no statement"
+        raise CohortError(
+            f"cohort {cohort.name}: its SQL must be exactly one SELECT statement; it has {len(kinds)} "
+            f"({found}); nothing was run"
+        )
+    body = _without_trailing_semicolons(cohort.sql)
+    # The text that runs is a subquery: it must still be that one SELECT (no way out of the parentheses).
+    try:
+        wrapped = cur.extract_statements(f"SELECT * FROM (\n{body}\n)")
+    except duckdb.Error:
+        wrapped = []
+    if [s.type for s in wrapped] != [duckdb.StatementType.SELECT]:
+        raise CohortError(
+            f"cohort {cohort.name}: its SQL cannot be used as a subquery (one SELECT statement); nothing was run"
+        )
+    return body
+
+
+def _without_trailing_semicolons(sql: str) -> str:
+    """``sql`` up to its last token that is neither a ``;`` nor a comment (DuckDB's tokenizer, so
+    a ``;`` or ``--`` inside a string or a comment is no end)."""
+    end = len(sql)
+    for position, kind in reversed(duckdb.tokenize(sql)):
+        if kind == duckdb.token_type.comment or (kind == duckdb.token_type.operator and sql[position] == ";"):
+            end = position
+            continue
+        break
+    return sql[:end].rstrip()
+
+
+def _tables(cur: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r[0] for r in cur.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+
+#: Schema metadata of a cohort manifest whose SQL selects series of earlier releases: their
+#: crdc_series_uuids, comma-separated, until ``fill_prior_series`` has listed their files.
+PRIOR_KEY = b"dataset_assets.prior_series"
+
+
+def prior_series(manifest: pa.Table) -> set[str]:
+    """The crdc_series_uuids of the manifest's prior-release series whose files are not listed yet."""
+    text = (manifest.schema.metadata or {}).get(PRIOR_KEY, b"").decode()
+    return set(text.split(",")) if text else set()
+
+
+def fill_prior_series(
+    manifest: pa.Table, options: s5cmd.S5cmdOptions, allowed_buckets: tuple[str, ...]
+) -> tuple[pa.Table, list[str]]:
+    """As the CLI does for a prior-release ``crdc_series_uuid``: the exact file count and bytes of
+    each such series from one listing of its prefix (``resolve.fill_prior_counts``). Returns the
+    manifest without the series that could not be listed, and one problem per such series."""
+    prior = prior_series(manifest)
+    if not prior:
+        return manifest, []
+    from .download import check_endpoint
+
+    check_endpoint(options.endpoint_url)
+    table, problems = fill_prior_counts(manifest, prior, options, allowed_buckets)
+    metadata = {k: v for k, v in (table.schema.metadata or {}).items() if k != PRIOR_KEY}
+    return table.replace_schema_metadata(metadata), problems
+
+
+def list_prior_series(path: Path, name: str, options: s5cmd.S5cmdOptions, allowed_buckets: tuple[str, ...]) -> Path:
+    """Before a cohort's download: the manifest at ``path`` with the files and bytes of its
+    prior-release series listed (``fill_prior_series``) and written back in place, so that the
+    download and its checks see exact counts. A series that cannot be listed is a ``CohortError``
+    before anything is downloaded (the manifest is left as it was)."""
+    manifest = read_manifest(path)
+    if not prior_series(manifest):
+        return path
+    table, problems = fill_prior_series(manifest, options, allowed_buckets)
+    if problems:
+        raise CohortError(
+            f"cohort {name}: {len(problems)} series of an earlier release cannot be listed, nothing was downloaded: "
+            + "; ".join(problems[:5])
+            + ("; ..." if len(problems) > 5 else "")
+        )
+    write_manifest(table, path)
+    return path
 
 
 #: Schema metadata of a cohort manifest: how many series its SQL returned that idc_index does not have.

@@ -9,12 +9,15 @@ literal ``%``). Values are made safe as path components, vectorised with Arrow s
 * ``/``, ``\\``, NUL, control characters and ``:*?"<>|`` become ``_``;
 * trailing dots and spaces are removed, so no value can be ``.`` or ``..``; an empty result is ``_``;
 * Windows-reserved names (``CON``, ``NUL``, ``COM1``, ...) get a ``_`` prefix;
-* a missing (NULL) value is ``unknown``.
+* a missing (NULL) value is ``unknown``;
+* a first component that would be the download root's control folder ``.dataset_assets`` (in
+  any letter case) gets a ``_`` prefix; a template that names it literally is refused.
 
-A rendered directory can therefore never leave the download root. A directory with a component
-over 255 bytes is replaced by a deterministic hashed directory or reported, per ``long_paths``;
-the whole-path limit (``max_path``: Windows' 260 characters on Windows, or when asked for) is
-checked, never used to change the layout, which depends on the manifest alone.
+A rendered directory can therefore never leave the download root nor enter its control folder.
+A directory with a component over 255 bytes is replaced by a deterministic hashed directory or
+reported, per ``long_paths``; the whole-path limit (``max_path``: Windows' 260 characters on
+Windows, or when asked for) is checked, never used to change the layout, which depends on the
+manifest alone.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ DEFAULT_LAYOUT = "%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesI
 #: Length of an instance file name: ``<crdc_instance_uuid>.dcm``.
 FILE_NAME_LENGTH = 36 + len(".dcm")
 MAX_PATH_DEFAULT = 260
+#: Bounds of a ``max_path`` a user may ask for (the CLI's ``--max-path`` and the Dagster config).
+MAX_PATH_RANGE = (50, 100_000)
+#: The download root's control folder (state, locks, claims): ``download.CONTROL_DIR``.
+CONTROL_DIR = ".dataset_assets"
 NAME_MAX_BYTES = 255
 LongPaths = Literal["hash", "error"]
 
@@ -64,9 +71,14 @@ class Layout:
         return list(seen)
 
     @classmethod
-    def parse(cls, template: str, columns: Iterable[str]) -> Layout:
-        """Parse ``template`` against the available ``columns``; a clear error when it is malformed."""
-        known = sorted(set(columns), key=len, reverse=True)
+    def parse(cls, template: str, columns: Iterable[str] | None) -> Layout:
+        """Parse ``template`` against the available ``columns``; a clear error when it is malformed.
+
+        ``columns=None`` checks everything but the column names (any ``%identifier`` is taken
+        as a column): for settings checked before the index is at hand."""
+        known = None if columns is None else sorted(set(columns), key=len, reverse=True)
+        if not isinstance(template, str):
+            raise LayoutError(f"layout template {template!r} is not a string; example: " + DEFAULT_LAYOUT)
         if not template or template.strip().strip("/") in ("", "."):
             raise LayoutError(f"layout template {template!r} is empty; example: " + DEFAULT_LAYOUT)
         if template.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", template):
@@ -78,6 +90,13 @@ class Layout:
                 raise LayoutError(f"layout {template!r} has an empty path component ('//')")
             components.append(cls._parse_component(template, part, known))
         layout = cls(template, tuple(components))
+        first = components[0]
+        if all(kind == "lit" for kind, _ in first) and _is_control_dir("".join(v for _, v in first)):
+            raise LayoutError(
+                f"layout {template!r} puts series inside the download root's control folder {CONTROL_DIR} "
+                "(download state, locks, claims); start it with a %column or another folder name, e.g. "
+                + DEFAULT_LAYOUT
+            )
         if not layout.columns:
             raise LayoutError(
                 f"layout {template!r} uses no %column placeholder, so every series would share one "
@@ -86,7 +105,7 @@ class Layout:
         return layout
 
     @staticmethod
-    def _parse_component(template: str, part: str, known: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    def _parse_component(template: str, part: str, known: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
         tokens: list[tuple[str, str]] = []
         literal = ""
         i = 0
@@ -100,14 +119,17 @@ class Layout:
                 literal += "%"
                 i += 2
                 continue
-            name = next((c for c in known if part.startswith(c, i + 1)), None)
+            m = _IDENT.match(part, i + 1)
+            if known is None:
+                name = m.group(0) if m else None
+            else:
+                name = next((c for c in known if part.startswith(c, i + 1)), None)
             if name is None:
-                m = _IDENT.match(part, i + 1)
                 token = "%" + (m.group(0) if m else part[i + 1 : i + 2])
+                example = ", ".join("%" + c for c in sorted(known or ())[:12]) or "%collection_id, %SeriesInstanceUID"
                 raise LayoutError(
                     f"layout {template!r} has an unknown placeholder {token!r}; "
-                    f"valid placeholders are %column for any index column, e.g. "
-                    f"{', '.join('%' + c for c in sorted(known)[:12])}, ..."
+                    f"valid placeholders are %column for any index column, e.g. {example}, ..."
                 )
             if literal:
                 tokens.append(("lit", literal))
@@ -155,6 +177,7 @@ class Layout:
             if all(isinstance(p, pa.Scalar) for p in pieces):  # a literal-only component
                 pieces.insert(0, pc.fill_null(pa.nulls(table.num_rows, pa.string()), _EMPTY))
             rendered_components.append(pc.binary_join_element_wise(*pieces, _EMPTY))
+        rendered_components[0] = _off_control_dir(rendered_components[0])
         dirs = pc.binary_join_element_wise(*rendered_components, _SLASH)
         dirs = pc.binary_join_element_wise(dirs, _SLASH, _EMPTY)
         return dirs
@@ -171,6 +194,31 @@ class Layout:
         dirs = _shorten_long(self.template, dirs, root_length, max_path, long_paths)
         _check_distinct(self.template, dirs)
         return dirs
+
+
+def layout_problem(template: object) -> str | None:
+    """What is wrong with ``template`` whatever the index's columns are (``None``: nothing; the
+    column names are checked when the manifest is built)."""
+    try:
+        Layout.parse(template, None)  # type: ignore[arg-type]
+    except LayoutError as exc:
+        return str(exc)
+    return None
+
+
+def _is_control_dir(component: str) -> bool:
+    """``component`` names the control folder on a file system that ignores letter case."""
+    return component.casefold() == CONTROL_DIR
+
+
+def _off_control_dir(first: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """First components that would be the control folder, prefixed with ``_`` (values come from
+    the index, which is outside input; checked once per distinct value)."""
+    hits = [v for v in pc.unique(first).to_pylist() if v is not None and _is_control_dir(v)]
+    if not hits:
+        return first
+    hit = pc.is_in(first, value_set=strings(hits))
+    return pc.if_else(hit, pc.binary_join_element_wise(_UNDERSCORE, first, _EMPTY), first)
 
 
 def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:

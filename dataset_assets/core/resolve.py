@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
@@ -136,16 +137,46 @@ def _searched(release: int, instance_index: Path | None, instance_hint: str) -> 
     )
 
 
+#: A UUID in any case (crdc_series_uuids are lowercase in the index; users paste them upper-case).
+_ANY_CASE_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+#: A DICOM UID: digits and dots.
+_DICOM_UID = re.compile(r"[0-9]+(?:\.[0-9]+)+")
+
+
+def _looks_like_name(value: str) -> bool:
+    """Neither a UUID nor a DICOM UID: a collection id may have been meant."""
+    return not (_ANY_CASE_UUID.fullmatch(value) or _DICOM_UID.fullmatch(value))
+
+
+def _near_collections(con: duckdb.DuckDBPyConnection, value: str) -> list[str]:
+    """Collection ids close to ``value`` (``QIN-PET-Phantom`` is near ``qin_pet_phantom``)."""
+    normalized = re.sub(r"[\s-]+", "_", value.strip()).lower()
+    return difflib.get_close_matches(normalized, collection_ids(con), n=3, cutoff=0.6)
+
+
+def _tried(instance_index: Path | None) -> str:
+    kinds = ["collection id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "crdc_series_uuid"]
+    if instance_index is not None:
+        kinds.append("SOPInstanceUID")
+    return f"{', '.join(kinds[:-1])} or {kinds[-1]} of this release or an earlier one"
+
+
 def _unknown_text(
     con: duckdb.DuckDBPyConnection, unknown: list[Entry], release: int, instance_index: Path | None, hint: str
 ) -> str:
-    shown = ", ".join(e.label() for e in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-    close: list[str] = []
-    if len(unknown) == 1:
-        close = difflib.get_close_matches(unknown[0].value, collection_ids(con), n=3, cutoff=0.6)
-    did_you_mean = f"; did you mean the collection {', '.join(close)}?" if close else ""
-    head = f"unknown collection {shown}" if len(unknown) == 1 else f"{len(unknown)} values match nothing: {shown}"
-    return f"{head}, and no other ID either ({_searched(release, instance_index, hint)}){did_you_mean}"
+    """What was tried for values found nowhere; ``unknown collection`` only for a value that looks
+    like a name (never for a UID or UUID), with the collection ids near it."""
+    searched = _searched(release, instance_index, hint)
+    if len(unknown) > 1:
+        shown = ", ".join(e.label() for e in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        return f"{len(unknown)} values match nothing: {shown}; none is a {_tried(instance_index)} ({searched})"
+    entry = unknown[0]
+    text = f"{entry.label()} is not a {_tried(instance_index)} ({searched})"
+    if not _looks_like_name(entry.value):
+        return text
+    close = _near_collections(con, entry.value)
+    did_you_mean = f"; nearest collection ids: {', '.join(close)}" if close else ""
+    return f"unknown collection {entry.value!r}: {text}{did_you_mean}"
 
 
 def _forced_unknown_text(kind: str, unknown: list[Entry], con: duckdb.DuckDBPyConnection) -> str:
@@ -153,13 +184,24 @@ def _forced_unknown_text(kind: str, unknown: list[Entry], con: duckdb.DuckDBPyCo
         ", ..." if len(unknown) > 10 else ""
     )
     if kind == "collection" and len(unknown) == 1:
-        close = difflib.get_close_matches(unknown[0].value, collection_ids(con), n=5, cutoff=0.6)
+        close = _near_collections(con, unknown[0].value)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return f"unknown collection {unknown[0].value!r} (list them with `dataset idc collections`){hint}"
     where = "sm_instance_index" if kind == INSTANCE else "the index"
     if kind == "crdc_series_uuid":
         where = "the index (current release or prior_versions_index)"
     return f"{len(unknown)} {kind} value(s) not in {where}: {shown}"
+
+
+def _lowercased_if_found(entry: Entry, lowered: dict[str, str], found: dict[str, list[str]]) -> Entry:
+    """``entry`` with its UUID lowercased when only the lowercase form is found (as its kind)."""
+    lower = lowered.get(entry.value)
+    if lower is None:
+        return entry
+    wanted = (lambda kinds: entry.kind in kinds) if entry.kind is not None else bool
+    if wanted(found.get(entry.value, [])) or not wanted(found.get(lower, [])):
+        return entry
+    return replace(entry, value=lower)
 
 
 def resolve(
@@ -184,7 +226,11 @@ def resolve(
         raise IndexUnavailableError(f"SOPInstanceUIDs need sm_instance_index, which is not fetched; {instance_hint}")
     unresolved = [f"{e.label()}: {e.problem}" for e in entries if e.problem]
     entries = [e for e in entries if not e.problem]
-    found = kinds_of(con, list(dict.fromkeys(e.value for e in entries)), instance_index)
+    values = list(dict.fromkeys(e.value for e in entries))
+    # UUIDs match in any case: an exact match wins, else the lowercase form (the index's).
+    lowered = {v: v.lower() for v in values if _ANY_CASE_UUID.fullmatch(v) and v != v.lower()}
+    found = kinds_of(con, list(dict.fromkeys([*values, *lowered.values()])), instance_index)
+    entries = [_lowercased_if_found(e, lowered, found) for e in entries]
     chosen: dict[str, set[str]] = {k: set() for k in KINDS}
     unknown_auto: list[Entry] = []
     unknown_forced: dict[str, list[Entry]] = {}
@@ -288,11 +334,22 @@ def _manifest_schema(con: duckdb.DuckDBPyConnection) -> pa.Schema:
     return manifest_schema()
 
 
+def prior_manifest(con: duckdb.DuckDBPyConnection, uuids: list[str], parsed: Layout) -> pa.Table:
+    """Manifest rows (``manifest_schema``) of the series only an earlier release served, each in
+    ``v<max_idc_version>_<crdc_series_uuid>/`` (not yet ``finish``-ed); their ``instanceCount``
+    and ``series_bytes`` are NULL until ``fill_prior_counts`` lists them."""
+    return _prior_table(con, uuids, parsed).cast(_manifest_schema(con))
+
+
 def _prior_table(con: duckdb.DuckDBPyConnection, uuids: list[str], parsed: Layout) -> pa.Table:
     """Manifest rows of series only an earlier release served; ``instanceCount`` and
     ``series_bytes`` are NULL until ``fill_prior_counts`` lists them."""
     prior_columns = {r[0] for r in con.execute("DESCRIBE prior_versions_index").fetchall()}
-    layout_columns = [(f'"{c}"' if c in prior_columns else f'CAST(NULL AS VARCHAR) AS "{c}"') for c in parsed.columns]
+    # Layout columns under names of their own: a layout may name a manifest column (%crdc_series_uuid).
+    layout_columns = []
+    for i, column in enumerate(parsed.columns):
+        value = f'"{column}"' if column in prior_columns else "CAST(NULL AS VARCHAR)"
+        layout_columns.append(f'{value} AS "_layout_{i}"')
     table = con.sql(
         "SELECT collection_id, PatientID, StudyInstanceUID, SeriesInstanceUID, Modality, "
         "CAST(NULL AS VARCHAR) AS BodyPartExamined, crdc_series_uuid, aws_bucket, series_aws_url, "

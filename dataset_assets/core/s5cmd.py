@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from .. import settings
 from ..settings import AWS_ENDPOINT, GCS_ENDPOINT
-from .errors import DownloadError
+from .errors import DownloadError, OptionError
 
 #: Bucket names on the GCS mirror where they differ from AWS.
 GCS_BUCKETS = {"idc-open-data-two": "idc-open-idc1", "idc-open-data-cr": "idc-open-cr"}
@@ -61,10 +62,32 @@ def binary_version(binary: Path | None = None) -> str:
     return out.stdout.strip() or out.stderr.strip()
 
 
+#: Bounds of each setting (inclusive), shared by the CLI's options and the Dagster resource.
+#: Outside them s5cmd misbehaves quietly: ``--numworkers -1`` copies nothing and exits 0.
+LIMITS: dict[str, tuple[float, float]] = {
+    "workers": (1, 4096),
+    "retry_count": (0, 100),
+    "part_size_mb": (1, 5120),  # S3's largest part, 5 GiB
+    "concurrency": (1, 1024),
+    "grace_period_s": (0, 3600),
+}
+
+
+def limit_problem(name: str, value: object) -> str | None:
+    """``value`` of the setting ``name`` is outside ``LIMITS`` (or not a finite number)."""
+    low, high = LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name} {value!r} is not a number"
+    if not low <= value <= high:
+        return f"{name} {value!r} is not between {low:g} and {high:g}"
+    return None
+
+
 @dataclass(frozen=True)
 class S5cmdOptions:
     """How to run s5cmd. ``workers`` objects are in flight at once; each object larger than
-    ``part_size_mb`` is fetched as ``concurrency`` parallel ranged GETs."""
+    ``part_size_mb`` is fetched as ``concurrency`` parallel ranged GETs. Values outside
+    ``LIMITS`` raise ``OptionError``."""
 
     endpoint_url: str = AWS_ENDPOINT
     workers: int = 64
@@ -72,6 +95,12 @@ class S5cmdOptions:
     part_size_mb: int = 50
     concurrency: int = 5
     grace_period_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in LIMITS:
+            problem = limit_problem(name, getattr(self, name))
+            if problem:
+                raise OptionError(problem)
 
     def global_args(self) -> list[str]:
         return [

@@ -22,7 +22,7 @@ from dataset_assets.core.manifest import read_manifest
 from .download_assets import downloaded_collection
 from .index_assets import idc_index
 from .partitions import collection_partitions
-from .resources import IdcResource, S5cmdResource
+from .resources import CheckedConfig, IdcResource, S5cmdResource
 
 
 def _result(report: verify.CheckReport, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
@@ -112,7 +112,7 @@ def idc_index_urls_present(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     )
 
 
-class HeaderCheckConfig(dg.Config):
+class HeaderCheckConfig(CheckedConfig):
     sample_per_series: int = Field(
         default=0, ge=0, description="Read only this many files per series (0: all). For very large collections."
     )

