@@ -292,6 +292,7 @@ class _ProgressView:
             )
         self._bar.update(
             self._task,
+            total=progress.total_bytes or None,  # grows as the download plans each batch
             completed=progress.done_bytes,
             files=f"{progress.done_files:,}/{progress.total_files:,}",
             rate=f"{progress.rate() / 1e6:.1f} MB/s",

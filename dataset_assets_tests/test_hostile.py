@@ -139,7 +139,7 @@ def test_02_an_unreadable_state_file_is_set_aside_and_rebuilt_from_the_disk(s3, 
     assert len(list(state.parent.glob(f"{state.name}.unreadable-*"))) == 1
     assert not leftover.exists()
     records = load_state(state)
-    assert len(records) == 6 and all(len(r.files) == 4 for r in records.values())
+    assert len(records) == 6 and all(r.count == 4 for r in records.values())
     s3.reset_stats()
     download(manifest, root, opts(s3), log=quiet)  # rebuilt: no request at all now
     assert s3.stats["get_object"] == 0 and s3.stats["list"] == 0
@@ -551,11 +551,13 @@ def test_13_only_what_s5cmd_left_is_removed_never_a_users_file(s3, manifest, tmp
     download(manifest, root, opts(s3), log=quiet)
     assert notes.read_text() == "my notes" and unrelated.exists()
     assert not temp.exists() and victim.exists()
-    # With no record of the series' objects, only IDC-shaped names (<uuid>.dcm<digits>) are temporaries.
+    # With no record, the listing names the series' objects: only their temporaries are removed,
+    # even an IDC-shaped name of another series stays.
     shutil.rmtree(root / CONTROL_DIR / "state")
     victim.unlink()
+    temp.write_bytes(b"")
     download(manifest, root, opts(s3), log=quiet)
-    assert notes.read_text() == "my notes" and not unrelated.exists() and victim.exists()
+    assert notes.read_text() == "my notes" and unrelated.exists() and victim.exists() and not temp.exists()
 
 
 # -- Smaller ----------------------------------------------------------------------------------
@@ -965,20 +967,24 @@ def test_17_range_body_longer_than_content_range_is_refused(srv, session, tmp_pa
 
 
 def test_review_a_state_record_with_wrong_names_is_settled_by_a_listing(s3, manifest, tmp_path):
+    from dataset_assets.core.download import scan_series
+    from dataset_assets.core.state import files_digest
+
     root = tmp_path / "dl"
     download(manifest, root, opts(s3), log=quiet)
     state = state_path_for(root, manifest)
     table = pq.read_table(state)
-    names = table.column("file_names").to_pylist()
-    names[0] = ["x" + n for n in names[0]]  # sizes kept: count and sum still match the index
+    digests = table.column("files_digest").to_pylist()
+    digests[0] = "0" * 64  # count and bytes still match the index: only the names and sizes differ
     pq.write_table(
-        table.set_column(table.column_names.index("file_names"), "file_names", pa.array(names, pa.list_(pa.string()))),
+        table.set_column(table.column_names.index("files_digest"), "files_digest", pa.array(digests, pa.string())),
         state,
     )
     s3.reset_stats()
     result = download(manifest, root, opts(s3), log=quiet)
     assert result.complete_series == 6 and result.listed_series == 1 and s3.stats["get_object"] == 0
-    assert all(not n.startswith("x") for r in load_state(state).values() for n in r.files)
+    for target_dir, record in load_state(state).items():
+        assert record.digest == files_digest(scan_series(root / target_dir).files)
 
 
 def _bounded(fn, seconds: float = 60):
@@ -1226,7 +1232,10 @@ def test_review_a_refused_series_is_never_downloaded_and_a_stale_revision_record
     records = load_state(state)
     rows = manifest.to_pylist()
     first, second = rows[0]["target_dir"], rows[1]["target_dir"]
-    records[first] = SeriesRecord("9.9.9", "00000000-0000-0000-0000-000000000000", records[first].files)
+    kept = records[first]
+    records[first] = SeriesRecord(
+        "9.9.9", "00000000-0000-0000-0000-000000000000", None, None, kept.digest, kept.count, kept.bytes
+    )
     records[second] = SeriesRecord(rows[1]["SeriesInstanceUID"], "11111111-1111-1111-1111-111111111111", {"x.dcm": 1})
     save_state(state, records)
     shutil.rmtree(root / first)

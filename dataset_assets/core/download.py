@@ -15,8 +15,16 @@ A download runs four named steps (``Download.scan``, ``.list``, ``.transfer``, `
    with nothing on disk, ``cp`` of each missing or wrong-sized object for the others. It stops
    at the first "no space left on device" and when no file completes for ``stall_timeout_s``.
 4. Verify: every transferred series against its record (the listing, or the sizes s5cmd
-   reported for each object it copied). s5cmd's exit code is not trusted (``sync`` exits 0 even
-   when every request fails); success means every file has its own right size on disk.
+   reported for each object it copied), as soon as its last file lands. s5cmd's exit code is not
+   trusted (``sync`` exits 0 even when every request fails); success means every file has its
+   own right size on disk.
+
+The manifest is worked through in batches of series (``batch_files`` files, ``batch_bytes``
+bytes, ``batch_series`` series at most): each batch is scanned, listed, transferred by one
+``s5cmd run`` and verified before the next, so memory depends on the batch, not on the
+collection (``nlst``: 21.5 M files). Each series verified is appended to the state's journal at
+once (``state.Journal``): a run killed at any moment resumes without listing or fetching again
+what it had verified.
 """
 
 from __future__ import annotations
@@ -49,12 +57,26 @@ from .fs import check_writable, space_reservation
 from .manifest import is_whole_collection
 from .progress import Progress, _parse
 from .safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_name, series_problem
-from .state import SeriesRecord, load_state, remove_stale_temporaries, save_state
+from .state import (
+    Journal,
+    SeriesRecord,
+    compact_state,
+    journal_lines,
+    load_state,
+    recorded_files,
+    remove_stale_temporaries,
+)
 
 #: What s5cmd leaves when killed: the object's name followed by digits.
 TEMP_SUFFIX = re.compile(r"(.+\.dcm)\d+")
 _UUID_DCM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.dcm")
 CONTROL_DIR = ".dataset_assets"
+#: A batch (one ``s5cmd run``) holds at most this many files, bytes and series.
+BATCH_FILES = 50_000
+BATCH_BYTES = 50 * 10**9
+BATCH_SERIES = 5_000
+#: A state with at most this many series is rewritten whole at the end of every run that changed it.
+COMPACT_ALWAYS_BELOW = 20_000
 MAX_LISTED_FAILURES = 100
 DEFAULT_STALL_TIMEOUT_S = 120.0
 Log = Callable[[str], None]
@@ -130,6 +152,16 @@ def compare(expected: dict[str, int], disk: SeriesOnDisk) -> tuple[list[str], li
     return wrong, foreign
 
 
+def _record_fits(record: SeriesRecord, row: dict) -> bool:
+    """A record of this very series (same ``crdc_series_uuid``) with its ``instanceCount`` files and bytes."""
+    return (
+        record.crdc_series_uuid == row.get("crdc_series_uuid")
+        and record.digest is not None
+        and record.count == row.get("instanceCount")
+        and record.bytes == row.get("series_bytes")
+    )
+
+
 def _fits(files: dict[str, int] | None, row: dict) -> bool:
     """A record that accounts for exactly the series' ``instanceCount`` files and bytes."""
     return files is not None and len(files) == row["instanceCount"] and sum(files.values()) == row["series_bytes"]
@@ -180,25 +212,42 @@ def describe(row: dict, disk: SeriesOnDisk, expected: dict[str, int] | None) -> 
 
 
 def series_status(
-    manifest: pa.Table, root: Path, records: dict[str, SeriesRecord] | None = None, *, strict: bool = False
+    manifest: pa.Table,
+    root: Path,
+    records: dict[str, SeriesRecord] | None = None,
+    *,
+    strict: bool = False,
+    state_path: Path | None = None,
 ) -> Iterator[tuple[dict, SeriesOnDisk, str | None]]:
     """Each manifest row, what its directory holds, and why it is not complete (``None``: complete).
 
-    With ``records`` (the state), a series is checked file by file against its record; a series
-    without a record is checked by its counts, or, when ``strict``, reported as unverified."""
+    With ``records`` (the state), a series is checked file by file against its record (its
+    digest; a series that differs is described file by file from the names in ``state_path``); a
+    series without a record is checked by its counts, or, when ``strict``, reported as unverified."""
     records = records or {}
     for row in _rows(manifest):
         disk = scan_series(root / row["target_dir"])
         record = records.get(row["target_dir"])
-        expected = record.files if record and record.crdc_series_uuid == row["crdc_series_uuid"] else None
-        if expected is not None and not _fits(expected, row):
-            expected = None
-        problem = describe(row, disk, expected)
-        if problem is None and expected is None and strict:
-            problem = (
-                f"series {row['SeriesInstanceUID']} in {row['target_dir']}: no per-file sizes recorded "
-                "(materialize downloaded_collection, or run the download again, to record them)"
-            )
+        if record is not None and _record_fits(record, row):
+            problem = None
+            if not record.holds(disk.files):
+                names = recorded_files(state_path, [row["target_dir"]]).get(row["target_dir"])
+                problem = (
+                    describe(row, disk, names)
+                    if names is not None and record.holds(names)
+                    else (
+                        f"series {row['SeriesInstanceUID']} in {row['target_dir']}: its files are not the ones "
+                        f"verified ({disk.count}/{record.count} files, {disk.bytes:,}/{record.bytes:,} bytes; a file "
+                        "is missing, of another size, or not of this series)"
+                    )
+                )
+        else:
+            problem = describe(row, disk, None)
+            if problem is None and strict:
+                problem = (
+                    f"series {row['SeriesInstanceUID']} in {row['target_dir']}: no per-file sizes recorded "
+                    "(materialize downloaded_collection, or run the download again, to record them)"
+                )
         yield row, disk, problem
 
 
@@ -485,6 +534,9 @@ class Download:
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         allowed_buckets: Iterable[str] = IDC_BUCKETS,
         header_cache: Path | None = None,
+        batch_files: int = BATCH_FILES,
+        batch_bytes: int = BATCH_BYTES,
+        batch_series: int = BATCH_SERIES,
     ) -> None:
         self.manifest, self.root, self.options, self.log = manifest, root, options, log
         self.progress_interval_s, self.check_endpoint_first = progress_interval_s, check_endpoint_first
@@ -507,48 +559,44 @@ class Download:
         self.progress: Progress | None = None
         self.claims: SeriesClaims | None = None
         self._endpoint_checked = False
+        for name, value in (("batch_files", batch_files), ("batch_bytes", batch_bytes), ("batch_series", batch_series)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{name} {value!r} is not a whole number >= 1")
+        self.batch_files, self.batch_bytes, self.batch_series = batch_files, batch_bytes, batch_series
+        self.journal = Journal(state_path) if state_path is not None else None
+        self.batches = 0
+        self._landed: list[str] = []  # series folders whose last file s5cmd reported (reader thread appends)
+        self._pending: dict[str, int] = {}  # series folder -> files still to land in this batch
 
     # -- the steps -------------------------------------------------------------------------
 
-    def scan(self, rows: list[dict] | None = None) -> None:
-        """Validate every row, compare every series directory with its record, plan the rest
-        (``rows``: only these again, after another download finished them)."""
-        if rows is None:
-            self.records = load_state(self.state_path, self.log) if self.state_path else {}
-            self._set_aside_revised()
-        for row in rows if rows is not None else _rows(self.manifest):
+    def scan(self, rows: list[dict]) -> None:
+        """Validate each row of a batch, compare its directory with its record, plan the rest."""
+        for row in rows:
             if row.get("target_dir") in self.failed:  # refused while setting revised series aside
                 continue
             problem = series_problem(row, self.allowed_buckets)
             if problem:
                 self.failed[row.get("target_dir") or str(row.get("SeriesInstanceUID"))] = problem
                 continue
-            if rows is None:
-                self.result.files += row["instanceCount"]
-                self.result.bytes += row["series_bytes"]
             disk = scan_series(self.root / row["target_dir"])
             record = self.records.get(row["target_dir"])
-            expected = record.files if record and record.crdc_series_uuid == row["crdc_series_uuid"] else None
-            if not _fits(expected, row):
-                expected = None
+            if record is not None and not _record_fits(record, row):
+                record = None
             if disk.temp_files:  # removed once this download holds the series' claim (see run)
-                self.temporaries.append((row, disk, expected))
-            if expected is None:
-                self.todo.append(_Todo(row, disk, whole=not disk.files))
+                self.temporaries.append((row, disk, None))
+            if record is not None and record.holds(disk.files):
+                self.result.skipped_series += 1
                 continue
-            if describe(row, disk, expected) is None:
-                self._complete(row, expected)
-            else:  # the record is only the fast path to "complete": what to fetch, a listing says
-                self.todo.append(_Todo(row, disk))
-        if rows is None:
-            self.result.skipped_series = self.manifest.num_rows - len(self.todo) - len(self.failed)
+            # no record, or the disk differs from it: what to fetch, a listing says (none when empty)
+            self.todo.append(_Todo(row, disk, whole=not disk.files))
 
     def list(self) -> None:
         """One listing per series that has files on disk but no record; compare the files with it."""
         unlisted = [t for t in self.todo if t.expected is None and not t.whole]
         if not unlisted:
             return
-        self.result.listed_series = len(unlisted)
+        self.result.listed_series += len(unlisted)
         self.log(f"listing {len(unlisted):,} series that have files on disk but no record of their sizes")
         self._require_endpoint()
         prefixes = {self._prefix(t.row): t for t in unlisted}
@@ -643,8 +691,9 @@ class Download:
             t for t in self.todo if t.row["target_dir"] not in self.failed and t.row["target_dir"] not in completed
         ]
 
-    def transfer(self) -> None:
-        """One ``s5cmd run`` of the copies the scan and the listing planned."""
+    def transfer(self, reservation) -> None:
+        """One ``s5cmd run`` of the copies the scan and the listing planned for this batch; each
+        series is verified (and journaled) as soon as its last file lands."""
         todo = [t for t in self.todo if t.whole or t.fetch]
         if not todo:
             return
@@ -653,84 +702,123 @@ class Download:
             t.row["series_bytes"] if t.whole else sum(t.expected[n] for n in t.fetch)
             for t in todo  # type: ignore[index]
         )
-        label = ",".join(sorted(set(self.manifest.column("collection_id").to_pylist())))
         flags = self.options.copy_flags()
-        with space_reservation(self.root, self.control / "reservations", missing_bytes, label) as reservation:
-            self._require_endpoint()
-            progress = self.progress = Progress(total_files=missing_files, total_bytes=missing_bytes)
-            self.log(
-                f"downloading {len(todo):,} of {self.manifest.num_rows:,} series ({missing_files:,} files, "
-                f"{human_bytes(missing_bytes)}) from {redact_url(self.options.endpoint_url)} with "
-                f"{self.options.workers} workers; {self.result.skipped_series:,} series already complete"
-            )
+        self._require_endpoint()
+        progress = self.progress
+        if progress is None:  # one progress for the whole run: its totals grow as batches are planned
+            progress = self.progress = Progress(total_files=0, total_bytes=0)
+        progress.total_files += missing_files
+        progress.total_bytes += missing_bytes
+        self.log(
+            f"downloading {len(todo):,} series ({missing_files:,} files, {human_bytes(missing_bytes)}) of batch "
+            f"{self.batches} from {redact_url(self.options.endpoint_url)} with {self.options.workers} workers; "
+            f"{self.result.skipped_series:,} series already complete so far"
+        )
 
-            def tick() -> None:
-                reservation.update(missing_bytes - progress.done_bytes)
-                self.on_progress(progress) if self.on_progress else self.log("progress: " + progress.line())
+        def tick() -> None:
+            self._verify_landed()
+            reservation.update(self.estimate_bytes - progress.done_bytes)
+            self.on_progress(progress) if self.on_progress else self.log("progress: " + progress.line())
 
-            with command_file(self.control, "run") as (path, handle):
-                for t in todo:
-                    dest = self.root / t.row["target_dir"]
-                    try:
-                        dest.mkdir(parents=True, exist_ok=True)
-                    except OSError as exc:  # e.g. a file in the way: this series fails, the others go on
-                        self.failed[t.row["target_dir"]] = (
-                            f"series {t.row['SeriesInstanceUID']}: cannot create its directory {dest} "
-                            f"({exc.strerror or exc}; is a file in the way?)"
-                        )
-                        continue
-                    if t.whole:
-                        handle.write(_command("cp", self._prefix(t.row) + "*", f"{dest}/", flags))
-                    else:
-                        for name in t.fetch:
-                            handle.write(_command("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
-                handle.close()
-                headers = None
-                if self.header_cache is not None:
-                    headers = StreamingHeaderCheck(
-                        HeaderCache(self.header_cache, self.root).load(),
-                        {
-                            os.path.normpath(self.root / t.row["target_dir"]): tuple(
-                                t.row[f] or "" for f in HEADER_FIELDS
-                            )
-                            for t in todo
-                        },
-                    )
-                    progress.on_copied = headers.file_copied
+        self._pending = {}
+        with command_file(self.control, "run") as (path, handle):
+            for t in todo:
+                dest = self.root / t.row["target_dir"]
                 try:
-                    try:
-                        self.result.returncode = s5cmd.run(
-                            [*self.options.global_args(), "run", str(path)],
-                            on_stdout=progress.on_stdout,
-                            on_stderr=progress.on_stderr,
-                            on_tick=tick,
-                            tick_s=self.progress_interval_s,
-                            grace_period_s=self.options.grace_period_s,
-                            check=lambda: self._check(progress),
-                        )
-                    finally:
-                        if headers is not None:  # what was read is kept; an interrupted run stops reading
-                            headers.finish(drain=sys.exc_info()[0] is None)
-                except _Stop as stop:
-                    self.log("transfer stopped: " + progress.line())
-                    self.verify()
-                    self._stopped(stop, progress)
+                    dest.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # e.g. a file in the way: this series fails, the others go on
+                    self.failed[t.row["target_dir"]] = (
+                        f"series {t.row['SeriesInstanceUID']}: cannot create its directory {dest} "
+                        f"({exc.strerror or exc}; is a file in the way?)"
+                    )
+                    continue
+                self._pending[os.path.normpath(dest)] = t.row["instanceCount"] if t.whole else len(t.fetch)
+                if t.whole:
+                    handle.write(_command("cp", self._prefix(t.row) + "*", f"{dest}/", flags))
+                else:
+                    for name in t.fetch:
+                        handle.write(_command("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
+            handle.close()
+            headers = None
+            if self.header_cache is not None:
+                headers = StreamingHeaderCheck(
+                    HeaderCache(self.header_cache, self.root).load(),
+                    {
+                        os.path.normpath(self.root / t.row["target_dir"]): tuple(t.row[f] or "" for f in HEADER_FIELDS)
+                        for t in todo
+                    },
+                )
+            progress.on_copied = self._landing(headers.file_copied if headers is not None else None)
+            try:
+                try:
+                    self.result.returncode = s5cmd.run(
+                        [*self.options.global_args(), "run", str(path)],
+                        on_stdout=progress.on_stdout,
+                        on_stderr=progress.on_stderr,
+                        on_tick=tick,
+                        tick_s=self.progress_interval_s,
+                        grace_period_s=self.options.grace_period_s,
+                        check=lambda: self._check(progress),
+                    )
+                finally:
+                    if headers is not None:  # what was read is kept; an interrupted run stops reading
+                        headers.finish(drain=sys.exc_info()[0] is None)
+            except _Stop as stop:
+                self.log("transfer stopped: " + progress.line())
+                self.verify()
+                self._stopped(stop, progress)
         self.log("transfer ended: " + progress.line() + f", s5cmd exit code {self.result.returncode}")
 
+    def _landing(self, then: Callable[[str], None] | None) -> Callable[[str], None]:
+        """The hook s5cmd's reader thread calls with each copied file: counts the files of each
+        series down, and queues a series for verification when its last one has landed."""
+        pending, landed = self._pending, self._landed
+
+        def copied(destination: str) -> None:
+            folder = os.path.normpath(os.path.dirname(destination))
+            left = pending.get(folder)
+            if left is not None:
+                pending[folder] = left - 1
+                if left == 1:
+                    landed.append(folder)
+            if then is not None:
+                then(destination)
+
+        return copied
+
+    def _verify_landed(self) -> None:
+        """Verify (and journal) the series whose last file has landed since the last call."""
+        if not self._landed:
+            return
+        folders = set()
+        while self._landed:
+            folders.add(self._landed.pop())
+        done = [t for t in self.todo if os.path.normpath(self.root / t.row["target_dir"]) in folders]
+        self._verify(done)
+
     def verify(self) -> None:
-        """Every planned series against its record (the listing, or what s5cmd reported copying)."""
-        copied: dict[str, dict[str, int]] = {}
+        """Every series of the batch not verified yet against its record (the listing, or what
+        s5cmd reported copying); the per-file sizes s5cmd reported are then dropped."""
+        self._verify([t for t in self.todo if t.row["target_dir"] not in self.failed])
         if self.progress is not None:
+            self.progress.copied.clear()  # memory holds one batch's files at most
+            self.progress.not_found.clear()
+
+    def _verify(self, todo: list[_Todo]) -> None:
+        copied: dict[str, dict[str, int]] = {}
+        if self.progress is not None and any(t.expected is None for t in todo):
+            wanted = {os.path.normpath(self.root / t.row["target_dir"]) for t in todo if t.expected is None}
             for path, size in list(self.progress.copied.items()):
                 folder, _, name = path.rpartition("/")
-                copied.setdefault(os.path.normpath(folder), {})[name] = size
-            self.result.transferred_files += self.progress.done_files
-            self.result.transferred_bytes += self.progress.done_bytes
-            self.result.errors += list(self.progress.errors)
-        for t in self.todo:
+                folder = os.path.normpath(folder)
+                if folder in wanted:
+                    copied.setdefault(folder, {})[name] = size
+        verified = set()
+        for t in todo:
             row = t.row
-            if row["target_dir"] in self.failed:
+            if row["target_dir"] in self.failed or row["target_dir"] in self.verified:
                 continue
+            verified.add(row["target_dir"])
             disk = scan_series(self.root / row["target_dir"])
             expected = t.expected
             if expected is None:  # fetched whole: s5cmd said which objects it copied, with their sizes
@@ -764,34 +852,91 @@ class Download:
                 self.failed[row["target_dir"]] = problem
             else:
                 self._complete(row, expected)  # type: ignore[arg-type]
+        self.verified |= verified
 
     # -- the whole run ---------------------------------------------------------------------
 
     def run(self) -> DownloadResult:
         claims = self.claims = SeriesClaims(self.root)
-        self.scan()
-        while True:
-            # Series another download into this root is fetching are left to it (and waited for).
-            rows = {t.row["target_dir"]: t.row for t in self.todo}
-            rows.update({row["target_dir"]: row for row, _, _ in self.temporaries})
-            deferred = claims.claim(list(rows.values()))
-            self.todo = [t for t in self.todo if t.row["target_dir"] not in deferred]
-            for row, disk, expected in self.temporaries:  # what a killed s5cmd left, in series we now hold
-                if row["target_dir"] not in deferred:
-                    self._remove_temp_files(row, disk, expected)
-            self.temporaries = []
-            try:
-                self.list()
-                self.transfer()
-                self.verify()
-            finally:
-                claims.release()
+        self.records = load_state(self.state_path, self.log) if self.state_path else {}
+        self.verified: set[str] = set()
+        self._set_aside_revised()
+        self.estimate_bytes = self._estimate()
+        label = ",".join(sorted(set(self.manifest.column("collection_id").to_pylist())))
+        deferred: dict[str, dict] = {}
+        try:
+            with space_reservation(self.root, self.control / "reservations", self.estimate_bytes, label) as reservation:
+                for rows in self._batches(_rows(self.manifest)):
+                    for row in rows:
+                        if row.get("target_dir") not in self.failed and not series_problem(row, self.allowed_buckets):
+                            self.result.files += row["instanceCount"]
+                            self.result.bytes += row["series_bytes"]
+                    deferred.update(self._batch(claims, rows, reservation))
+                while deferred:  # series another download into this root was fetching: now ours to check
+                    self._wait_for(claims, deferred)
+                    rows, deferred = list(deferred.values()), {}
+                    for batch in self._batches(iter(rows)):
+                        deferred.update(self._batch(claims, batch, reservation))
+        finally:
+            self._tally()
             self._save()
-            if not deferred:
-                return self._finish()
-            self._wait_for(claims, deferred)
-            self.todo, self.progress = [], None
-            self.scan(rows=list(deferred.values()))
+        return self._finish()
+
+    def _tally(self) -> None:
+        if self.progress is not None:
+            self.result.transferred_files = self.progress.done_files
+            self.result.transferred_bytes = self.progress.done_bytes
+            self.result.errors = list(self.progress.errors)
+
+    def _batch(self, claims: SeriesClaims, rows: list[dict], reservation) -> dict[str, dict]:
+        """Scan, claim, list, transfer and verify one batch; the rows another download holds."""
+        self.batches += 1
+        self.todo, self.temporaries = [], []
+        self.scan(rows)
+        planned = {t.row["target_dir"]: t.row for t in self.todo}
+        planned.update({row["target_dir"]: row for row, _, _ in self.temporaries})
+        deferred = claims.claim(list(planned.values()))
+        self.todo = [t for t in self.todo if t.row["target_dir"] not in deferred]
+        try:
+            self.list()
+            listed = {t.row["target_dir"]: t.expected for t in self.todo}
+            for row, disk, _ in self.temporaries:  # what a killed s5cmd left, in series we now hold
+                if row["target_dir"] not in deferred:
+                    self._remove_temp_files(row, disk, listed.get(row["target_dir"]))
+            self.transfer(reservation)
+            self.verify()
+        finally:
+            claims.release()
+        self.todo, self.temporaries = [], []
+        return deferred
+
+    def _batches(self, rows: Iterator[dict]) -> Iterator[list[dict]]:
+        """Rows in batches of at most ``batch_series`` series, ``batch_files`` files and
+        ``batch_bytes`` bytes (a series larger than a batch is a batch of its own)."""
+        batch: list[dict] = []
+        files = size = 0
+        for row in rows:
+            n, b = row.get("instanceCount"), row.get("series_bytes")
+            n, b = (n if isinstance(n, int) else 0), (b if isinstance(b, int) else 0)
+            if batch and (
+                len(batch) >= self.batch_series or files + n > self.batch_files or size + b > self.batch_bytes
+            ):
+                yield batch
+                batch, files, size = [], 0, 0
+            batch.append(row)
+            files, size = files + n, size + b
+        if batch:
+            yield batch
+
+    def _estimate(self) -> int:
+        """Bytes still to fetch, judged by the records alone (no disk access): for the space check."""
+        missing = 0
+        for row in _rows(self.manifest):
+            record = self.records.get(row.get("target_dir"))
+            size = row.get("series_bytes")
+            if isinstance(size, int) and size > 0 and (record is None or not _record_fits(record, row)):
+                missing += size
+        return missing
 
     def _wait_for(self, claims: SeriesClaims, deferred: dict[str, dict]) -> None:
         """Wait until the other downloads let go of the ``deferred`` series (they finish them, or
@@ -852,9 +997,13 @@ class Download:
         return self.options.source_url(row["series_aws_url"], row["aws_bucket"])[:-1]
 
     def _complete(self, row: dict, files: dict[str, int]) -> None:
-        self.records[row["target_dir"]] = SeriesRecord(
-            row["SeriesInstanceUID"], row["crdc_series_uuid"], dict(files), row.get("series_revised_idc_version")
+        record = SeriesRecord(
+            row["SeriesInstanceUID"], row["crdc_series_uuid"], files, row.get("series_revised_idc_version")
         )
+        self.records[row["target_dir"]] = record.slim()  # memory: per series, not per file
+        self.verified.add(row["target_dir"])
+        if self.journal is not None:
+            self.journal.record(row["target_dir"], record)  # the journal keeps every name and size
 
     def _remove_temp_files(self, row: dict, disk: SeriesOnDisk, expected: dict[str, int] | None) -> None:
         """Remove what a killed s5cmd left: ``<object name><digits>`` of this series' objects (or,
@@ -892,7 +1041,8 @@ class Download:
                 )
                 continue
             on_disk = scan_series(source).files
-            holds_old = bool(set(on_disk) & set(before.files)) if before.files is not None else bool(on_disk)
+            new_complete = len(on_disk) == row["instanceCount"] and sum(on_disk.values()) == row["series_bytes"]
+            holds_old = before.holds(on_disk) or (bool(on_disk) and not new_complete)
             if not holds_old:  # the record is stale (another download put the new files there): just forget it
                 revised.append(row["target_dir"])
                 continue
@@ -913,8 +1063,9 @@ class Download:
             )
         for target_dir in revised:  # an interrupted run must not set the new files aside again
             del self.records[target_dir]
-        if revised:
-            self._save()
+        if revised and self.journal is not None:
+            self.journal.forget(revised)
+            self.journal.sync()
         if self.records and is_whole_collection(self.manifest):  # a filtered selection leaves out series on purpose
             removed = sorted(f"{r.series_uid} ({d})" for d, r in self.records.items() if d not in in_manifest)
             self.result.removed_series = removed
@@ -925,8 +1076,14 @@ class Download:
                 )
 
     def _save(self) -> None:
-        if self.state_path is not None:
-            save_state(self.state_path, self.records)
+        """The journal to disk; the snapshot rewritten (journal emptied) only when the journal has
+        grown past a share of it, or the state is small: a large state is not rewritten for a few series."""
+        if self.journal is None or self.state_path is None:
+            return
+        self.journal.close()
+        lines = journal_lines(self.state_path)
+        if lines and (len(self.records) <= COMPACT_ALWAYS_BELOW or lines * 4 >= len(self.records)):
+            compact_state(self.state_path, self.log)
 
     def _require_endpoint(self) -> None:
         if self.check_endpoint_first and not self._endpoint_checked:
@@ -943,13 +1100,12 @@ class Download:
 
     def _stopped(self, stop: _Stop, progress: Progress, listing: bool = False) -> None:
         """Save what is verified and raise ``TransferStoppedError`` with one line saying why."""
+        self._tally()
         try:
             self._save()
         except OSError as exc:  # e.g. the full disk itself: the state is a cache, the next run rebuilds it
             self.log(f"could not record the state ({exc.strerror or exc}); the next run checks the disk again")
-        self.result.failed_count = len(self.failed) + sum(
-            1 for t in self.todo if t.row["target_dir"] not in self.records and t.row["target_dir"] not in self.failed
-        )
+        self.result.failed_count = max(self.result.series - self.result.skipped_series - len(self.verified), 0)
         self.result.duration_s = time.monotonic() - self.started
         kept = "everything complete is kept; run again to resume"
         if stop.kind == "disk":

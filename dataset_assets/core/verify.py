@@ -75,9 +75,10 @@ def check_files(manifest: pa.Table, root: Path, state_path: Path | None = None) 
     (the download state), and no other ``.dcm`` file is in the series' directory; a series
     without such a record is reported as unverified."""
     notes: list[str] = []
-    records = load_state(state_path or state_path_for(root, manifest), notes.append, repair=False)
+    state = state_path or state_path_for(root, manifest)
+    records = load_state(state, notes.append, repair=False)
     report = CheckReport(notes={"state": notes[0]} if notes else {})
-    for row, _disk, problem in series_status(manifest, root, records, strict=True):
+    for row, _disk, problem in series_status(manifest, root, records, strict=True, state_path=state):
         report.checked += 1
         if problem:
             report.add(row["SeriesInstanceUID"], problem)
