@@ -805,14 +805,7 @@ class Download:
             self.progress.not_found.clear()
 
     def _verify(self, todo: list[_Todo]) -> None:
-        copied: dict[str, dict[str, int]] = {}
-        if self.progress is not None and any(t.expected is None for t in todo):
-            wanted = {os.path.normpath(self.root / t.row["target_dir"]) for t in todo if t.expected is None}
-            for path, size in list(self.progress.copied.items()):
-                folder, _, name = path.rpartition("/")
-                folder = os.path.normpath(folder)
-                if folder in wanted:
-                    copied.setdefault(folder, {})[name] = size
+        copied = self.progress.copied if self.progress is not None else {}
         verified = set()
         for t in todo:
             row = t.row
@@ -820,6 +813,8 @@ class Download:
                 continue
             verified.add(row["target_dir"])
             disk = scan_series(self.root / row["target_dir"])
+            with self.progress._lock if self.progress is not None else contextlib.nullcontext():
+                got = copied.pop(os.path.normpath(self.root / row["target_dir"]), {})  # memory: this batch's own
             expected = t.expected
             if expected is None:  # fetched whole: s5cmd said which objects it copied, with their sizes
                 if self.progress is not None and self._prefix(row) + "*" in self.progress.not_found:
@@ -829,7 +824,6 @@ class Download:
                         "the index and the bucket disagree"
                     )
                     continue
-                got = copied.get(os.path.normpath(self.root / row["target_dir"]), {})
                 if len(got) > row["instanceCount"]:
                     self.failed[row["target_dir"]] = (
                         f"series {row['SeriesInstanceUID']}: the server holds more objects ({len(got)}) than the "
@@ -1091,8 +1085,10 @@ class Download:
         self._endpoint_checked = True
 
     def _check(self, progress: Progress) -> None:
+        """Called about twice a second while s5cmd runs: heartbeat, series that landed, stops."""
         if self.claims is not None:
             self.claims.beat()
+        self._verify_landed()
         if progress.disk_full:
             raise _Stop("disk")
         if self.stall_timeout_s and progress.seconds_without_success() > self.stall_timeout_s:

@@ -9,6 +9,7 @@ Only counters and a bounded sample of errors are kept.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -30,9 +31,9 @@ class Progress:
     failures: int = 0
     errors: deque = field(default_factory=lambda: deque(maxlen=20))
     started: float = field(default_factory=time.monotonic)
-    #: Destination path -> size of every object s5cmd reported as copied (the per-file truth of
-    #: series fetched whole; about 100 bytes of memory per file).
-    copied: dict[str, int] = field(default_factory=dict)
+    #: Destination folder -> {file name: size} of every object s5cmd reported as copied (the
+    #: per-file truth of series fetched whole); the download drops a folder once it is verified.
+    copied: dict[str, dict[str, int]] = field(default_factory=dict)
     first_error: str | None = None
     retried: int = 0  # requests s5cmd retried (each failed once)
     disk_full: str | None = None  # the first "no space left on device" error
@@ -63,7 +64,8 @@ class Progress:
             self.done_bytes += size
             self.last_success = time.monotonic()
             if isinstance(destination, str):
-                self.copied[destination] = size
+                folder, _, name = destination.rpartition("/")
+                self.copied.setdefault(os.path.normpath(folder), {})[name] = size
         if self.on_copied is not None and isinstance(destination, str):
             self.on_copied(destination)
 

@@ -122,12 +122,29 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # many workers connect at once
     owner: LocalS3Server
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:  # several server processes share one port: the kernel spreads connections
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _SharedPortServer(_Server):
+    reuse_port = True
 
 
 class LocalS3Server:
     """Serve ``root/<bucket>/<key>`` over a minimal S3 REST API on 127.0.0.1."""
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0, max_lifetime_s: float | None = 3600):
+    def __init__(
+        self,
+        root: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_lifetime_s: float | None = 3600,
+        reuse_port: bool = False,
+    ):
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("LocalS3Server binds 127.0.0.1 only")
         self.root, self.max_lifetime_s = Path(root), max_lifetime_s
@@ -138,7 +155,8 @@ class LocalS3Server:
         self._timer: threading.Timer | None = None
         self._stopped = False
         self.reset_stats()
-        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        # reuse_port: other processes may serve the same port (a benchmark's server that is not the limit)
+        self._httpd = (_SharedPortServer if reuse_port else _Server)(("127.0.0.1", port), _Handler)
         self._httpd.owner = self
 
     @property
