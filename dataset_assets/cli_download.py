@@ -23,7 +23,7 @@ from .core.portal_manifest import read_entries
 from .core.resolve import FLAT, Entry, Selection, entries_from_target, fill_prior_counts, require_resolved, resolve
 from .core.s5cmd import S5cmdOptions
 from .core.safety import allowed_buckets_from_env
-from .core.state import load_state
+from .core.state import load_state, recorded_files
 from .core.viewer import viewer_url
 
 INSTANCE_INDEX = "sm_instance_index"
@@ -185,11 +185,10 @@ def _link_flat(selection: Selection, root: Path) -> list[str]:
     """Hard-link every verified file of the staged series (and every complete instance) into ``root``."""
     files: list[str] = []
     if selection.manifest is not None:
-        records = load_state(state_path_for(root, selection.manifest), lambda _m: None, repair=False)
-        for target_dir in selection.manifest.column("target_dir").to_pylist():
-            record = records.get(target_dir)
-            if record is not None:
-                files.extend(f"{target_dir}{name}" for name in sorted(record.files))
+        target_dirs = selection.manifest.column("target_dir").to_pylist()
+        recorded = recorded_files(state_path_for(root, selection.manifest), target_dirs)
+        for target_dir in target_dirs:
+            files.extend(f"{target_dir}{name}" for name in sorted(recorded.get(target_dir, {})))
     files += [file_of(i) for i in selection.instances if is_complete(root, i)]
     _placed, problems = link_into(root, files)
     return problems
