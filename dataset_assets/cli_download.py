@@ -195,48 +195,65 @@ def _link_flat(selection: Selection, root: Path) -> list[str]:
 
 
 def dry_run_report(selection: Selection, request: Request, problems: list[str], *, as_json: bool) -> None:
+    """What a download would fetch, streamed: the text form keeps the first ten series and counts the
+    rest; the JSON form is one document whose ``series`` and ``instances`` are written one by one
+    (its counts, ``would_fetch`` and ``selection``, come after them), so memory does not grow with
+    the selection (``nlst``: 592,600 series)."""
     dest = request.dest
     root = dest.absolute()
     flat = request.layout == FLAT
-    series: list[dict] = []
     todo = {"series": 0, "files": 0, "bytes": 0, "instances": 0}
     manifest = selection.manifest
-    if manifest is not None:
-        records = load_state(state_path_for(root, manifest), lambda _m: None, repair=False)
-        statuses = series_status(manifest, root, records)
-        for row, (_, disk, problem) in zip(manifest.to_pylist(), statuses, strict=True):
+    out = click.get_text_stream("stdout")
+    shown: list[dict] = []
+    collections: set[str] = set()
+    counted = {"series": 0, "instances": 0, "instance_bytes": 0}
+
+    def series_items(whole: bool = True):
+        """Each series as a dict (``whole``), or ``None`` past the ones shown (counted all the same)."""
+        if manifest is None:
+            return
+        state = state_path_for(root, manifest)
+        records = load_state(state, lambda _m: None, repair=False)
+        for row, disk, problem in series_status(manifest, root, records, state_path=state):
             if problem:
                 todo["series"] += 1
                 todo["files"] += max(row["instanceCount"] - disk.count, 0)
                 todo["bytes"] += max(row["series_bytes"] - disk.bytes, 0)
-            series.append(
-                {
-                    "collection_id": row["collection_id"],
-                    "PatientID": row["PatientID"],
-                    "StudyInstanceUID": row["StudyInstanceUID"],
-                    "SeriesInstanceUID": row["SeriesInstanceUID"],
-                    "Modality": row["Modality"],
-                    "crdc_series_uuid": row["crdc_series_uuid"],
-                    "source_url": request.options.source_url(row["series_aws_url"], row["aws_bucket"]),
-                    "target_dir": "./" if flat else row["target_dir"],
-                    **({"staging_dir": row["target_dir"]} if flat else {}),
-                    "files": row["instanceCount"],
-                    "bytes": row["series_bytes"],
-                    "size": human_bytes(row["series_bytes"]),
-                    "idc_version": row["series_revised_idc_version"],
-                    "prior_release": row["crdc_series_uuid"] in selection.prior,
-                    "complete": problem is None,
-                    "viewer_url": viewer_url(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]),
-                }
-            )
-    instances = []
-    for row in selection.instances:
-        complete = is_complete(root, row)
-        if not complete:
-            todo["instances"] += 1
-            todo["bytes"] += row["instance_size"]
-        instances.append(
-            {
+            counted["series"] += 1
+            collections.add(row["collection_id"])
+            if not whole and counted["series"] > 10:
+                yield None
+                continue
+            yield {
+                "collection_id": row["collection_id"],
+                "PatientID": row["PatientID"],
+                "StudyInstanceUID": row["StudyInstanceUID"],
+                "SeriesInstanceUID": row["SeriesInstanceUID"],
+                "Modality": row["Modality"],
+                "crdc_series_uuid": row["crdc_series_uuid"],
+                "source_url": request.options.source_url(row["series_aws_url"], row["aws_bucket"]),
+                "target_dir": "./" if flat else row["target_dir"],
+                **({"staging_dir": row["target_dir"]} if flat else {}),
+                "files": row["instanceCount"],
+                "bytes": row["series_bytes"],
+                "size": human_bytes(row["series_bytes"]),
+                "idc_version": row["series_revised_idc_version"],
+                "prior_release": row["crdc_series_uuid"] in selection.prior,
+                "complete": problem is None,
+                "viewer_url": viewer_url(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]),
+            }
+
+    def instance_items():
+        for row in selection.instances:
+            complete = is_complete(root, row)
+            if not complete:
+                todo["instances"] += 1
+                todo["bytes"] += row["instance_size"]
+            counted["instances"] += 1
+            counted["instance_bytes"] += row["instance_size"]
+            collections.add(row["collection_id"])
+            yield {
                 "SOPInstanceUID": row["SOPInstanceUID"],
                 "SeriesInstanceUID": row["SeriesInstanceUID"],
                 "collection_id": row["collection_id"],
@@ -246,44 +263,51 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
                 "complete": complete,
                 "viewer_url": viewer_url(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]),
             }
-        )
+
     stats = summarize(manifest) if manifest is not None else None
     if as_json:
-        document = {
-            "dest": str(dest),
-            "layout": request.layout,
-            "would_fetch": todo,
-            "selection": {
-                "series": len(series),
-                "instances": len(instances),
-                "files": (stats["instances"] if stats else 0) + len(instances),
-                "bytes": (stats["bytes"] if stats else 0) + sum(i["bytes"] for i in instances),
-                "modalities": stats["modalities"] if stats else [],
-                "collections": sorted({s["collection_id"] for s in series} | {i["collection_id"] for i in instances}),
-            },
-            "series": series,
-            "instances": instances,
-            "problems": problems,
+        out.write("{\n" + f'  "dest": {json.dumps(str(dest))},\n  "layout": {json.dumps(request.layout)},\n')
+        for key, items in (("series", series_items()), ("instances", instance_items())):
+            out.write(f'  "{key}": [')
+            for n, item in enumerate(items):
+                out.write(("\n    " if n == 0 else ",\n    ") + json.dumps(item))
+            out.write("\n  ],\n" if (counted[key]) else "],\n")
+        selection_doc = {
+            "series": counted["series"],
+            "instances": counted["instances"],
+            "files": (stats["instances"] if stats else 0) + counted["instances"],
+            "bytes": (stats["bytes"] if stats else 0) + counted["instance_bytes"],
+            "modalities": stats["modalities"] if stats else [],
+            "collections": sorted(collections),
         }
-        click.echo(json.dumps(document, indent=2))
+        out.write(f'  "would_fetch": {json.dumps(todo)},\n  "selection": {json.dumps(selection_doc)},\n')
+        out.write(f'  "problems": {json.dumps(problems)}\n}}\n')
+        out.flush()
         return
+    for item in series_items(whole=False):
+        if item is not None:
+            shown.append(item)
+    instances_shown = []
+    for item in instance_items():
+        if len(instances_shown) < 10:
+            instances_shown.append(item)
     if stats is not None:
         click.echo(
             f"would fetch {todo['series']:,} of {stats['series']:,} series ({todo['files']:,} files, "
             f"{human_bytes(todo['bytes'])}) into {dest}; selection: {stats['instances']:,} files, "
             f"{human_bytes(stats['bytes'])}, modalities {', '.join(stats['modalities'])}"
         )
-    for item in series[:10]:
+    for item in shown:
         prior = f", from IDC v{item['idc_version']}" if item["prior_release"] else ""
         click.echo(
             f"  {item['source_url']} -> {item['target_dir']} ({item['files']} files, {item['size']}{prior}) "
             f"{item['viewer_url']}"
         )
-    if len(series) > 10:
-        click.echo(f"  ... and {len(series) - 10:,} more series")
-    if instances:
-        click.echo(f"would fetch {todo['instances']:,} of {len(instances):,} single instance(s) into {dest}")
-        for item in instances[:10]:
+    if counted["series"] > 10:
+        click.echo(f"  ... and {counted['series'] - 10:,} more series")
+    if counted["instances"]:
+        click.echo(f"would fetch {todo['instances']:,} of {counted['instances']:,} single instance(s) into {dest}")
+        for item in instances_shown:
             click.echo(f"  {item['source_url']} -> {item['file']} ({human_bytes(item['bytes'])}) {item['viewer_url']}")
     for problem in problems:
         click.echo(f"  cannot fetch: {problem}")

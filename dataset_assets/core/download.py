@@ -99,6 +99,9 @@ class SeriesOnDisk:
         return sum(self.files.values())
 
 
+_EMPTY = SeriesOnDisk({})
+
+
 @dataclass
 class DownloadResult:
     """What a download did and what the disk holds afterwards."""
@@ -127,7 +130,31 @@ class DownloadResult:
         return self.transferred_bytes / 1e6 / self.duration_s if self.duration_s > 0 else 0.0
 
 
-def scan_series(directory: Path) -> SeriesOnDisk:
+class _Absent:
+    """Which folders below a root do not exist, learned one folder at a time: a series directory
+    below a missing folder is empty without a system call (a dry run of ``nlst`` into a new
+    folder asks the file system once, not 592,600 times)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, target_dir: str) -> bool:
+        parts = target_dir.strip("/").split("/")
+        prefix = ""
+        for part in parts[:-1]:
+            prefix = f"{prefix}{part}/"
+            there = self.known.get(prefix)
+            if there is None:
+                there = self.known[prefix] = os.path.isdir(os.path.join(self.root, prefix))
+                if len(self.known) > 100_000:  # bounded: forget, and learn again
+                    self.known = {prefix: there}
+            if not there:
+                return True
+        return False
+
+
+def scan_series(directory: Path | str) -> SeriesOnDisk:
     """The ``*.dcm`` regular files in one series directory (no recursion, links not followed)."""
     files: dict[str, int] = {}
     temps: list[str] = []
@@ -179,7 +206,8 @@ def _rows(manifest: pa.Table) -> Iterator[dict]:
         "series_revised_idc_version",
         *HEADER_FIELDS,
     ]
-    for batch in manifest.select(columns).to_batches(50_000):
+    columns = list(dict.fromkeys([*columns, *(c for c in ("collection_id",) if c in manifest.column_names)]))
+    for batch in manifest.select(columns).to_batches(10_000):
         yield from batch.to_pylist()
 
 
@@ -225,8 +253,10 @@ def series_status(
     digest; a series that differs is described file by file from the names in ``state_path``); a
     series without a record is checked by its counts, or, when ``strict``, reported as unverified."""
     records = records or {}
+    absent = _Absent(root)
     for row in _rows(manifest):
-        disk = scan_series(root / row["target_dir"])
+        target_dir = row["target_dir"]
+        disk = _EMPTY if absent(target_dir) else scan_series(os.path.join(root, target_dir))
         record = records.get(row["target_dir"])
         if record is not None and _record_fits(record, row):
             problem = None
