@@ -7,7 +7,7 @@ from dataset_assets import settings
 from dataset_assets.defs import automation
 from dataset_assets.defs.checks import download_checks, index_checks
 from dataset_assets.defs.cohort_assets import cohort_checks, cohort_manifest, downloaded_cohort
-from dataset_assets.defs.download_assets import downloaded_collection
+from dataset_assets.defs.download_assets import downloaded_collection, downloaded_collection_shard
 from dataset_assets.defs.executors import executor_from_env
 from dataset_assets.defs.extra_index_assets import idc_extra_index
 from dataset_assets.defs.http_assets import http_datasets
@@ -23,6 +23,7 @@ defs = dg.Definitions(
         idc_extra_index,
         collection_manifest,
         downloaded_collection,
+        downloaded_collection_shard,
         cohort_manifest,
         downloaded_cohort,
         http_datasets,

@@ -75,6 +75,11 @@ S5CMD_BINARY = Setting("S5CMD_BINARY", None, "another s5cmd executable; default:
 DAGSTER_EXECUTOR = Setting(
     "DAGSTER_EXECUTOR", "in_process", "in_process, multiprocess, celery, k8s or docker: where a run's steps execute"
 )
+IDC_SHARDS = Setting(
+    "IDC_SHARDS",
+    "16",
+    "shards of downloaded_collection_shard per collection (1-256; a collection is split only by 100,000 files or more)",
+)
 DATASET_BUNDLES_FILE = Setting(
     "DATASET_BUNDLES_FILE", None, "the HTTP bundles YAML; default: dataset_assets/bundles.yaml"
 )
@@ -105,6 +110,7 @@ SETTINGS = (
     IDC_COHORTS_FILE,
     S5CMD_BINARY,
     DAGSTER_EXECUTOR,
+    IDC_SHARDS,
     DATASET_BUNDLES_FILE,
     DATASET_BUNDLES_DIR,
     DATASET_BUNDLES_MAX_RETRY_AFTER_S,

@@ -62,6 +62,7 @@ from .state import (
     SeriesRecord,
     compact_state,
     journal_lines,
+    load_shard_records,
     load_state,
     recorded_files,
     remove_stale_temporaries,
@@ -189,6 +190,15 @@ def _record_fits(record: SeriesRecord, row: dict) -> bool:
     )
 
 
+def best_record(row: dict, *sources: dict[str, SeriesRecord]) -> SeriesRecord | None:
+    """The first record of this series (the collection's state, then its shards') that fits the row."""
+    for source in sources:
+        record = source.get(row.get("target_dir"))
+        if record is not None and _record_fits(record, row):
+            return record
+    return None
+
+
 def _fits(files: dict[str, int] | None, row: dict) -> bool:
     """A record that accounts for exactly the series' ``instanceCount`` files and bytes."""
     return files is not None and len(files) == row["instanceCount"] and sum(files.values()) == row["series_bytes"]
@@ -253,12 +263,13 @@ def series_status(
     digest; a series that differs is described file by file from the names in ``state_path``); a
     series without a record is checked by its counts, or, when ``strict``, reported as unverified."""
     records = records or {}
+    shards = load_shard_records(state_path, lambda _m: None) if state_path is not None else {}
     absent = _Absent(root)
     for row in _rows(manifest):
         target_dir = row["target_dir"]
         disk = _EMPTY if absent(target_dir) else scan_series(os.path.join(root, target_dir))
-        record = records.get(row["target_dir"])
-        if record is not None and _record_fits(record, row):
+        record = best_record(row, records, shards)
+        if record is not None:
             problem = None
             if not record.holds(disk.files):
                 names = recorded_files(state_path, [row["target_dir"]]).get(row["target_dir"])
@@ -582,6 +593,7 @@ class Download:
         self.control = root / CONTROL_DIR
         self.started = time.monotonic()
         self.records: dict[str, SeriesRecord] = {}  # the state, updated as series are verified
+        self.shard_records: dict[str, SeriesRecord] = {}
         self.failed: dict[str, str] = {}  # target_dir -> why
         self.todo: list[_Todo] = []
         self.temporaries: list[tuple[dict, SeriesOnDisk, dict[str, int] | None]] = []
@@ -610,9 +622,7 @@ class Download:
                 self.failed[row.get("target_dir") or str(row.get("SeriesInstanceUID"))] = problem
                 continue
             disk = scan_series(self.root / row["target_dir"])
-            record = self.records.get(row["target_dir"])
-            if record is not None and not _record_fits(record, row):
-                record = None
+            record = best_record(row, self.records, self.shard_records)
             if disk.temp_files:  # removed once this download holds the series' claim (see run)
                 self.temporaries.append((row, disk, None))
             if record is not None and record.holds(disk.files):
@@ -883,6 +893,7 @@ class Download:
     def run(self) -> DownloadResult:
         claims = self.claims = SeriesClaims(self.root)
         self.records = load_state(self.state_path, self.log) if self.state_path else {}
+        self.shard_records = load_shard_records(self.state_path, self.log)  # what shards of it verified
         self.verified: set[str] = set()
         self._set_aside_revised()
         self.estimate_bytes = self._estimate()
@@ -956,9 +967,9 @@ class Download:
         """Bytes still to fetch, judged by the records alone (no disk access): for the space check."""
         missing = 0
         for row in _rows(self.manifest):
-            record = self.records.get(row.get("target_dir"))
+            record = best_record(row, self.records, self.shard_records)
             size = row.get("series_bytes")
-            if isinstance(size, int) and size > 0 and (record is None or not _record_fits(record, row)):
+            if isinstance(size, int) and size > 0 and record is None:
                 missing += size
         return missing
 

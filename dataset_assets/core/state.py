@@ -130,6 +130,33 @@ def load_state(
     return records
 
 
+SHARD_MARK = ".shard-"
+
+
+def shard_state_path(path: Path, index: int, count: int) -> Path:
+    """The state of shard ``index`` of ``count`` of the state at ``path`` (beside it, its own file
+    and lock: shards of one collection run in parallel, each recording what it verified)."""
+    return path.with_name(f"{path.stem}{SHARD_MARK}{index:02d}-of-{count:02d}{path.suffix}")
+
+
+def shard_states(path: Path) -> list[Path]:
+    """The shard states recorded beside the state at ``path`` (snapshots, or journals alone)."""
+    if SHARD_MARK in path.stem or not path.parent.is_dir():
+        return []
+    found = set(path.parent.glob(f"{path.stem}{SHARD_MARK}*{path.suffix}"))
+    found |= {j.with_name(j.name[: -len(".journal")]) for j in path.parent.glob(f"{path.stem}{SHARD_MARK}*.journal")}
+    return sorted(p for p in found if not p.name.startswith("."))
+
+
+def load_shard_records(path: Path | None, log: Log = print) -> dict[str, SeriesRecord]:
+    """What the shards of the state at ``path`` verified (slim records; read-only: a bad shard state
+    is only logged, and its shard fixes it when it runs)."""
+    records: dict[str, SeriesRecord] = {}
+    for shard in shard_states(path) if path is not None else []:
+        records.update(load_state(shard, log, repair=False))
+    return records
+
+
 def recorded_files(path: Path | None, target_dirs: Iterable[str]) -> dict[str, dict[str, int]]:
     """The recorded names and sizes of the series in ``target_dirs`` (those recorded with them),
     read from the state on disk batch by batch: for the few series whose files differ."""
@@ -137,11 +164,12 @@ def recorded_files(path: Path | None, target_dirs: Iterable[str]) -> dict[str, d
     if path is None or not wanted:
         return {}
     found: dict[str, dict[str, int]] = {}
-    for target_dir, record in _stream(path, lambda _m: None, wanted, files=True):
-        if record is None:
-            found.pop(target_dir, None)
-        elif record.files is not None:
-            found[target_dir] = record.files
+    for source in [*shard_states(path), path]:  # the collection's own state last: it wins
+        for target_dir, record in _stream(source, lambda _m: None, wanted, files=True):
+            if record is None:
+                found.pop(target_dir, None)
+            elif record.files is not None:
+                found[target_dir] = record.files
     return found
 
 

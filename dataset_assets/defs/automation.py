@@ -37,7 +37,8 @@ refresh_index_job = dg.define_asset_job(
 refresh_downloaded_condition = (
     dg.AutomationCondition.any_deps_updated().since_last_handled()
     & ~dg.AutomationCondition.missing()
-    & ~dg.AutomationCondition.any_deps_missing()
+    # shards are a way to download a collection, not a part every download needs
+    & ~dg.AutomationCondition.any_deps_missing().ignore(dg.AssetSelection.assets("downloaded_collection_shard"))
     & ~dg.AutomationCondition.any_deps_in_progress()
     & ~dg.AutomationCondition.in_progress()
 ).with_label("manifest changed, downloaded before")

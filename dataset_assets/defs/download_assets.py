@@ -1,5 +1,6 @@
 """Downloaded collections: every DICOM file of a manifest on disk, verified against it."""
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,15 +11,22 @@ from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, Tr
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
 from dataset_assets.core.manifest import read_manifest
 from dataset_assets.core.s5cmd import binary_version, die_with_launcher
+from dataset_assets.core.shards import shard_count, shard_manifest
+from dataset_assets.core.state import shard_state_path
 from dataset_assets.core.verify import header_cache_path
 
 from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
-from .partitions import collection_partitions
+from .partitions import collection_partitions, shard_partitions
 from .resources import IdcResource, S5cmdResource
 from .settings import DOWNLOADS_GROUP, OWNERS
 
 DOWNLOAD_POOL = "idc_download"
+
+with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping shards need: no warning at every load
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    #: ``<collection>|<shard>`` -> ``<collection>`` (and every shard of a collection -> the collection).
+    BY_COLLECTION = dg.MultiToSingleDimensionPartitionMapping("collection_id")
 
 
 def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
@@ -60,7 +68,53 @@ def _collection_dir(root, manifest):
 
 
 @dg.asset(
-    deps=[collection_manifest],
+    deps=[dg.AssetDep(collection_manifest, partition_mapping=BY_COLLECTION)],
+    partitions_def=shard_partitions,
+    group_name=DOWNLOADS_GROUP,
+    kinds={"s3", "dicom"},
+    owners=OWNERS,
+    pool=DOWNLOAD_POOL,
+    tags={"domain": "idc"},
+)
+def downloaded_collection_shard(
+    context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
+) -> dg.MaterializeResult:
+    """One shard of a collection (partition `<collection_id>|<shard>`): the series whose
+    crdc_series_uuid falls in it, downloaded into the collection's own root and layout with a
+    state of its own, so the shards of one collection run at once on any workers. A collection is
+    split into `$IDC_SHARDS` shards (16), or fewer when it is small (at least 100,000 files each);
+    a shard past that count is empty. Launch every shard and `downloaded_collection` in one
+    backfill: the collection then verifies what the shards recorded, with no request."""
+    keys = context.partition_key.keys_by_dimension
+    collection_id, shard = keys["collection_id"], int(keys["shard"])
+    root = idc.download_root()
+    try:
+        manifest = read_manifest(idc.manifest_path(collection_id))
+    except (DatasetError, FileNotFoundError) as exc:
+        raise dg.Failure(description=str(exc)) from None
+    files = sum(n for n in manifest.column("instanceCount").to_pylist() if isinstance(n, int))
+    count = shard_count(files, len(shard_partitions.get_partitions_def_for_dimension("shard").get_partition_keys()))
+    if shard >= count:
+        context.log.info(f"shard {shard} of {collection_id}: empty ({files:,} files make {count} shard(s))")
+        return dg.MaterializeResult(metadata={"shard": shard, "shards": count, "series": 0, "empty": True})
+    state = shard_state_path(dl.state_path_for(root, manifest), shard, count)
+    return materialize_download(
+        context,
+        s5cmd,
+        root,
+        lambda: idc.manifest_path(collection_id),
+        f"collection={collection_id} shard={shard}/{count}",
+        state_path=state,
+        select=lambda table: shard_manifest(table, shard, count),
+        extra={"shard": shard, "shards": count},
+    )
+
+
+@dg.asset(
+    deps=[
+        collection_manifest,
+        dg.AssetDep(downloaded_collection_shard, partition_mapping=BY_COLLECTION),
+    ],
     partitions_def=collection_partitions,
     group_name=DOWNLOADS_GROUP,
     kinds={"s3", "dicom"},
@@ -89,6 +143,8 @@ def materialize_download(
     manifest_path: Callable[[], Path],
     label: str,
     state_path: Path | None = None,
+    select: Callable | None = None,
+    extra: dict | None = None,
 ) -> dg.MaterializeResult:
     """The body of every downloaded asset (collections, cohorts): read the manifest, run the
     download engine, and turn its outcome into metadata or a one-line ``dg.Failure``, with a
@@ -96,11 +152,12 @@ def materialize_download(
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
     try:
         manifest = read_manifest(manifest_path())
+        state = state_path or dl.state_path_for(root, manifest)
+        manifest = select(manifest) if select is not None else manifest  # e.g. one shard's series
     except (DatasetError, FileNotFoundError) as exc:  # an unsafe partition key, a tampered manifest
         raise dg.Failure(description=str(exc)) from None
-    collection_dir = _collection_dir(root, manifest)
+    collection_dir = _collection_dir(root, manifest) if manifest.num_rows else root
     version = binary_version()
-    state = state_path or dl.state_path_for(root, manifest)
     context.log.info(
         f"download start {label} series={manifest.num_rows} root={root} "
         f"endpoint={redact_url(s5cmd.resolved_endpoint())} s5cmd={version}"
@@ -142,4 +199,4 @@ def materialize_download(
         f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f} "
         f"mb_per_s={result.mb_per_s:.1f} failures=0"
     )
-    return dg.MaterializeResult(metadata=_metadata(result, collection_dir, version))
+    return dg.MaterializeResult(metadata={**_metadata(result, collection_dir, version), **(extra or {})})

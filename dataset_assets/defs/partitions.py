@@ -44,3 +44,23 @@ def collection_partition_keys() -> list[str]:
 
 
 collection_partitions = dg.StaticPartitionsDefinition(collection_partition_keys())
+
+
+def shard_keys() -> list[str]:
+    """``00`` ... ``<IDC_SHARDS - 1>``: the shard dimension (a bad setting is logged, and 16 used)."""
+    from dataset_assets import settings
+    from dataset_assets.core.shards import MAX_SHARDS
+
+    raw = (settings.IDC_SHARDS.get() or "16").strip()
+    count = int(raw) if raw.isdigit() and 1 <= int(raw) <= MAX_SHARDS else 0
+    if not count:
+        logger.warning("IDC_SHARDS %r is not a whole number from 1 to %d; using 16", raw, MAX_SHARDS)
+        count = 16
+    return [f"{i:02d}" for i in range(count)]
+
+
+#: One partition per shard of each collection, e.g. ``nlst|03``: launched together as one backfill,
+#: each a run any worker can take.
+shard_partitions = dg.MultiPartitionsDefinition(
+    {"collection_id": collection_partitions, "shard": dg.StaticPartitionsDefinition(shard_keys())}
+)
