@@ -88,6 +88,10 @@ class _Group(click.Group):
         # command file removed.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        for arg in [*getattr(ctx, "protected_args", ()), *ctx.args]:
+            if isinstance(arg, str) and any("\ud800" <= c <= "\udfff" for c in arg):  # bytes that are not UTF-8
+                shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise Failure(f"argument {shown!r} is not valid UTF-8 text; give names and paths in UTF-8", EXIT_INPUT)
         try:
             return super().invoke(ctx)
         except DatasetError as exc:

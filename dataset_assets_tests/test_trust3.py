@@ -23,7 +23,8 @@ from dataset_assets.core.fs import new_file
 from dataset_assets.core.http_bundles import Bundle, download_bundle
 from dataset_assets.core.manifest import write_manifest
 from dataset_assets.core.query import TABLE_MAX_WIDTH, TABLE_WIDTH_ROWS, _write_table
-from dataset_assets.core.state import SeriesRecord, save_state
+from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.state import SeriesRecord, journal_path, load_state, save_state
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.test_indices_cohorts import VERSION, parquet_bytes, table_for
 
@@ -259,7 +260,8 @@ def test_query_sql_cannot_install_extensions_reconfigure_or_touch_files(idc_fixt
         for sql in attempts:
             done = cli("query", sql, env=env)
             assert done.returncode == 2, (sql, done.stdout, done.stderr)
-            assert done.stderr.startswith("Error: query failed") and len(done.stderr.strip().splitlines()) == 1
+            assert done.stderr.startswith(("Error: query failed", "Error: query refused"))
+            assert len(done.stderr.strip().splitlines()) == 1
         assert server.requests == []
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "x.db").exists()
     fine = cli("query", "SELECT count(*) AS n FROM idc_index", "--format", "csv", env=env)
@@ -365,3 +367,173 @@ def test_an_interrupted_fetch_says_what_is_true(idc_fixture, tmp_path):
     assert "not kept" in err and "to resume" not in err
     leftovers = [p for p in (tmp_path / "indices").rglob("*") if p.is_file()]
     assert leftovers == []
+
+
+# -- found by the hostile review of this round ---------------------------------------------------
+
+
+def test_query_cannot_write_the_index_files_it_may_read(idc_fixture, tmp_path):
+    import hashlib
+    import shutil
+
+    index = tmp_path / "idx"
+    shutil.copytree(idc_fixture.index_dir, index)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in index.iterdir()}
+    for target in ("prior_versions_index.parquet", "collections_index.parquet"):
+        for fmt in ("parquet", "csv"):
+            sql = (
+                "COPY (SELECT * REPLACE ('../../evil' AS collection_id) FROM idc_index) "
+                f"TO '{index / target}' (FORMAT {fmt}, USE_TMP_FILE false)"
+            )
+            done = cli("query", sql, env={"IDC_INDEX_DIR": str(index)})
+            assert done.returncode == 2 and "query refused" in done.stderr and "COPY" in done.stderr
+    for sql in (
+        "SELECT 1; SELECT 2",
+        "EXPORT DATABASE '/tmp/x'",
+        "CALL pragma_version()",
+        "CREATE TABLE t AS SELECT 1",
+    ):
+        done = cli("query", sql, env={"IDC_INDEX_DIR": str(index)})
+        assert done.returncode == 2 and "query refused" in done.stderr, (sql, done.stderr)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in index.iterdir()} == before
+    for sql in ("SHOW TABLES", "DESCRIBE idc_index", "FROM idc_index LIMIT 1", "EXPLAIN SELECT 1"):
+        assert cli("query", sql, env={"IDC_INDEX_DIR": str(index)}).returncode == 0, sql
+
+
+def test_hostile_journal_lines_are_dropped_never_a_traceback(tmp_path):
+    from dataset_assets.core.state import compact_state
+
+    state = tmp_path / "s.parquet"
+    uuid = "0" * 8 + "-0000-0000-0000-" + "0" * 12
+    good = SeriesRecord("1.2", uuid, {"a.dcm": 3})
+    writer = __import__("dataset_assets.core.state", fromlist=["Journal"]).Journal(state)
+    writer.record("good/", good)
+    writer.close()
+    with journal_path(state).open("a", encoding="utf-8", errors="surrogatepass") as handle:
+        handle.write("[" * 100_000 + "\n")
+        handle.write('{"target_dir": "\\ud800/", "crdc_series_uuid": "' + uuid + '"}\n')
+        handle.write('{"target_dir": ["a"], "forget": true}\n')
+        handle.write(
+            json.dumps({"target_dir": "zzz/", "crdc_series_uuid": uuid, "SeriesInstanceUID": "1",
+                        "file_count": 10**30, "file_bytes": 10**30, "files_digest": "0" * 64}) + "\n"
+        )  # fmt: skip
+        handle.write(json.dumps({"target_dir": "uid/", "crdc_series_uuid": uuid, "SeriesInstanceUID": {"x": 1}}) + "\n")
+        handle.write(json.dumps({"target_dir": "nl/", "crdc_series_uuid": uuid, "SeriesInstanceUID": "1\n2"}) + "\n")
+    messages: list[str] = []
+    records = load_state(state, messages.append)
+    assert list(records) == ["good/"] and records["good/"].holds({"a.dcm": 3})
+    assert any("6 line(s) that are torn or malformed" in m for m in messages), messages
+    compact_state(state)
+    assert list(load_state(state)) == ["good/"] and not journal_path(state).exists()
+
+
+def test_links_and_fifos_in_the_control_folder_are_refused(s3, manifest, tmp_path):
+    from dataset_assets.core.download import download
+    from dataset_assets.core.errors import BadDestinationError, DownloadError
+
+    opts = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "qin_pet_phantom.parquet").write_text("precious")
+    for sub in ("", "state", "claims", "claims/holders", "locks", "reservations"):
+        root = tmp_path / f"root-{sub.replace('/', '-') or 'top'}"
+        link = root / ".dataset_assets" / sub if sub else root / ".dataset_assets"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(victim, target_is_directory=True)
+        with pytest.raises(BadDestinationError, match="is a link or not a folder"):
+            download(manifest, root, opts, log=lambda _m: None)
+        assert sorted(p.name for p in victim.iterdir()) == ["qin_pet_phantom.parquet"]
+        assert (victim / "qin_pet_phantom.parquet").read_text() == "precious"
+    root = tmp_path / "fifo"
+    (root / ".dataset_assets" / "reservations").mkdir(parents=True)
+    os.mkfifo(root / ".dataset_assets" / "reservations" / ".lock")
+    started = __import__("time").monotonic()
+    with pytest.raises(DownloadError, match="not a regular file"):
+        download(manifest, root, opts, log=lambda _m: None)
+    assert __import__("time").monotonic() - started < 30
+
+
+def test_a_password_with_a_raw_slash_is_never_shown(idc_fixture, tmp_path):
+    from dataset_assets.core.fmt import redact_url, scrub_text
+
+    url = "http://alice:s3c/r3tpw@127.0.0.1:18555/notfound?token=TOKSECRET"
+    assert "s3c" not in redact_url(url) and "r3tpw" not in redact_url(url) and "TOKSECRET" not in redact_url(url)
+    assert "r3tpw" not in scrub_text(f"fetching x from {url} now") and "s3c" not in scrub_text(url)
+    for base, code in ((url, 2), ("http://alice:pw@[::1/x", 2), ("http://alice:s3c:r3tpw@127.0.0.1:1/x", 3)):
+        done = cli("fetch", "sm_index", env={"IDC_INDEX_BASE_URL": base, "IDC_EXTRA_INDEX_DIR": str(tmp_path),
+                                              "IDC_INDEX_DIR": str(idc_fixture.index_dir)})  # fmt: skip
+        assert done.returncode == code and "Traceback" not in done.stderr, done.stderr
+        for secret in ("s3c", "r3tpw", "TOKSECRET", "pw@"):
+            assert secret not in done.stdout + done.stderr
+
+
+def test_arguments_that_are_not_utf8_and_layouts_with_separators_are_bad_input(idc_fixture, tmp_path):
+    env = {"IDC_INDEX_DIR": str(idc_fixture.index_dir)}
+    for args in (
+        ["download", "qin\udcff", str(tmp_path / "d"), "--dry-run"],
+        ["download", "qin_pet_phantom", str(tmp_path / "d"), "--layout", "x\udcff/%SeriesInstanceUID/"],
+        ["download", "qin_pet_phantom", str(tmp_path / "d"), "--layout", "a\u2028/%SeriesInstanceUID/"],
+        ["download", "qin_pet_phantom", str(tmp_path / "d"), "--layout", "a\u0085/%SeriesInstanceUID/"],
+    ):
+        done = subprocess.run(
+            [str(BIN / "dataset"), "idc", *args], capture_output=True, timeout=120, env={**os.environ, **env}
+        )
+        err = done.stderr.decode("utf-8", "replace")
+        assert done.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_table_output_escapes_what_a_terminal_would_act_on(idc_fixture):
+    env = {"IDC_INDEX_DIR": str(idc_fixture.index_dir)}
+    done = subprocess.run(
+        [str(BIN / "dataset"), "idc", "query", "SELECT chr(27) || '[2J' || chr(0) || 'x\\n' || chr(8232) AS v"],
+        capture_output=True, timeout=120, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert b"\x1b" not in done.stdout and b"\x00" not in done.stdout and "\u2028".encode() not in done.stdout
+    assert b"\\x1b[2J\\x00x\\\\n\\u2028" in done.stdout
+
+
+def test_the_state_that_cannot_be_written_does_not_stop_the_download(s3, manifest, tmp_path, monkeypatch):
+    import errno
+
+    from dataset_assets.core import state as state_module
+    from dataset_assets.core.download import download
+
+    def full(self, entry):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module.Journal, "_write", full)
+    lines: list[str] = []
+    result = download(manifest, tmp_path / "dl", S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1),
+                      log=lines.append, batch_files=8)  # fmt: skip
+    assert result.complete_series == manifest.num_rows and result.failed_count == 0
+    assert sum("cannot record the state" in line for line in lines) == 1
+
+
+def test_an_endpoint_with_credentials_is_refused():
+    assert "holds credentials" in safety.endpoint_problem("http://a:b@127.0.0.1:1")
+
+
+def test_the_connection_itself_is_locked_whatever_reaches_it(idc_fixture, tmp_path):
+    """Below the statement check: the connection user SQL runs on refuses to be reconfigured,
+    to install or load, and to touch files other than the indices."""
+    import duckdb
+
+    from dataset_assets.core import extra_index
+    from dataset_assets.core.index import IndexSource
+
+    with extra_index.connect_all(IndexSource(idc_fixture.index_dir)) as con:
+        assert con.execute("SELECT count(*) FROM idc_index").fetchone() == (len(idc_fixture.rows),)
+        for sql in (
+            "SET autoinstall_known_extensions = true",
+            "SET enable_external_access = true",
+            "SET lock_configuration = false",
+            "INSTALL httpfs",
+            "LOAD httpfs",
+            f"COPY (SELECT 1) TO '{tmp_path / 'x.csv'}'",
+            "SELECT * FROM read_csv('/etc/hostname')",
+        ):
+            with pytest.raises(duckdb.Error):
+                con.execute(sql)
+    assert not (tmp_path / "x.csv").exists()

@@ -309,6 +309,29 @@ def check_root(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise BadDestinationError(f"download root {root} is a file, not a folder")
     check_writable(root)
+    check_control(root)
+
+
+#: The folders of a root's control folder; each is made by a download, and never a link.
+CONTROL_FOLDERS = ("", "state", "locks", "claims", "claims/holders", "reservations", "headers", "replaced")
+
+
+def check_control(root: Path) -> None:
+    """``BadDestinationError`` when the control folder, or a folder in it, is a link or not a
+    folder: states, locks, claims and the space ledger are written there, never through a link."""
+    for name in CONTROL_FOLDERS:
+        path = root / CONTROL_DIR / name if name else root / CONTROL_DIR
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BadDestinationError(f"{path} cannot be checked ({exc.strerror or exc})") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise BadDestinationError(
+                f"{path} is a link or not a folder; the control folder holds only folders downloads make "
+                "(nothing is written through a link): remove it and run again"
+            )
 
 
 def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
@@ -1038,7 +1061,10 @@ class Download:
         self.records[row["target_dir"]] = record.slim()  # memory: per series, not per file
         self.verified.add(row["target_dir"])
         if self.journal is not None:
-            self.journal.record(row["target_dir"], record)  # the journal keeps every name and size
+            try:
+                self.journal.record(row["target_dir"], record)  # the journal keeps every name and size
+            except OSError as exc:
+                self._state_unwritable(exc)
 
     def _remove_temp_files(self, row: dict, disk: SeriesOnDisk, expected: dict[str, int] | None) -> None:
         """Remove what a killed s5cmd left: ``<object name><digits>`` of this series' objects (or,
@@ -1099,8 +1125,11 @@ class Download:
         for target_dir in revised:  # an interrupted run must not set the new files aside again
             del self.records[target_dir]
         if revised and self.journal is not None:
-            self.journal.forget(revised)
-            self.journal.sync()
+            try:
+                self.journal.forget(revised)
+                self.journal.sync()
+            except OSError as exc:
+                self._state_unwritable(exc)
         if self.records and is_whole_collection(self.manifest):  # a filtered selection leaves out series on purpose
             removed = sorted(f"{r.series_uid} ({d})" for d, r in self.records.items() if d not in in_manifest)
             self.result.removed_series = removed
@@ -1115,10 +1144,25 @@ class Download:
         grown past a share of it, or the state is small: a large state is not rewritten for a few series."""
         if self.journal is None or self.state_path is None:
             return
-        self.journal.close()
-        lines = journal_lines(self.state_path)
-        if lines and (len(self.records) <= COMPACT_ALWAYS_BELOW or lines * 4 >= len(self.records)):
-            compact_state(self.state_path, self.log)
+        try:
+            self.journal.close()
+            lines = journal_lines(self.state_path)
+            if lines and (len(self.records) <= COMPACT_ALWAYS_BELOW or lines * 4 >= len(self.records)):
+                compact_state(self.state_path, self.log)
+        except OSError as exc:
+            self._state_unwritable(exc)
+
+    def _state_unwritable(self, exc: OSError) -> None:
+        """The state is a cache: when it cannot be written (a full disk, a read-only folder) the
+        download goes on, said once; the next run checks the disk again."""
+        self.log(
+            f"cannot record the state in {self.state_path} ({exc.strerror or exc}); the download goes on, "
+            "and the next run checks the disk again for what is not recorded"
+        )
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            with contextlib.suppress(OSError):
+                journal.close()
 
     def _require_endpoint(self) -> None:
         if self.check_endpoint_first and not self._endpoint_checked:

@@ -22,9 +22,10 @@ from pathlib import Path
 import duckdb
 
 from .. import settings
-from .errors import IndexUnavailableError, UnknownIndexError
+from .errors import IndexUnavailableError, OptionError, UnknownIndexError
 from .fmt import redact_url
 from .index import BUNDLED, IndexSource, installed_package, sql_str
+from .safety import CONTROL
 
 Log = Callable[[str], None]
 
@@ -101,7 +102,20 @@ def url_of(name: str) -> str:
     hold credentials: print, log or store it only through ``redact_url``."""
     from urllib.parse import urlsplit, urlunsplit
 
-    base = urlsplit(settings.IDC_INDEX_BASE_URL.require())
+    raw = settings.IDC_INDEX_BASE_URL.require()
+    try:
+        base = urlsplit(raw)
+        base.port  # noqa: B018 (parsing the port is the check)
+    except ValueError:  # its message can quote a piece of a password: not shown
+        raise OptionError(
+            f"IDC_INDEX_BASE_URL {redact_url(raw)!r} is not a valid URL (a password holding '/', ':' or '@' must be "
+            "percent-encoded: %2F, %3A, %40)"
+        ) from None
+    if base.scheme not in ("http", "https") or not base.hostname or "@" in base.path or CONTROL.search(raw):
+        raise OptionError(
+            f"IDC_INDEX_BASE_URL {redact_url(raw)!r} is not an http(s) URL with a host (a password holding "
+            "'/' or '@' must be percent-encoded: %2F, %40)"
+        )
     path = f"{base.path.rstrip('/')}/{package_version()}/{name}.parquet"
     return urlunsplit((base.scheme, base.netloc, path, base.query, ""))
 

@@ -76,18 +76,22 @@ def os_error_text(exc: OSError) -> str:
 
 def redact_url(url: str) -> str:
     """``https://user:pw@h/f?sig=…#x`` -> ``https://h/f?…``: no credentials, query or fragment in
-    what is printed, logged or stored. The one rule for a URL; ``scrub_text`` applies it to text."""
+    what is printed, logged or stored. The one rule for a URL; ``scrub_text`` applies it to text.
+    User info is everything up to the last ``@`` before the query (a password holding a raw ``/``
+    included), so a mistyped URL shows less, never a secret."""
     from urllib.parse import urlsplit, urlunsplit
 
+    url = _USERINFO.sub("", str(url))
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "…" if parts.query else "", ""))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "…" if parts.query else "", ""))
 
 
-#: ``user:password@`` right after ``scheme://``; a query string right after a URL or a path.
-_USERINFO = re.compile(r"(?<=://)[^/\s?#@'\"<>]*@")
+#: ``user:password@`` after ``scheme://``, up to the URL's last ``@`` before its query or fragment
+#: (greedy: a ``/`` in a password does not end it); a query string right after a URL or a path.
+_USERINFO = re.compile(r"(?<=://)[^\s?#'\"<>]*@")
 _QUERY = re.compile(r"(?<=[\w/.~%:-])\?[^\s'\"<>)\]]+")
 
 

@@ -120,9 +120,12 @@ def space_reservation(directory: Path, ledger: Path, needed_bytes: int, label: s
     A holder that dies releases its lock, and its file is cleaned up by the next."""
     try:
         ledger.mkdir(parents=True, exist_ok=True)
-        guard = os.open(ledger / ".lock", os.O_RDONLY | os.O_CREAT, 0o664)
+        guard = os.open(ledger / ".lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o664)
     except OSError as exc:
         raise DownloadError(f"cannot use the space ledger {ledger}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(guard).st_mode):  # a FIFO or a device planted there: never waited on
+        os.close(guard)
+        raise DownloadError(f"cannot use the space ledger {ledger}: its .lock is not a regular file; remove it")
     try:
         fcntl.flock(guard, fcntl.LOCK_EX)  # one check-and-register at a time
         check_free_space(directory, needed_bytes, reserved=_reservations(ledger))

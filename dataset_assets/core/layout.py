@@ -46,7 +46,9 @@ CONTROL_DIR = ".dataset_assets"
 NAME_MAX_BYTES = 255
 LongPaths = Literal["hash", "error"]
 
-_UNSAFE = r'[\x00-\x1f\x7f/\\:*?"<>|]'
+_UNSAFE = r'[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff/\\:*?"<>|]'  # Python's re
+#: The same characters for Arrow (RE2, whose strings are UTF-8 and so hold no surrogate).
+_UNSAFE_RE2 = r'[\x00-\x1f\x7f-\x{9f}\x{2028}\x{2029}/\\:*?"<>|]'
 _RESERVED = r"^(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$"
 # Literals as Arrow scalars: a Python str handed to a compute function makes pyarrow import pandas.
 _EMPTY, _SLASH, _UNDERSCORE = scalar(""), scalar("/"), scalar("_")
@@ -225,7 +227,7 @@ def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Make every value a safe single path component (see the module docstring)."""
     text = pc.cast(values, pa.string()) if values.type != pa.string() else values
     text = pc.fill_null(text, scalar("unknown"))
-    text = pc.replace_substring_regex(text, pattern=_UNSAFE, replacement="_")
+    text = pc.replace_substring_regex(text, pattern=_UNSAFE_RE2, replacement="_")
     text = pc.utf8_rtrim(text, characters=". ")
     text = pc.if_else(pc.equal(text, _EMPTY), _UNDERSCORE, text)
     reserved = pc.match_substring_regex(text, pattern=_RESERVED)

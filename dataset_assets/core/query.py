@@ -52,10 +52,26 @@ def _errors(con: duckdb.DuckDBPyConnection, exc: Exception) -> Exception:
     return FilterError(f"query failed: {text[:400]}{hint}")
 
 
+#: What a query may be: it reads (``DESCRIBE``, ``SHOW``, ``SUMMARIZE``, ``FROM ...`` parse as SELECT).
+READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+
+
 def relation(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
-    """``sql`` as a relation (``None`` for a statement without a result); errors in one line."""
+    """``sql`` as a relation; errors in one line. It must be one statement that reads, checked
+    by DuckDB's own parser before anything runs: the connection may read the index files, so a
+    ``COPY ... TO`` one of them (or any other writing statement) is refused here."""
     if not sql.strip():
         raise FilterError("the query is empty")
+    try:
+        kinds = [s.type for s in con.extract_statements(sql)]
+    except duckdb.Error as exc:
+        raise _errors(con, exc) from None
+    if len(kinds) != 1 or kinds[0] not in READ_STATEMENTS:
+        found = ", ".join(k.name for k in kinds) or "no statement"
+        raise FilterError(
+            f"query refused: one statement that reads (SELECT, WITH ... SELECT, FROM, DESCRIBE, SHOW, SUMMARIZE, "
+            f"EXPLAIN) is run, this is {len(kinds)} ({found}); nothing was run"
+        )
     try:
         return con.sql(sql)
     except duckdb.Error as exc:
@@ -205,8 +221,19 @@ def _write_text(con, rel, names: list[str], fmt: str, limit: int | None, out: Te
     return _write_table(_rows(con, rel, limit), names, limit, out)
 
 
+#: What a terminal would act on (escape sequences, NUL, line breaks) and the backslash that
+#: marks an escape: shown as ``\n``, ``\x1b``, ``\u2028``, ``\\``, never written raw.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\\\\]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
 def _cell(value: object) -> str:
-    return _text(value).replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
+    return _UNPRINTABLE.sub(_escape, _text(value))
 
 
 def _write_table(rows: Iterator[tuple], names: list[str], limit: int | None, out: TextIO) -> int:

@@ -28,8 +28,9 @@ def allowed_buckets_from_env() -> tuple[str, ...]:
     return tuple(settings.listed(settings.IDC_ALLOWED_BUCKETS)) or IDC_BUCKETS
 
 
-#: Control characters, and the Unicode line and paragraph separators (U+0085, U+2028, U+2029).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+#: Control characters (C0, DEL, C1), the Unicode line and paragraph separators, and lone surrogates
+#: (bytes that were not UTF-8, as Python decodes them): never part of a path, a name or a line.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -72,7 +73,7 @@ def target_dir_problem(target_dir: object) -> str | None:
     no empty or over-long component, no control character or backslash."""
     if not isinstance(target_dir, str) or not target_dir.strip("/"):
         return f"target directory {target_dir!r} is empty"
-    if target_dir.startswith("/") or _CONTROL.search(target_dir) or "\\" in target_dir:
+    if target_dir.startswith("/") or CONTROL.search(target_dir) or "\\" in target_dir:
         return f"target directory {target_dir!r} is absolute or contains a control character or backslash"
     for part in target_dir.rstrip("/").split("/"):
         if part in ("", ".", ".."):
@@ -131,7 +132,7 @@ def endpoint_problem(url: object) -> str | None:
 
     from .fmt import redact_url
 
-    if not isinstance(url, str) or not url or _CONTROL.search(url) or any(c.isspace() for c in url):
+    if not isinstance(url, str) or not url or CONTROL.search(url) or any(c.isspace() for c in url):
         return f"endpoint {url!r} is empty or contains whitespace or control characters"
     shown = redact_url(url)
     try:
@@ -143,6 +144,8 @@ def endpoint_problem(url: object) -> str | None:
         return f"endpoint {shown!r} is not an http(s) URL with a host, e.g. https://s3.amazonaws.com"
     if port is not None and not 0 < port < 65536:
         return f"endpoint {shown!r} has an invalid port"
+    if "@" in parts.netloc:
+        return f"endpoint {shown!r} holds credentials (user:password@); s5cmd runs with --no-sign-request, give none"
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         return f"endpoint {shown!r} has a path or query; s5cmd takes a bare endpoint such as https://s3.amazonaws.com"
     return None

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from . import arrow_build
 from .fs import new_file
-from .safety import is_uuid, object_name_problem, target_dir_problem
+from .safety import CONTROL, is_uuid, object_name_problem, target_dir_problem
 
 Log = Callable[[str], None]
 
@@ -249,13 +249,8 @@ def _replay_journal(
     try:
         fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as handle:
-            for raw in handle:
-                try:
-                    entry = json.loads(raw)
-                except ValueError:  # a torn last line (killed mid-write), or garbage
-                    dropped += 1
-                    continue
-                if not isinstance(entry, dict) or target_dir_problem(entry.get("target_dir")):
+            for entry in _entries(handle):
+                if entry is None:  # a torn last line (killed mid-write), garbage, hostile values
                     dropped += 1
                     continue
                 if wanted is not None and entry["target_dir"] not in wanted:
@@ -279,13 +274,44 @@ def _replay_journal(
         log(f"state journal {journal}: ignored {dropped} line(s) that are torn or malformed")
 
 
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a journal line (one series' names and sizes) is never longer
+_INT64 = 2**63 - 1
+
+
+def _entries(handle) -> Iterator[dict | None]:
+    """The journal's entries, one per line: ``None`` for a line that is not one (torn, garbage,
+    nested too deep, not text, a ``target_dir`` that is not a safe relative directory)."""
+    while raw := handle.readline(MAX_LINE_BYTES + 1):
+        if len(raw) > MAX_LINE_BYTES:
+            while raw and not raw.endswith(b"\n"):  # skip the rest of an absurd line
+                raw = handle.readline(MAX_LINE_BYTES)
+            yield None
+            continue
+        try:
+            entry = json.loads(raw)
+        except (ValueError, RecursionError):
+            yield None
+            continue
+        target_dir = entry.get("target_dir") if isinstance(entry, dict) else None
+        if not isinstance(target_dir, str) or target_dir_problem(target_dir):
+            yield None
+            continue
+        yield entry
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64
+
+
 def _record(row: dict) -> SeriesRecord | None:
     target_dir, uuid = row.get("target_dir"), row.get("crdc_series_uuid")
     if target_dir_problem(target_dir) or not is_uuid(uuid):
         return None
     revised = row.get("series_revised_idc_version")
-    revised = revised if isinstance(revised, int) and not isinstance(revised, bool) else None
-    uid = str(row.get("SeriesInstanceUID") or "")
+    revised = revised if _int(revised) else None
+    uid = row.get("SeriesInstanceUID") or ""
+    if not isinstance(uid, str) or len(uid) > 200 or CONTROL.search(uid):
+        return None
     names, sizes = row.get("file_names"), row.get("file_sizes")
     digest, count, size = row.get("files_digest"), row.get("file_count"), row.get("file_bytes")
     if names is not None or sizes is not None:  # every name and size (an older state has only these)
@@ -294,7 +320,7 @@ def _record(row: dict) -> SeriesRecord | None:
             or sizes is None
             or len(names) != len(sizes)
             or any(object_name_problem(n) for n in names)
-            or any(not isinstance(s, int) or s < 0 for s in sizes)
+            or not all(_int(s) for s in sizes)
         ):
             return None
         record = SeriesRecord(uid, uuid, dict(zip(names, sizes, strict=False)), revised)
@@ -307,10 +333,8 @@ def _record(row: dict) -> SeriesRecord | None:
         not isinstance(digest, str)
         or len(digest) != _DIGEST_CHARS
         or any(c not in "0123456789abcdef" for c in digest)
-        or not isinstance(count, int)
-        or not isinstance(size, int)
-        or count < 0
-        or size < 0
+        or not _int(count)
+        or not _int(size)
     ):
         return None
     return SeriesRecord(uid, uuid, None, revised, digest, count, size)
@@ -341,12 +365,8 @@ def compact_state(path: Path, log: Log = print) -> None:
     last: dict[str, int] = {}  # target_dir -> line number of its last entry in the journal
     entries = []
     with open(journal, "rb") as handle:
-        for number, raw in enumerate(handle):
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and not target_dir_problem(entry.get("target_dir")):
+        for number, entry in enumerate(_entries(handle)):
+            if entry is not None:
                 last[entry["target_dir"]] = number
     touched = pa.array(sorted(last), pa.string())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,12 +390,8 @@ def compact_state(path: Path, log: Log = print) -> None:
                                 records[row["target_dir"]] = record
                         _write(writer, records)
             with open(journal, "rb") as handle:
-                for number, raw in enumerate(handle):
-                    try:
-                        entry = json.loads(raw)
-                    except ValueError:
-                        continue
-                    if not isinstance(entry, dict) or last.get(entry.get("target_dir")) != number:
+                for number, entry in enumerate(_entries(handle)):
+                    if entry is None or last.get(entry["target_dir"]) != number:
                         continue
                     if entry.get("forget"):
                         continue
