@@ -128,6 +128,26 @@ def scalar(value: str | int) -> pa.Scalar:
     return int64s([value])[0] if isinstance(value, int) else strings([value])[0]
 
 
+def iter_parquet(path: str | os.PathLike, columns: list[str] | None = None, batch_rows: int = 1_000):
+    """The record batches of one regular Parquet file, ``batch_rows`` at a time (only
+    ``columns`` that exist, when given): memory holds a batch, never the file. Checked as
+    ``read_parquet`` checks it."""
+    import pyarrow.parquet as pq
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        proc_link = f"/proc/self/fd/{fd}"
+        with pq.ParquetFile(proc_link if os.path.exists(proc_link) else os.fspath(path)) as file:
+            names = file.schema_arrow.names
+            wanted = [c for c in columns if c in names] if columns is not None else None
+            yield names
+            yield from file.iter_batches(batch_size=batch_rows, columns=wanted, use_threads=False)
+    finally:
+        os.close(fd)
+
+
 def read_parquet(path: str | os.PathLike) -> pa.Table:
     """``pq.read_table(path)`` for one regular file, without pyarrow.dataset (which imports
     pandas). Anything else (a FIFO, a device, a folder) is an ``OSError`` at once, never a read

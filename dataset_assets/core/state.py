@@ -199,28 +199,33 @@ def _load_snapshot(
 
     if path.is_symlink() or not path.is_file():
         return bad("is not a regular file")
-    try:
-        table = arrow_build.read_parquet(path)
-    except (OSError, pa.ArrowException, ValueError) as exc:
-        return bad(f"cannot be read ({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:120]})")
-    names = set(table.column_names)
-    if not {"target_dir", "SeriesInstanceUID", "crdc_series_uuid"} <= names:
-        return bad("does not have the columns of a state file")
-    slim = not files and "files_digest" in names  # an older state has only names: they make the digest
-    columns = [c for c in (SLIM if slim else SCHEMA.names) if c in names]
     records: dict[str, SeriesRecord] = {}
     dropped = 0
-    for batch in table.select(columns).to_batches(10_000):
-        if wanted is not None:
-            import pyarrow.compute as pc
+    try:
+        batches = arrow_build.iter_parquet(path, None, 2_000)
+        names = set(next(batches))
+        if not {"target_dir", "SeriesInstanceUID", "crdc_series_uuid"} <= names:
+            batches.close()
+            return bad("does not have the columns of a state file")
+        batches.close()
+        # an older state has only names: they make the digest; else the names are not even read
+        slim = not files and "files_digest" in names
+        columns = [c for c in (SLIM if slim else SCHEMA.names) if c in names]
+        batches = arrow_build.iter_parquet(path, columns, 2_000)
+        next(batches)
+        for batch in batches:
+            if wanted is not None:
+                import pyarrow.compute as pc
 
-            batch = batch.filter(pc.is_in(batch.column("target_dir"), pa.array(sorted(wanted), pa.string())))
-        for row in batch.to_pylist():
-            record = _record(row)
-            if record is None:
-                dropped += 1
-            else:
-                records[row["target_dir"]] = record if files else record.slim()
+                batch = batch.filter(pc.is_in(batch.column("target_dir"), pa.array(sorted(wanted), pa.string())))
+            for row in batch.to_pylist():
+                record = _record(row)
+                if record is None:
+                    dropped += 1
+                else:
+                    records[row["target_dir"]] = record if files else record.slim()
+    except (OSError, pa.ArrowException, ValueError, StopIteration) as exc:
+        return bad(f"cannot be read ({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:120]})")
     if dropped:
         log(
             f"state file {path}: ignored {dropped} entr{'y' if dropped == 1 else 'ies'} with unsafe or malformed values"
@@ -355,6 +360,9 @@ def _entry(target_dir: str, rec: SeriesRecord) -> dict:
     }
 
 
+COMPACT_BATCH_FILES = 20_000
+
+
 def compact_state(path: Path, log: Log = print) -> None:
     """Fold the journal into a new snapshot, streaming: the snapshot's rows the journal does
     not touch, then the journal's last entry per series; memory holds one batch and one small
@@ -363,7 +371,8 @@ def compact_state(path: Path, log: Log = print) -> None:
     if not journal.is_file() or journal.is_symlink():
         return
     last: dict[str, int] = {}  # target_dir -> line number of its last entry in the journal
-    entries = []
+    entries: list[tuple[str, SeriesRecord]] = []
+    files = 0  # names held in ``entries``: written out every COMPACT_BATCH_FILES
     with open(journal, "rb") as handle:
         for number, entry in enumerate(_entries(handle)):
             if entry is not None:
@@ -374,33 +383,32 @@ def compact_state(path: Path, log: Log = print) -> None:
         writer = pq.ParquetWriter(out, SCHEMA)
         try:
             if path.is_file() and not path.is_symlink():
-                try:
-                    table = arrow_build.read_parquet(path)
-                except (OSError, pa.ArrowException, ValueError):
-                    table = None
-                if table is not None and set(SLIM[:3]) <= set(table.column_names):
-                    import pyarrow.compute as pc
+                import pyarrow.compute as pc
 
-                    for batch in table.to_batches(10_000):
-                        kept = batch.filter(pc.invert(pc.is_in(batch.column("target_dir"), touched)))
-                        records = {}
-                        for row in kept.to_pylist():
-                            record = _record(row)
-                            if record is not None:
-                                records[row["target_dir"]] = record
-                        _write(writer, records)
+                try:
+                    batches = arrow_build.iter_parquet(path, SCHEMA.names, 1_000)
+                    if set(SLIM[:3]) <= set(next(batches)):
+                        for batch in batches:  # a batch of series, whatever their number of files
+                            kept = batch.filter(pc.invert(pc.is_in(batch.column("target_dir"), touched)))
+                            for row in kept.to_pylist():
+                                if (record := _record(row)) is not None:
+                                    entries.append((row["target_dir"], record))
+                                    files += record.count or 0
+                            if files >= COMPACT_BATCH_FILES:
+                                _write(writer, dict(entries))
+                                entries, files = [], 0
+                except (OSError, pa.ArrowException, ValueError, StopIteration):
+                    pass  # an unreadable snapshot: what the journal holds is kept
             with open(journal, "rb") as handle:
                 for number, entry in enumerate(_entries(handle)):
-                    if entry is None or last.get(entry["target_dir"]) != number:
+                    if entry is None or last.get(entry["target_dir"]) != number or entry.get("forget"):
                         continue
-                    if entry.get("forget"):
-                        continue
-                    record = _record(entry)
-                    if record is not None:
+                    if (record := _record(entry)) is not None:
                         entries.append((entry["target_dir"], record))
-                    if len(entries) >= 10_000:
+                        files += record.count or 0
+                    if files >= COMPACT_BATCH_FILES or len(entries) >= 10_000:
                         _write(writer, dict(entries))
-                        entries = []
+                        entries, files = [], 0
             _write(writer, dict(entries))
         finally:
             writer.close()
