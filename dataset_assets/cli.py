@@ -49,6 +49,7 @@ from .core.progress import Progress
 from .core.resolve import BY_CHOICES
 from .core.s5cmd import S5cmdOptions
 from .core.safety import endpoint_problem
+from .core.shards import parse_shard
 
 PORTAL = settings.PORTAL_URL
 EXIT_INCOMPLETE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -383,6 +384,13 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     help="Stop when no file completes for this many seconds (0: wait forever).",
 )
 @click.option(
+    "--shard",
+    metavar="I/N",
+    default=None,
+    help="Only shard I of N (0 <= I < N): a series belongs to int(crdc_series_uuid[:8], 16) % N. Shards of one "
+    "selection run at once (other machines, one DEST) with states of their own; `verify` sees them all.",
+)
+@click.option(
     "--endpoint",
     default=settings.IDC_S3_ENDPOINT_URL.get,
     show_default="$IDC_S3_ENDPOINT_URL or https://s3.amazonaws.com",
@@ -404,6 +412,7 @@ def download_command(
     workers: int,
     retries: int,
     stall_timeout: float,
+    shard: str | None,
     endpoint: str,
 ) -> None:
     """Download TARGET into DEST, resuming: files already complete are not fetched again.
@@ -428,10 +437,38 @@ def download_command(
         skip_unresolved=skip_unresolved,
         options=S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
         stall_timeout_s=stall_timeout,
+        shard=parse_shard(shard) if shard is not None else None,
     )
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run (a download prints its progress and one summary line)")
     run_download(request, _source(), dry_run=dry_run, as_json=as_json, view=None if dry_run else _ProgressView())
+
+
+@idc.command()
+@click.argument("target")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--by", "kind", type=click.Choice(list(BY_CHOICES)), default="auto", show_default=True, help="As download."
+)
+@click.option("--modality", "modalities", multiple=True, help="As download.")
+@click.option("--body-part", "body_parts", multiple=True, help="As download.")
+@click.option("--layout", default=DEFAULT_LAYOUT, show_default=True, help="As download.")
+def verify(target: str, dest: Path, kind: str, modalities: tuple[str, ...], body_parts: tuple[str, ...], layout: str):
+    """Check that TARGET (as for download) is complete in DEST: every file of every series has the
+    name and size its download recorded (downloads of its shards included), and no other .dcm file
+    is there. No network. Exit codes: 0 complete, 1 incomplete (the problems are listed), 2 bad input."""
+    from .cli_download import Request, verify_selection
+
+    request = Request(
+        target=target,
+        dest=dest,
+        kind=kind,
+        filters=ManifestFilters(modalities=modalities, body_parts=body_parts),
+        layout=layout,
+    )
+    code = verify_selection(request, _source())
+    if code:
+        raise Failure("the selection is not complete in DEST (listed above); download it again to finish it", code)
 
 
 @idc.command()

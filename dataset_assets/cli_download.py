@@ -23,7 +23,8 @@ from .core.portal_manifest import read_entries
 from .core.resolve import FLAT, Entry, Selection, entries_from_target, fill_prior_counts, require_resolved, resolve
 from .core.s5cmd import S5cmdOptions
 from .core.safety import allowed_buckets_from_env
-from .core.state import load_state, recorded_files
+from .core.shards import shard_manifest
+from .core.state import load_state, recorded_files, shard_state_path
 from .core.viewer import viewer_url
 
 INSTANCE_INDEX = "sm_instance_index"
@@ -41,6 +42,7 @@ class Request:
     skip_unresolved: bool = False
     options: S5cmdOptions = S5cmdOptions()
     stall_timeout_s: float = 120.0
+    shard: tuple[int, int] | None = None  # (index, count): only that shard of the series
 
 
 def entries_of(target: str, kind: str) -> list[Entry]:
@@ -101,9 +103,22 @@ def _with_prior_counts(selection: Selection, request: Request) -> list[str]:
     return problems
 
 
+def _state_and_shard(selection: Selection, request: Request) -> Path | None:
+    """The state of the selection, or of its shard (``--shard I/N``: the selection narrowed to it)."""
+    if selection.manifest is None:
+        return None
+    state = state_path_for(request.dest, selection.manifest)
+    if request.shard is not None:
+        index, count = request.shard
+        selection.manifest = shard_manifest(selection.manifest, index, count)
+        state = shard_state_path(state, index, count)
+    return state
+
+
 def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as_json: bool, view=None) -> None:
     selection = select(source, request)
     problems = _with_prior_counts(selection, request)
+    state = _state_and_shard(selection, request)
     if dry_run:
         dry_run_report(selection, request, problems, as_json=as_json)
         return
@@ -121,7 +136,7 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
                     log=view.log if view else click.echo,
                     progress_interval_s=0.5,
                     on_progress=view,
-                    state_path=state_path_for(dest, selection.manifest),
+                    state_path=state,
                     stall_timeout_s=request.stall_timeout_s,
                     allowed_buckets=allowed,
                 )
@@ -192,6 +207,25 @@ def _link_flat(selection: Selection, root: Path) -> list[str]:
     files += [file_of(i) for i in selection.instances if is_complete(root, i)]
     _placed, problems = link_into(root, files)
     return problems
+
+
+def verify_selection(request: Request, source: idx.IndexSource) -> int:
+    """``dataset idc verify``: every series of the selection complete in DEST, file by file against
+    what its download (or its shards' downloads) recorded; no network. Returns the exit code."""
+    from .core.verify import check_files
+
+    selection = select(source, request)
+    if selection.manifest is None:
+        raise FilterError("verify checks series; the selection holds single instances only")
+    state = state_path_for(request.dest, selection.manifest)
+    report = check_files(selection.manifest, request.dest.absolute(), state)
+    if report.passed:
+        click.echo(f"complete: all {report.checked:,} series in {request.dest} verified file by file")
+        return 0
+    click.echo(report.summary("incomplete"))
+    for problem in report.problems[:10]:
+        click.echo(f"  {problem}")
+    return 1
 
 
 def dry_run_report(selection: Selection, request: Request, problems: list[str], *, as_json: bool) -> None:

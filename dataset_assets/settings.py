@@ -80,6 +80,9 @@ IDC_SHARDS = Setting(
     "16",
     "shards of downloaded_collection_shard per collection (1-256; a collection is split only by 100,000 files or more)",
 )
+IDC_SHARD_MIN_FILES = Setting(
+    "IDC_SHARD_MIN_FILES", "100000", "files a shard holds at least before a collection is split into more shards"
+)
 DATASET_BUNDLES_FILE = Setting(
     "DATASET_BUNDLES_FILE", None, "the HTTP bundles YAML; default: dataset_assets/bundles.yaml"
 )
@@ -111,6 +114,7 @@ SETTINGS = (
     S5CMD_BINARY,
     DAGSTER_EXECUTOR,
     IDC_SHARDS,
+    IDC_SHARD_MIN_FILES,
     DATASET_BUNDLES_FILE,
     DATASET_BUNDLES_DIR,
     DATASET_BUNDLES_MAX_RETRY_AFTER_S,

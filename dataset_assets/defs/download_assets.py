@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from dataset_assets import settings
 from dataset_assets.core import download as dl
 from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
@@ -93,7 +94,11 @@ def downloaded_collection_shard(
     except (DatasetError, FileNotFoundError) as exc:
         raise dg.Failure(description=str(exc)) from None
     files = sum(n for n in manifest.column("instanceCount").to_pylist() if isinstance(n, int))
-    count = shard_count(files, len(shard_partitions.get_partitions_def_for_dimension("shard").get_partition_keys()))
+    requested = len(shard_partitions.get_partitions_def_for_dimension("shard").get_partition_keys())
+    try:
+        count = shard_count(files, requested, int(settings.IDC_SHARD_MIN_FILES.require()))
+    except (ValueError, DatasetError) as exc:
+        raise dg.Failure(description=f"IDC_SHARD_MIN_FILES: {exc}") from None
     if shard >= count:
         context.log.info(f"shard {shard} of {collection_id}: empty ({files:,} files make {count} shard(s))")
         return dg.MaterializeResult(metadata={"shard": shard, "shards": count, "series": 0, "empty": True})
