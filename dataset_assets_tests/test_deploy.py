@@ -59,3 +59,16 @@ def test_run_containers_share_everything_a_later_run_reads(name):
     text = (Path(dataset_assets.__file__).parent / "deploy" / name).read_text()
     for variable in ("IDC_DOWNLOAD_DIR=/data/", "IDC_MANIFEST_DIR=/data/", "IDC_DUCKDB_PATH=/data/"):
         assert variable in text, variable
+
+
+@pytest.mark.parametrize("name", ["dagster.k8s.yaml", "dagster.docker.yaml"])
+def test_runs_whose_worker_was_lost_are_retried(name, tmp_path, monkeypatch):
+    """An evicted pod or a lost container fails its run; Dagster retries the run (a download then
+    resumes from its journal), while a failed check or bad input is not retried."""
+    for env in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"):
+        monkeypatch.setenv(env, "5432" if env.endswith("PORT") else "x")
+    path = Path(dataset_assets.__file__).parent / "deploy" / name
+    config = dagster_instance_config(str(path.parent), path.name)[0]
+    assert config["run_retries"]["enabled"] is True and config["run_retries"]["max_retries"] >= 1
+    assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
+    assert config["run_monitoring"]["enabled"] is True
