@@ -32,6 +32,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,6 +50,10 @@ def serve(root: str, port: int) -> None:
         for line in sys.stdin:
             if line.strip() == "reset":
                 srv.reset_stats()
+            if line.strip() == "prefixes":  # the prefixes listed since the last reset
+                listed = {parse_qs(urlsplit(path).query).get("prefix", [""])[0] for _m, path, _r in srv.requests}
+                print(json.dumps(sorted(p for p in listed if p)), flush=True)
+                continue
             print(json.dumps(srv.stats), flush=True)
 
 
@@ -72,6 +77,14 @@ class Servers:
         urls = {p.stdout.readline().strip() for p in self.procs}
         assert len(urls) == 1 and next(iter(urls)).startswith("http://127.0.0.1:"), urls
         self.endpoint_url = urls.pop()
+
+    def prefixes(self) -> set[str]:
+        found: set[str] = set()
+        for p in self.procs:
+            p.stdin.write("prefixes\n")
+            p.stdin.flush()
+            found.update(json.loads(p.stdout.readline()))
+        return found
 
     def ask(self, cmd: str = "stats") -> dict:
         total: dict[str, int] = {}
@@ -200,13 +213,13 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def recorded_series(dest: Path) -> int:
+def recorded_uuids(dest: Path) -> set[str]:
+    """crdc_series_uuids the state of ``dest`` holds (snapshot and journal)."""
     from dataset_assets.core.state import load_state
 
-    states = list((dest / ".dataset_assets" / "state").glob("*.parquet")) + [
-        p.with_suffix("") for p in (dest / ".dataset_assets" / "state").glob("*.parquet.journal")
-    ]
-    return max((len(load_state(p, lambda _m: None, repair=False)) for p in set(states)), default=0)
+    folder = dest / ".dataset_assets" / "state"
+    states = set(folder.glob("*.parquet")) | {p.with_suffix("") for p in folder.glob("*.parquet.journal")}
+    return {r.crdc_series_uuid for p in states for r in load_state(p, lambda _m: None, repair=False).values()}
 
 
 def one_size(a, files: int, work: Path, pool: list[Path]) -> dict:
@@ -254,13 +267,19 @@ def one_size(a, files: int, work: Path, pool: list[Path]) -> dict:
             out["killed"] = measure([*cli, str(dest), *workers], env,
                                     kill_when=lambda: servers.ask()["get_object"] >= half)  # fmt: skip
             out["killed"]["served_gets"] = servers.ask()["get_object"]
-            out["killed"]["recorded_series"] = recorded_series(dest)
+            recorded = recorded_uuids(dest)
+            out["killed"]["recorded_series"] = len(recorded)
             servers.ask("reset")
             out["resume"] = measure([*cli, str(dest), *workers], env)
             out["resume"]["server"] = servers.ask()
+            listed = {p.rstrip("/") for p in servers.prefixes()}
+            out["resume"]["listed_series"] = len(listed)
+            out["resume"]["listed_recorded_before"] = len(listed & recorded)
             shutil.rmtree(dest, ignore_errors=True)
             print(f"  SIGKILL at {out['killed']['served_gets']:,} GETs ({out['killed']['recorded_series']:,} series "
-                  f"recorded); resume: {out['resume']['s']} s, {out['resume']['server']['list']:,} listings, "
+                  f"recorded); resume: {out['resume']['s']} s, {out['resume']['listed_series']:,} series listed "
+                  f"(series with files but no record: s5cmd lists each prefix it copies whole too), of them "
+                  f"{out['resume']['listed_recorded_before']} recorded before the kill, "
                   f"{out['resume']['server']['get_object']:,} GETs, rc {out['resume']['rc']}", flush=True)  # fmt: skip
     finally:
         servers.stop()
@@ -270,11 +289,16 @@ def one_size(a, files: int, work: Path, pool: list[Path]) -> dict:
 
 def report(results: list[dict]) -> None:
     print("\nfiles     | raw s5cmd s / MB | dataset s / MB / s5cmd MB | ratio | re-run s, requests | dry-run s/MB | "
-          "--json s/MB | resume listings / GETs")  # fmt: skip
+          "--json s/MB | resume: recorded series listed again / GETs")  # fmt: skip
     for r in results:
         req = sum(v for k, v in r["rerun"]["server"].items() if k not in ("bytes_sent", "errors"))
         resume = r.get("resume")
-        listed = f"{resume['server']['list']:,} / {resume['server']['get_object']:,}" if resume else "-"
+        listed = (
+            f"{resume['listed_recorded_before']} of {r['killed']['recorded_series']:,} / "
+            f"{resume['server']['get_object']:,}"
+            if resume
+            else "-"
+        )
         print(f"{r['files']:>9,} | {r['raw']['s']:>6} / {r['raw']['rss_mb']:>5} | {r['cli']['s']:>6} / "
               f"{r['cli']['rss_mb']:>6} / {r['cli']['s5cmd_rss_mb']:>6} | {r['cli']['s'] / r['raw']['s']:.3f} | "
               f"{r['rerun']['s']:>5}, {req} | {r['dry_run']['s']}/{r['dry_run']['rss_mb']} | "

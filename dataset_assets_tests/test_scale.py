@@ -285,3 +285,23 @@ def test_the_journal_is_appended_not_rewritten(tmp_path):
     entries = [json.loads(line) for line in journal_path(state).read_text().splitlines()]
     assert [e["target_dir"] for e in entries] == ["d0/", "d1/", "d2/", "d3/"]
     assert entries[3]["file_names"] == ["a.dcm"] and entries[3]["file_sizes"] == [9]
+
+
+def test_the_download_adds_one_header_cache_part_per_batch_and_the_check_folds_them(many, tmp_path):
+    """The download never loads nor rewrites the whole header cache (memory: one batch); the
+    check reads every part, finds every file already read, and folds the parts into the cache."""
+    from dataset_assets.core.dicom_headers import HeaderCache
+    from dataset_assets.core.verify import check_headers, header_cache_path
+
+    fx, manifest, _ = many
+    root = tmp_path / "dl"
+    cache = header_cache_path(root.absolute(), manifest)
+    with LocalS3Server(fx.s3_root) as server:
+        opts = S5cmdOptions(endpoint_url=server.endpoint_url, workers=4, retry_count=1)
+        download(manifest, root, opts, log=lambda _m: None, batch_files=BATCH_FILES, header_cache=cache)
+    parts = HeaderCache(cache, root.absolute()).parts()
+    assert len(parts) == -(-N_SERIES // 3) and not cache.exists()  # a part per batch, no whole cache
+    report = check_headers(manifest, root.absolute(), processes=1, cache_path=cache)
+    assert report.passed and report.checked == N_SERIES * FILES and report.notes["read"] == 0
+    assert cache.exists() and HeaderCache(cache, root.absolute()).parts() == []  # folded in
+    assert len(HeaderCache(cache, root.absolute()).load().entries) == N_SERIES * FILES

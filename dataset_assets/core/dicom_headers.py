@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -131,21 +132,33 @@ class HeaderCache:
         self.changed = False
         self.loaded = False  # True once the file on disk was read whole: it holds ``entries``
 
+    def parts(self) -> list[Path]:
+        """What downloads added since the cache was last written whole: one part per batch."""
+        return sorted(self.path.parent.glob(f"{self.path.name}.part-*.parquet"))
+
     def load(self) -> HeaderCache:
+        """The cache and every part downloads added (parts folded in when it is saved next)."""
         from . import arrow_build  # here, not at the top: header workers import only pydicom
 
+        absolute = _memo(lambda folder: os.path.normpath(os.path.join(self.root, folder)))
+        self.entries, self.loaded, self._parts = {}, False, []
         try:
-            table = arrow_build.read_parquet(self.path)
-            rows = zip(
-                *(table.column(c).to_pylist() for c in ("folder", "name", "size", "mtime_ns", "key")), strict=False
-            )
-            absolute = _memo(lambda folder: os.path.normpath(os.path.join(self.root, folder)))
-            self.entries = {(absolute(f), n): (s, m, k) for f, n, s, m, k in rows}
+            self._read(arrow_build.read_parquet(self.path), absolute)
             self.loaded = True
         except Exception:
-            self.entries, self.loaded = {}, False
-        self.changed = False
+            self.entries = {}
+        for part in self.parts():
+            try:
+                self._read(arrow_build.read_parquet(part), absolute)
+                self._parts.append(part)
+            except Exception:  # a part cut short by a kill: only a cache, the check reads those files
+                continue
+        self.changed = bool(self._parts)
         return self
+
+    def _read(self, table, absolute) -> None:
+        rows = zip(*(table.column(c).to_pylist() for c in ("folder", "name", "size", "mtime_ns", "key")), strict=False)
+        self.entries.update({(absolute(f), n): (s, m, k) for f, n, s, m, k in rows})
 
     def add(self, folder: str, name: str, size: int, mtime_ns: int, key: str) -> None:
         value = (size, mtime_ns, key)
@@ -158,6 +171,21 @@ class HeaderCache:
         since (a cache never loaded, as after ``reread``, or unreadable, is always written)."""
         if self.loaded and not self.changed:
             return
+        self._write(self.path)
+        for part in getattr(self, "_parts", []):  # folded into the cache just written
+            with contextlib.suppress(OSError):
+                part.unlink()
+        self._parts = []
+        self.changed, self.loaded = False, True
+
+    def save_part(self) -> None:
+        """Write only the entries added here as a new part beside the cache (a download adds one
+        per batch: it never loads nor rewrites the whole cache, so its memory holds one batch)."""
+        if self.entries:
+            self._write(self.path.with_name(f"{self.path.name}.part-{time.time_ns()}-{os.getpid()}.parquet"))
+        self.entries, self.changed = {}, False
+
+    def _write(self, path: Path) -> None:
         import pyarrow as pa  # here, not at the top: header workers import only pydicom
         import pyarrow.parquet as pq
 
@@ -177,10 +205,9 @@ class HeaderCache:
         rows = [(relative(f), n, *v) for (f, n), v in self.entries.items()]
         columns = list(zip(*rows, strict=False)) if rows else [[], [], [], [], []]
         table = arrow_build.table(dict(zip(schema.names, columns, strict=True)), schema)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with new_file(self.path) as handle:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with new_file(path) as handle:
             pq.write_table(table, handle)
-        self.changed, self.loaded = False, True
 
 
 def _memo(fn: Callable[[str], str]) -> Callable[[str], str]:
@@ -222,12 +249,13 @@ class StreamingHeaderCheck:
                 self.cache.add(folder, name, st.st_size, st.st_mtime_ns, header_key(expected))
 
     def finish(self, drain: bool = True) -> None:
-        """Wait for the files reported so far (``drain``; else stop at once) and save the cache."""
+        """Wait for the files reported so far (``drain``; else stop at once) and write what was
+        read as a part of the cache (the cache itself is neither loaded nor rewritten)."""
         self.stopping = not drain
         self.queue.put(None)
         self.thread.join()
         with contextlib.suppress(OSError):  # only a cache: the check reads these files itself
-            self.cache.save()
+            self.cache.save_part()
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

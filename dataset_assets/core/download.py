@@ -805,7 +805,7 @@ class Download:
             headers = None
             if self.header_cache is not None:
                 headers = StreamingHeaderCheck(
-                    HeaderCache(self.header_cache, self.root).load(),
+                    HeaderCache(self.header_cache, self.root),  # this batch's part only: never the whole cache
                     {
                         os.path.normpath(self.root / t.row["target_dir"]): tuple(t.row[f] or "" for f in HEADER_FIELDS)
                         for t in todo

@@ -150,8 +150,9 @@ def check_headers(
     elif cache is not None:
         # A reread trusts nothing the old cache says, so it goes first: a reread that is stopped,
         # or whose cache cannot be written, must not leave it vouching for a file it failed.
-        with contextlib.suppress(OSError):
-            cache_path.unlink()
+        for stale in [cache_path, *cache.parts()]:  # the parts downloads added vouch for files too
+            with contextlib.suppress(OSError):
+                stale.unlink()
     by_folder: dict[str, dict] = {}
     if cache is not None:
         for (folder, name), value in cache.entries.items():
