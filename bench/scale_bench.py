@@ -327,11 +327,21 @@ def main() -> None:
         return serve(a.serve, a.port)
     work = Path(__import__("tempfile").mkdtemp(prefix="scale-bench-", dir=a.work_root))
     try:
+        env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS and k != "IDC_INDEX_DIR"}
+        nlst = {  # the real index: nlst's 592,600 series and 21.5 M files, into a folder that does not exist
+            mode: measure(
+                [str(BIN / "dataset"), "idc", "download", "nlst", str(work / "nlst"), "--dry-run", *extra], env
+            )  # fmt: skip
+            for mode, extra in (("text", []), ("json", ["--json"]))
+        }
+        print(f"nlst dry-run: text {nlst['text']['s']} s, {nlst['text']['rss_mb']} MB; --json {nlst['json']['s']} s, "
+              f"{nlst['json']['rss_mb']} MB (targets: under 1 GiB, text under 10 s)", flush=True)  # fmt: skip
         pool = write_pool(work / "pool", a.files_per_series, a.pixels)
         results = [one_size(a, int(n), work, pool) for n in a.sizes.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results)
+    results.append({"nlst_dry_run": nlst})
     (REPO / "bench" / "results").mkdir(exist_ok=True)
     (REPO / "bench" / "results" / "scale.json").write_text(json.dumps(results, indent=2))
 

@@ -228,6 +228,16 @@ def verify_selection(request: Request, source: idx.IndexSource) -> int:
     return 1
 
 
+def _first(items, n: int) -> list:
+    """The first ``n`` of ``items``, without running the rest."""
+    out = []
+    for item in items:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
 def dry_run_report(selection: Selection, request: Request, problems: list[str], *, as_json: bool) -> None:
     """What a download would fetch, streamed: the text form keeps the first ten series and counts the
     rest; the JSON form is one document whose ``series`` and ``instances`` are written one by one
@@ -318,9 +328,15 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
         out.write(f'  "problems": {json.dumps(problems)}\n}}\n')
         out.flush()
         return
-    for item in series_items(whole=False):
-        if item is not None:
-            shown.append(item)
+    if manifest is not None and not os.path.lexists(root):  # nothing there yet: all of it, counted by Arrow
+        import pyarrow.compute as pc
+
+        shown = list(filter(None, _first(series_items(whole=False), 10)))
+        todo["series"] = counted["series"] = manifest.num_rows
+        todo["files"] = pc.sum(manifest.column("instanceCount")).as_py() or 0
+        todo["bytes"] = pc.sum(manifest.column("series_bytes")).as_py() or 0
+    else:
+        shown = [item for item in series_items(whole=False) if item is not None]
     instances_shown = []
     for item in instance_items():
         if len(instances_shown) < 10:
