@@ -9,6 +9,7 @@ result is the same array ``pa.array(values, type)`` gives (a test compares them)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -128,10 +129,13 @@ def scalar(value: str | int) -> pa.Scalar:
     return int64s([value])[0] if isinstance(value, int) else strings([value])[0]
 
 
-def iter_parquet(path: str | os.PathLike, columns: list[str] | None = None, batch_rows: int = 1_000):
-    """The record batches of one regular Parquet file, ``batch_rows`` at a time (only
-    ``columns`` that exist, when given): memory holds a batch, never the file. Checked as
-    ``read_parquet`` checks it."""
+@contextlib.contextmanager
+def _checked_parquet(path: str | os.PathLike):
+    """A ``ParquetFile`` of one regular file; anything else (a FIFO, a device, a folder) is an
+    ``OSError`` at once, never a read that waits for a writer. Arrow opens the file itself (a
+    Python file object would have Arrow's I/O threads call back into Python, which can abort the
+    interpreter at exit); through the descriptor's /proc link where there is one, so it reads the
+    very file checked here. Without pyarrow.dataset (which imports pandas)."""
     import pyarrow.parquet as pq
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -140,29 +144,22 @@ def iter_parquet(path: str | os.PathLike, columns: list[str] | None = None, batc
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         proc_link = f"/proc/self/fd/{fd}"
         with pq.ParquetFile(proc_link if os.path.exists(proc_link) else os.fspath(path)) as file:
-            names = file.schema_arrow.names
-            wanted = [c for c in columns if c in names] if columns is not None else None
-            yield names
-            yield from file.iter_batches(batch_size=batch_rows, columns=wanted, use_threads=False)
+            yield file
     finally:
         os.close(fd)
+
+
+def iter_parquet(path: str | os.PathLike, columns: list[str] | None = None, batch_rows: int = 1_000):
+    """The column names of one regular Parquet file, then its record batches, ``batch_rows`` at a
+    time (only ``columns`` that exist, when given): memory holds a batch, never the file."""
+    with _checked_parquet(path) as file:
+        names = file.schema_arrow.names
+        wanted = [c for c in columns if c in names] if columns is not None else None
+        yield names
+        yield from file.iter_batches(batch_size=batch_rows, columns=wanted, use_threads=False)
 
 
 def read_parquet(path: str | os.PathLike) -> pa.Table:
-    """``pq.read_table(path)`` for one regular file, without pyarrow.dataset (which imports
-    pandas). Anything else (a FIFO, a device, a folder) is an ``OSError`` at once, never a read
-    that waits for a writer."""
-    import pyarrow.parquet as pq
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        # Arrow opens the file itself (a Python file object would have Arrow's I/O threads call
-        # back into Python, which can abort the interpreter at exit); through the descriptor's
-        # /proc link where there is one, so it reads the very file checked above.
-        proc_link = f"/proc/self/fd/{fd}"
-        with pq.ParquetFile(proc_link if os.path.exists(proc_link) else os.fspath(path)) as file:
-            return file.read()
-    finally:
-        os.close(fd)
+    """``pq.read_table(path)`` for one regular file (see ``_checked_parquet``)."""
+    with _checked_parquet(path) as file:
+        return file.read()
