@@ -79,6 +79,7 @@ BATCH_SERIES = 5_000
 #: A state with at most this many series is rewritten whole at the end of every run that changed it.
 COMPACT_ALWAYS_BELOW = 20_000
 MAX_LISTED_FAILURES = 100
+DETAILED_SERIES = 20  # series whose differing files are named (the rest: counts); each reads the state once
 DEFAULT_STALL_TIMEOUT_S = 120.0
 Log = Callable[[str], None]
 
@@ -265,6 +266,7 @@ def series_status(
     records = records or {}
     shards = load_shard_records(state_path, lambda _m: None) if state_path is not None else {}
     absent = _Absent(root)
+    detailed = 0  # series described file by file: each reads the names from the state on disk
     for row in _rows(manifest):
         target_dir = row["target_dir"]
         disk = _EMPTY if absent(target_dir) else scan_series(os.path.join(root, target_dir))
@@ -272,7 +274,12 @@ def series_status(
         if record is not None:
             problem = None
             if not record.holds(disk.files):
-                names = recorded_files(state_path, [row["target_dir"]]).get(row["target_dir"])
+                detailed += 1
+                names = (
+                    recorded_files(state_path, [row["target_dir"]]).get(row["target_dir"])
+                    if detailed <= DETAILED_SERIES
+                    else None
+                )
                 problem = (
                     describe(row, disk, names)
                     if names is not None and record.holds(names)
