@@ -268,12 +268,16 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             expect(downstream).to_contain_text("downloaded_collection")
             steps.shot("collection_manifest-overview")
 
-            # -- lineage graph of collection_manifest: idc_index -> it -> downloaded_collection ----
+            # -- lineage: idc_index -> it -> downloaded_collection, and its shards -> downloaded_collection --
             page.get_by_role("tab", name="Lineage").click()
-            for name in ("idc_index", "collection_manifest", "downloaded_collection"):
+            for name in ("idc_index", "collection_manifest", "downloaded_collection_shard", "downloaded_collection"):
                 expect(page.locator(f'[data-tooltip="{name}"]').first).to_be_visible(timeout=WAIT_MS)
-            expect(page.get_by_text("Latest event")).to_have_count(3)
-            wanted = {("idc_index", "collection_manifest"), ("collection_manifest", "downloaded_collection")}
+            expect(page.get_by_text("Latest event")).to_have_count(4)
+            wanted = {
+                ("idc_index", "collection_manifest"),
+                ("collection_manifest", "downloaded_collection"),
+                ("collection_manifest", "downloaded_collection_shard"),
+            }
             deadline = time.monotonic() + 30  # the graph animates to its zoom level: measure until it settles
             while not wanted <= (edges := drawn_edges(page)) and time.monotonic() < deadline:
                 time.sleep(0.5)
