@@ -13,7 +13,7 @@ import click
 
 from .core import extra_index
 from .core import index as idx
-from .core.download import check_endpoint, download, series_status, state_path_for
+from .core.download import check_endpoint, check_root_shape, download, series_status, state_path_for
 from .core.errors import DownloadError, FilterError, IncompleteDownloadError
 from .core.flat import link_into
 from .core.fmt import human_bytes, human_duration
@@ -214,6 +214,7 @@ def verify_selection(request: Request, source: idx.IndexSource) -> int:
     what its download (or its shards' downloads) recorded; no network. Returns the exit code."""
     from .core.verify import check_files
 
+    check_root_shape(request.dest.absolute())
     selection = select(source, request)
     if selection.manifest is None:
         raise FilterError("verify checks series; the selection holds single instances only")
@@ -239,6 +240,7 @@ def _first(items, n: int) -> list:
 
 
 def dry_run_report(selection: Selection, request: Request, problems: list[str], *, as_json: bool) -> None:
+    check_root_shape(request.dest.absolute())  # what the download would refuse, a dry run refuses too
     """What a download would fetch, streamed: the text form keeps the first ten series and counts the
     rest; the JSON form is one document whose ``series`` and ``instances`` are written one by one
     (its counts, ``would_fetch`` and ``selection``, come after them), so memory does not grow with
@@ -246,7 +248,9 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
     dest = request.dest
     root = dest.absolute()
     flat = request.layout == FLAT
-    todo = {"series": 0, "files": 0, "bytes": 0, "instances": 0}
+    # files and bytes missing; "partial": series with files on disk that differ, whose files to fetch a
+    # listing decides (one wrong-sized file counts there, not in "files"): the counts are then a floor
+    todo = {"series": 0, "files": 0, "bytes": 0, "instances": 0, "partial": 0}
     manifest = selection.manifest
     out = click.get_text_stream("stdout")
     shown: list[dict] = []
@@ -264,6 +268,7 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
                 todo["series"] += 1
                 todo["files"] += max(row["instanceCount"] - disk.count, 0)
                 todo["bytes"] += max(row["series_bytes"] - disk.bytes, 0)
+                todo["partial"] += 1 if disk.count else 0
             counted["series"] += 1
             collections.add(row["collection_id"])
             if not whole and counted["series"] > 10:
@@ -343,10 +348,15 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
             instances_shown.append(item)
     if stats is not None:
         click.echo(
-            f"would fetch {todo['series']:,} of {stats['series']:,} series ({todo['files']:,} files, "
-            f"{human_bytes(todo['bytes'])}) into {dest}; selection: {stats['instances']:,} files, "
-            f"{human_bytes(stats['bytes'])}, modalities {', '.join(stats['modalities'])}"
+            f"would fetch {todo['series']:,} of {stats['series']:,} series ({'at least ' if todo['partial'] else ''}"
+            f"{todo['files']:,} files, {human_bytes(todo['bytes'])}) into {dest}; selection: {stats['instances']:,} "
+            f"files, {human_bytes(stats['bytes'])}, modalities {', '.join(stats['modalities'])}"
         )
+        if todo["partial"]:
+            click.echo(
+                f"  {todo['partial']:,} of these series are partly on disk: a listing of each decides which of their "
+                "files differ (missing, or of another size) and only those are fetched"
+            )
     for item in shown:
         prior = f", from IDC v{item['idc_version']}" if item["prior_release"] else ""
         click.echo(

@@ -134,3 +134,79 @@ def test_shard_membership_is_stable_disjoint_and_complete(twelve):
     for bad in ("16/16", "-1/4", "a/b", "3", "0/0", "1/1000"):
         with pytest.raises(OptionError):
             parse_shard(bad)
+
+
+def test_digits_that_are_not_ascii_are_bad_input_never_a_traceback(twelve, tmp_path):
+    from dataset_assets.defs import partitions
+
+    for bad in ("²/4", "1/²", "٣/4"):
+        with pytest.raises(OptionError):
+            parse_shard(bad)
+    env = {**os.environ, "IDC_INDEX_DIR": str(twelve.index_dir)}
+    done = subprocess.run(
+        [str(BIN / "dataset"), "idc", "download", "qin_pet_phantom", str(tmp_path / "x"), "--shard", "²/4",
+         "--dry-run"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "INDEX/COUNT" in done.stderr
+    for raw in ("²", "٣", "0", "300", "x"):
+        os.environ["IDC_SHARDS"] = raw
+        try:
+            assert partitions.shard_keys() == [f"{i:02d}" for i in range(16)], raw  # logged, and 16 used
+        finally:
+            del os.environ["IDC_SHARDS"]
+
+
+def test_dry_run_and_verify_refuse_what_the_download_refuses(twelve, tmp_path):
+    env = {**os.environ, "IDC_INDEX_DIR": str(twelve.index_dir)}
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for dest in (dangling, a_file):
+        for args in (["download", "qin_pet_phantom", str(dest), "--dry-run"], ["verify", "qin_pet_phantom", str(dest)]):
+            done = subprocess.run([str(BIN / "dataset"), "idc", *args], capture_output=True, text=True, timeout=120,
+                                  env=env)  # fmt: skip
+            errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+            assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_dry_run_says_when_its_counts_are_a_floor(twelve, tmp_path):
+    from dataset_assets.core.download import download
+    from dataset_assets.core.index import IndexSource
+    from dataset_assets.core.manifest import build_manifest
+    from dataset_assets.core.s5cmd import S5cmdOptions
+
+    dest = tmp_path / "dl"
+    with IndexSource(twelve.index_dir).connect() as con:
+        manifest = build_manifest(con, "qin_pet_phantom")
+    with LocalS3Server(twelve.s3_root, max_lifetime_s=300) as server:
+        download(manifest, dest, S5cmdOptions(endpoint_url=server.endpoint_url, retry_count=1), log=lambda _m: None)
+    victim = next(dest.rglob("*.dcm"))
+    victim.write_bytes(victim.read_bytes() + b"x")  # one file too long: no file missing, no byte missing
+    env = {**os.environ, "IDC_INDEX_DIR": str(twelve.index_dir)}
+    done = subprocess.run([str(BIN / "dataset"), "idc", "download", "qin_pet_phantom", str(dest), "--dry-run"],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0 and "would fetch 1 of 12 series (at least 0 files" in done.stdout
+    assert "1 of these series are partly on disk" in done.stdout
+
+
+def test_shards_add_to_their_collections_header_cache(twelve, tmp_path):
+    """The check of the collection reads nothing the shards' downloads read already."""
+    from dataset_assets.core.download import state_path_for
+    from dataset_assets.core.manifest import read_manifest
+    from dataset_assets.core.verify import check_headers, header_cache_path
+
+    with LocalS3Server(twelve.s3_root, max_lifetime_s=600) as server:
+        env = env_for(tmp_path, twelve, server.endpoint_url)
+        first = materialize(env, "collection_manifest", "qin_pet_phantom")
+        assert first.wait(timeout=300) == 0
+        procs = [materialize(env, "downloaded_collection_shard", f"qin_pet_phantom|{i:02d}") for i in range(SHARDS)]
+        assert [p.wait(timeout=300) for p in procs] == [0] * SHARDS
+    root = (tmp_path / "idc").absolute()
+    manifest = read_manifest(tmp_path / "manifests" / "qin_pet_phantom.parquet")
+    cache = header_cache_path(root, manifest, state_path_for(root, manifest))
+    report = check_headers(manifest, root, processes=1, cache_path=cache)
+    assert report.passed and report.checked == 36 and report.notes["read"] == 0
+    assert not list(cache.parent.glob("*.part-*"))  # folded into the collection's cache

@@ -302,6 +302,13 @@ def series_status(
 def check_root(root: Path) -> None:
     """The download root must be usable as given (``BadDestinationError``: no line break or
     wildcard, which s5cmd cannot take; not a dangling link or a file) and writable."""
+    check_root_shape(root)
+    check_writable(root)
+    check_control(root)
+
+
+def check_root_shape(root: Path) -> None:
+    """``check_root`` without creating or writing anything (for dry runs and ``verify``)."""
     bad = sorted({c for c in str(root) if c in "\n\r*?"})
     if bad:
         raise BadDestinationError(
@@ -315,8 +322,6 @@ def check_root(root: Path) -> None:
         )
     if root.exists() and not root.is_dir():
         raise BadDestinationError(f"download root {root} is a file, not a folder")
-    check_writable(root)
-    check_control(root)
 
 
 #: The folders of a root's control folder; each is made by a download, and never a link.
@@ -504,7 +509,7 @@ class SeriesClaims:
         pid, _, rest = text.partition(" ")
         start, _, host = rest.partition(" ")
         if host == self.host or not host:
-            alive = pid.isdigit() and _process_identity(int(pid)) == f"{pid} {start}"
+            alive = pid.isascii() and pid.isdigit() and _process_identity(int(pid)) == f"{pid} {start}"
         else:  # another host: its heartbeat says whether it still works
             age = self.heartbeat_age(text)
             alive = age is not None and age < self.remote_stale_s

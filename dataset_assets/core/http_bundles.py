@@ -627,7 +627,7 @@ def max_unsized_bytes() -> int:
     declared size): ``$DATASET_HTTP_MAX_UNSIZED_BYTES``, read now (default 4 GB, above the largest
     on-demand IDC index)."""
     raw = settings.DATASET_HTTP_MAX_UNSIZED_BYTES.require().strip()
-    if not raw.isdigit() or int(raw) <= 0:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) <= 0:
         raise DownloadError(
             f"${settings.DATASET_HTTP_MAX_UNSIZED_BYTES.name} {raw!r} is not a number of bytes > 0 (the largest "
             "body accepted from a server that announces no size)"

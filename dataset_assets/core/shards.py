@@ -36,7 +36,8 @@ def shard_of(crdc_series_uuid: str, count: int) -> int:
 def parse_shard(text: str) -> tuple[int, int]:
     """``"3/16"`` -> ``(3, 16)`` (shard 3 of 16, counted from 0); ``OptionError`` otherwise."""
     index, sep, count = str(text).partition("/")
-    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count) <= MAX_SHARDS:
+    digits = sep and index.isascii() and count.isascii() and index.isdigit() and count.isdigit()
+    if not digits or not 0 <= int(index) < int(count) <= MAX_SHARDS:
         raise OptionError(
             f"shard {text!r} is not INDEX/COUNT with 0 <= INDEX < COUNT <= {MAX_SHARDS} (e.g. 3/16: the fourth of 16)"
         )

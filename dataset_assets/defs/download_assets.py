@@ -102,7 +102,8 @@ def downloaded_collection_shard(
     if shard >= count:
         context.log.info(f"shard {shard} of {collection_id}: empty ({files:,} files make {count} shard(s))")
         return dg.MaterializeResult(metadata={"shard": shard, "shards": count, "series": 0, "empty": True})
-    state = shard_state_path(dl.state_path_for(root, manifest), shard, count)
+    collection_state = dl.state_path_for(root, manifest)
+    state = shard_state_path(collection_state, shard, count)
     return materialize_download(
         context,
         s5cmd,
@@ -111,6 +112,7 @@ def downloaded_collection_shard(
         f"collection={collection_id} shard={shard}/{count}",
         state_path=state,
         select=lambda table: shard_manifest(table, shard, count),
+        headers_of=collection_state,
         extra={"shard": shard, "shards": count},
     )
 
@@ -149,6 +151,7 @@ def materialize_download(
     label: str,
     state_path: Path | None = None,
     select: Callable | None = None,
+    headers_of: Path | None = None,
     extra: dict | None = None,
 ) -> dg.MaterializeResult:
     """The body of every downloaded asset (collections, cohorts): read the manifest, run the
@@ -177,7 +180,8 @@ def materialize_download(
             state_path=state,
             stall_timeout_s=s5cmd.stall_timeout_s,
             allowed_buckets=s5cmd.buckets(),
-            header_cache=header_cache_path(root, manifest, state),  # headers read as files land, for the check
+            # headers read as files land, for the check (a shard adds to its collection's cache)
+            header_cache=header_cache_path(root, manifest, headers_of or state),
         )
     except (IncompleteDownloadError, TransferStoppedError) as exc:
         result = exc.result

@@ -52,7 +52,7 @@ def shard_keys() -> list[str]:
     from dataset_assets.core.shards import MAX_SHARDS
 
     raw = (settings.IDC_SHARDS.get() or "16").strip()
-    count = int(raw) if raw.isdigit() and 1 <= int(raw) <= MAX_SHARDS else 0
+    count = int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_SHARDS else 0
     if not count:
         logger.warning("IDC_SHARDS %r is not a whole number from 1 to %d; using 16", raw, MAX_SHARDS)
         count = 16
