@@ -223,7 +223,10 @@ def verify_selection(request: Request, source: idx.IndexSource) -> int:
     if report.passed:
         click.echo(f"complete: all {report.checked:,} series in {request.dest} verified file by file")
         return 0
-    click.echo(report.summary("incomplete"))
+    click.echo(
+        f"incomplete: {report.problem_count:,} problem(s) in {len(report.culprit_series):,} of {report.checked:,} "
+        f"series in {request.dest}" + (" (the first 10 listed)" if report.problem_count > 10 else "")
+    )
     for problem in report.problems[:10]:
         click.echo(f"  {problem}")
     return 1
