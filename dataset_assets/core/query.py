@@ -245,7 +245,7 @@ def _write_table(rows: Iterator[tuple], names: list[str], limit: int | None, out
         first.append([_cell(v) for v in row])
         if len(first) >= TABLE_WIDTH_ROWS:
             break
-    widths = [min(max([len(n), *(len(r[i]) for r in first)]), TABLE_MAX_WIDTH) for i, n in enumerate(names)]
+    widths = [min(max([len(_cell(n)), *(len(r[i]) for r in first)]), TABLE_MAX_WIDTH) for i, n in enumerate(names)]
     cut = False
 
     def line(values: list[str]) -> str:
@@ -257,7 +257,7 @@ def _write_table(rows: Iterator[tuple], names: list[str], limit: int | None, out
             shown.append(value.ljust(width))
         return "  ".join(shown).rstrip() + "\n"
 
-    out.write(line(list(names)))
+    out.write(line([_cell(n) for n in names]))
     out.write("  ".join("-" * w for w in widths) + "\n")
     count = 0
     for values in first:
