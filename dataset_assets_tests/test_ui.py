@@ -156,10 +156,18 @@ def launch_download(page, steps=None) -> str:
     sure = page.locator(".dagster-dialog").filter(has_text="downloaded_collection_shard")
     expect(sure).to_be_visible()
     sure.get_by_role("button", name="Confirm").click()
+    expect(sure).to_be_hidden()  # its overlay gone: a click now reaches the launch dialog
     dialog = page.locator(".dagster-dialog").filter(has_text="Launch runs to materialize downloaded_collection")
     expect(dialog).to_be_visible()
     expect(dialog.get_by_text("0 partitions", exact=True)).to_be_visible()  # "Custom", nothing chosen yet
-    dialog.get_by_text("Select a partition or create one").click()
+    picker = dialog.get_by_text("Select a partition or create one")
+    for _ in range(3):  # the dialog may still be animating in: open the picker until its list shows
+        picker.click()
+        try:
+            expect(page.locator(".dagster-popover")).to_be_visible(timeout=5_000)
+            break
+        except AssertionError:
+            continue
     page.keyboard.type(DOWNLOAD_COLLECTION)
     visible(page.locator(".dagster-popover"), DOWNLOAD_COLLECTION).click()
     page.keyboard.press("Escape")  # closes the partition picker, not the dialog
