@@ -305,3 +305,25 @@ def test_the_download_adds_one_header_cache_part_per_batch_and_the_check_folds_t
     assert report.passed and report.checked == N_SERIES * FILES and report.notes["read"] == 0
     assert cache.exists() and HeaderCache(cache, root.absolute()).parts() == []  # folded in
     assert len(HeaderCache(cache, root.absolute()).load().entries) == N_SERIES * FILES
+
+
+def test_what_the_journal_wrote_reaches_the_disk_within_its_interval(tmp_path, monkeypatch):
+    import time
+
+    from dataset_assets.core import state as state_module
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(state_module.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    journal = Journal(tmp_path / "s.parquet", sync_s=0.2)
+    uuid = "0" * 8 + "-0000-0000-0000-" + "0" * 12
+    journal.record("a/", SeriesRecord("1", uuid, {"a.dcm": 1}))  # handed to the OS at once, fsync later
+    journal.record("b/", SeriesRecord("1", uuid, {"a.dcm": 2}))
+    journal.sync_if_due()
+    assert synced == [] and len(journal_path(tmp_path / "s.parquet").read_text().splitlines()) == 2
+    time.sleep(0.3)  # no more series verify, but the download keeps calling (twice a second)
+    journal.sync_if_due()
+    assert len(synced) == 1
+    journal.sync_if_due()  # nothing new: no fsync
+    assert len(synced) == 1
+    journal.close()

@@ -1186,6 +1186,11 @@ class Download:
         if self.claims is not None:
             self.claims.beat()
         self._verify_landed()
+        if self.journal is not None:
+            try:
+                self.journal.sync_if_due()
+            except OSError as exc:
+                self._state_unwritable(exc)
         if progress.disk_full:
             raise _Stop("disk")
         if self.stall_timeout_s and progress.seconds_without_success() > self.stall_timeout_s:

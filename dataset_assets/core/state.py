@@ -483,13 +483,19 @@ class Journal:
         while data:  # one entry per write: O_APPEND keeps lines whole
             data = data[os.write(fd, data) :]
         self.lines += 1
-        if time.monotonic() - self._synced >= self.sync_s:
+        self._dirty = True
+        self.sync_if_due()
+
+    def sync_if_due(self) -> None:
+        """``fsync`` what was written, when the last one is ``sync_s`` old (the download calls
+        this twice a second, so nothing written waits longer than that for the disk)."""
+        if getattr(self, "_dirty", False) and time.monotonic() - self._synced >= self.sync_s:
             self.sync()
 
     def sync(self) -> None:
         if self._fd is not None:
             os.fsync(self._fd)
-        self._synced = time.monotonic()
+        self._synced, self._dirty = time.monotonic(), False
 
     def close(self) -> None:
         if self._fd is not None:
