@@ -15,6 +15,7 @@ import pytest
 
 from dataset_assets.core.errors import OptionError
 from dataset_assets.core.shards import parse_shard, shard_count, shard_manifest, shard_of
+from dataset_assets_tests.support.envs import project_env
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.s3server import LocalS3Server
 
@@ -27,20 +28,9 @@ def twelve(tmp_path_factory):
     return build_fixture(tmp_path_factory.mktemp("twelve"), "qin_pet_phantom", n_series=12, files_per_series=3)
 
 
-def env_for(tmp_path: Path, fx, endpoint: str) -> dict:
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "IDC_INDEX_DIR": str(fx.index_dir),
-        "IDC_MANIFEST_DIR": str(tmp_path / "manifests"),
-        "IDC_DOWNLOAD_DIR": str(tmp_path / "idc"),
-        "IDC_S3_ENDPOINT_URL": endpoint,
-        "IDC_DUCKDB_PATH": str(tmp_path / "idc.duckdb"),
-        "IDC_SHARDS": str(SHARDS),
-        "IDC_SHARD_MIN_FILES": "1",  # the twelve series make four shards
-    }
+def env_for(tmp_path: Path, fx, server: LocalS3Server) -> dict:
+    """The project's environment (``support/envs.py``), split into four shards: the twelve series make four."""
+    return project_env(fx, server, tmp_path, IDC_SHARDS=str(SHARDS), IDC_SHARD_MIN_FILES="1")
 
 
 def materialize(env: dict, select: str, partition: str) -> subprocess.Popen:
@@ -54,7 +44,7 @@ def materialize(env: dict, select: str, partition: str) -> subprocess.Popen:
 def test_four_shards_in_parallel_then_the_collection_is_complete_with_no_request(twelve, tmp_path):
     fx = twelve
     with LocalS3Server(fx.s3_root, max_lifetime_s=600) as server:
-        env = env_for(tmp_path, fx, server.endpoint_url)
+        env = env_for(tmp_path, fx, server)
         first = materialize(env, "collection_manifest", "qin_pet_phantom")
         out = first.communicate(timeout=300)[0]
         assert first.returncode == 0, out[-3000:]
@@ -92,7 +82,7 @@ def test_cli_shards_and_verify(twelve, tmp_path):
     fx = twelve
     dest = tmp_path / "dl"
     with LocalS3Server(fx.s3_root, max_lifetime_s=600) as server:
-        env = env_for(tmp_path, fx, server.endpoint_url)
+        env = env_for(tmp_path, fx, server)
 
         def cli(*args):
             return subprocess.run([str(BIN / "dataset"), "idc", *args], capture_output=True, text=True, timeout=120,
@@ -199,7 +189,7 @@ def test_shards_add_to_their_collections_header_cache(twelve, tmp_path):
     from dataset_assets.core.verify import check_headers, header_cache_path
 
     with LocalS3Server(twelve.s3_root, max_lifetime_s=600) as server:
-        env = env_for(tmp_path, twelve, server.endpoint_url)
+        env = env_for(tmp_path, twelve, server)
         first = materialize(env, "collection_manifest", "qin_pet_phantom")
         assert first.wait(timeout=300) == 0
         procs = [materialize(env, "downloaded_collection_shard", f"qin_pet_phantom|{i:02d}") for i in range(SHARDS)]
