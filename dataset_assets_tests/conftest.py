@@ -39,6 +39,16 @@ def s3(idc_fixture, tmp_path):
 
 
 @pytest.fixture
+def env(idc_fixture, s3, tmp_path):
+    """The CLI's environment on the fixture index and the loopback S3 server (modules may override it)."""
+    return {
+        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
+        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
+        "IDC_EXTRA_INDEX_DIR": str(tmp_path / "indices"),
+    }
+
+
+@pytest.fixture
 def manifest(idc_fixture):
     with IndexSource(idc_fixture.index_dir).connect() as con:
         return build_manifest(con, idc_fixture.collection_id)

@@ -12,7 +12,6 @@ import duckdb
 import idc_index_data
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from dataset_assets.core import extra_index
 from dataset_assets.core.citations import bibtex, citations
@@ -20,15 +19,6 @@ from dataset_assets.core.index import IndexSource
 from dataset_assets.core.viewer import viewer_url
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.test_cli import DATASET, assert_one_line_error, run
-
-
-@pytest.fixture
-def env(idc_fixture, s3, tmp_path):
-    return {
-        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
-        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
-        "IDC_EXTRA_INDEX_DIR": str(tmp_path / "indices"),
-    }
 
 
 def _dry_json(*args, env):

@@ -29,15 +29,6 @@ from dataset_assets_tests.support.envs import materialize_cmd, project_env
 from dataset_assets_tests.test_cli import assert_one_line_error, run
 
 
-@pytest.fixture
-def env(idc_fixture, s3, tmp_path):
-    return {
-        "IDC_INDEX_DIR": str(idc_fixture.index_dir),
-        "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
-        "IDC_EXTRA_INDEX_DIR": str(tmp_path / "indices"),
-    }
-
-
 @pytest.fixture(scope="module")
 def real_prior_uuid():
     """A crdc_series_uuid of the real prior_versions_index that idc_index no longer has."""

@@ -32,7 +32,7 @@ from dataset_assets.core.layout import default_max_path
 
 from .automation import refresh_downloaded_condition
 from .checks import build_download_checks
-from .download_assets import DOWNLOAD_POOL, materialize_download
+from .download_assets import DOWNLOAD_ASSET, materialize_download
 from .index_assets import idc_index
 from .resources import IdcResource, S5cmdResource
 from .settings import DOWNLOADS_GROUP, OWNERS
@@ -135,11 +135,7 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
 @dg.asset(
     deps=[cohort_manifest],
     partitions_def=cohort_partitions,
-    group_name=DOWNLOADS_GROUP,
-    kinds={"s3", "dicom"},
-    owners=OWNERS,
-    pool=DOWNLOAD_POOL,
-    tags={"domain": "idc"},
+    **DOWNLOAD_ASSET,
     automation_condition=refresh_downloaded_condition,
     description="Every DICOM file of the cohort's manifest under `$IDC_DOWNLOAD_DIR`, fetched with s5cmd and "
     "verified file by file, with the state, resume and checks of collections. Cohorts and collections share "

@@ -23,6 +23,14 @@ from .resources import IdcResource, S5cmdResource
 from .settings import DOWNLOADS_GROUP, OWNERS
 
 DOWNLOAD_POOL = "idc_download"
+#: What every downloaded asset (collections, their shards, cohorts) declares alike.
+DOWNLOAD_ASSET = {
+    "group_name": DOWNLOADS_GROUP,
+    "kinds": {"s3", "dicom"},
+    "owners": OWNERS,
+    "pool": DOWNLOAD_POOL,
+    "tags": {"domain": "idc"},
+}
 
 with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping shards need: no warning at every load
     warnings.simplefilter("ignore", dg.BetaWarning)
@@ -71,11 +79,7 @@ def _collection_dir(root, manifest):
 @dg.asset(
     deps=[dg.AssetDep(collection_manifest, partition_mapping=BY_COLLECTION)],
     partitions_def=shard_partitions,
-    group_name=DOWNLOADS_GROUP,
-    kinds={"s3", "dicom"},
-    owners=OWNERS,
-    pool=DOWNLOAD_POOL,
-    tags={"domain": "idc"},
+    **DOWNLOAD_ASSET,
 )
 def downloaded_collection_shard(
     context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
@@ -123,11 +127,7 @@ def downloaded_collection_shard(
         dg.AssetDep(downloaded_collection_shard, partition_mapping=BY_COLLECTION),
     ],
     partitions_def=collection_partitions,
-    group_name=DOWNLOADS_GROUP,
-    kinds={"s3", "dicom"},
-    owners=OWNERS,
-    pool=DOWNLOAD_POOL,
-    tags={"domain": "idc"},
+    **DOWNLOAD_ASSET,
     automation_condition=refresh_downloaded_condition,
 )
 def downloaded_collection(
