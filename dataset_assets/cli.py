@@ -29,7 +29,6 @@ import click
 from . import settings
 from .core import extra_index as extra
 from .core import index as idx
-from .core.download import DEFAULT_STALL_TIMEOUT_S
 from .core.errors import (
     BadDestinationError,
     DatasetError,
@@ -42,10 +41,10 @@ from .core.errors import (
     UnknownIndexError,
     UnsafeValueError,
 )
+from .core.filters import ManifestFilters
 from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.layout import DEFAULT_LAYOUT, default_max_path
-from .core.manifest import ManifestFilters
-from .core.progress import Progress
+from .core.progress import DEFAULT_STALL_TIMEOUT_S, Progress
 from .core.resolve import BY_CHOICES
 from .core.s5cmd import S5cmdOptions
 from .core.safety import endpoint_problem

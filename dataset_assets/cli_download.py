@@ -15,10 +15,11 @@ from .core import extra_index
 from .core import index as idx
 from .core.download import check_endpoint, check_root_shape, download, series_status, state_path_for
 from .core.errors import DownloadError, FilterError, IncompleteDownloadError
+from .core.filters import ManifestFilters
 from .core.flat import link_into
 from .core.fmt import human_bytes, human_duration
 from .core.instances import download_instances, file_of, is_complete, object_url
-from .core.manifest import ManifestFilters, summarize
+from .core.manifest import summarize
 from .core.portal_manifest import read_entries
 from .core.resolve import FLAT, Entry, Selection, entries_from_target, fill_prior_counts, require_resolved, resolve
 from .core.s5cmd import S5cmdOptions

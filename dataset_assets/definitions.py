@@ -1,7 +1,6 @@
 """The one place that wires the project: ``dataset_assets.definitions:defs``."""
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from dataset_assets import settings
 from dataset_assets.defs import automation
@@ -14,7 +13,7 @@ from dataset_assets.defs.http_assets import http_datasets
 from dataset_assets.defs.index_assets import idc_collections, idc_index
 from dataset_assets.defs.jobs import download_collections_job, verify_downloads_job
 from dataset_assets.defs.manifest_assets import collection_manifest
-from dataset_assets.defs.resources import IdcResource, S5cmdResource
+from dataset_assets.defs.resources import IdcResource, IndexDatabase, S5cmdResource
 
 defs = dg.Definitions(
     assets=[
@@ -35,7 +34,7 @@ defs = dg.Definitions(
     executor=executor_from_env(),
     resources={
         "idc": IdcResource(),
-        "duckdb": DuckDBResource(database=settings.IDC_DUCKDB_PATH.require()),
+        "duckdb": IndexDatabase(database=settings.IDC_DUCKDB_PATH.require()),
         "s5cmd": S5cmdResource(),
     },
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 #: Public endpoints and web pages of IDC (constants, not settings).
 AWS_ENDPOINT = "https://s3.amazonaws.com"
@@ -99,6 +100,12 @@ AWS_CA_BUNDLE = Setting("AWS_CA_BUNDLE", None, "CA bundle for s5cmd and the endp
 REQUESTS_CA_BUNDLE = Setting(
     "REQUESTS_CA_BUNDLE", None, "CA bundle for requests; passed to s5cmd as AWS_CA_BUNDLE when that is unset"
 )
+DATASET_CACHE_DIR = Setting(
+    "DATASET_CACHE_DIR",
+    None,
+    "small caches that depend only on an index file (its collection ids, read when the definitions load); "
+    "default: $XDG_CACHE_HOME/dataset_assets, else ~/.cache/dataset_assets",
+)
 
 SETTINGS = (
     IDC_S3_ENDPOINT_URL,
@@ -121,12 +128,21 @@ SETTINGS = (
     DATASET_HTTP_MAX_UNSIZED_BYTES,
     AWS_CA_BUNDLE,
     REQUESTS_CA_BUNDLE,
+    DATASET_CACHE_DIR,
 )
 
 
 def listed(setting: Setting) -> list[str]:
     """A comma-separated setting as a list (empty entries dropped)."""
     return [item.strip() for item in (setting.get() or "").split(",") if item.strip()]
+
+
+def cache_dir() -> Path:
+    """Where ``DATASET_CACHE_DIR`` points, else the user's cache folder (XDG)."""
+    given = DATASET_CACHE_DIR.get()
+    if given:
+        return Path(given)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dataset_assets"
 
 
 def has_display() -> bool:

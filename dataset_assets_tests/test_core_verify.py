@@ -17,8 +17,9 @@ import pydicom
 import pytest
 
 from dataset_assets.core.download import download, state_path_for
+from dataset_assets.core.filters import ManifestFilters
 from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import ManifestFilters, build_manifest
+from dataset_assets.core.manifest import build_manifest
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets.core.verify import check_headers, check_tree
 from dataset_assets_tests.support.fixture import write_dicom

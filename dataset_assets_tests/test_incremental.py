@@ -3,8 +3,9 @@
 import pytest
 
 from dataset_assets.core.download import CONTROL_DIR, download, load_state
+from dataset_assets.core.filters import ManifestFilters
 from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import ManifestFilters, build_manifest, is_whole_collection
+from dataset_assets.core.manifest import build_manifest, is_whole_collection
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.fixture import next_release
 

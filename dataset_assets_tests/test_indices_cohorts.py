@@ -18,7 +18,8 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from dataset_assets.core import extra_index as extra
-from dataset_assets.core.cohorts import CohortError, build_cohort_manifest, load_cohorts, not_in_index
+from dataset_assets.core.cohort_file import CohortError, load_cohorts
+from dataset_assets.core.cohorts import build_cohort_manifest, not_in_index
 from dataset_assets.core.errors import FilterError, IndexUnavailableError, UnknownIndexError
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.query import relation

@@ -14,14 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_assets.core.cohorts import (
-    CohortError,
-    build_cohort_manifest,
-    fill_prior_series,
-    load_cohorts,
-    not_in_index,
-    prior_series,
-)
+from dataset_assets.core.cohort_file import CohortError, load_cohorts
+from dataset_assets.core.cohorts import build_cohort_manifest, fill_prior_series, not_in_index, prior_series
 from dataset_assets.core.errors import FilterError
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.s5cmd import S5cmdOptions

@@ -11,20 +11,18 @@ the file and the cohort, and it only affects the cohort assets.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from . import s5cmd
-from .errors import DatasetError, FilterError
+from .cohort_file import Cohort, CohortError
+from .errors import DatasetError
 from .index import require_collection
-from .layout import DEFAULT_LAYOUT, Layout, LongPaths
+from .layout import Layout, LongPaths
 from .manifest import (
-    FILTER_COLUMNS,
     WHOLE_COLLECTION_KEY,
-    ManifestFilters,
     build_manifest,
     manifest_schema,
     read_manifest,
@@ -32,91 +30,8 @@ from .manifest import (
     write_manifest,
 )
 from .resolve import fill_prior_counts, prior_manifest
-from .safety import name_problem
 
-DEFAULT_COHORTS_FILE = Path(__file__).resolve().parents[1] / "cohorts.yaml"
 SERIES_COLUMNS = ("SeriesInstanceUID", "crdc_series_uuid")
-_KEYS = {"name", "sql", "collection_id", "layout", "description", *FILTER_COLUMNS}
-
-
-class CohortError(DatasetError):
-    """A cohorts file or a cohort that cannot be used as written."""
-
-
-@dataclass(frozen=True)
-class Cohort:
-    name: str
-    sql: str | None = None
-    collection_id: str | None = None
-    filters: ManifestFilters = field(default_factory=ManifestFilters)
-    layout: str = DEFAULT_LAYOUT
-    description: str = ""
-
-
-def load_cohorts(path: Path) -> dict[str, Cohort]:
-    """The cohorts of ``path``; ``CohortError`` (one line naming the file) when it cannot be used."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CohortError(f"cohorts file {path} cannot be read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise CohortError(f"cohorts file {path} is not valid YAML{where}") from None
-    entries = (data or {}).get("cohorts") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise CohortError(f"cohorts file {path} needs a top-level list `cohorts:`")
-    cohorts: dict[str, Cohort] = {}
-    for i, entry in enumerate(entries, 1):
-        where = f"cohorts file {path}, cohort #{i}"
-        if not isinstance(entry, dict):
-            raise CohortError(f"{where} is not a mapping")
-        unknown = sorted(set(entry) - _KEYS)
-        if unknown:
-            raise CohortError(f"{where} has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_KEYS))}")
-        problem = name_problem(entry.get("name"), "cohort name")
-        if problem:
-            raise CohortError(f"{where}: {problem}")
-        name = entry["name"]
-        if name in cohorts:
-            raise CohortError(f"{where}: the name {name!r} is used twice")
-        sql, collection_id = entry.get("sql"), entry.get("collection_id")
-        if (sql is None) == (collection_id is None):
-            raise CohortError(f"{where} ({name}) needs exactly one of `sql` or `collection_id` (with filters)")
-        if sql is not None and (not isinstance(sql, str) or not sql.strip()):
-            raise CohortError(f"{where} ({name}): `sql` must be a non-empty query")
-        if collection_id is not None and not isinstance(collection_id, str):
-            raise CohortError(f"{where} ({name}): `collection_id` must be a collection id (text)")
-        if sql is not None and any(entry.get(f) for f in FILTER_COLUMNS):
-            raise CohortError(f"{where} ({name}): filters go with `collection_id`; put them in the SQL instead")
-        try:
-            filters = ManifestFilters.from_mapping({f: entry[f] for f in FILTER_COLUMNS if f in entry})
-        except FilterError as exc:
-            raise CohortError(f"{where} ({name}): {exc}") from None
-        layout = entry.get("layout", DEFAULT_LAYOUT)
-        if not isinstance(layout, str):
-            raise CohortError(f"{where} ({name}): `layout` must be a string")
-        cohorts[name] = Cohort(
-            name,
-            sql.strip().rstrip(";") if sql else None,
-            collection_id,
-            filters,
-            layout,
-            str(entry.get("description") or ""),
-        )
-    return cohorts
-
-
-def try_load_cohorts(path: Path) -> tuple[dict[str, Cohort], str | None]:
-    """(cohorts, None), or ({}, one line saying why not): never raises."""
-    try:
-        return load_cohorts(path), None
-    except CohortError as exc:
-        return {}, str(exc)
-    except Exception as exc:
-        return {}, f"cohorts file {path} cannot be used: {exc.__class__.__name__}"
 
 
 def build_cohort_manifest(

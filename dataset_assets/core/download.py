@@ -55,7 +55,7 @@ from .errors import BadDestinationError, DownloadError, IncompleteDownloadError,
 from .fmt import human_bytes, redact_url, scrub_text
 from .fs import check_writable, space_reservation
 from .manifest import is_whole_collection
-from .progress import Progress, _parse
+from .progress import DEFAULT_STALL_TIMEOUT_S, Progress, _parse
 from .safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_name, series_problem
 from .state import (
     Journal,
@@ -80,7 +80,6 @@ BATCH_SERIES = 10_000
 COMPACT_ALWAYS_BELOW = 20_000
 MAX_LISTED_FAILURES = 100
 DETAILED_SERIES = 20  # series whose differing files are named (the rest: counts); each reads the state once
-DEFAULT_STALL_TIMEOUT_S = 120.0
 Log = Callable[[str], None]
 
 

@@ -18,14 +18,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import duckdb
+from typing import TYPE_CHECKING
 
 from .. import settings
 from .errors import IndexUnavailableError, OptionError, UnknownIndexError
 from .fmt import redact_url
 from .index import BUNDLED, IndexSource, installed_package, sql_str
 from .safety import CONTROL
+
+if TYPE_CHECKING:  # DuckDB loads with the first query, not with the definitions
+    import duckdb
 
 Log = Callable[[str], None]
 
@@ -123,6 +125,8 @@ def url_of(name: str) -> str:
 def check_schema(path: Path, name: str) -> None:
     """``IndexUnavailableError`` unless the Parquet file at ``path`` has every column of the
     shipped schema of ``name``, each of a compatible type (lists for REPEATED columns)."""
+    import duckdb
+
     try:
         with duckdb.connect() as con:  # a private connection, never duckdb's shared default one
             described = con.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_str(str(path))})").fetchall()
@@ -163,6 +167,8 @@ class FetchResult:
 
 
 def row_count(path: Path) -> int:
+    import duckdb
+
     with duckdb.connect() as con:
         (count,) = con.execute(
             "SELECT sum(num_rows) FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS num_rows "
@@ -203,6 +209,8 @@ def fetch(name: str, *, log: Log = lambda _m: None, force: bool = False) -> Fetc
 
 def check_readable(path: Path, name: str) -> None:
     """Decode every row of the file once (a schema footer can sit on top of corrupt pages)."""
+    import duckdb
+
     try:
         with duckdb.connect() as con:
             rel = con.sql(f"SELECT * FROM read_parquet({sql_str(str(path))})")
@@ -241,6 +249,8 @@ def connect_all(source: IndexSource | None = None, log: Log = lambda _m: None) -
     that is not a regular, readable Parquet file is skipped with one line through ``log``.
     The connection is locked for user SQL (``lock_for_user_sql``): it reads the index files and
     nothing else, and installs or loads no extension."""
+    import duckdb
+
     source = source or IndexSource.from_env()
     con = source.connect()
     read = [source.directory / f"{n}.parquet" for n in BUNDLED if (source.directory / f"{n}.parquet").is_file()]

@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import duckdb
+from typing import TYPE_CHECKING
 
 from .. import settings
 from .errors import IndexUnavailableError, UnknownCollectionError, UnknownIndexError
+
+if TYPE_CHECKING:  # DuckDB loads with the first query, not with the definitions (0.3 s of every run)
+    import duckdb
 
 #: Bundled indices this project reads. Others (sm_index, clinical_index, ...) are fetched
 #: on demand from the internet by idc-index; see ``available_indices``.
@@ -49,6 +51,8 @@ REQUIRED_COLUMNS = (
 @contextmanager
 def _readable(what: str) -> Iterator[None]:
     """Turn DuckDB's errors while reading index files into ``IndexUnavailableError``."""
+    import duckdb
+
     try:
         yield
     except duckdb.Error as exc:
@@ -111,6 +115,8 @@ class IndexSource:
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with one view per bundled index found in the folder."""
+        import duckdb
+
         con = duckdb.connect()
         for name in BUNDLED:
             if name != "idc_index" and not (self.directory / f"{name}.parquet").is_file():
@@ -195,6 +201,103 @@ def index_summary(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         "studies": int(studies),
         "bytes": int(size_bytes or 0),
     }
+
+
+#: What ``index_facts`` counts per row of ``idc_index``: the row-safety problems (the allowed
+#: bucket is counted per bucket instead, as the allowed set is a setting) and missing URLs.
+ROW_PROBLEMS = {
+    "uuid_not_a_uuid": "NOT regexp_full_match(coalesce(crdc_series_uuid, ''), "
+    "'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}')",
+    "url_not_bucket_uuid": "series_aws_url IS DISTINCT FROM concat('s3://', aws_bucket, '/', crdc_series_uuid, '/*')",
+    "collection_id_unsafe": "NOT regexp_full_match(coalesce(collection_id, ''), '[A-Za-z0-9][A-Za-z0-9._-]{0,199}')",
+    "bad_counts": "coalesce(instanceCount, 0) <= 0 OR coalesce(series_size_MB, -1) < 0",
+    "without_uuid_or_url": "crdc_series_uuid IS NULL OR series_aws_url IS NULL",
+}
+FACTS_VERSION = 1
+_FOOTER_BYTES = 1 << 16
+
+
+def index_facts(con: duckdb.DuckDBPyConnection) -> dict:
+    """What depends only on the index's data, computed once per snapshot: the totals of
+    ``index_summary`` and, per kind of unsafe row, its count and first examples (with series per
+    bucket). Kept in ``<file>.facts.json`` beside the Parquet file the ``idc_index`` view reads
+    (the per-release snapshot), named by that file's size, modification time, inode and a hash of
+    its footer (where Parquet keeps every row group's statistics), and sealed with a hash of the
+    values: a changed snapshot, or a damaged or edited result, is computed again. Without such a
+    file (a table, an in-memory index) it is computed every time."""
+    import json
+
+    from .fs import new_file
+
+    path = view_file(con, "idc_index")
+    fingerprint = _file_fingerprint(path) if path is not None else None
+    cache = path.with_name(path.name + ".facts.json") if path is not None else None
+    if cache is not None:
+        try:
+            held = json.loads(cache.read_text(encoding="utf-8"))
+            if (
+                isinstance(held, dict)
+                and held.get("fingerprint") == fingerprint
+                and held.get("seal") == _seal(held.get("facts"), fingerprint)
+            ):
+                return held["facts"]
+        except (OSError, ValueError):
+            pass  # none yet, unreadable or damaged: compute
+    facts = {"summary": index_summary(con), **_row_problems(con)}
+    if cache is not None:
+        try:
+            with new_file(cache, "w", encoding="utf-8") as out:
+                json.dump({"version": FACTS_VERSION, "fingerprint": fingerprint, "facts": facts,
+                           "seal": _seal(facts, fingerprint)}, out)  # fmt: skip
+        except OSError:
+            pass  # a read-only snapshot: computed again next time
+    return facts
+
+
+def _seal(facts: object, fingerprint: object) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps([FACTS_VERSION, facts, fingerprint], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_fingerprint(path: Path) -> list:
+    import hashlib
+
+    st = path.stat()
+    with open(path, "rb") as f:
+        f.seek(max(0, st.st_size - _FOOTER_BYTES))
+        footer = hashlib.sha256(f.read()).hexdigest()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, footer]
+
+
+def view_file(con: duckdb.DuckDBPyConnection, name: str) -> Path | None:
+    """The one Parquet file the view ``name`` reads (as ``replace_relation`` makes it), or ``None``."""
+    import re
+
+    row = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = ? AND NOT internal", [name]).fetchone()
+    found = re.findall(r"read_parquet\('((?:[^']|'')*)'\)", row[0]) if row and row[0] else []
+    return Path(found[0].replace("''", "'")) if len(found) == 1 and Path(found[0]).is_absolute() else None
+
+
+def _row_problems(con: duckdb.DuckDBPyConnection) -> dict:
+    checked = ", ".join(f"({condition}) AS {kind}" for kind, condition in ROW_PROBLEMS.items())
+    wanted = ", ".join(
+        f"count(*) FILTER (WHERE {kind}), min(SeriesInstanceUID, 5) FILTER (WHERE {kind})" for kind in ROW_PROBLEMS
+    )
+    values = con.execute(f"SELECT {wanted} FROM (SELECT SeriesInstanceUID, {checked} FROM idc_index)").fetchone()
+    problems = {
+        kind: {"count": int(values[2 * i]), "examples": list(values[2 * i + 1] or [])}
+        for i, kind in enumerate(ROW_PROBLEMS)
+    }
+    buckets = {
+        (bucket if bucket is not None else ""): {"count": int(n), "examples": list(examples or [])}
+        for bucket, n, examples in con.execute(
+            "SELECT aws_bucket, count(*), min(SeriesInstanceUID, 5) FROM idc_index GROUP BY aws_bucket"
+        ).fetchall()
+    }
+    return {"problems": problems, "buckets": buckets}
 
 
 COLLECTIONS_SQL = """
@@ -285,6 +388,8 @@ def load_into(con: duckdb.DuckDBPyConnection, source: IndexSource, snapshot_dir:
     """(Re)create the bundled indices in ``con`` (a DuckDB database file), atomically: views over
     a snapshot of the Parquet files in ``snapshot_dir`` (a copy of 100 MB instead of 1,044,191 rows
     written into DuckDB), or tables copied from ``source`` without one."""
+    import duckdb
+
     folder = snapshot(source, snapshot_dir) if snapshot_dir is not None else None
     con.execute("BEGIN TRANSACTION")
     try:
@@ -320,6 +425,8 @@ def available_indices(source: IndexSource, fetched: dict[str, Path] | None = Non
     """Every index idc-index-data describes: bundled ones with their row counts, and the ones
     that idc-index fetches on demand from the internet (not available offline). A folder
     without the main ``idc_index`` is an ``IndexUnavailableError``, not a list of absences."""
+    import duckdb
+
     source.path("idc_index")
     rows = []
     for name, meta in sorted(_package_metadata().items()):
@@ -356,6 +463,8 @@ def available_indices(source: IndexSource, fetched: dict[str, Path] | None = Non
 
 def index_columns(source: IndexSource, name: str) -> list[dict[str, str]]:
     """Columns of an index: name, type and description (from the package's schema)."""
+    import duckdb
+
     metadata = _package_metadata()
     if name not in metadata:
         raise UnknownIndexError(f"unknown index {name!r}; known indices: {', '.join(sorted(metadata))}")

@@ -27,13 +27,13 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import TYPE_CHECKING, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from .arrow_build import scalar, strings
 from .errors import LayoutError
+
+if TYPE_CHECKING:  # Arrow loads when a layout is rendered, not when a template is checked
+    import pyarrow as pa
 
 DEFAULT_LAYOUT = "%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID/"
 #: Length of an instance file name: ``<crdc_instance_uuid>.dcm``.
@@ -50,8 +50,17 @@ _UNSAFE = r'[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff/\\:*?"<>|]'  # Python's
 #: The same characters for Arrow (RE2, whose strings are UTF-8 and so hold no surrogate).
 _UNSAFE_RE2 = r'[\x00-\x1f\x7f-\x{9f}\x{2028}\x{2029}/\\:*?"<>|]'
 _RESERVED = r"^(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$"
-# Literals as Arrow scalars: a Python str handed to a compute function makes pyarrow import pandas.
-_EMPTY, _SLASH, _UNDERSCORE = scalar(""), scalar("/"), scalar("_")
+
+
+@cache
+def _literals() -> tuple[pa.Scalar, pa.Scalar, pa.Scalar]:
+    """``""``, ``/`` and ``_`` as Arrow scalars: a Python str handed to a compute function makes
+    pyarrow import pandas."""
+    from .arrow_build import scalar
+
+    return scalar(""), scalar("/"), scalar("_")
+
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -173,6 +182,12 @@ class Layout:
 
     def render_unchecked(self, table: pa.Table | pa.RecordBatch) -> pa.Array:
         """Directories before the length and uniqueness checks (for rendering batch by batch)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from .arrow_build import scalar
+
+        _EMPTY, _SLASH, _ = _literals()
         rendered_components = []
         for comp in self.components:
             pieces = [scalar(value) if kind == "lit" else sanitize(table.column(value)) for kind, value in comp]
@@ -216,6 +231,11 @@ def _is_control_dir(component: str) -> bool:
 def _off_control_dir(first: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """First components that would be the control folder, prefixed with ``_`` (values come from
     the index, which is outside input; checked once per distinct value)."""
+    import pyarrow.compute as pc
+
+    from .arrow_build import strings
+
+    _EMPTY, _, _UNDERSCORE = _literals()
     hits = [v for v in pc.unique(first).to_pylist() if v is not None and _is_control_dir(v)]
     if not hits:
         return first
@@ -225,6 +245,12 @@ def _off_control_dir(first: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunked
 
 def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Make every value a safe single path component (see the module docstring)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .arrow_build import scalar
+
+    _EMPTY, _, _UNDERSCORE = _literals()
     text = pc.cast(values, pa.string()) if values.type != pa.string() else values
     text = pc.fill_null(text, scalar("unknown"))
     text = pc.replace_substring_regex(text, pattern=_UNSAFE_RE2, replacement="_")
@@ -236,6 +262,8 @@ def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def sanitize_value(value: object) -> str:
     """``sanitize`` for one value (the CLI and tests use it)."""
+    from .arrow_build import strings
+
     return sanitize(strings([None if value is None else str(value)]))[0].as_py()
 
 
@@ -255,6 +283,10 @@ def _shorten_long(
     ``<first component>/_long/<sha256 prefix>/`` (or an error): a function of the manifest alone.
     ``max_path`` (Windows' whole-path limit, or one a user asks for) is only checked, never
     used to change the layout, so the same manifest lays out the same under any root."""
+    import pyarrow.compute as pc
+
+    from .arrow_build import scalar, strings
+
     idx = pc.indices_nonzero(pc.greater(pc.binary_length(dirs), scalar(NAME_MAX_BYTES))).to_pylist()
     values = None
     long_rows = []
@@ -285,6 +317,8 @@ def _shorten_long(
 
 
 def _check_distinct(template: str, dirs: pa.Array | pa.ChunkedArray) -> None:
+    import pyarrow.compute as pc
+
     distinct = pc.count_distinct(dirs).as_py()
     if distinct != len(dirs):
         counts = pc.value_counts(dirs)

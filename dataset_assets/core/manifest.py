@@ -8,8 +8,6 @@ manifest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import duckdb
@@ -19,18 +17,10 @@ import pyarrow.parquet as pq
 
 from . import arrow_build
 from .errors import FilterError, ManifestError
+from .filters import FILTER_COLUMNS, ManifestFilters
 from .fs import new_file
 from .index import require_collection
 from .layout import DEFAULT_LAYOUT, Layout, LongPaths
-
-#: Filter field -> index column.
-FILTER_COLUMNS = {
-    "modalities": "Modality",
-    "body_parts": "BodyPartExamined",
-    "patient_ids": "PatientID",
-    "study_uids": "StudyInstanceUID",
-    "series_uids": "SeriesInstanceUID",
-}
 
 #: Columns of a manifest, in order (``target_dir`` is added by the layout).
 MANIFEST_COLUMNS = (
@@ -50,38 +40,6 @@ MANIFEST_COLUMNS = (
     "source_DOI",
     "series_revised_idc_version",
 )
-
-
-@dataclass(frozen=True)
-class ManifestFilters:
-    """Optional filters; within a field values are OR-ed, across fields AND-ed."""
-
-    modalities: tuple[str, ...] = ()
-    body_parts: tuple[str, ...] = ()
-    patient_ids: tuple[str, ...] = ()
-    study_uids: tuple[str, ...] = ()
-    series_uids: tuple[str, ...] = ()
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, object] | None) -> ManifestFilters:
-        """Build from a dict (run config, CLI); unknown fields and non-string values are errors."""
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(FILTER_COLUMNS))
-        if unknown:
-            raise FilterError(
-                f"unknown filter field(s) {', '.join(unknown)}; valid fields: {', '.join(FILTER_COLUMNS)}"
-            )
-        clean: dict[str, tuple[str, ...]] = {}
-        for name, raw in values.items():
-            items = [raw] if isinstance(raw, str) else list(raw or [])  # type: ignore[call-overload]
-            for item in items:
-                if not isinstance(item, str) or not item.strip():
-                    raise FilterError(f"filter {name} has the value {item!r}; values must be non-empty strings")
-            clean[name] = tuple(dict.fromkeys(i.strip() for i in items))
-        return cls(**clean)
-
-    def as_dict(self) -> dict[str, list[str]]:
-        return {f.name: list(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name)}
 
 
 def _check_filter_values(con: duckdb.DuckDBPyConnection, collection_id: str, filters: ManifestFilters) -> None:

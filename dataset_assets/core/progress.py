@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 
 from .fmt import human_bytes, human_duration
 
+#: Seconds with no file completing before a transfer is stopped as stalled (0: wait forever).
+DEFAULT_STALL_TIMEOUT_S = 120.0
+
 
 @dataclass
 class Progress:

@@ -28,9 +28,10 @@ import pyarrow.compute as pc
 
 from . import s5cmd
 from .errors import FilterError, IndexUnavailableError
+from .filters import ManifestFilters
 from .index import collection_ids, release_of, sql_str
 from .layout import Layout
-from .manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, ManifestFilters, build_manifest, manifest_schema
+from .manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, build_manifest, manifest_schema
 from .progress import _parse
 from .safety import bucket_problem, is_uuid
 

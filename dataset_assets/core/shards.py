@@ -11,11 +11,12 @@ its count are empty.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
-from .arrow_build import int64s
 from .errors import OptionError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 #: A shard holds at least this many files before a collection is split further.
 MIN_FILES_PER_SHARD = 100_000
@@ -47,6 +48,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard_manifest(manifest: pa.Table, index: int, count: int) -> pa.Table:
     """The rows of ``manifest`` in shard ``index`` of ``count`` (rows without a UUID-shaped
     crdc_series_uuid stay in shard 0, where the download reports them)."""
+    from .arrow_build import int64s
+
     rows = []
     for i, uuid in enumerate(manifest.column("crdc_series_uuid").to_pylist()):
         try:

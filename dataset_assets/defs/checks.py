@@ -12,20 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from dataset_assets.core import verify
 from dataset_assets.core.errors import DatasetError
-from dataset_assets.core.manifest import read_manifest
 
 from .download_assets import downloaded_collection
 from .index_assets import idc_index
 from .partitions import collection_partitions
-from .resources import CheckedConfig, IdcResource, S5cmdResource
+from .resources import CheckedConfig, IdcResource, IndexDatabase, S5cmdResource
 
 
-def _result(report: verify.CheckReport, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
+def _result(report, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=report.passed,
         severity=severity,
@@ -45,15 +42,25 @@ def _result(report: verify.CheckReport, what: str, severity=dg.AssetCheckSeverit
 
 
 @dg.asset_check(asset=idc_index, blocking=False)
-def idc_index_rows_are_safe(duckdb: DuckDBResource, s5cmd: S5cmdResource) -> dg.AssetCheckResult:
+def idc_index_rows_are_safe(duckdb: IndexDatabase, s5cmd: S5cmdResource) -> dg.AssetCheckResult:
     """Every row can be downloaded as it is: its bucket is allowed, `crdc_series_uuid` is a UUID,
     `series_aws_url` is `s3://<aws_bucket>/<crdc_series_uuid>/*`, `collection_id` is a plain name
     and the counts are counts. Downloads refuse such rows one by one (naming them); this says
-    ahead of time how many there are (a warning: every other series still downloads)."""
+    ahead of time how many there are (a warning: every other series still downloads). Counted
+    once per index snapshot (see `index_facts`), so re-materializing a release costs milliseconds."""
+    from dataset_assets.core.index import index_facts
+
     with duckdb.get_connection() as con:
-        counts = con.execute(UNSAFE_ROWS_SQL, [list(s5cmd.buckets())]).fetchone()
-    problems = dict(zip(UNSAFE_ROW_KINDS, counts[:-1], strict=True))
-    total, examples = sum(problems.values()), counts[-1]
+        facts = index_facts(con)
+    allowed = set(s5cmd.buckets())
+    others = [v for bucket, v in sorted(facts["buckets"].items()) if bucket not in allowed]
+    problems = {"bucket_not_allowed": sum(v["count"] for v in others)}
+    problems.update({kind: facts["problems"][kind]["count"] for kind in UNSAFE_ROW_KINDS[1:]})
+    examples = sorted(
+        {e for v in others for e in v["examples"]}
+        | {e for kind in UNSAFE_ROW_KINDS[1:] for e in facts["problems"][kind]["examples"]}
+    )[:3]
+    total = sum(problems.values())
     return dg.AssetCheckResult(
         passed=total == 0,
         severity=dg.AssetCheckSeverity.WARN,
@@ -75,36 +82,16 @@ UNSAFE_ROW_KINDS = (
     "collection_id_unsafe",
     "bad_counts",
 )
-UNSAFE_ROWS_SQL = """
-WITH checked AS (
-    SELECT SeriesInstanceUID,
-           NOT list_contains(?, aws_bucket) AS bucket_not_allowed,
-           NOT regexp_full_match(coalesce(crdc_series_uuid, ''),
-                                 '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}') AS uuid_not_a_uuid,
-           coalesce(series_aws_url, '') <> 's3://' || coalesce(aws_bucket, '') || '/'
-               || coalesce(crdc_series_uuid, '') || '/*' AS url_not_bucket_uuid,
-           NOT regexp_full_match(coalesce(collection_id, ''), '[A-Za-z0-9][A-Za-z0-9._-]{0,199}')
-               AS collection_id_unsafe,
-           coalesce(instanceCount, 0) <= 0 OR coalesce(series_size_MB, -1) < 0 AS bad_counts
-    FROM idc_index
-)
-SELECT count(*) FILTER (WHERE bucket_not_allowed), count(*) FILTER (WHERE uuid_not_a_uuid),
-       count(*) FILTER (WHERE url_not_bucket_uuid), count(*) FILTER (WHERE collection_id_unsafe),
-       count(*) FILTER (WHERE bad_counts),
-       list(SeriesInstanceUID) FILTER (WHERE bucket_not_allowed OR uuid_not_a_uuid OR url_not_bucket_uuid
-                                       OR collection_id_unsafe OR bad_counts)[1:3]
-FROM checked
-"""
 
 
 @dg.asset_check(asset=idc_index, blocking=True)
-def idc_index_urls_present(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+def idc_index_urls_present(duckdb: IndexDatabase) -> dg.AssetCheckResult:
     """No series without `crdc_series_uuid` or `series_aws_url`, so every series can be fetched."""
+    from dataset_assets.core.index import index_facts
+
     with duckdb.get_connection() as con:
-        nulls, examples = con.execute(
-            "SELECT count(*), list(SeriesInstanceUID)[1:5] FROM idc_index "
-            "WHERE crdc_series_uuid IS NULL OR series_aws_url IS NULL"
-        ).fetchone()
+        found = index_facts(con)["problems"]["without_uuid_or_url"]
+    nulls, examples = found["count"], found["examples"]
     return dg.AssetCheckResult(
         passed=nulls == 0,
         description=f"{nulls} series without uuid or URL, e.g. {examples}" if nulls else "every series has both",
@@ -148,6 +135,8 @@ def build_download_checks(
         return decorate
 
     def manifest_of(idc: IdcResource, key: str):
+        from dataset_assets.core.manifest import read_manifest
+
         try:
             return read_manifest(manifest_path(idc, key))
         except (DatasetError, FileNotFoundError) as exc:  # one line naming what is wrong with it
@@ -157,6 +146,8 @@ def build_download_checks(
     def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
         """Every file of every series has its own size as recorded when it was listed or fetched,
         and each series its manifest's `instanceCount` files and bytes."""
+        from dataset_assets.core import verify
+
         root = idc.download_root()
         manifest = manifest_of(idc, context.partition_key)
         report = verify.check_files(manifest, root, state_path(root, context.partition_key))
@@ -168,6 +159,8 @@ def build_download_checks(
     ) -> dg.AssetCheckResult:
         """Every file's DICOM header (read without pixel data) has the PatientID, StudyInstanceUID,
         SeriesInstanceUID and Modality of its manifest row."""
+        from dataset_assets.core import verify
+
         root = idc.download_root()
         manifest = manifest_of(idc, context.partition_key)
         report = verify.check_headers(
@@ -183,6 +176,8 @@ def build_download_checks(
     @check(blocking=False)
     def no_stray_files(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
         """No stray or partial file in the tree of the downloaded series (warning only)."""
+        from dataset_assets.core import verify
+
         report = verify.check_tree(manifest_of(idc, context.partition_key), idc.download_root())
         return _result(report, f"files in the {what}'s tree", severity=dg.AssetCheckSeverity.WARN)
 

@@ -13,22 +13,10 @@ from pathlib import Path
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core import download as dl
-from dataset_assets.core import extra_index as extra
-from dataset_assets.core import manifest as mf
-from dataset_assets.core.cohorts import (
-    DEFAULT_COHORTS_FILE,
-    Cohort,
-    build_cohort_manifest,
-    list_prior_series,
-    not_in_index,
-    prior_series,
-    try_load_cohorts,
-)
+from dataset_assets.core.cohort_file import DEFAULT_COHORTS_FILE, Cohort, try_load_cohorts
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.index import release_of
-from dataset_assets.core.layout import default_max_path
+from dataset_assets.core.layout import CONTROL_DIR, default_max_path
 
 from .automation import refresh_downloaded_condition
 from .checks import build_download_checks
@@ -61,7 +49,7 @@ def cohort_manifest_path(idc: IdcResource, name: str) -> Path:
 
 
 def cohort_state_path(root: Path, name: str) -> Path:
-    return root / dl.CONTROL_DIR / "state" / f"cohort-{name}.parquet"
+    return root / CONTROL_DIR / "state" / f"cohort-{name}.parquet"
 
 
 def _fingerprint(cohort: Cohort) -> str:
@@ -86,6 +74,11 @@ _NOTE = f" Cohorts file problem: {COHORTS_PROBLEM}" if COHORTS_PROBLEM else ""
     "`downloaded_cohort` runs)." + _NOTE,
 )
 def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.MaterializeResult:
+    from dataset_assets.core import extra_index as extra
+    from dataset_assets.core import manifest as mf
+    from dataset_assets.core.cohorts import build_cohort_manifest, not_in_index, prior_series
+    from dataset_assets.core.index import release_of
+
     cohort = _cohort(context.partition_key)
     root = idc.download_root()
     try:
@@ -144,6 +137,8 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
 def downloaded_cohort(
     context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
 ) -> dg.MaterializeResult:
+    from dataset_assets.core.cohorts import list_prior_series
+
     cohort = _cohort(context.partition_key)
     root = idc.download_root()
     path = cohort_manifest_path(idc, cohort.name)

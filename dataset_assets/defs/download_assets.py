@@ -1,4 +1,7 @@
-"""Downloaded collections: every DICOM file of a manifest on disk, verified against it."""
+"""Downloaded collections: every DICOM file of a manifest on disk, verified against it.
+
+The download engine, manifests and states (PyArrow) are imported by the steps that use them,
+not when the definitions load."""
 
 import warnings
 from collections.abc import Callable
@@ -7,14 +10,10 @@ from pathlib import Path
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core import download as dl
 from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
-from dataset_assets.core.manifest import read_manifest
 from dataset_assets.core.s5cmd import binary_version, die_with_launcher
 from dataset_assets.core.shards import shard_count, shard_manifest
-from dataset_assets.core.state import shard_state_path
-from dataset_assets.core.verify import header_cache_path
 
 from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
@@ -38,7 +37,7 @@ with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping shards 
     BY_COLLECTION = dg.MultiToSingleDimensionPartitionMapping("collection_id")
 
 
-def _metadata(result: dl.DownloadResult, collection_dir, version: str) -> dict:
+def _metadata(result, collection_dir, version: str) -> dict:  # result: core.download.DownloadResult
     return {
         "series": result.series,
         "series_complete": result.complete_series,
@@ -90,6 +89,10 @@ def downloaded_collection_shard(
     split into `$IDC_SHARDS` shards (16), or fewer when it is small (at least 100,000 files each);
     a shard past that count is empty. Launch every shard and `downloaded_collection` in one
     backfill: the collection then verifies what the shards recorded, with no request."""
+    from dataset_assets.core import download as dl
+    from dataset_assets.core.manifest import read_manifest
+    from dataset_assets.core.state import shard_state_path
+
     keys = context.partition_key.keys_by_dimension
     collection_id, shard = keys["collection_id"], int(keys["shard"])
     root = idc.download_root()
@@ -157,6 +160,10 @@ def materialize_download(
     """The body of every downloaded asset (collections, cohorts): read the manifest, run the
     download engine, and turn its outcome into metadata or a one-line ``dg.Failure``, with a
     searchable start and end line in the run's log. ``state_path``: default, the collection's."""
+    from dataset_assets.core import download as dl
+    from dataset_assets.core.manifest import read_manifest
+    from dataset_assets.core.verify import header_cache_path
+
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
     try:
         manifest = read_manifest(manifest_path())

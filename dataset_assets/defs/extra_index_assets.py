@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from dataset_assets.core import extra_index as extra
 from dataset_assets.core.errors import DatasetError
@@ -11,7 +10,7 @@ from dataset_assets.core.fmt import human_bytes, redact_url, scrub_text
 from dataset_assets.core.index import IndexSource, replace_relation
 
 from .index_assets import idc_index
-from .resources import IdcResource
+from .resources import IdcResource, IndexDatabase
 from .settings import INDEX_GROUP, OWNERS
 
 extra_index_partitions = dg.StaticPartitionsDefinition(extra.on_demand_indices())
@@ -25,9 +24,7 @@ extra_index_partitions = dg.StaticPartitionsDefinition(extra.on_demand_indices()
     owners=OWNERS,
     tags={"domain": "idc"},
 )
-def idc_extra_index(
-    context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckDBResource
-) -> dg.MaterializeResult:
+def idc_extra_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: IndexDatabase) -> dg.MaterializeResult:
     """An IDC index that `idc-index-data` describes but does not ship (`sm_index`, `sm_instance_index`,
     `clinical_index`, ...): `<name>.parquet` of the installed release fetched from
     `$IDC_INDEX_BASE_URL/<idc-index-data version>/` (retries, resume, proxies, CA bundles, atomic

@@ -3,12 +3,11 @@
 from pathlib import Path
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from dataset_assets.core import index as idx
 from dataset_assets.core.fmt import human_bytes, markdown_table
 
-from .resources import IdcResource
+from .resources import IdcResource, IndexDatabase
 from .settings import INDEX_GROUP, OWNERS
 
 IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
@@ -20,7 +19,7 @@ IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
     owners=OWNERS,
     tags={"domain": "idc"},
 )
-def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: IndexDatabase) -> dg.MaterializeResult:
     """The series-level index of NCI Imaging Data Commons (one row per DICOM series), from the
     installed `idc-index-data` package, in the project's DuckDB database (`$IDC_DUCKDB_PATH`)
     with `collections_index`, `prior_versions_index` and `version_metadata_index`: views over a
@@ -34,7 +33,7 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckD
     with duckdb.get_connection() as con:
         idx.load_into(con, source, snapshot_dir=database.parent / f"{database.stem}_index_files")
         release = idx.release_of(con)
-        totals = idx.index_summary(con)
+        totals = idx.index_facts(con)["summary"]  # counted once per snapshot, with the row checks
     context.log.info(
         "idc_index loaded: IDC v%s, %s series, %s collections, %s",
         release,
@@ -69,7 +68,7 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: DuckD
     owners=OWNERS,
     tags={"domain": "idc"},
 )
-def idc_collections(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def idc_collections(context: dg.AssetExecutionContext, duckdb: IndexDatabase) -> dg.MaterializeResult:
     """One row per IDC collection: name, subjects, patients, studies, series, instances, size,
     modalities, licences, DOI and citation, cancer types; `idc_index` joined with
     `collections_index`, stored as the DuckDB table `idc_collections`."""

@@ -7,13 +7,10 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from dataset_assets.core import manifest as mf
-from dataset_assets.core.citations import citations, license_summary
 from dataset_assets.core.errors import DatasetError
+from dataset_assets.core.filters import FILTER_COLUMNS, ManifestFilters
 from dataset_assets.core.fmt import human_bytes, markdown_table
-from dataset_assets.core.index import release_of
 from dataset_assets.core.layout import DEFAULT_LAYOUT, MAX_PATH_RANGE, default_max_path, layout_problem
-from dataset_assets.core.viewer import viewer_url, viewer_urls
 
 from .index_assets import idc_index
 from .partitions import collection_partitions
@@ -62,8 +59,8 @@ class ManifestConfig(CheckedConfig):
 
     field_checks = {"layout": layout_problem}
 
-    def filters(self) -> mf.ManifestFilters:
-        return mf.ManifestFilters.from_mapping({name: getattr(self, name) for name in mf.FILTER_COLUMNS})
+    def filters(self) -> ManifestFilters:
+        return ManifestFilters.from_mapping({name: getattr(self, name) for name in FILTER_COLUMNS})
 
 
 @dg.asset(
@@ -81,6 +78,11 @@ def collection_manifest(
     parts, patients, studies, series), each with its S3 URL, size, instance count, licence and
     target directory from the layout template. Stored as one Parquet file per collection in
     `$IDC_MANIFEST_DIR` (query all with DuckDB: `SELECT * FROM 'data/manifests/*.parquet'`)."""
+    from dataset_assets.core import manifest as mf
+    from dataset_assets.core.citations import citations, license_summary
+    from dataset_assets.core.index import release_of
+    from dataset_assets.core.viewer import viewer_url, viewer_urls
+
     collection_id = context.partition_key
     source = idc.source()
     root = idc.download_root()

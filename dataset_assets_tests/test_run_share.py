@@ -1,0 +1,194 @@
+"""Our share of every Dagster run: what the definitions import, and what is computed once per
+release (the index's totals and row checks) instead of on every materialization."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataset_assets.defs.checks import index_checks
+from dataset_assets.defs.index_assets import idc_index
+from dataset_assets.defs.partitions import collection_ids_of
+from dataset_assets.defs.resources import IdcResource, IndexDatabase, S5cmdResource
+
+#: Packages a run of any asset must not pay for when the definitions load: the steps that need
+#: them import them (Arrow, DuckDB, pandas, DICOM, HTTP, the index package's own import).
+HEAVY = ("numpy", "pandas", "pyarrow", "duckdb", "dagster_duckdb", "pydicom", "requests", "urllib3", "idc_index_data")
+
+#: The only modules of ours the definitions may load: declarations and light checks. The engine,
+#: manifests, states, verification and the CLI load inside the steps that use them.
+LIGHT = {
+    "dataset_assets",
+    "dataset_assets.settings",
+    "dataset_assets.definitions",
+    "dataset_assets.core",
+    "dataset_assets.core.cohort_file",
+    "dataset_assets.core.errors",
+    "dataset_assets.core.extra_index",
+    "dataset_assets.core.filters",
+    "dataset_assets.core.fmt",
+    "dataset_assets.core.fs",
+    "dataset_assets.core.http_bundles",
+    "dataset_assets.core.index",
+    "dataset_assets.core.layout",
+    "dataset_assets.core.progress",
+    "dataset_assets.core.s5cmd",
+    "dataset_assets.core.safety",
+    "dataset_assets.core.shards",
+}
+
+LIST_MODULES = (
+    "import json, sys\n"
+    "import dataset_assets.definitions as d\n"
+    "keys = d.defs.resolve_asset_graph().get(d.dg.AssetKey('downloaded_collection')).partitions_def.get_partition_keys()\n"
+    "print(json.dumps({'modules': sorted(sys.modules), 'collections': len(keys)}))\n"
+)
+
+
+def load_definitions(env: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", LIST_MODULES], capture_output=True, text=True, timeout=300, env=env, cwd=env["HOME"]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def clean_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IDC_", "DATASET_", "DAGSTER_"))}
+    env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    return env
+
+
+def test_the_definitions_import_no_heavy_package_and_only_light_modules_of_ours(clean_env):
+    cold = load_definitions(clean_env)  # the first load on a machine reads the index's collection ids once
+    assert cold["collections"] == 179
+    warm = load_definitions(clean_env)
+    assert warm["collections"] == 179
+    heavy = sorted(m for m in warm["modules"] if m.split(".")[0] in HEAVY)
+    assert heavy == [], heavy
+    ours = {m for m in warm["modules"] if m.split(".")[0] == "dataset_assets"}
+    assert {m for m in ours if not m.startswith("dataset_assets.defs")} <= LIGHT, sorted(ours - LIGHT)
+    assert "pyarrow" in {m.split(".")[0] for m in cold["modules"]}  # the cold load did read the Parquet file
+
+
+def test_collection_ids_are_cached_per_index_file_and_a_damaged_cache_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATASET_CACHE_DIR", str(tmp_path / "cache"))
+    index = tmp_path / "idc_index.parquet"
+    pq.write_table(pa.table({"collection_id": ["b", "a", "b", None]}), index)
+    assert collection_ids_of(index) == ["a", "b"]
+    (cache,) = (tmp_path / "cache").iterdir()
+    cache.write_text('{"not": "a list"}')
+    assert collection_ids_of(index) == ["a", "b"]  # damaged: read from the file again, and rewritten
+    assert json.loads(cache.read_text()) == ["a", "b"]
+    pq.write_table(pa.table({"collection_id": ["c"]}), index)  # another file (a new release): another entry
+    assert collection_ids_of(index) == ["c"]
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_an_unwritable_cache_folder_costs_time_never_the_partitions(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("DATASET_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created
+    index = tmp_path / "idc_index.parquet"
+    pq.write_table(pa.table({"collection_id": ["x"]}), index)
+    assert collection_ids_of(index) == ["x"]
+
+
+def _materialize(index_dir: Path, database: Path):
+    resources = {
+        "idc": IdcResource(index_dir=str(index_dir)),
+        "duckdb": IndexDatabase(database=str(database)),
+        "s5cmd": S5cmdResource(),
+    }
+    result = dg.materialize([idc_index, *index_checks], resources=resources, raise_on_error=False)
+    return result, {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def _facts_file(database: Path) -> Path:
+    (found,) = (database.parent / f"{database.stem}_index_files").glob("*/idc_index.parquet.facts.json")
+    return found
+
+
+def _break_urls(path: Path) -> None:
+    table = pq.read_table(path)
+    urls = table.column("series_aws_url").to_pylist()
+    urls[0] = None
+    urls[1] = urls[1] + "\ncp s3://elsewhere/* /tmp/"
+    column = table.column_names.index("series_aws_url")
+    pq.write_table(table.set_column(column, "series_aws_url", pa.array(urls, pa.string())), path)
+
+
+def test_the_release_facts_are_computed_once_and_a_tampered_result_or_snapshot_is_counted_again(
+    idc_fixture, tmp_path
+):
+    index = tmp_path / "index"
+    shutil.copytree(idc_fixture.index_dir, index)
+    database = tmp_path / "db" / "idc.duckdb"
+    result, checks = _materialize(index, database)
+    assert result.success and all(c.passed for c in checks.values())
+    facts = _facts_file(database)
+    held = json.loads(facts.read_text())
+    assert held["facts"]["summary"]["series"] == 6 and held["facts"]["problems"]["url_not_bucket_uuid"]["count"] == 0
+    written = facts.stat().st_mtime_ns
+
+    result, checks = _materialize(index, database)  # the same release again: the facts are read, not counted
+    assert result.success and all(c.passed for c in checks.values())
+    assert facts.stat().st_mtime_ns == written
+
+    # The snapshot the views read is tampered with (two unsafe rows): counted again, the checks fail.
+    snapshot = facts.parent / "idc_index.parquet"
+    _break_urls(snapshot)
+    with IndexDatabase(database=str(database)).get_connection() as con:
+        from dataset_assets.core.index import index_facts
+
+        assert index_facts(con)["problems"]["url_not_bucket_uuid"]["count"] == 2
+    assert json.loads(facts.read_text())["facts"]["problems"]["url_not_bucket_uuid"]["count"] == 2
+
+    # The cached result is edited to say all is well: its seal no longer matches, so it is counted again.
+    held = json.loads(facts.read_text())
+    held["facts"]["problems"]["url_not_bucket_uuid"] = {"count": 0, "examples": []}
+    held["facts"]["problems"]["without_uuid_or_url"] = {"count": 0, "examples": []}
+    facts.write_text(json.dumps(held))
+    checks = _run_checks_only(index, database)
+    assert not checks["idc_index_rows_are_safe"].passed
+    assert checks["idc_index_rows_are_safe"].metadata["url_not_bucket_uuid"].value == 2
+    assert not checks["idc_index_urls_present"].passed
+    assert checks["idc_index_urls_present"].metadata["series_without_uuid_or_url"].value == 1
+
+    facts.write_text("{not json")  # damaged: counted again, never a traceback
+    checks = _run_checks_only(index, database)
+    assert checks["idc_index_rows_are_safe"].metadata["url_not_bucket_uuid"].value == 2
+
+
+def _run_checks_only(index: Path, database: Path) -> dict:
+    resources = {
+        "idc": IdcResource(index_dir=str(index)),
+        "duckdb": IndexDatabase(database=str(database)),
+        "s5cmd": S5cmdResource(),
+    }
+    result = dg.materialize(
+        [idc_index, *index_checks],
+        resources=resources,
+        selection=dg.AssetSelection.checks(*index_checks),
+        raise_on_error=False,
+    )
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def test_a_new_index_file_is_a_new_snapshot_with_its_own_facts(idc_fixture, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(idc_fixture.index_dir, index)
+    database = tmp_path / "db" / "idc.duckdb"
+    _materialize(index, database)
+    _break_urls(index / "idc_index.parquet")  # the package's file changes (an upgrade): a new snapshot
+    result, checks = _materialize(index, database)
+    assert not checks["idc_index_rows_are_safe"].passed and not checks["idc_index_urls_present"].passed
+    assert len(list((database.parent / f"{database.stem}_index_files").glob("*/*.facts.json"))) == 2
