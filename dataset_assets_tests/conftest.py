@@ -24,6 +24,18 @@ def loopback_only(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("dataset-cache")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(_session_cache, monkeypatch):
+    """The project's user-level cache (collection ids, index facts) in the session's own folder,
+    never the home of whoever runs the tests; tests that need a cold cache set their own."""
+    monkeypatch.setenv("DATASET_CACHE_DIR", str(_session_cache))
+
+
+@pytest.fixture(scope="session")
 def idc_fixture(tmp_path_factory):
     """6 real qin_pet_phantom series, 4 DICOM files each, one series in idc-open-data-two."""
     return build_fixture(tmp_path_factory.mktemp("idc-fixture"))

@@ -1,6 +1,7 @@
 """Our share of every Dagster run: what the definitions import, and what is computed once per
 release (the index's totals and row checks) instead of on every materialization."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,7 +48,8 @@ LIGHT = {
 LIST_MODULES = (
     "import json, sys\n"
     "import dataset_assets.definitions as d\n"
-    "keys = d.defs.resolve_asset_graph().get(d.dg.AssetKey('downloaded_collection')).partitions_def.get_partition_keys()\n"
+    "graph = d.defs.resolve_asset_graph()\n"
+    "keys = graph.get(d.dg.AssetKey('downloaded_collection')).partitions_def.get_partition_keys()\n"
     "print(json.dumps({'modules': sorted(sys.modules), 'collections': len(keys)}))\n"
 )
 
@@ -126,9 +128,7 @@ def _break_urls(path: Path) -> None:
     pq.write_table(table.set_column(column, "series_aws_url", pa.array(urls, pa.string())), path)
 
 
-def test_the_release_facts_are_computed_once_and_a_tampered_result_or_snapshot_is_counted_again(
-    idc_fixture, tmp_path
-):
+def test_the_release_facts_are_computed_once_and_a_tampered_result_or_snapshot_is_counted_again(idc_fixture, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(idc_fixture.index_dir, index)
     database = tmp_path / "db" / "idc.duckdb"
@@ -192,3 +192,37 @@ def test_a_new_index_file_is_a_new_snapshot_with_its_own_facts(idc_fixture, tmp_
     result, checks = _materialize(index, database)
     assert not checks["idc_index_rows_are_safe"].passed and not checks["idc_index_urls_present"].passed
     assert len(list((database.parent / f"{database.stem}_index_files").glob("*/*.facts.json"))) == 2
+
+
+def test_a_new_snapshot_of_the_same_file_takes_the_facts_counted_for_it_once(idc_fixture, tmp_path, monkeypatch):
+    from dataset_assets.core import index as idx
+
+    monkeypatch.setenv("DATASET_CACHE_DIR", str(tmp_path / "cache"))
+    counted = []
+    real = idx.index_summary  # the first count made: called whenever the facts are not taken from a cache
+    monkeypatch.setattr(idx, "index_summary", lambda con: counted.append(1) or real(con))
+    index = tmp_path / "index"
+    shutil.copytree(idc_fixture.index_dir, index)
+    result, checks = _materialize(index, tmp_path / "a" / "idc.duckdb")
+    assert result.success and all(c.passed for c in checks.values()) and len(counted) == 1
+    assert len(list((tmp_path / "cache").glob("idc_index-*.facts.json"))) == 1
+
+    fresh = tmp_path / "b" / "idc.duckdb"  # another database (an empty home): a new snapshot, no count
+    result, checks = _materialize(index, fresh)
+    assert result.success and all(c.passed for c in checks.values()) and len(counted) == 1
+    assert _facts_file(fresh).is_file()
+
+    # A third snapshot whose bytes differ from the source's though its size and footer do not (an
+    # edit inside a data page): the shared facts are not its own, so it is counted.
+    third = tmp_path / "c" / "idc.duckdb"
+    _materialize(index, third)
+    assert len(counted) == 1
+    snapshot = _facts_file(third).parent / "idc_index.parquet"
+    _facts_file(third).unlink()
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    snapshot.write_bytes(bytes(data))
+    # (a flipped bit may make a page unreadable: what matters is that the shared facts were not trusted)
+    with IndexDatabase(database=str(third)).get_connection() as con, contextlib.suppress(Exception):
+        idx.index_facts(con, source=index / "idc_index.parquet", shared=tmp_path / "cache")
+    assert len(counted) == 2

@@ -217,7 +217,7 @@ def _rows(manifest: pa.Table) -> Iterator[dict]:
         *HEADER_FIELDS,
     ]
     columns = list(dict.fromkeys([*columns, *(c for c in ("collection_id",) if c in manifest.column_names)]))
-    for batch in manifest.select(columns).to_batches(10_000):
+    for batch in manifest.select(columns).to_batches(1_000):  # memory: a thousand rows as dicts at most
         yield from batch.to_pylist()
 
 
@@ -920,6 +920,7 @@ class Download:
                 self.failed[row["target_dir"]] = problem
             else:
                 self._complete(row, expected)  # type: ignore[arg-type]
+        self.verified_total += len(verified - self.verified)
         self.verified |= verified
 
     # -- the whole run ---------------------------------------------------------------------
@@ -928,7 +929,9 @@ class Download:
         claims = self.claims = SeriesClaims(self.root)
         self.records = load_state(self.state_path, self.log) if self.state_path else {}
         self.shard_records = load_shard_records(self.state_path, self.log)  # what shards of it verified
-        self.verified: set[str] = set()
+        self.verified: set[str] = set()  # series of this batch verified (ok or not); emptied per batch
+        self.verified_total = 0
+        self.recorded_new = 0  # series this run recorded that the state did not hold
         self._set_aside_revised()
         self.estimate_bytes = self._estimate()
         label = ",".join(sorted(set(self.manifest.column("collection_id").to_pylist())))
@@ -961,6 +964,7 @@ class Download:
         """Scan, claim, list, transfer and verify one batch; the rows another download holds."""
         self.batches += 1
         self.todo, self.temporaries = [], []
+        self.verified = set()
         self.scan(rows)
         planned = {t.row["target_dir"]: t.row for t in self.todo}
         planned.update({row["target_dir"]: row for row, _, _ in self.temporaries})
@@ -1069,8 +1073,8 @@ class Download:
         record = SeriesRecord(
             row["SeriesInstanceUID"], row["crdc_series_uuid"], files, row.get("series_revised_idc_version")
         )
-        self.records[row["target_dir"]] = record.slim()  # memory: per series, not per file
-        self.verified.add(row["target_dir"])
+        if row["target_dir"] not in self.records:  # memory: a count, not a record per series (the journal has it)
+            self.recorded_new += 1
         if self.journal is not None:
             try:
                 self.journal.record(row["target_dir"], record)  # the journal keeps every name and size
@@ -1158,7 +1162,8 @@ class Download:
         try:
             self.journal.close()
             lines = journal_lines(self.state_path)
-            if lines and (len(self.records) <= COMPACT_ALWAYS_BELOW or lines * 4 >= len(self.records)):
+            size = len(self.records) + self.recorded_new
+            if lines and (size <= COMPACT_ALWAYS_BELOW or lines * 4 >= size):
                 compact_state(self.state_path, self.log)
         except OSError as exc:
             self._state_unwritable(exc)
@@ -1202,7 +1207,7 @@ class Download:
             self._save()
         except OSError as exc:  # e.g. the full disk itself: the state is a cache, the next run rebuilds it
             self.log(f"could not record the state ({exc.strerror or exc}); the next run checks the disk again")
-        self.result.failed_count = max(self.result.series - self.result.skipped_series - len(self.verified), 0)
+        self.result.failed_count = max(self.result.series - self.result.skipped_series - self.verified_total, 0)
         self.result.duration_s = time.monotonic() - self.started
         kept = "everything complete is kept; run again to resume"
         if stop.kind == "disk":

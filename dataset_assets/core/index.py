@@ -217,41 +217,88 @@ FACTS_VERSION = 1
 _FOOTER_BYTES = 1 << 16
 
 
-def index_facts(con: duckdb.DuckDBPyConnection) -> dict:
+def index_facts(con: duckdb.DuckDBPyConnection, source: Path | None = None, shared: Path | None = None) -> dict:
     """What depends only on the index's data, computed once per snapshot: the totals of
     ``index_summary`` and, per kind of unsafe row, its count and first examples (with series per
     bucket). Kept in ``<file>.facts.json`` beside the Parquet file the ``idc_index`` view reads
     (the per-release snapshot), named by that file's size, modification time, inode and a hash of
     its footer (where Parquet keeps every row group's statistics), and sealed with a hash of the
     values: a changed snapshot, or a damaged or edited result, is computed again. Without such a
-    file (a table, an in-memory index) it is computed every time."""
+    file (a table, an in-memory index) it is computed every time.
+
+    ``source`` (the file the snapshot was copied from) and ``shared`` (a folder): the facts are
+    also kept there under the source file's own fingerprint, so a new snapshot of the same file
+    (another database, an empty DAGSTER_HOME) takes them when it holds the source's very bytes,
+    instead of counting a million rows again."""
+    path = view_file(con, "idc_index")
+    fingerprint = _file_fingerprint(path) if path is not None else None
+    local = path.with_name(path.name + ".facts.json") if path is not None else None
+    facts = _read_facts(local, fingerprint) if local is not None else None
+    if facts is not None:
+        return facts
+    entry = _shared_entry(path, fingerprint, source, shared)
+    if entry is not None:
+        facts = _read_facts(*entry)
+    if facts is None:
+        facts = {"summary": index_summary(con), **_row_problems(con)}
+        if entry is not None:
+            _write_facts(*entry, facts)
+    if local is not None:
+        _write_facts(local, fingerprint, facts)
+    return facts
+
+
+def _shared_entry(
+    path: Path | None, fingerprint: list | None, source: Path | None, shared: Path | None
+) -> tuple[Path, list] | None:
+    """Where the shared facts of ``source`` are kept, when the snapshot ``path`` is a byte copy of
+    it (compared whole: 0.1 s against a second of counting); ``None`` otherwise."""
+    if path is None or fingerprint is None or source is None or shared is None or not source.is_file():
+        return None
+    source_print = _file_fingerprint(source)
+    if (source_print[0], source_print[3]) != (fingerprint[0], fingerprint[3]) or not _same_bytes(path, source):
+        return None
+    return shared / f"idc_index-{_seal(None, source_print)[:24]}.facts.json", source_print
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _read_facts(path: Path, fingerprint: object) -> dict | None:
+    import json
+
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # none yet, unreadable or damaged: compute
+    if (
+        isinstance(held, dict)
+        and held.get("fingerprint") == fingerprint
+        and held.get("seal") == _seal(held.get("facts"), fingerprint)
+    ):
+        return held["facts"]
+    return None
+
+
+def _write_facts(path: Path, fingerprint: object, facts: dict) -> None:
     import json
 
     from .fs import new_file
 
-    path = view_file(con, "idc_index")
-    fingerprint = _file_fingerprint(path) if path is not None else None
-    cache = path.with_name(path.name + ".facts.json") if path is not None else None
-    if cache is not None:
-        try:
-            held = json.loads(cache.read_text(encoding="utf-8"))
-            if (
-                isinstance(held, dict)
-                and held.get("fingerprint") == fingerprint
-                and held.get("seal") == _seal(held.get("facts"), fingerprint)
-            ):
-                return held["facts"]
-        except (OSError, ValueError):
-            pass  # none yet, unreadable or damaged: compute
-    facts = {"summary": index_summary(con), **_row_problems(con)}
-    if cache is not None:
-        try:
-            with new_file(cache, "w", encoding="utf-8") as out:
-                json.dump({"version": FACTS_VERSION, "fingerprint": fingerprint, "facts": facts,
-                           "seal": _seal(facts, fingerprint)}, out)  # fmt: skip
-        except OSError:
-            pass  # a read-only snapshot: computed again next time
-    return facts
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with new_file(path, "w", encoding="utf-8") as out:
+            json.dump({"version": FACTS_VERSION, "fingerprint": fingerprint, "facts": facts,
+                       "seal": _seal(facts, fingerprint)}, out)  # fmt: skip
+    except OSError:
+        pass  # a read-only folder: computed again next time
 
 
 def _seal(facts: object, fingerprint: object) -> str:
