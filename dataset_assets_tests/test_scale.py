@@ -327,3 +327,31 @@ def test_what_the_journal_wrote_reaches_the_disk_within_its_interval(tmp_path, m
     journal.sync_if_due()  # nothing new: no fsync
     assert len(synced) == 1
     journal.close()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a.dcm", "b-1.dcm"],
+        [],
+        ["a/b"],
+        ["a", "/b"],
+        ["a", ""],
+        ["."],
+        [".."],
+        ["a\n"],
+        ["a", "b\nc"],
+        ["x" * 251],
+        ["x" * 252],
+        ["ok", 3],
+        ["é.dcm"],
+        ["a", None],
+        "abc",
+        None,
+    ],
+)
+def test_object_names_checked_at_once_agree_with_one_by_one(names):
+    from dataset_assets.core.safety import object_name_problem, object_names_ok
+
+    one_by_one = isinstance(names, list) and all(object_name_problem(n) is None for n in names)
+    assert object_names_ok(names) is one_by_one

@@ -36,6 +36,8 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 #: An object name below a series prefix that can safely become a file name.
 _OBJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,250}")
+#: Many object names at once, joined with "/" (which no name may hold): one match for a series.
+_OBJECTS = re.compile(rf"{_OBJECT.pattern}(?:/{_OBJECT.pattern})*")
 NAME_MAX_BYTES = 255
 
 
@@ -120,6 +122,14 @@ def object_name_problem(name: object) -> str | None:
     if not isinstance(name, str) or not _OBJECT.fullmatch(name) or name in (".", ".."):
         return f"object name {name!r} is not a plain file name"
     return None
+
+
+def object_names_ok(names: object) -> bool:
+    """``object_name_problem`` is ``None`` for every name of ``names`` (a list), in one regex match."""
+    if not isinstance(names, list) or not all(type(n) is str for n in names):
+        return False
+    joined = "/".join(names)  # a "/" inside a name shows as one separator too many
+    return not names or (joined.count("/") == len(names) - 1 and bool(_OBJECTS.fullmatch(joined)))
 
 
 def is_uuid(value: object) -> bool:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from . import arrow_build
 from .fs import new_file
-from .safety import CONTROL, is_uuid, object_name_problem, target_dir_problem
+from .safety import CONTROL, is_uuid, object_names_ok, target_dir_problem
 
 Log = Callable[[str], None]
 
@@ -217,7 +217,7 @@ def _load_snapshot(
             if wanted is not None:
                 import pyarrow.compute as pc
 
-                batch = batch.filter(pc.is_in(batch.column("target_dir"), pa.array(sorted(wanted), pa.string())))
+                batch = batch.filter(pc.is_in(batch.column("target_dir"), arrow_build.strings(sorted(wanted))))
             for row in batch.to_pylist():
                 record = _record(row)
                 if record is None:
@@ -324,7 +324,7 @@ def _record(row: dict) -> SeriesRecord | None:
             names is None
             or sizes is None
             or len(names) != len(sizes)
-            or any(object_name_problem(n) for n in names)
+            or not object_names_ok(names)
             or not all(_int(s) for s in sizes)
         ):
             return None
@@ -360,7 +360,7 @@ def _entry(target_dir: str, rec: SeriesRecord) -> dict:
     }
 
 
-COMPACT_BATCH_FILES = 20_000
+COMPACT_BATCH_FILES = 5000
 
 
 def compact_state(path: Path, log: Log = print) -> None:
@@ -377,7 +377,7 @@ def compact_state(path: Path, log: Log = print) -> None:
         for number, entry in enumerate(_entries(handle)):
             if entry is not None:
                 last[entry["target_dir"]] = number
-    touched = pa.array(sorted(last), pa.string())
+    touched = arrow_build.strings(sorted(last))  # not pa.array: that imports pandas (1 s, 40 MB)
     path.parent.mkdir(parents=True, exist_ok=True)
     with new_file(path) as out:
         writer = pq.ParquetWriter(out, SCHEMA)
