@@ -226,3 +226,33 @@ def test_a_new_snapshot_of_the_same_file_takes_the_facts_counted_for_it_once(idc
     with IndexDatabase(database=str(third)).get_connection() as con, contextlib.suppress(Exception):
         idx.index_facts(con, source=index / "idc_index.parquet", shared=tmp_path / "cache")
     assert len(counted) == 2
+
+
+def test_a_fifo_or_link_planted_at_a_cache_file_is_never_waited_on_or_followed(idc_fixture, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("DATASET_CACHE_DIR", str(cache_dir))
+    index = tmp_path / "idc_index.parquet"
+    pq.write_table(pa.table({"collection_id": ["a"]}), index)
+    assert collection_ids_of(index) == ["a"]
+    (cache,) = cache_dir.iterdir()
+    cache.unlink()
+    os.mkfifo(cache)  # a read would wait for a writer forever: the code location would never load
+    assert collection_ids_of(index) == ["a"]
+    assert cache.is_file() and not cache.is_symlink()  # replaced by a regular file, not written through
+    secret = tmp_path / "secret.json"
+    secret.write_text('["planted"]')
+    cache.unlink()
+    cache.symlink_to(secret)
+    assert collection_ids_of(index) == ["a"]  # a link is not read as the cache
+    assert secret.read_text() == '["planted"]' and not cache.is_symlink()
+
+    folder = tmp_path / "index"
+    shutil.copytree(idc_fixture.index_dir, folder)
+    database = tmp_path / "db" / "idc.duckdb"
+    _materialize(folder, database)
+    facts = _facts_file(database)
+    facts.unlink()
+    os.mkfifo(facts)
+    result, checks = _materialize(folder, database)
+    assert result.success and all(c.passed for c in checks.values())
+    assert facts.is_file()

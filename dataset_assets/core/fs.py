@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -82,6 +83,27 @@ class Reservation:
         self._handle.seek(0)
         self._handle.write(entry.ljust(self._width))  # one same-length write: a reader never sees it half done
         self._handle.flush()
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """The bytes of a small regular file, read without following a link or waiting on a FIFO
+    planted at ``path``: ``OSError`` when it is anything else, or larger than ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # grew while read
+                raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _reservations(ledger: Path) -> dict[str, int]:

@@ -274,8 +274,10 @@ def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
 def _read_facts(path: Path, fingerprint: object) -> dict | None:
     import json
 
+    from .fs import read_small
+
     try:
-        held = json.loads(path.read_text(encoding="utf-8"))
+        held = json.loads(read_small(path, 1 << 24))  # never a planted FIFO or link, never huge
     except (OSError, ValueError):
         return None  # none yet, unreadable or damaged: compute
     if (

@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core.fs import new_file
+from dataset_assets.core.fs import new_file, read_small
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.safety import name_problem
 
@@ -52,7 +52,7 @@ def collection_ids_of(index_path: Path) -> list[str]:
     read from the file (and the cache written, when it can be)."""
     cache = _cache_path(index_path)
     try:
-        ids = json.loads(cache.read_text(encoding="utf-8"))
+        ids = json.loads(read_small(cache, 1 << 24))  # never a planted FIFO or link, never huge
         if isinstance(ids, list) and all(isinstance(v, str) for v in ids):
             return ids
     except (OSError, ValueError):
