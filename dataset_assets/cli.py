@@ -27,20 +27,10 @@ from pathlib import Path
 import click
 
 from . import settings
+from .cli_errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INTERRUPTED, Failure, failure_of
 from .core import extra_index as extra
 from .core import index as idx
-from .core.errors import (
-    BadDestinationError,
-    DatasetError,
-    FilterError,
-    IncompleteDownloadError,
-    LayoutError,
-    ManifestError,
-    OptionError,
-    UnknownCollectionError,
-    UnknownIndexError,
-    UnsafeValueError,
-)
+from .core.errors import DatasetError, OptionError
 from .core.filters import ManifestFilters
 from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.layout import DEFAULT_LAYOUT, default_max_path
@@ -51,33 +41,6 @@ from .core.safety import endpoint_problem
 from .core.shards import parse_shard
 
 PORTAL = settings.PORTAL_URL
-EXIT_INCOMPLETE, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 1, 2, 3, 130
-
-
-class Failure(click.ClickException):
-    """A one-line error with our exit code (click prints ``Error: message``, no traceback)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _fail(exc: DatasetError) -> Failure:
-    bad_input = (
-        FilterError,
-        LayoutError,
-        UnknownCollectionError,
-        UnknownIndexError,
-        BadDestinationError,
-        UnsafeValueError,
-        OptionError,
-        ManifestError,
-    )
-    if isinstance(exc, bad_input):
-        return Failure(str(exc), EXIT_INPUT)
-    if isinstance(exc, IncompleteDownloadError):
-        return Failure(str(exc), EXIT_INCOMPLETE)
-    return Failure(str(exc), EXIT_ENVIRONMENT)
 
 
 class _Group(click.Group):
@@ -95,7 +58,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DatasetError as exc:
-            raise _fail(exc) from None
+            raise failure_of(exc) from None
         except BrokenPipeError:  # before OSError, of which it is one
             _quiet_broken_pipe()
         except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path

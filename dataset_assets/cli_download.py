@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from .cli_errors import EXIT_INCOMPLETE, Failure
 from .core import extra_index
 from .core import index as idx
 from .core.download import check_endpoint, check_root_shape, download, series_status, state_path_for
@@ -164,8 +165,6 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
     for line in summary_lines(result, done, len(selection.instances), dest, failed=bool(problems or incomplete)):
         click.echo(line)
     if problems or incomplete:
-        from .cli import EXIT_INCOMPLETE, Failure
-
         raise Failure(" | ".join([*problems, *incomplete]), EXIT_INCOMPLETE)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import settings
+from .cli_errors import EXIT_INPUT, Failure
 from .core.errors import DatasetError
 from .core.fmt import human_bytes, scrub_text
 from .core.fs import new_file
@@ -27,8 +28,6 @@ def bundles_file(path: Path | None = None) -> Path:
 
 
 def _bad_input(message: str):
-    from .cli import EXIT_INPUT, Failure
-
     return Failure(scrub_text(message), EXIT_INPUT)
 
 

