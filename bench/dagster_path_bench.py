@@ -215,7 +215,7 @@ def run(a) -> None:
             server.ask("reset")
             seconds, rss, code = timed_process(
                 [str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmds)],
-                s5cmd.s5cmd_env(),
+                s5cmd.s5cmd_env(os.environ),
                 work,
                 work / "raw.log",
             )

@@ -137,7 +137,7 @@ def run_raw(manifest, dest: Path, opts, work: Path) -> tuple[float, float]:
     t = time.monotonic()
     proc = subprocess.Popen(
         [str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmd_file)],
-        env=s5cmd.s5cmd_env(),
+        env=s5cmd.s5cmd_env(os.environ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -211,7 +211,7 @@ def run_idc_index_runner(py: Path, work: Path, endpoint: str, index: Path, dests
     wrapper.write_text(f'#!/bin/sh\nexec "{s5cmd.find_binary()}" --numworkers {workers} "$@"\n')
     wrapper.chmod(0o755)
     cfg = {"endpoint": endpoint, "index": str(index), "dests": dests, "s5cmd": str(wrapper), "series": series}
-    env = {k: v for k, v in s5cmd.s5cmd_env().items() if k not in PROXY_VARS}  # region fixed, no IMDS
+    env = {k: v for k, v in s5cmd.s5cmd_env(os.environ).items() if k not in PROXY_VARS}  # region fixed, no IMDS
     done = subprocess.run(
         [str(py), str(REPO / "bench" / "idc_index_runner.py"), json.dumps(cfg)],
         env=env,

@@ -203,7 +203,7 @@ def raw(index_dir: Path, dest: Path, work: Path, endpoint: str, workers: int) ->
         for row in manifest.select(["series_aws_url", "aws_bucket", "target_dir"]).to_pylist():
             url = opts.source_url(row["series_aws_url"], row["aws_bucket"])
             f.write(dl._command("cp", url, f"{dest / row['target_dir']}/", opts.copy_flags()))
-    out = measure([str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmd_file)], s5cmd.s5cmd_env())
+    out = measure([str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmd_file)], s5cmd.s5cmd_env(os.environ))
     out["s5cmd_rss_mb"] = out["rss_mb"]
     return out
 

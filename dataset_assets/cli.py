@@ -39,8 +39,9 @@ from .core.resolve import BY_CHOICES
 from .core.s5cmd import S5cmdOptions
 from .core.safety import endpoint_problem
 from .core.shards import parse_shard
+from .core.urls import PORTAL_URL
 
-PORTAL = settings.PORTAL_URL
+PORTAL = PORTAL_URL
 
 
 class _Group(click.Group):
@@ -90,7 +91,7 @@ def _quiet_broken_pipe() -> None:
 
 
 def _source() -> idx.IndexSource:
-    return idx.IndexSource.from_env()
+    return idx.IndexSource.at(settings.IDC_INDEX_DIR.get())
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -116,7 +117,7 @@ def idc() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def indices(as_json: bool) -> None:
     """List the indices: bundled with idc-index-data (with row counts) or fetched on demand."""
-    rows = idx.available_indices(_source(), extra.fetched())
+    rows = idx.available_indices(_source(), extra.fetched(settings.index_store()))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -136,7 +137,7 @@ def fetch(names: tuple[str, ...], force: bool) -> None:
         "an index not yet complete is not kept (the indices already fetched are), run the same command again"
     )
     for name in dict.fromkeys(names):
-        result = extra.fetch(name, force=force, log=lambda line: click.echo(line, err=True))
+        result = extra.fetch(settings.index_store(), name, force=force, log=lambda line: click.echo(line, err=True))
         state = "already here" if result.skipped else f"fetched {human_bytes(result.transferred_bytes)}"
         click.echo(f"{name}: {result.rows:,} rows, {human_bytes(result.bytes)} ({state}) at {result.path}")
 
@@ -164,7 +165,7 @@ def query(sql: str, fmt: str, output_text: str | None, limit: int | None) -> Non
     click.get_current_context().meta[KEPT] = (
         f"{output} is left as it was, run the same command again" if output else "run the same command again"
     )
-    with extra.connect_all(_source(), log=lambda line: click.echo(line, err=True)) as con:
+    with extra.connect_all(_source(), settings.index_store(), log=lambda line: click.echo(line, err=True)) as con:
         rows = write_query(con, sql, fmt, output, limit, stdout=click.get_text_stream("stdout"))
     if output is not None:
         click.echo(f"{rows:,} rows written to {output}", err=True)
@@ -397,7 +398,13 @@ def download_command(
         long_paths=long_paths,
         max_path=max_path if max_path is not None else default_max_path(),
         skip_unresolved=skip_unresolved,
-        options=S5cmdOptions(endpoint_url=endpoint, workers=workers, retry_count=retries),
+        options=S5cmdOptions(
+            endpoint_url=endpoint,
+            workers=workers,
+            retry_count=retries,
+            binary=settings.S5CMD_BINARY.get(),
+            environment=settings.process_environment(),
+        ),
         stall_timeout_s=stall_timeout,
         shard=parse_shard(shard) if shard is not None else None,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from . import settings
 from .cli_errors import EXIT_INCOMPLETE, Failure
 from .core import extra_index
 from .core import index as idx
@@ -24,7 +25,6 @@ from .core.manifest import summarize
 from .core.portal_manifest import read_entries
 from .core.resolve import FLAT, Entry, Selection, entries_from_target, fill_prior_counts, require_resolved, resolve
 from .core.s5cmd import S5cmdOptions
-from .core.safety import allowed_buckets_from_env
 from .core.shards import shard_manifest
 from .core.state import load_state, recorded_files, shard_state_path
 from .core.viewer import viewer_url
@@ -83,7 +83,7 @@ def select(source: idx.IndexSource, request: Request) -> Selection:
             root_length=len(str(request.dest.absolute())),
             max_path=request.max_path,
             long_paths=request.long_paths,  # type: ignore[arg-type]
-            instance_index=extra_index.local_path(INSTANCE_INDEX),
+            instance_index=extra_index.local_path(settings.index_store(), INSTANCE_INDEX),
             instance_hint=extra_index.fetch_hint(INSTANCE_INDEX),
         )
     if selection.unresolved and request.skip_unresolved:
@@ -97,9 +97,9 @@ def _with_prior_counts(selection: Selection, request: Request) -> list[str]:
     """List the prefixes of prior-release series (their file count and bytes); problems returned."""
     if not selection.prior or selection.manifest is None:
         return []
-    check_endpoint(request.options.endpoint_url)
+    check_endpoint(request.options)
     manifest, problems = fill_prior_counts(
-        selection.manifest, selection.prior, request.options, allowed_buckets_from_env()
+        selection.manifest, selection.prior, request.options, settings.allowed_buckets()
     )
     selection.manifest = manifest if manifest.num_rows else None
     return problems
@@ -125,7 +125,7 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
         dry_run_report(selection, request, problems, as_json=as_json)
         return
     dest, flat = request.dest, request.layout == FLAT
-    allowed = allowed_buckets_from_env()
+    allowed = settings.allowed_buckets()
     incomplete: list[str] = []
     result = done = None
     try:

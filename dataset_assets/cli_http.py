@@ -107,7 +107,9 @@ def http_download(
     )
     watcher.start()
     try:
-        result = download_bundle(bundle, dest, log=lambda line: click.echo(scrub_text(line), err=True))
+        result = download_bundle(
+            bundle, dest, limits=settings.http_limits(), log=lambda line: click.echo(scrub_text(line), err=True)
+        )
     finally:
         stop.set()
         watcher.join()

@@ -13,11 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Public endpoints and web pages of IDC (constants, not settings).
-AWS_ENDPOINT = "https://s3.amazonaws.com"
-GCS_ENDPOINT = "https://storage.googleapis.com"
-PORTAL_URL = "https://portal.imaging.datacommons.cancer.gov/explore/"
-VIEWER_URL = "https://viewer.imaging.datacommons.cancer.gov"
+from .core.urls import AWS_ENDPOINT, GCS_ENDPOINT, INDEX_RELEASES_URL
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ IDC_EXTRA_INDEX_DIR = Setting(
 )
 IDC_INDEX_BASE_URL = Setting(
     "IDC_INDEX_BASE_URL",
-    "https://github.com/ImagingDataCommons/idc-index-data/releases/download",
+    INDEX_RELEASES_URL,
     "where on-demand indices come from: $IDC_INDEX_BASE_URL/<idc-index-data version>/<name>.parquet",
 )
 IDC_COHORTS_FILE = Setting("IDC_COHORTS_FILE", None, "the cohorts YAML; default: dataset_assets/cohorts.yaml")
@@ -145,11 +141,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dataset_assets"
 
 
+def allowed_buckets() -> tuple[str, ...]:
+    """``$IDC_ALLOWED_BUCKETS`` (comma-separated, for mirrors with other bucket names), else IDC's own."""
+    from .core.safety import IDC_BUCKETS
+
+    return tuple(listed(IDC_ALLOWED_BUCKETS)) or IDC_BUCKETS
+
+
+def http_limits():  # -> core.http_bundles.HttpLimits
+    """``$DATASET_BUNDLES_MAX_RETRY_AFTER_S`` and ``$DATASET_HTTP_MAX_UNSIZED_BYTES``, checked
+    (``DownloadError`` naming the variable)."""
+    from .core.http_bundles import HttpLimits
+
+    return HttpLimits.parse(DATASET_BUNDLES_MAX_RETRY_AFTER_S.given(), DATASET_HTTP_MAX_UNSIZED_BYTES.given())
+
+
+def index_store():  # -> core.extra_index.IndexStore
+    """Where on-demand indices are kept (``$IDC_EXTRA_INDEX_DIR``) and fetched from
+    (``$IDC_INDEX_BASE_URL``), with the HTTP limits."""
+    from .core.extra_index import IndexStore
+
+    return IndexStore(Path(IDC_EXTRA_INDEX_DIR.require()), IDC_INDEX_BASE_URL.require(), http_limits())
+
+
+def process_environment() -> dict[str, str]:
+    """A copy of this process's environment: what s5cmd starts from (proxies, CA bundles, HOME)."""
+    return dict(os.environ)
+
+
 def has_display() -> bool:
     """Whether a browser can be opened (Linux: an X or Wayland display, or $BROWSER)."""
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("BROWSER"))
-
-
-def ca_bundle() -> str | None:
-    """The CA bundle HTTPS clients should trust: ``AWS_CA_BUNDLE``, else ``REQUESTS_CA_BUNDLE``."""
-    return AWS_CA_BUNDLE.get() or REQUESTS_CA_BUNDLE.get()

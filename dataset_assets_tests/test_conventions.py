@@ -22,14 +22,54 @@ def test_the_readme_environment_table_lists_exactly_the_settings():
     assert table == [s.name for s in settings.SETTINGS]
 
 
+def _environment_reads(text: str) -> list[int]:
+    """Lines of ``text`` that read the process environment in any form: ``os.environ`` (items,
+    ``.get``, ``dict(os.environ)``, a copy), ``os.getenv``, ``os.environb``, ``from os import environ``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ("os", "posix", "nt")
+            and node.attr in ("environ", "environb", "getenv", "getenvb")
+        ) or (
+            isinstance(node, ast.ImportFrom)
+            and node.module in ("os", "posix", "nt")
+            and any(a.name in ("environ", "environb", "getenv", "getenvb", "*") for a in node.names)
+        ):
+            found.append(node.lineno)
+    return found
+
+
 def test_only_the_settings_module_reads_the_environment():
     offenders = []
     for path in (REPO / "dataset_assets").rglob("*.py"):
         if path.name == "settings.py" and path.parent.name == "dataset_assets":
             continue
-        text = path.read_text()
-        for match in re.finditer(r"os\.environ\.get|os\.getenv|os\.environ\[", text):
-            offenders.append(f"{path.relative_to(REPO)}:{text[: match.start()].count(chr(10)) + 1}")
+        offenders += [f"{path.relative_to(REPO)}:{line}" for line in _environment_reads(path.read_text())]
+    assert offenders == []
+    # the detector sees every form
+    probe = "import os\nfrom os import environ\na = os.environ.get('X')\nb = dict(os.environ)\nc = os.getenv('Y')\n"
+    assert sorted(_environment_reads(probe)) == [2, 3, 4, 5]
+
+
+def test_no_core_module_reads_settings():
+    """Configuration enters at the top: the CLI, the Dagster layer and ``settings`` itself read
+    settings; the core receives plain values."""
+    import ast
+
+    offenders = []
+    for path in (REPO / "dataset_assets" / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and ((node.module or "").endswith("settings") or any(a.name == "settings" for a in node.names))
+                or isinstance(node, ast.Import)
+                and any(a.name.endswith("settings") for a in node.names)
+            ):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
 
 

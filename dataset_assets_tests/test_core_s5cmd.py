@@ -15,9 +15,13 @@ def test_binary_is_the_go_executable_not_the_python_wrapper():
 
 
 def test_binary_override_must_exist(monkeypatch, tmp_path):
-    monkeypatch.setenv("S5CMD_BINARY", str(tmp_path / "nope"))
     with pytest.raises(DownloadError, match="S5CMD_BINARY=.*nope is not an executable"):
-        s5cmd.find_binary()
+        s5cmd.find_binary(str(tmp_path / "nope"))
+    # the override comes from $S5CMD_BINARY at the top: the resource (and the CLI) hand it down
+    from dataset_assets.defs.resources import S5cmdResource
+
+    monkeypatch.setenv("S5CMD_BINARY", str(tmp_path / "nope"))
+    assert S5cmdResource().options().binary == str(tmp_path / "nope")
 
 
 def test_flags_are_anonymous_with_explicit_endpoint():

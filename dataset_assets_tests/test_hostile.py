@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dataset_assets import settings
 from dataset_assets.core import http_bundles, verify
 from dataset_assets.core.download import CONTROL_DIR, download, state_path_for
 from dataset_assets.core.errors import (
@@ -682,7 +683,7 @@ def test_14_cap_from_the_environment_covers_the_default_session(srv, tmp_path, m
     srv.fail_next(10, status=429, retry_after="100000")
     started = time.monotonic()
     with pytest.raises(DownloadError, match=r"wait 100,000 s .*longer than the 2 s allowed"):
-        download_bundle(bundle(srv), tmp_path)
+        download_bundle(bundle(srv), tmp_path, limits=settings.http_limits())
     assert time.monotonic() - started < 5
 
 
@@ -721,7 +722,7 @@ def test_14_bad_cap_in_the_environment_is_refused(srv, session, tmp_path, monkey
         match=rf"\$DATASET_BUNDLES_MAX_RETRY_AFTER_S '{value}' is not a number "
         r"of seconds >= 0.*e\.g\. 300",
     ):
-        download_bundle(bundle(srv), tmp_path, session=session)
+        download_bundle(bundle(srv), tmp_path, session=session, limits=settings.http_limits())
     assert srv.stats["get"] == {}
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster_duckdb import DuckDBResource
 
+from dataset_assets import settings
 from dataset_assets.core import extra_index as extra
 from dataset_assets.core.cohort_file import CohortError, load_cohorts
 from dataset_assets.core.cohorts import build_cohort_manifest, not_in_index
@@ -82,7 +83,7 @@ def test_fetch_survives_a_cut_body_and_a_503_and_query_joins_it(index_server):
     fetched = cli("fetch", "sm_index", "sm_instance_index")
     assert fetched.returncode == 0, fetched.stderr
     assert "sm_index: 6 rows" in fetched.stdout and "sm_instance_index: 40 rows" in fetched.stdout
-    assert extra.local_path("sm_instance_index") is not None
+    assert extra.local_path(settings.index_store(), "sm_instance_index") is not None
     listed = cli("indices", "--json")
     rows = {r["index"]: r for r in json.loads(listed.stdout)}
     assert rows["sm_index"]["rows"] == 6 and rows["sm_index"]["availability"].startswith("fetched")
@@ -127,8 +128,8 @@ def test_a_file_whose_schema_differs_is_refused_and_not_kept(index_server):
     bad = table_for("sm_index", 3, ["x"]).drop_columns(["ObjectiveLensPower"])
     index_server.files[f"/{VERSION}/sm_index.parquet"] = parquet_bytes(bad)
     with pytest.raises(IndexUnavailableError, match="ObjectiveLensPower missing"):
-        extra.fetch("sm_index")
-    assert extra.local_path("sm_index") is None
+        extra.fetch(settings.index_store(), "sm_index")
+    assert extra.local_path(settings.index_store(), "sm_index") is None
     wrong = table_for("sm_index", 3, ["x"]).set_column(
         [c["name"] for c in extra.schema("sm_index")].index("max_TotalPixelMatrixColumns"),
         "max_TotalPixelMatrixColumns",
@@ -136,9 +137,9 @@ def test_a_file_whose_schema_differs_is_refused_and_not_kept(index_server):
     )
     index_server.files[f"/{VERSION}/sm_index.parquet"] = parquet_bytes(wrong)
     with pytest.raises(IndexUnavailableError, match="max_TotalPixelMatrixColumns is VARCHAR, expected INTEGER"):
-        extra.fetch("sm_index")
+        extra.fetch(settings.index_store(), "sm_index")
     with pytest.raises(UnknownIndexError, match="bundled with idc-index-data"):
-        extra.fetch("idc_index")
+        extra.fetch(settings.index_store(), "idc_index")
 
 
 def test_the_extra_index_asset_loads_a_view_into_duckdb(index_server, idc_fixture, tmp_path):

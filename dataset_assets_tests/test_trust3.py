@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster_duckdb import DuckDBResource
 
+from dataset_assets import settings
 from dataset_assets.core import safety
 from dataset_assets.core.errors import DownloadError
 from dataset_assets.core.fs import new_file
@@ -200,7 +201,9 @@ def test_an_endless_body_without_content_length_stops_at_the_cap_and_keeps_nothi
     file_server.endless_next(1)
     dest = tmp_path / "dest"
     with pytest.raises(DownloadError) as caught:
-        download_bundle(Bundle(name="x", url=file_server.url("/x.parquet")), dest, session=session)
+        download_bundle(
+            Bundle(name="x", url=file_server.url("/x.parquet")), dest, session=session, limits=settings.http_limits()
+        )
     message = str(caught.value)
     assert "without announcing a size" in message and "DATASET_HTTP_MAX_UNSIZED_BYTES" in message
     assert "\n" not in message
@@ -236,7 +239,9 @@ def test_the_cap_setting_is_checked(file_server, session, tmp_path, monkeypatch)
     file_server.files["/z"] = b"z"
     file_server.unsized_next(1, 1.0)
     with pytest.raises(DownloadError, match="DATASET_HTTP_MAX_UNSIZED_BYTES 'lots' is not a number of bytes"):
-        download_bundle(Bundle(name="z", url=file_server.url("/z")), tmp_path, session=session)
+        download_bundle(
+            Bundle(name="z", url=file_server.url("/z")), tmp_path, session=session, limits=settings.http_limits()
+        )
 
 
 # -- 5. user SQL cannot reconfigure DuckDB -------------------------------------------------------
@@ -523,7 +528,7 @@ def test_the_connection_itself_is_locked_whatever_reaches_it(idc_fixture, tmp_pa
     from dataset_assets.core import extra_index
     from dataset_assets.core.index import IndexSource
 
-    with extra_index.connect_all(IndexSource(idc_fixture.index_dir)) as con:
+    with extra_index.connect_all(IndexSource(idc_fixture.index_dir), settings.index_store()) as con:
         assert con.execute("SELECT count(*) FROM idc_index").fetchone() == (len(idc_fixture.rows),)
         for sql in (
             "SET autoinstall_known_extensions = true",

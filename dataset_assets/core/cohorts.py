@@ -171,7 +171,7 @@ def fill_prior_series(
         return manifest, []
     from .download import check_endpoint
 
-    check_endpoint(options.endpoint_url)
+    check_endpoint(options)
     table, problems = fill_prior_counts(manifest, prior, options, allowed_buckets)
     metadata = {k: v for k, v in (table.schema.metadata or {}).items() if k != PRIOR_KEY}
     return table.replace_schema_metadata(metadata), problems

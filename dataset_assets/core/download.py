@@ -48,7 +48,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .. import settings
 from . import s5cmd
 from .dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
 from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, OptionError, TransferStoppedError
@@ -345,9 +344,10 @@ def check_control(root: Path) -> None:
             )
 
 
-def check_endpoint(endpoint_url: str, timeout_s: float = 10.0) -> None:
-    """Raise ``DownloadError`` when the endpoint cannot be reached at all (any HTTP answer is fine)."""
-    verify = settings.ca_bundle() or True
+def check_endpoint(options: s5cmd.S5cmdOptions, timeout_s: float = 10.0) -> None:
+    """Raise ``DownloadError`` when the endpoint cannot be reached at all (any HTTP answer is
+    fine), trusting the CA bundle s5cmd is given (proxies: requests honours the same variables)."""
+    endpoint_url, verify = options.endpoint_url, options.ca_bundle or True
     import requests  # here, not at import: every start of the definitions would pay for it
 
     try:
@@ -716,12 +716,8 @@ class Download:
                 handle.write(f"ls {quoted(prefix + '*')}\n")
             handle.close()
             try:
-                s5cmd.run(
-                    [*self.options.global_args(), "run", str(path)],
-                    on_stdout=on_stdout,
-                    on_stderr=on_stderr,
-                    grace_period_s=self.options.grace_period_s,
-                    check=lambda: self._check(activity),
+                s5cmd.run_commands(
+                    self.options, path, on_stdout=on_stdout, on_stderr=on_stderr, check=lambda: self._check(activity)
                 )
             except _Stop as stop:
                 self._stopped(stop, activity, listing=True)
@@ -825,13 +821,13 @@ class Download:
             progress.on_copied = self._landing(headers.file_copied if headers is not None else None)
             try:
                 try:
-                    self.result.returncode = s5cmd.run(
-                        [*self.options.global_args(), "run", str(path)],
+                    self.result.returncode = s5cmd.run_commands(
+                        self.options,
+                        path,
                         on_stdout=progress.on_stdout,
                         on_stderr=progress.on_stderr,
                         on_tick=tick,
                         tick_s=self.progress_interval_s,
-                        grace_period_s=self.options.grace_period_s,
                         check=lambda: self._check(progress),
                     )
                 finally:
@@ -1181,7 +1177,7 @@ class Download:
 
     def _require_endpoint(self) -> None:
         if self.check_endpoint_first and not self._endpoint_checked:
-            check_endpoint(self.options.endpoint_url)
+            check_endpoint(self.options)
         self._endpoint_checked = True
 
     def _check(self, progress: Progress) -> None:
@@ -1232,15 +1228,15 @@ class Download:
         )
 
 
-def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **settings) -> DownloadResult:
-    """Bring ``root`` in line with ``manifest`` (see ``Download`` for ``settings``; the state
+def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **engine) -> DownloadResult:
+    """Bring ``root`` in line with ``manifest`` (see ``Download`` for the ``engine`` keywords; the state
     defaults to ``state_path_for(root, manifest)``). Raises
     ``IncompleteDownloadError`` (with ``.result``) when series are still incomplete afterwards,
     ``TransferStoppedError`` when the endpoint stalled or the disk filled; what completed stays."""
     root = root.absolute()
     check_root(root)
-    state_path = settings.setdefault("state_path", None) or state_path_for(root, manifest)
-    settings["state_path"] = state_path
+    state_path = engine.get("state_path") or state_path_for(root, manifest)
+    engine["state_path"] = state_path
     # One download per state (a collection, a cohort, a selection) at a time; downloads of other
     # states into the same root run in parallel, and SeriesClaims keeps them off each other's series.
     with collection_locks(root, [state_path.stem]):
@@ -1249,4 +1245,4 @@ def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **sett
         remove_stale_command_files(control)
         state_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(state_path)
-        return Download(manifest, root, options, **settings).run()
+        return Download(manifest, root, options, **engine).run()

@@ -16,15 +16,16 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import settings
 from .errors import IndexUnavailableError, OptionError, UnknownIndexError
 from .fmt import redact_url
+from .http_bundles import HttpLimits
 from .index import BUNDLED, IndexSource, installed_package, sql_str
 from .safety import CONTROL
+from .urls import INDEX_RELEASES_URL
 
 if TYPE_CHECKING:  # DuckDB loads with the first query, not with the definitions
     import duckdb
@@ -84,13 +85,23 @@ def require_on_demand(name: str) -> str:
     return name
 
 
-def local_dir() -> Path:
-    return Path(settings.IDC_EXTRA_INDEX_DIR.require()).absolute() / package_version()
+@dataclass(frozen=True)
+class IndexStore:
+    """Where on-demand indices live: fetched from ``base_url`` (``$IDC_INDEX_BASE_URL``; it may
+    hold credentials, so it is shown only through ``redact_url``) into
+    ``folder/<idc-index-data version>/`` (``$IDC_EXTRA_INDEX_DIR``)."""
+
+    folder: Path
+    base_url: str = field(default=INDEX_RELEASES_URL, repr=False)
+    limits: HttpLimits = field(default_factory=HttpLimits)
+
+    def local_dir(self) -> Path:
+        return Path(self.folder).absolute() / package_version()
 
 
-def local_path(name: str) -> Path | None:
+def local_path(store: IndexStore, name: str) -> Path | None:
     """The fetched ``<name>.parquet`` of the installed release, or ``None`` when not fetched."""
-    path = local_dir() / f"{name}.parquet"
+    path = store.local_dir() / f"{name}.parquet"
     return path if path.is_file() else None
 
 
@@ -98,13 +109,13 @@ def fetch_hint(name: str) -> str:
     return f"fetch it with `dataset idc fetch {name}` or by materializing idc_extra_index[{name}]"
 
 
-def url_of(name: str) -> str:
+def url_of(store: IndexStore, name: str) -> str:
     """``$IDC_INDEX_BASE_URL/<version>/<name>.parquet``: the path is appended to the base URL's
     path, so a query string (a signed mirror's token) stays a query string, after it. The URL may
     hold credentials: print, log or store it only through ``redact_url``."""
     from urllib.parse import urlsplit, urlunsplit
 
-    raw = settings.IDC_INDEX_BASE_URL.require()
+    raw = store.base_url
     try:
         base = urlsplit(raw)
         base.port  # noqa: B018 (parsing the port is the check)
@@ -177,13 +188,13 @@ def row_count(path: Path) -> int:
     return int(count or 0)
 
 
-def fetch(name: str, *, log: Log = lambda _m: None, force: bool = False) -> FetchResult:
+def fetch(store: IndexStore, name: str, *, log: Log = lambda _m: None, force: bool = False) -> FetchResult:
     """Fetch ``name`` of the installed release (unless already here and ``force`` is off),
     check its schema, and move it into place. Raises ``DownloadError`` / ``IndexUnavailableError``."""
-    from .http_bundles import Bundle, download_bundle
+    from .http_bundles import Bundle, download_bundle  # requests: imported by what fetches only
 
     require_on_demand(name)
-    folder = local_dir()
+    folder = store.local_dir()
     final = folder / f"{name}.parquet"
     if os.path.lexists(final) and not _regular(final):
         raise IndexUnavailableError(
@@ -196,9 +207,10 @@ def fetch(name: str, *, log: Log = lambda _m: None, force: bool = False) -> Fetc
     _remove_old_staging(folder)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".incoming-"))  # private to this fetch: nothing planted
     try:
-        url = url_of(name)
+        url = url_of(store, name)
         log(f"fetching {name} from {redact_url(url)}")
-        result = download_bundle(Bundle(name=name, url=url, filename=f"{name}.parquet"), staging, log=log)
+        bundle = Bundle(name=name, url=url, filename=f"{name}.parquet")
+        result = download_bundle(bundle, staging, limits=store.limits, log=log)
         check_schema(result.path, name)
         check_readable(result.path, name)
         os.replace(result.path, final)
@@ -236,26 +248,25 @@ def _remove_old_staging(folder: Path, older_than_s: float = 3600) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def fetched() -> dict[str, Path]:
+def fetched(store: IndexStore) -> dict[str, Path]:
     """Fetched indices of the installed release: name -> path."""
-    folder = local_dir()
+    folder = store.local_dir()
     if not folder.is_dir():
         return {}
     return {p.stem: p for p in sorted(folder.glob("*.parquet")) if _regular(p)}  # never a FIFO, link or folder
 
 
-def connect_all(source: IndexSource | None = None, log: Log = lambda _m: None) -> duckdb.DuckDBPyConnection:
+def connect_all(source: IndexSource, store: IndexStore, log: Log = lambda _m: None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per bundled index and per fetched one. A file
     that is not a regular, readable Parquet file is skipped with one line through ``log``.
     The connection is locked for user SQL (``lock_for_user_sql``): it reads the index files and
     nothing else, and installs or loads no extension."""
     import duckdb
 
-    source = source or IndexSource.from_env()
     con = source.connect()
     read = [source.directory / f"{n}.parquet" for n in BUNDLED if (source.directory / f"{n}.parquet").is_file()]
     shipped = {p.stem: p for p in sorted(source.directory.glob("*.parquet"))}  # analysis_results_index, ...
-    for name, path in {**shipped, **fetched()}.items():
+    for name, path in {**shipped, **fetched(store)}.items():
         if name in BUNDLED or not name.isidentifier():
             continue
         if not _regular(path):

@@ -70,7 +70,6 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from .. import settings
 from .errors import DatasetError, DownloadError
 from .fmt import human_bytes, human_duration, redact_url, scrub_text
 from .fs import DISK_MARGIN_MIN, check_free_space, check_writable
@@ -84,8 +83,10 @@ FIELDS = ("name", "url", "sha256", "size", "filename", "content_type")
 MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 HTML_SUFFIXES = (".html", ".htm")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-MAX_RETRY_AFTER_S = float(settings.DATASET_BUNDLES_MAX_RETRY_AFTER_S.require())  # longest wait honoured by default
-MAX_RETRY_AFTER_ENV = settings.DATASET_BUNDLES_MAX_RETRY_AFTER_S.name
+MAX_RETRY_AFTER_S = 300.0  # longest wait honoured by default
+MAX_RETRY_AFTER_ENV = "DATASET_BUNDLES_MAX_RETRY_AFTER_S"  # the setting that changes it (named in messages)
+MAX_UNSIZED_BYTES = 4_000_000_000  # above the largest on-demand IDC index
+MAX_UNSIZED_ENV = "DATASET_HTTP_MAX_UNSIZED_BYTES"
 RESUME_BACKOFF_S = 0.5  # pause before the first resume of a cut-short body; doubles each time
 RESUME_BACKOFF_MAX_S = 8.0
 MAX_RESTARTS = 3  # times one download may start over (Range ignored or refused)
@@ -622,30 +623,41 @@ def retry_after_seconds(value: str) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
-def max_unsized_bytes() -> int:
-    """The most bytes accepted from a body whose size nothing announces (no Content-Length, no
-    declared size): ``$DATASET_HTTP_MAX_UNSIZED_BYTES``, read now (default 4 GB, above the largest
-    on-demand IDC index)."""
-    raw = settings.DATASET_HTTP_MAX_UNSIZED_BYTES.require().strip()
-    if not (raw.isascii() and raw.isdigit()) or int(raw) <= 0:
-        raise DownloadError(
-            f"${settings.DATASET_HTTP_MAX_UNSIZED_BYTES.name} {raw!r} is not a number of bytes > 0 (the largest "
-            "body accepted from a server that announces no size)"
-        )
-    return int(raw)
+@dataclass(frozen=True)
+class HttpLimits:
+    """What an HTTP download accepts: the longest wait a server may ask for (``Retry-After``),
+    and the most bytes of a body whose size nothing announces (no Content-Length, no declared
+    size). The CLI and the Dagster layer read them from the environment (``parse``)."""
+
+    max_retry_after_s: float = MAX_RETRY_AFTER_S
+    max_unsized_bytes: int = MAX_UNSIZED_BYTES
+
+    @classmethod
+    def parse(cls, retry_after: str | None, unsized: str | None) -> HttpLimits:
+        """From the settings' text (``None`` or empty: the default); ``DownloadError`` naming the
+        variable when a value is not a number of seconds >= 0, or of bytes > 0."""
+        wait = MAX_RETRY_AFTER_S
+        if (retry_after or "").strip():
+            wait = max_retry_after(retry_after.strip(), f"${MAX_RETRY_AFTER_ENV}")  # type: ignore[union-attr]
+        size = MAX_UNSIZED_BYTES
+        if (unsized or "").strip():
+            raw = unsized.strip()  # type: ignore[union-attr]
+            if not (raw.isascii() and raw.isdigit()) or int(raw) <= 0:
+                raise DownloadError(
+                    f"${MAX_UNSIZED_ENV} {raw!r} is not a number of bytes > 0 (the largest body accepted from a "
+                    "server that announces no size)"
+                )
+            size = int(raw)
+        return cls(wait, size)
 
 
-def max_retry_after(value: float | None = None) -> float:
-    """The longest server-requested wait (``Retry-After``) to honour, in seconds: ``value``, else
-    ``$DATASET_BUNDLES_MAX_RETRY_AFTER_S`` (read now), else ``MAX_RETRY_AFTER_S`` (300)."""
-    source, shown = "max_retry_after_s", repr(value)
-    if value is None:
-        raw = (settings.DATASET_BUNDLES_MAX_RETRY_AFTER_S.given() or "").strip()
-        if not raw:
-            return MAX_RETRY_AFTER_S
-        source, shown = f"${MAX_RETRY_AFTER_ENV}", repr(raw)
+def max_retry_after(value: object, source: str = "max_retry_after_s") -> float:
+    """``value`` as the longest server-requested wait (``Retry-After``) to honour, in seconds;
+    ``DownloadError`` naming ``source`` when it is not a number of seconds >= 0."""
+    shown = repr(value)
+    if isinstance(value, str):
         try:
-            value = float(raw)
+            value = float(value)
         except ValueError:
             value = -1.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -657,7 +669,7 @@ def max_retry_after(value: float | None = None) -> float:
 
 
 def _fetch(
-    bundle: Bundle, part: _Part, path: Path, session: requests.Session, timeout: float, log: Log
+    bundle: Bundle, part: _Part, path: Path, session: requests.Session, timeout: float, log: Log, max_unsized: int
 ) -> tuple[str, int | None, str]:
     """One GET filling the part -> (``complete`` | ``more`` | ``restart`` | ``interrupted``, total size,
     detail); ``more``: a whole response, but a range ending before the file does. ``_Wait`` when
@@ -735,7 +747,7 @@ def _fetch(
             range_end = None
             limit, announced = (length, "Content-Length") if length is not None else (bundle.size, "size")
             if limit is None:  # nothing says how long the body is: it is capped, never endless
-                limit, announced = max_unsized_bytes(), "cap"
+                limit, announced = max_unsized, "cap"
         _check_total(bundle, total, part, path)
         expected_total = bundle.size if bundle.size is not None else total
         if expected_total is not None:
@@ -755,8 +767,7 @@ def _fetch(
             part.restart()
             what = {
                 "size": f"the bundle's size of {limit:,} bytes",
-                "cap": f"{limit:,} bytes without announcing a size "
-                f"(the cap, ${settings.DATASET_HTTP_MAX_UNSIZED_BYTES.name})",
+                "cap": f"{limit:,} bytes without announcing a size (the cap, ${MAX_UNSIZED_ENV})",
             }.get(announced, f"the {limit:,} bytes it announced ({announced})")
             raise DownloadError(
                 f"bundle {bundle.name}: the server sent more than {what} for "
@@ -782,6 +793,7 @@ def _transfer(
     timeout: float,
     max_wait: float,
     log: Log,
+    max_unsized: int = MAX_UNSIZED_BYTES,
 ) -> int | None:
     """Fill the part until the server says it is complete; the total size announced (or ``None``)."""
     failures = restarts = waits = 0
@@ -790,7 +802,7 @@ def _transfer(
             log(f"bundle {bundle.name}: {path} is larger than {bundle.size:,} bytes; starting over")
             part.restart()
         try:
-            kind, total, detail = _fetch(bundle, part, path, session, timeout, log)
+            kind, total, detail = _fetch(bundle, part, path, session, timeout, log, max_unsized)
         except _Wait as wait:
             waits += 1
             pause = retry_after_seconds(wait.value)
@@ -863,13 +875,15 @@ def download_bundle(
     chunk_size: int = 1 << 20,
     timeout: float = 60,
     max_retry_after_s: float | None = None,
+    limits: HttpLimits = HttpLimits(),
     log: Log = lambda msg: None,
 ) -> BundleResult:
     """Fetch ``bundle`` to ``dest_dir/<filename>``, resuming and verifying (see the module docstring).
 
     ``max_retry_after_s``: the longest wait a server may ask for with ``Retry-After`` (default:
-    ``$DATASET_BUNDLES_MAX_RETRY_AFTER_S``, read at this call, else 300 s); a longer one fails at
-    once. A ``session`` not made by ``make_session`` whose ``Retry`` honours ``Retry-After`` waits
+    ``limits``'s, 300 s unless the caller read another from ``$DATASET_BUNDLES_MAX_RETRY_AFTER_S``);
+    a longer one fails at once. ``limits`` also caps a body whose size nothing announces. A
+    ``session`` not made by ``make_session`` whose ``Retry`` honours ``Retry-After`` waits
     as that ``Retry`` says before this cap is reached.
 
     Raises ``DownloadError`` on HTTP errors (after the session's retries), on a size or sha256
@@ -877,7 +891,7 @@ def download_bundle(
     a part, validator or final name that is a symbolic link or not a regular file, and when the
     body keeps breaking off (the part is kept)."""
     started = time.monotonic()
-    max_wait = max_retry_after(max_retry_after_s)
+    max_wait = limits.max_retry_after_s if max_retry_after_s is None else max_retry_after(max_retry_after_s)
     dest_dir = Path(dest_dir)
     assert bundle.filename is not None  # set by Bundle.__post_init__
     final, path = dest_dir / bundle.filename, dest_dir / f".{bundle.filename}.part"
@@ -906,7 +920,9 @@ def download_bundle(
             part = _Part(handle, max(1, chunk_size), validator_path=validator_path, name=bundle.name)
             _lock(part, bundle, path)
             try:
-                total = _transfer(bundle, part, path, session, max(1, attempts), timeout, max_wait, log)
+                total = _transfer(
+                    bundle, part, path, session, max(1, attempts), timeout, max_wait, log, limits.max_unsized_bytes
+                )
                 digest = _verify(bundle, part, path, total)
                 size = part.size
                 os.fsync(handle.fileno())

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import settings
 from .errors import IndexUnavailableError, UnknownCollectionError, UnknownIndexError
 
 if TYPE_CHECKING:  # DuckDB loads with the first query, not with the definitions (0.3 s of every run)
@@ -94,11 +93,10 @@ class IndexSource:
         return cls(*installed_package())
 
     @classmethod
-    def from_env(cls, directory: str | os.PathLike[str] | None = None) -> IndexSource:
-        """``directory``, else ``$IDC_INDEX_DIR``, else the installed package."""
-        chosen = directory or settings.IDC_INDEX_DIR.get()
-        if chosen:
-            return cls(Path(chosen), None)
+    def at(cls, directory: str | os.PathLike[str] | None = None) -> IndexSource:
+        """The index files in ``directory`` (e.g. ``$IDC_INDEX_DIR``), else the installed package's."""
+        if directory:
+            return cls(Path(directory), None)
         return cls.installed()
 
     def path(self, name: str) -> Path:

@@ -106,7 +106,7 @@ def download_instances(
                         entry.unlink(missing_ok=True)
         if todo:
             if check_endpoint_first:
-                check_endpoint(options.endpoint_url)
+                check_endpoint(options)
             need = sum(r["instance_size"] for r in todo)
             progress = Progress(total_files=len(todo), total_bytes=need)
             log(
@@ -131,12 +131,8 @@ def download_instances(
                         f"{quoted(str(root / file_of(row)))}\n"
                     )
                 handle.close()
-                s5cmd.run(
-                    [*options.global_args(), "run", str(path)],
-                    on_stdout=progress.on_stdout,
-                    on_stderr=progress.on_stderr,
-                    grace_period_s=options.grace_period_s,
-                    check=check,
+                s5cmd.run_commands(
+                    options, path, on_stdout=progress.on_stdout, on_stderr=progress.on_stderr, check=check
                 )
             result.transferred_files, result.transferred_bytes = progress.done_files, progress.done_bytes
             result.errors = list(progress.errors)

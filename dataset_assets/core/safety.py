@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .. import settings
 from .errors import UnsafeValueError
 
 #: IDC's public buckets on AWS, and their names on the GCS mirror.
@@ -21,11 +20,6 @@ IDC_BUCKETS = (
     "idc-open-cr",
     "idc-open-idc1",
 )
-
-
-def allowed_buckets_from_env() -> tuple[str, ...]:
-    """``$IDC_ALLOWED_BUCKETS`` (comma-separated, for mirrors with other bucket names) or IDC's own."""
-    return tuple(settings.listed(settings.IDC_ALLOWED_BUCKETS)) or IDC_BUCKETS
 
 
 #: Control characters (C0, DEL, C1), the Unicode line and paragraph separators, and lone surrogates

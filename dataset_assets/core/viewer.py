@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from ..settings import VIEWER_URL
 from .arrow_build import strings
+from .urls import VIEWER_URL
 
 
 def _q(value: object) -> str:

@@ -77,7 +77,7 @@ def _stale(context: dg.SensorEvaluationContext, key: dg.AssetKey, release: str) 
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def idc_release_sensor(context: dg.SensorEvaluationContext):
-    release = f"v{IndexSource.from_env().release()}"
+    release = f"v{IndexSource.at(settings.IDC_INDEX_DIR.get()).release()}"
     # The day in the run key: a refresh that failed (say, DuckDB held by someone) is asked again
     # the next day instead of never.
     day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")

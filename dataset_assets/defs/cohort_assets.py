@@ -82,7 +82,7 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
     cohort = _cohort(context.partition_key)
     root = idc.download_root()
     try:
-        with extra.connect_all(idc.source()) as con:
+        with extra.connect_all(idc.source(), settings.index_store()) as con:
             release = release_of(con)
             table = build_cohort_manifest(con, cohort, root_length=len(str(root)), max_path=default_max_path())
     except DatasetError as exc:

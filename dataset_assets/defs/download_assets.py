@@ -172,7 +172,7 @@ def materialize_download(
     except (DatasetError, FileNotFoundError) as exc:  # an unsafe partition key, a tampered manifest
         raise dg.Failure(description=str(exc)) from None
     collection_dir = _collection_dir(root, manifest) if manifest.num_rows else root
-    version = binary_version()
+    version = binary_version(settings.S5CMD_BINARY.get())
     context.log.info(
         f"download start {label} series={manifest.num_rows} root={root} "
         f"endpoint={redact_url(s5cmd.resolved_endpoint())} s5cmd={version}"

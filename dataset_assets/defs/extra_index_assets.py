@@ -4,10 +4,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from dataset_assets import settings
 from dataset_assets.core import extra_index as extra
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes, redact_url, scrub_text
-from dataset_assets.core.index import IndexSource, replace_relation
+from dataset_assets.core.index import replace_relation
 
 from .index_assets import idc_index
 from .resources import IdcResource, IndexDatabase
@@ -33,10 +34,10 @@ def idc_extra_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb:
     version is the IDC release."""
     name = context.partition_key
     try:
-        result = extra.fetch(name, log=lambda line: context.log.info(scrub_text(line)))
+        result = extra.fetch(settings.index_store(), name, log=lambda line: context.log.info(scrub_text(line)))
     except DatasetError as exc:
         raise dg.Failure(description=scrub_text(str(exc))) from None
-    release = IndexSource.from_env(idc.index_dir).release()
+    release = idc.source().release()
     database = Path(duckdb.database)
     database.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.get_connection() as con:
@@ -52,6 +53,6 @@ def idc_extra_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb:
             "transferred_bytes": result.transferred_bytes,
             "already_here": result.skipped,
             "path": dg.MetadataValue.path(str(result.path)),
-            "source_url": redact_url(extra.url_of(name)),
+            "source_url": redact_url(extra.url_of(settings.index_store(), name)),
         },
     )

@@ -62,7 +62,7 @@ def _available(path: Path, bundles: dict[str, Bundle]) -> dg.AssetsDefinition:
         bundle = bundles[context.partition_key]
         root = Path(settings.DATASET_BUNDLES_DIR.require()).absolute() / bundle.name
         context.log.info(f"bundle start name={bundle.name} url={redact_url(bundle.url)}")
-        result = download_bundle(bundle, root, log=context.log.info)
+        result = download_bundle(bundle, root, limits=settings.http_limits(), log=context.log.info)
         context.log.info(
             f"bundle end name={bundle.name} bytes={result.bytes} transferred_bytes={result.transferred_bytes} "
             f"duration_s={result.duration_s:.1f} skipped={result.skipped}"

@@ -69,7 +69,7 @@ def collection_ids_of(index_path: Path) -> list[str]:
 
 def collection_partition_keys() -> list[str]:
     try:
-        ids = collection_ids_of(IndexSource.from_env().path("idc_index"))
+        ids = collection_ids_of(IndexSource.at(settings.IDC_INDEX_DIR.get()).path("idc_index"))
     except Exception as exc:
         logger.warning("no collection partitions: the IDC index cannot be read (%s)", str(exc).splitlines()[0])
         return []

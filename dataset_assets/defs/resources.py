@@ -25,11 +25,11 @@ from dataset_assets.core.progress import DEFAULT_STALL_TIMEOUT_S
 from dataset_assets.core.s5cmd import LIMITS, S5cmdOptions
 from dataset_assets.core.safety import (
     IDC_BUCKETS,
-    allowed_buckets_from_env,
     bucket_problem,
     endpoint_problem,
     require_name,
 )
+from dataset_assets.core.urls import GCS_ENDPOINT
 
 #: Values Dagster resolves from the environment when a run starts: checked then, not before.
 _ENV_VARS = (dg.EnvVar, type(dg.EnvVar.int("_")))
@@ -130,7 +130,7 @@ class IdcResource(CheckedResource):
     )
 
     def source(self) -> IndexSource:
-        return IndexSource.from_env(self.index_dir)
+        return IndexSource.at(self.index_dir or settings.IDC_INDEX_DIR.get())
 
     def manifest_path(self, collection_id: str) -> Path:
         folder = self.manifest_dir or settings.IDC_MANIFEST_DIR.require()
@@ -149,7 +149,7 @@ class S5cmdResource(CheckedResource):
     endpoint_url: str | None = Field(
         default=None,
         description="S3 endpoint; default: $IDC_S3_ENDPOINT_URL, else "
-        f"{settings.IDC_S3_ENDPOINT_URL.default}. The GCS mirror is {settings.GCS_ENDPOINT}.",
+        f"{settings.IDC_S3_ENDPOINT_URL.default}. The GCS mirror is {GCS_ENDPOINT}.",
     )
     workers: int = Field(default=64, **_range("workers"), description="Objects in flight at once (s5cmd --numworkers).")
     retry_count: int = Field(
@@ -194,7 +194,7 @@ class S5cmdResource(CheckedResource):
         return self.endpoint_url or settings.IDC_S3_ENDPOINT_URL.require()
 
     def buckets(self) -> tuple[str, ...]:
-        return tuple(self.allowed_buckets) if self.allowed_buckets else allowed_buckets_from_env()
+        return tuple(self.allowed_buckets) if self.allowed_buckets else settings.allowed_buckets()
 
     def options(self) -> S5cmdOptions:
         return S5cmdOptions(
@@ -204,6 +204,8 @@ class S5cmdResource(CheckedResource):
             part_size_mb=self.part_size_mb,
             concurrency=self.concurrency,
             grace_period_s=self.grace_period_s,
+            binary=settings.S5CMD_BINARY.get(),
+            environment=settings.process_environment(),
         )
 
 
