@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from dataset_assets.core import s5cmd
-from dataset_assets.core.download import CONTROL_DIR, download
+from dataset_assets.core.control import CONTROL_DIR
+from dataset_assets.core.download import download
 from dataset_assets.core.errors import DownloadError
 from dataset_assets.core.fs import space_reservation
 from dataset_assets.core.s5cmd import S5cmdOptions
@@ -280,7 +281,7 @@ def test_interrupt_stops_s5cmd_and_leaves_no_process(s3, manifest, tmp_path):
 
 
 def test_a_collection_being_downloaded_is_locked(s3, manifest, tmp_path):
-    from dataset_assets.core.download import collection_locks
+    from dataset_assets.core.control import collection_locks
 
     root = tmp_path / "dl"
     root.mkdir()

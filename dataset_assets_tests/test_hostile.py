@@ -22,7 +22,8 @@ import pytest
 
 from dataset_assets import settings
 from dataset_assets.core import http_bundles, verify
-from dataset_assets.core.download import CONTROL_DIR, download, state_path_for
+from dataset_assets.core.control import CONTROL_DIR
+from dataset_assets.core.download import download, state_path_for
 from dataset_assets.core.errors import (
     BadDestinationError,
     DatasetError,
@@ -527,7 +528,7 @@ def test_12_command_and_temporary_files_of_a_killed_cli_are_removed_by_the_next_
 
 
 def test_12_a_command_file_in_use_by_a_running_download_is_not_removed(tmp_path):
-    from dataset_assets.core.download import command_file, remove_stale_command_files
+    from dataset_assets.core.control import command_file, remove_stale_command_files
 
     with command_file(tmp_path, "run") as (path, _handle):
         assert remove_stale_command_files(tmp_path) == [] and path.exists()

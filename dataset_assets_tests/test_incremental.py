@@ -2,7 +2,8 @@
 
 import pytest
 
-from dataset_assets.core.download import CONTROL_DIR, download, load_state
+from dataset_assets.core.control import CONTROL_DIR
+from dataset_assets.core.download import download, load_state
 from dataset_assets.core.filters import ManifestFilters
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.manifest import build_manifest, is_whole_collection

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataset_assets.core import verify
-from dataset_assets.core.download import CONTROL_DIR, Download, download, state_path_for
+from dataset_assets.core.control import CONTROL_DIR
+from dataset_assets.core.download import Download, download, state_path_for
 from dataset_assets.core.errors import OptionError
 from dataset_assets.core.index import IndexSource
 from dataset_assets.core.manifest import build_manifest, write_manifest

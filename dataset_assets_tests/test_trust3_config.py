@@ -11,9 +11,8 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-from dataset_assets.core import download as dl
 from dataset_assets.core.errors import LayoutError, OptionError
-from dataset_assets.core.layout import CONTROL_DIR, Layout, layout_problem
+from dataset_assets.core.layout import Layout, layout_problem
 from dataset_assets.core.s5cmd import S5cmdOptions
 from dataset_assets.defs.checks import HeaderCheckConfig
 from dataset_assets.defs.download_assets import downloaded_collection
@@ -251,7 +250,6 @@ def test_layout_problem_checks_all_but_column_names():
 
 
 def test_a_value_rendering_as_the_control_folder_is_moved_off_it():
-    assert CONTROL_DIR == dl.CONTROL_DIR
     table = pa.table(
         {
             "PatientID": [".dataset_assets", ".Dataset_Assets", "p", ".dataset_assets"],

@@ -7,16 +7,16 @@ in worker processes instead. This module imports only pydicom, so a worker start
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import signal
 import stat
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from .parent_death import on_parent_death
 
 HEADER_FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
@@ -258,13 +258,9 @@ class StreamingHeaderCheck:
             self.cache.save_part()
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
 def die_with_parent(parent: int) -> None:
     """Worker initializer: the kernel kills this worker when the process that started it dies
     (a killed Dagster step leaves no header readers behind)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    on_parent_death(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)

@@ -30,7 +30,6 @@ what it had verified.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import math
 import os
@@ -39,16 +38,21 @@ import shutil
 import socket
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
 from . import s5cmd
+from .control import (
+    DownloadRoot,
+    check_control,
+    collection_locks,
+    command_file,
+    remove_stale_command_files,
+)
 from .dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
 from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, OptionError, TransferStoppedError
 from .fmt import human_bytes, redact_url, scrub_text
@@ -70,7 +74,6 @@ from .state import (
 #: What s5cmd leaves when killed: the object's name followed by digits.
 TEMP_SUFFIX = re.compile(r"(.+\.dcm)\d+")
 _UUID_DCM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.dcm")
-CONTROL_DIR = ".dataset_assets"
 #: A batch (one ``s5cmd run``) holds at most this many files, bytes and series.
 BATCH_FILES = 100_000
 BATCH_BYTES = 50 * 10**9
@@ -322,28 +325,6 @@ def check_root_shape(root: Path) -> None:
         raise BadDestinationError(f"download root {root} is a file, not a folder")
 
 
-#: The folders of a root's control folder; each is made by a download, and never a link.
-CONTROL_FOLDERS = ("", "state", "locks", "claims", "claims/holders", "reservations", "headers", "replaced")
-
-
-def check_control(root: Path) -> None:
-    """``BadDestinationError`` when the control folder, or a folder in it, is a link or not a
-    folder: states, locks, claims and the space ledger are written there, never through a link."""
-    for name in CONTROL_FOLDERS:
-        path = root / CONTROL_DIR / name if name else root / CONTROL_DIR
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise BadDestinationError(f"{path} cannot be checked ({exc.strerror or exc})") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise BadDestinationError(
-                f"{path} is a link or not a folder; the control folder holds only folders downloads make "
-                "(nothing is written through a link): remove it and run again"
-            )
-
-
 def check_endpoint(options: s5cmd.S5cmdOptions, timeout_s: float = 10.0) -> None:
     """Raise ``DownloadError`` when the endpoint cannot be reached at all (any HTTP answer is
     fine), trusting the CA bundle s5cmd is given (proxies: requests honours the same variables)."""
@@ -366,87 +347,7 @@ def state_path_for(root: Path, manifest: pa.Table) -> Path:
         name = require_name(collections[0], "collection_id")
     else:
         name = "selection-" + hashlib.sha256("\n".join(map(str, collections)).encode()).hexdigest()[:12]
-    return root.absolute() / CONTROL_DIR / "state" / f"{name}.parquet"
-
-
-@contextmanager
-def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
-    """Hold an exclusive lock per name (a collection, or a cohort's state) below ``root`` for the
-    whole download, so two runs (UI and schedule, CLI and Dagster) never write one at once; the
-    second fails."""
-    folder = root / CONTROL_DIR / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        for collection_id in collections:
-            path = folder / f"{require_name(collection_id, 'collection_id')}.lock"
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            except OSError as exc:
-                raise DownloadError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise DownloadError(f"the lock file {path} is not a regular file; remove it and run again")
-            handle = stack.enter_context(os.fdopen(fd, "r+"))
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = handle.read(200).strip() or "another process"
-                raise DownloadError(
-                    f"{_lock_label(collection_id)} is being downloaded into {root} by {holder}; "
-                    "wait for it to finish (or stop it) and run again"
-                ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}")
-            handle.flush()
-        yield
-
-
-def _lock_label(name: str) -> str:
-    return name if name.startswith(("cohort-", "selection-")) else f"collection {name}"
-
-
-def remove_stale_command_files(control: Path) -> list[str]:
-    """Remove command files of downloads that died (a live one holds a lock on its file)."""
-    removed = []
-    unnamed = [  # made by a process killed before it named them: an hour old at least
-        p for p in control.glob(".new-*.s5cmd") if p.is_file() and time.time() - p.stat().st_mtime > 3600
-    ]
-    for path in list(control.glob("run-*.s5cmd")) + list(control.glob("list-*.s5cmd")) + unnamed:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # not a command file we could have written
-            os.close(fd)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # in use by a download that is running
-        finally:
-            os.close(fd)
-        path.unlink(missing_ok=True)
-        removed.append(path.name)
-    return removed
-
-
-@contextmanager
-def command_file(control: Path, prefix: str) -> Iterator[tuple[Path, object]]:
-    """A private command file (mode 0600) locked for as long as it exists (through a descriptor of
-    its own: closing the written handle must not release the lock); removed afterwards."""
-    # Made under a name the cleaner does not look at, locked, then renamed: it is never seen unlocked.
-    fd, name = tempfile.mkstemp(dir=control, prefix=f".new-{prefix}-{os.getpid()}-", suffix=".s5cmd")
-    lock = os.open(name, os.O_RDONLY | os.O_NOFOLLOW)
-    path = Path(name).with_name(Path(name).name[len(".new-") :])
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        os.replace(name, path)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield path, handle
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(lock)
+    return DownloadRoot(root.absolute()).state_path(name)
 
 
 def quoted(text: str) -> str:
@@ -471,7 +372,7 @@ class SeriesClaims:
     when its heartbeat is younger than ``remote_stale_s``; a claim that is not live is taken over."""
 
     def __init__(self, root: Path, remote_stale_s: float = 600.0) -> None:
-        self.folder = root / CONTROL_DIR / "claims"
+        self.folder = DownloadRoot(root).claims
         self.host = socket.gethostname() or "localhost"
         self.me = f"{_process_identity(os.getpid())} {self.host}"
         self.heartbeat = self.folder / "holders" / f"{self.me.replace(' ', '-')}.alive"
@@ -624,7 +525,8 @@ class Download:
         self.stall_timeout_s = stall_timeout_s
         self.allowed_buckets = tuple(allowed_buckets)
         self.header_cache = header_cache  # read each file's header as it lands (see StreamingHeaderCheck)
-        self.control = root / CONTROL_DIR
+        self.paths = DownloadRoot(root)
+        self.control = self.paths.control
         self.started = time.monotonic()
         self.records: dict[str, SeriesRecord] = {}  # the state, updated as series are verified
         self.shard_records: dict[str, SeriesRecord] = {}
@@ -932,7 +834,7 @@ class Download:
         label = ",".join(sorted(set(self.manifest.column("collection_id").to_pylist())))
         deferred: dict[str, dict] = {}
         try:
-            with space_reservation(self.root, self.control / "reservations", self.estimate_bytes, label) as reservation:
+            with space_reservation(self.root, self.paths.reservations, self.estimate_bytes, label) as reservation:
                 for rows in self._batches(_rows(self.manifest)):
                     for row in rows:
                         if row.get("target_dir") not in self.failed and not series_problem(row, self.allowed_buckets):
@@ -1118,10 +1020,10 @@ class Download:
                 revised.append(row["target_dir"])
                 continue
             if source.is_dir() and not source.is_symlink():
-                dest = self.control / "replaced" / before.crdc_series_uuid
+                dest = self.paths.replaced / before.crdc_series_uuid
                 n = 1
                 while os.path.lexists(dest):  # never overwrite what was set aside before
-                    dest, n = self.control / "replaced" / f"{before.crdc_series_uuid}.{n}", n + 1
+                    dest, n = self.paths.replaced / f"{before.crdc_series_uuid}.{n}", n + 1
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, dest)
                 self.log(
@@ -1240,7 +1142,7 @@ def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **engi
     # One download per state (a collection, a cohort, a selection) at a time; downloads of other
     # states into the same root run in parallel, and SeriesClaims keeps them off each other's series.
     with collection_locks(root, [state_path.stem]):
-        control = root / CONTROL_DIR
+        control = DownloadRoot(root).control
         control.mkdir(exist_ok=True)
         remove_stale_command_files(control)
         state_path.parent.mkdir(parents=True, exist_ok=True)

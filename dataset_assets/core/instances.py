@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import s5cmd
-from .download import CONTROL_DIR, TEMP_SUFFIX, check_endpoint, check_root, collection_locks, command_file, quoted
+from .control import DownloadRoot, collection_locks, command_file
+from .download import TEMP_SUFFIX, check_endpoint, check_root, quoted
 from .errors import DownloadError, IncompleteDownloadError
 from .fmt import human_bytes, redact_url
 from .progress import Progress
-from .safety import bucket_problem, is_uuid, target_dir_problem
+from .safety import is_uuid, location_problem, target_dir_problem
 
 Log = Callable[[str], None]
 
@@ -38,9 +39,7 @@ class InstanceResult:
 
 
 def instance_problem(row: dict, allowed_buckets: tuple[str, ...]) -> str | None:
-    problem = bucket_problem(row.get("aws_bucket"), allowed_buckets)
-    if problem is None and not is_uuid(row.get("crdc_series_uuid")):
-        problem = f"crdc_series_uuid {row.get('crdc_series_uuid')!r} is not a UUID"
+    problem = location_problem(row, allowed_buckets, url=False)  # an instance's URL is its own
     if problem is None and not is_uuid(row.get("crdc_instance_uuid")):
         problem = f"crdc_instance_uuid {row.get('crdc_instance_uuid')!r} is not a UUID"
     if problem is None:
@@ -95,7 +94,7 @@ def download_instances(
             todo.append(row)
     collections = sorted({r["collection_id"] for r in rows})
     with collection_locks(root, collections):
-        control = root / CONTROL_DIR
+        control = DownloadRoot(root).control
         control.mkdir(exist_ok=True)
         for row in todo:  # what a killed s5cmd left of these objects
             folder = root / row["target_dir"]

@@ -31,6 +31,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Literal
 
 from .errors import LayoutError
+from .safety import CONTROL_DIR
 
 if TYPE_CHECKING:  # Arrow loads when a layout is rendered, not when a template is checked
     import pyarrow as pa
@@ -41,8 +42,6 @@ FILE_NAME_LENGTH = 36 + len(".dcm")
 MAX_PATH_DEFAULT = 260
 #: Bounds of a ``max_path`` a user may ask for (the CLI's ``--max-path`` and the Dagster config).
 MAX_PATH_RANGE = (50, 100_000)
-#: The download root's control folder (state, locks, claims): ``download.CONTROL_DIR``.
-CONTROL_DIR = ".dataset_assets"
 NAME_MAX_BYTES = 255
 LongPaths = Literal["hash", "error"]
 

@@ -32,7 +32,7 @@ from .index import collection_ids, release_of, sql_str
 from .layout import Layout
 from .manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, build_manifest, manifest_schema
 from .progress import parse_line
-from .safety import bucket_problem, is_uuid
+from .safety import location_problem
 
 #: Kind -> the ``idc_index`` column it is looked up in, in the order of messages.
 KIND_COLUMNS = {
@@ -428,11 +428,7 @@ def fill_prior_counts(
     listed: dict[str, dict[str, int]] = {}
     urls: dict[str, dict] = {}
     for row in todo:
-        problem = bucket_problem(row["aws_bucket"], allowed_buckets)
-        if problem is None and not is_uuid(row["crdc_series_uuid"]):
-            problem = f"crdc_series_uuid {row['crdc_series_uuid']!r} is not a UUID"
-        if problem is None and row["series_aws_url"] != f"s3://{row['aws_bucket']}/{row['crdc_series_uuid']}/*":
-            problem = f"series_aws_url {row['series_aws_url']!r} is not s3://<aws_bucket>/<crdc_series_uuid>/*"
+        problem = location_problem(row, allowed_buckets)
         if problem:
             problems.append(f"prior-release series {row['crdc_series_uuid']}: {problem}")
             continue

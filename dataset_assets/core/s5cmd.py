@@ -15,12 +15,10 @@
 from __future__ import annotations
 
 import atexit
-import ctypes
 import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from .errors import DownloadError, OptionError
+from .parent_death import on_parent_death
 from .urls import AWS_ENDPOINT, GCS_ENDPOINT
 
 #: Bucket names on the GCS mirror where they differ from AWS.
@@ -163,18 +162,13 @@ _LIVE: set[subprocess.Popen] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
 def _parent_death_signal(parent: int) -> Callable[[], None]:
     """A ``preexec_fn`` (child, between fork and exec; nothing that allocates or locks): ask the
     kernel for SIGTERM when the parent dies, and exit if it already has."""
 
     def preexec() -> None:
-        if _LIBC is not None:
-            _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:
-                os._exit(1)
+        if on_parent_death(signal.SIGTERM) and os.getppid() != parent:
+            os._exit(1)
 
     return preexec
 
@@ -187,10 +181,8 @@ def die_with_launcher() -> None:
     step keeps running when its shell goes away, as ``nohup`` users expect)."""
     import multiprocessing
 
-    parent = multiprocessing.parent_process()
-    if parent is None or _LIBC is None:
+    if multiprocessing.parent_process() is None or not on_parent_death(signal.SIGTERM):
         return
-    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:  # it died before we asked (reparented to init)
         os.kill(os.getpid(), signal.SIGTERM)
 

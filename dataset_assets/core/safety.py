@@ -26,6 +26,8 @@ IDC_BUCKETS = (
 #: (bytes that were not UTF-8, as Python decodes them): never part of a path, a name or a line.
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: The name of a download root's control folder (see ``control``): never a series' directory.
+CONTROL_DIR = ".dataset_assets"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 #: An object name below a series prefix that can safely become a file name.
@@ -79,9 +81,26 @@ def target_dir_problem(target_dir: object) -> str | None:
             )
         if len(part.encode()) > NAME_MAX_BYTES:
             return f"target directory {target_dir!r} has a component over {NAME_MAX_BYTES} bytes"
-    if target_dir.rstrip("/").split("/")[0] == ".dataset_assets":
-        return f"target directory {target_dir!r} is inside the control folder .dataset_assets"
+    if target_dir.rstrip("/").split("/")[0] == CONTROL_DIR:
+        return f"target directory {target_dir!r} is inside the control folder {CONTROL_DIR}"
     return None
+
+
+def location_problem(row: dict, allowed_buckets: Iterable[str], *, url: bool = True) -> str | None:
+    """Where a row's objects are, before it becomes a URL: the bucket (allow-listed),
+    ``crdc_series_uuid`` (a UUID) and, with ``url``, ``series_aws_url`` (exactly
+    ``s3://<bucket>/<uuid>/*``). The one check every row kind shares (series, prior-release
+    series, instances)."""
+    problem = bucket_problem(row.get("aws_bucket"), allowed_buckets)
+    uuid = row.get("crdc_series_uuid")
+    if problem is None and not is_uuid(uuid):
+        problem = f"crdc_series_uuid {uuid!r} is not a UUID"
+    if problem is None and url and row.get("series_aws_url") != f"s3://{row.get('aws_bucket')}/{uuid}/*":
+        problem = (
+            f"series_aws_url {row.get('series_aws_url')!r} is not s3://<aws_bucket>/<crdc_series_uuid>/* "
+            f"(s3://{row.get('aws_bucket')}/{uuid}/*)"
+        )
+    return problem
 
 
 def series_problem(row: dict, allowed_buckets: Iterable[str]) -> str | None:
@@ -89,16 +108,7 @@ def series_problem(row: dict, allowed_buckets: Iterable[str]) -> str | None:
     ``crdc_series_uuid`` (a UUID), ``series_aws_url`` (exactly ``s3://<bucket>/<uuid>/*``), the
     target directory and the counts."""
     uid = row.get("SeriesInstanceUID")
-    problem = bucket_problem(row.get("aws_bucket"), allowed_buckets)
-    uuid = row.get("crdc_series_uuid")
-    url = row.get("series_aws_url")
-    if problem is None and (not isinstance(uuid, str) or not _UUID.fullmatch(uuid)):
-        problem = f"crdc_series_uuid {uuid!r} is not a UUID"
-    if problem is None and url != f"s3://{row.get('aws_bucket')}/{uuid}/*":
-        problem = (
-            f"series_aws_url {url!r} is not s3://<aws_bucket>/<crdc_series_uuid>/* "
-            f"(s3://{row.get('aws_bucket')}/{uuid}/*)"
-        )
+    problem = location_problem(row, allowed_buckets)
     if problem is None:
         problem = target_dir_problem(row.get("target_dir"))
     if problem is None:

@@ -31,8 +31,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import dicom_headers
+from .control import CONTROL_DIR, DownloadRoot
 from .dicom_headers import HEADER_FIELDS
-from .download import CONTROL_DIR, series_status, state_path_for
+from .download import series_status, state_path_for
 from .errors import VerifyError
 from .state import load_state
 
@@ -120,7 +121,7 @@ def default_processes() -> int:
 def header_cache_path(root: Path, manifest: pa.Table, state_path: Path | None = None) -> Path:
     """Where the header check remembers the files whose header matched (beside the state)."""
     state = state_path or state_path_for(root, manifest)
-    return state.parent.parent / "headers" / state.name
+    return DownloadRoot.header_cache(state)
 
 
 def check_headers(
@@ -243,7 +244,7 @@ def check_tree(manifest: pa.Table, root: Path) -> CheckReport:
     report = CheckReport()
     dirs = manifest.column("target_dir").to_pylist()
     expected = {os.path.normpath(root / d) for d in dirs}
-    for state in sorted((root / CONTROL_DIR / "state").glob("*.parquet")):
+    for state in DownloadRoot(root).states():
         try:
             unreadable: list[str] = []
             expected.update(os.path.normpath(root / d) for d in load_state(state, unreadable.append, repair=False))

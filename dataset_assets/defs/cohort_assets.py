@@ -14,9 +14,10 @@ import dagster as dg
 
 from dataset_assets import settings
 from dataset_assets.core.cohort_file import DEFAULT_COHORTS_FILE, Cohort, try_load_cohorts
+from dataset_assets.core.control import DownloadRoot
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.layout import CONTROL_DIR, default_max_path
+from dataset_assets.core.layout import default_max_path
 
 from .automation import refresh_downloaded_condition
 from .checks import build_download_checks
@@ -49,7 +50,7 @@ def cohort_manifest_path(idc: IdcResource, name: str) -> Path:
 
 
 def cohort_state_path(root: Path, name: str) -> Path:
-    return root / CONTROL_DIR / "state" / f"cohort-{name}.parquet"
+    return DownloadRoot(root).state_path(f"cohort-{name}")
 
 
 def _fingerprint(cohort: Cohort) -> str:
