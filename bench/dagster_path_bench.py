@@ -83,7 +83,7 @@ def build(work: Path, collection: str) -> tuple[Path, list[dict]]:
     """The S3 tree of ``collection`` under ``work/s3`` with sizes to the byte; returns it and the rows."""
     import duckdb
 
-    from dataset_assets.core.index import IndexSource
+    from dataset_assets.core.index.source import IndexSource
 
     path = IndexSource.installed().path("idc_index")
     rows = (
@@ -146,10 +146,10 @@ def run(a) -> None:
     for name in PROXY_VARS:
         os.environ.pop(name, None)
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
-    from dataset_assets.core import s5cmd
-    from dataset_assets.core.download import _command
-    from dataset_assets.core.index import IndexSource
-    from dataset_assets.core.manifest import build_manifest
+    from dataset_assets.core.index.source import IndexSource
+    from dataset_assets.core.select.manifest import build_manifest
+    from dataset_assets.core.transfer import s5cmd
+    from dataset_assets.core.transfer.download import _command
 
     work = Path(tempfile.mkdtemp(prefix="dagster-path-bench-", dir=a.work_root if os.path.isdir(a.work_root) else None))
     server = None
@@ -432,7 +432,7 @@ def run_ui(a, work: Path, base_env: dict, collection: str, repeats: int) -> list
 
 def run_idc_index(a, work: Path, endpoint: str, manifest, notes: list[str]) -> list[dict] | None:
     """idc-index's IDCClient(): its index load, then download_from_selection of the collection's series."""
-    from dataset_assets.core.index import IndexSource
+    from dataset_assets.core.index.source import IndexSource
 
     py = Path(a.idc_venv) / "bin" / "python"
     if not py.is_file():

@@ -127,8 +127,8 @@ def fresh(work: Path, name: str) -> Path:
 
 def run_raw(manifest, dest: Path, opts, work: Path) -> tuple[float, float]:
     """s5cmd ``run`` of the commands download() writes; returns (seconds, s5cmd peak RSS MB)."""
-    from dataset_assets.core import download as dl
-    from dataset_assets.core import s5cmd
+    from dataset_assets.core.transfer import download as dl
+    from dataset_assets.core.transfer import s5cmd
 
     with open(cmd_file := work / "raw.s5cmd", "w", encoding="utf-8") as f:
         for row in manifest.select(["series_aws_url", "aws_bucket", "target_dir"]).to_pylist():
@@ -205,7 +205,7 @@ def run_idc_index_runner(py: Path, work: Path, endpoint: str, index: Path, dests
                          workers: int, timeout: float = 1800):  # fmt: skip
     """idc-index (in its own venv ``py``) downloading ``series`` into each of ``dests`` in turn
     through ``bench/idc_index_runner.py``, s5cmd with ``workers``: (process, its RESULT or None)."""
-    from dataset_assets.core import s5cmd
+    from dataset_assets.core.transfer import s5cmd
 
     wrapper = work / "s5cmd-numworkers"
     wrapper.write_text(f'#!/bin/sh\nexec "{s5cmd.find_binary()}" --numworkers {workers} "$@"\n')
@@ -268,10 +268,11 @@ def main() -> None:
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
     import dagster as dg
 
-    from dataset_assets.core import download as dl
-    from dataset_assets.core import s5cmd, verify
-    from dataset_assets.core.index import IndexSource
-    from dataset_assets.core.manifest import build_manifest, write_manifest
+    from dataset_assets.core.index.source import IndexSource
+    from dataset_assets.core.select.manifest import build_manifest, write_manifest
+    from dataset_assets.core.transfer import download as dl
+    from dataset_assets.core.transfer import s5cmd
+    from dataset_assets.core.verify import checks as verify
     from dataset_assets.defs.download_assets import downloaded_collection
     from dataset_assets.defs.resources import IdcResource, S5cmdResource
     from dataset_assets_tests.support.fixture import build_fixture

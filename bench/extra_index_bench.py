@@ -28,8 +28,8 @@ BIN = Path(sys.executable).parent
 def build(rows: int, path: Path) -> None:
     import duckdb
 
-    from dataset_assets.core import extra_index as extra
-    from dataset_assets.core.index import IndexSource
+    from dataset_assets.core.index import extra_index as extra
+    from dataset_assets.core.index.source import IndexSource
 
     columns = []
     for c in extra.schema("sm_instance_index"):
@@ -69,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     a = ap.parse_args()
-    from dataset_assets.core import extra_index as extra
+    from dataset_assets.core.index import extra_index as extra
     from dataset_assets_tests.support.httpserver import FileServer
 
     work = Path(tempfile.mkdtemp(prefix="extra-index-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))

@@ -32,7 +32,7 @@ def main() -> None:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from dataset_assets.core.dicom_headers import HEADER_FIELDS, file_problems
+    from dataset_assets.core.verify.dicom_headers import HEADER_FIELDS, file_problems
 
     def dcmread_specific(path: str) -> list[str]:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_FIELDS))

@@ -1,4 +1,4 @@
-"""Benchmark of manifest building (``dataset_assets.core.manifest.build_manifest``).
+"""Benchmark of manifest building (``dataset_assets.core.select.manifest.build_manifest``).
 
 Run from the repository root:
 
@@ -32,8 +32,8 @@ def child(case: str) -> None:
     import resource
     import time
 
-    from dataset_assets.core.index import IndexSource, collection_ids
-    from dataset_assets.core.manifest import build_manifest
+    from dataset_assets.core.index.source import IndexSource, collection_ids
+    from dataset_assets.core.select.manifest import build_manifest
 
     root_length = len(str(Path("data/idc").absolute()))
     t0 = time.perf_counter()

@@ -108,7 +108,7 @@ def build(base: Path, n_series: int, k: int, pool: list[Path]) -> tuple[Path, Pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dataset_assets.core.index import BUNDLED, IndexSource
+    from dataset_assets.core.index.source import BUNDLED, IndexSource
 
     installed = IndexSource.installed()
     index_dir, s3_root = base / "index", base / "s3"
@@ -191,10 +191,10 @@ def measure(cmd: list[str], env: dict, *, kill_when=None) -> dict:
 
 
 def raw(index_dir: Path, dest: Path, work: Path, endpoint: str, workers: int) -> dict:
-    from dataset_assets.core import download as dl
-    from dataset_assets.core import s5cmd
-    from dataset_assets.core.index import IndexSource
-    from dataset_assets.core.manifest import build_manifest
+    from dataset_assets.core.index.source import IndexSource
+    from dataset_assets.core.select.manifest import build_manifest
+    from dataset_assets.core.transfer import download as dl
+    from dataset_assets.core.transfer import s5cmd
 
     opts = s5cmd.S5cmdOptions(endpoint_url=endpoint, workers=workers)
     with IndexSource(index_dir).connect() as con:
@@ -215,7 +215,7 @@ def fresh(path: Path) -> Path:
 
 def recorded_uuids(dest: Path) -> set[str]:
     """crdc_series_uuids the state of ``dest`` holds (snapshot and journal)."""
-    from dataset_assets.core.state import load_state
+    from dataset_assets.core.transfer.state import load_state
 
     folder = dest / ".dataset_assets" / "state"
     states = set(folder.glob("*.parquet")) | {p.with_suffix("") for p in folder.glob("*.parquet.journal")}

@@ -28,17 +28,17 @@ import click
 
 from . import settings
 from .cli_errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INTERRUPTED, Failure, failure_of
-from .core import extra_index as extra
-from .core import index as idx
 from .core.errors import DatasetError, OptionError
-from .core.filters import ManifestFilters
 from .core.fmt import human_bytes, human_duration, os_error_text
-from .core.layout import DEFAULT_LAYOUT, default_max_path
-from .core.progress import DEFAULT_STALL_TIMEOUT_S, Progress
-from .core.resolve import BY_CHOICES
-from .core.s5cmd import S5cmdOptions
+from .core.index import extra_index as extra
+from .core.index import source as idx
 from .core.safety import endpoint_problem
-from .core.shards import parse_shard
+from .core.select.filters import ManifestFilters
+from .core.select.layout import DEFAULT_LAYOUT, default_max_path
+from .core.select.resolve import BY_CHOICES
+from .core.select.shards import parse_shard
+from .core.transfer.progress import DEFAULT_STALL_TIMEOUT_S, Progress
+from .core.transfer.s5cmd import S5cmdOptions
 from .core.urls import PORTAL_URL
 
 PORTAL = PORTAL_URL
@@ -159,7 +159,7 @@ def query(sql: str, fmt: str, output_text: str | None, limit: int | None) -> Non
 
     Exit codes: 0 done, 2 the query or an option is wrong (also when the query fails part-way
     through: --output is then left as it was), 3 the index or the output cannot be read or written."""
-    from .core.query import write_query
+    from .core.index.query import write_query
 
     output = _output_path(output_text)
     click.get_current_context().meta[KEPT] = (

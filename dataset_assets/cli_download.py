@@ -13,21 +13,29 @@ import click
 
 from . import settings
 from .cli_errors import EXIT_INCOMPLETE, Failure
-from .core import extra_index
-from .core import index as idx
-from .core.download import check_endpoint, check_root_shape, download, series_status, state_path_for
 from .core.errors import DownloadError, FilterError, IncompleteDownloadError
-from .core.filters import ManifestFilters
-from .core.flat import link_into
 from .core.fmt import human_bytes, human_duration
-from .core.instances import download_instances, file_of, is_complete, object_url
-from .core.manifest import summarize
-from .core.portal_manifest import read_entries
-from .core.resolve import FLAT, Entry, Selection, entries_from_target, fill_prior_counts, require_resolved, resolve
-from .core.s5cmd import S5cmdOptions
-from .core.shards import shard_manifest
-from .core.state import load_state, recorded_files, shard_state_path
-from .core.viewer import viewer_url
+from .core.index import extra_index
+from .core.index import source as idx
+from .core.index.viewer import viewer_url
+from .core.select.filters import ManifestFilters
+from .core.select.flat import link_into
+from .core.select.manifest import summarize
+from .core.select.portal_manifest import read_entries
+from .core.select.resolve import (
+    FLAT,
+    Entry,
+    Selection,
+    entries_from_target,
+    fill_prior_counts,
+    require_resolved,
+    resolve,
+)
+from .core.select.shards import shard_manifest
+from .core.transfer.download import check_endpoint, check_root_shape, download, series_status, state_path_for
+from .core.transfer.instances import download_instances, file_of, is_complete, object_url
+from .core.transfer.s5cmd import S5cmdOptions
+from .core.transfer.state import load_state, recorded_files, shard_state_path
 
 INSTANCE_INDEX = "sm_instance_index"
 
@@ -212,7 +220,7 @@ def _link_flat(selection: Selection, root: Path) -> list[str]:
 def verify_selection(request: Request, source: idx.IndexSource) -> int:
     """``dataset idc verify``: every series of the selection complete in DEST, file by file against
     what its download (or its shards' downloads) recorded; no network. Returns the exit code."""
-    from .core.verify import check_files
+    from .core.verify.checks import check_files
 
     check_root_shape(request.dest.absolute())
     selection = select(source, request)
@@ -377,7 +385,7 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
 
 
 def citations_text(source: idx.IndexSource, target: str, kind: str, fmt: str, skip_unresolved: bool) -> str:
-    from .core.citations import citations, render
+    from .core.index.citations import citations, render
 
     request = Request(target=target, dest=Path("."), kind=kind, skip_unresolved=skip_unresolved, layout=FLAT)
     selection = select(source, request)

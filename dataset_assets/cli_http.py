@@ -17,7 +17,7 @@ from .cli_errors import EXIT_INPUT, Failure
 from .core.errors import DatasetError
 from .core.fmt import human_bytes, scrub_text
 from .core.fs import new_file
-from .core.http_bundles import Bundle, default_filename, download_bundle, redact_url, try_load_bundles
+from .core.http.bundles import Bundle, default_filename, download_bundle, redact_url, try_load_bundles
 
 DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parent / "bundles.yaml"
 PROGRESS_EVERY_S = 2.0

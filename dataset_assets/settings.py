@@ -151,7 +151,7 @@ def allowed_buckets() -> tuple[str, ...]:
 def http_limits():  # -> core.http_bundles.HttpLimits
     """``$DATASET_BUNDLES_MAX_RETRY_AFTER_S`` and ``$DATASET_HTTP_MAX_UNSIZED_BYTES``, checked
     (``DownloadError`` naming the variable)."""
-    from .core.http_bundles import HttpLimits
+    from .core.http.bundles import HttpLimits
 
     return HttpLimits.parse(DATASET_BUNDLES_MAX_RETRY_AFTER_S.given(), DATASET_HTTP_MAX_UNSIZED_BYTES.given())
 
@@ -159,7 +159,7 @@ def http_limits():  # -> core.http_bundles.HttpLimits
 def index_store():  # -> core.extra_index.IndexStore
     """Where on-demand indices are kept (``$IDC_EXTRA_INDEX_DIR``) and fetched from
     (``$IDC_INDEX_BASE_URL``), with the HTTP limits."""
-    from .core.extra_index import IndexStore
+    from .core.index.extra_index import IndexStore
 
     return IndexStore(Path(IDC_EXTRA_INDEX_DIR.require()), IDC_INDEX_BASE_URL.require(), http_limits())
 

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import build_manifest
+from dataset_assets.core.index.source import IndexSource
+from dataset_assets.core.select.manifest import build_manifest
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.s3server import LocalS3Server
 
@@ -78,7 +78,7 @@ def file_server():
 @pytest.fixture
 def session():
     """The HTTP bundles' requests session, with fast retries."""
-    from dataset_assets.core.http_bundles import make_session
+    from dataset_assets.core.http.bundles import make_session
 
     with make_session(retries=3, backoff=0) as s:
         yield s

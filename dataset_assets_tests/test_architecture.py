@@ -131,4 +131,4 @@ def test_the_checks_above_find_what_they_look_for():
     edges.update({m: set() for m in MODULES if m not in edges})
     assert _cycles(edges) == [[cli, download]]
     module = ast.parse("from .progress import _parse\n").body[0]
-    assert _target("dataset_assets.core.download", module) == "dataset_assets.core.progress"
+    assert _target("dataset_assets.core.transfer.download", module) == "dataset_assets.core.transfer.progress"

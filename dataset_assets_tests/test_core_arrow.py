@@ -12,7 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dataset_assets.core import arrow_build
-from dataset_assets.core.dicom_headers import HeaderCache, file_problems
+from dataset_assets.core.verify.dicom_headers import HeaderCache, file_problems
 
 CASES = [
     ([], pa.string()),
@@ -51,12 +51,12 @@ def test_manifest_state_and_header_cache_never_import_pandas(tmp_path):
         f"""
         import sys
         from pathlib import Path
-        from dataset_assets.core.index import IndexSource
-        from dataset_assets.core.manifest import build_manifest, read_manifest, write_manifest
-        from dataset_assets.core.state import SeriesRecord, load_state, save_state
-        from dataset_assets.core.dicom_headers import HeaderCache
-        from dataset_assets.core.layout import Layout
-        from dataset_assets.core.viewer import viewer_urls
+        from dataset_assets.core.index.source import IndexSource
+        from dataset_assets.core.select.manifest import build_manifest, read_manifest, write_manifest
+        from dataset_assets.core.transfer.state import SeriesRecord, load_state, save_state
+        from dataset_assets.core.verify.dicom_headers import HeaderCache
+        from dataset_assets.core.select.layout import Layout
+        from dataset_assets.core.index.viewer import viewer_urls
         from dataset_assets.core.fmt import markdown_table
 
         tmp = Path({str(tmp_path)!r})
@@ -170,7 +170,7 @@ def _swapped_after_a_check(tmp_path):
     Returns (manifest, root, cache path)."""
     import os
 
-    from dataset_assets.core.verify import check_headers
+    from dataset_assets.core.verify.checks import check_headers
     from dataset_assets_tests.support.fixture import write_dicom
 
     row = {
@@ -197,7 +197,7 @@ def test_a_reread_that_finds_a_bad_file_drops_it_from_the_cache(tmp_path):
     """A file swapped for bad bytes with the same size and mtime passes a normal check (size and
     mtime are what the cache trusts); `reread` reads it and fails it, and the next normal check
     must fail it too: the cache written by the reread no longer vouches for it."""
-    from dataset_assets.core.verify import check_headers
+    from dataset_assets.core.verify.checks import check_headers
 
     manifest, root, cache = _swapped_after_a_check(tmp_path)
     assert check_headers(manifest, root, cache_path=cache, processes=1).passed  # trusted, as documented
@@ -210,8 +210,7 @@ def test_a_reread_whose_cache_cannot_be_written_leaves_no_stale_cache(tmp_path, 
     which vouched for that file, must be gone, so the next check reads the file again."""
     import errno
 
-    from dataset_assets.core import dicom_headers
-    from dataset_assets.core.verify import check_headers
+    from dataset_assets.core.verify.checks import check_headers, dicom_headers
 
     manifest, root, cache = _swapped_after_a_check(tmp_path)
 
@@ -290,7 +289,7 @@ def test_a_directory_given_as_a_file_leaks_no_descriptor(tmp_path):
 def test_the_definitions_load_without_pandas_requests_or_the_index_package():
     script = (
         "import sys, dagster, dataset_assets.definitions as d\n"
-        "from dataset_assets.core.index import IndexSource\n"
+        "from dataset_assets.core.index.source import IndexSource\n"
         "s = IndexSource.installed()\n"
         "assert s.directory == s.directory.resolve(), s\n"
         "print(sorted(m for m in ('pandas', 'requests', 'urllib3', 'idc_index_data', 'pydicom') if m in sys.modules))\n"
@@ -300,6 +299,6 @@ def test_the_definitions_load_without_pandas_requests_or_the_index_package():
     assert done.stdout.strip() == "[]"
     import idc_index_data
 
-    from dataset_assets.core.index import IndexSource
+    from dataset_assets.core.index.source import IndexSource
 
     assert IndexSource.installed().package_version == idc_index_data.__version__

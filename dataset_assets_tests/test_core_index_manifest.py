@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from dataset_assets.core import index as idx
 from dataset_assets.core.errors import FilterError, IndexUnavailableError, LayoutError, UnknownCollectionError
-from dataset_assets.core.filters import ManifestFilters
-from dataset_assets.core.manifest import build_manifest, read_manifest, summarize, write_manifest
+from dataset_assets.core.index import source as idx
+from dataset_assets.core.select.filters import ManifestFilters
+from dataset_assets.core.select.manifest import build_manifest, read_manifest, summarize, write_manifest
 
 
 @pytest.fixture(scope="module")

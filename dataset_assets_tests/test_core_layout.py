@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from dataset_assets.core.errors import LayoutError
-from dataset_assets.core.layout import DEFAULT_LAYOUT, Layout, sanitize_value
+from dataset_assets.core.select.layout import DEFAULT_LAYOUT, Layout, sanitize_value
 
 COLUMNS = [
     "collection_id",

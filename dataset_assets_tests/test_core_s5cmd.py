@@ -2,9 +2,9 @@
 
 import pytest
 
-from dataset_assets.core import s5cmd
 from dataset_assets.core.errors import DownloadError
-from dataset_assets.core.progress import Progress
+from dataset_assets.core.transfer import s5cmd
+from dataset_assets.core.transfer.progress import Progress
 
 
 def test_binary_is_the_go_executable_not_the_python_wrapper():

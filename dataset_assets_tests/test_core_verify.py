@@ -16,12 +16,12 @@ import pyarrow.parquet
 import pydicom
 import pytest
 
-from dataset_assets.core.download import download, state_path_for
-from dataset_assets.core.filters import ManifestFilters
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import build_manifest
-from dataset_assets.core.s5cmd import S5cmdOptions
-from dataset_assets.core.verify import check_headers, check_tree
+from dataset_assets.core.index.source import IndexSource
+from dataset_assets.core.select.filters import ManifestFilters
+from dataset_assets.core.select.manifest import build_manifest
+from dataset_assets.core.transfer.download import download, state_path_for
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
+from dataset_assets.core.verify.checks import check_headers, check_tree
 from dataset_assets_tests.support.fixture import write_dicom
 from dataset_assets_tests.support.procs import live_processes
 
@@ -113,7 +113,7 @@ def test_stopping_the_caller_leaves_no_worker(tmp_path, how):
         import signal
         from pathlib import Path
         import pyarrow.parquet as pq
-        from dataset_assets.core.verify import check_headers
+        from dataset_assets.core.verify.checks import check_headers
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
         print('start', flush=True)
         check_headers(pq.read_table({str(pq_path)!r}), Path({str(tmp_path)!r}), processes=2, files_per_batch=1)
@@ -189,7 +189,7 @@ def test_tree_check_accounts_for_series_other_downloads_recorded(s3, manifest, i
 
 def test_default_processes_are_capped(monkeypatch):
     """A container can see a whole node's CPUs: the default stops at MAX_DEFAULT_PROCESSES."""
-    from dataset_assets.core import verify
+    from dataset_assets.core.verify import checks as verify
 
     monkeypatch.setattr(verify.os, "sched_getaffinity", lambda pid: set(range(64)))
     assert verify.default_processes() == verify.MAX_DEFAULT_PROCESSES == 8
@@ -198,7 +198,7 @@ def test_default_processes_are_capped(monkeypatch):
 
 
 def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifest, tmp_path):
-    from dataset_assets.core.verify import header_cache_path
+    from dataset_assets.core.verify.checks import header_cache_path
 
     root = tmp_path / "dl"
     cache = header_cache_path(root, manifest)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster_duckdb import DuckDBResource
 
-from dataset_assets.core import index as idx
+from dataset_assets.core.index import source as idx
 from dataset_assets.definitions import defs
 from dataset_assets.defs.index_assets import idc_collections, idc_index
 from dataset_assets.defs.manifest_assets import collection_manifest

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pydicom
 import pytest
 
-from dataset_assets.core import s5cmd
-from dataset_assets.core.control import CONTROL_DIR
-from dataset_assets.core.download import download
 from dataset_assets.core.errors import DownloadError
 from dataset_assets.core.fs import space_reservation
-from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.transfer import s5cmd
+from dataset_assets.core.transfer.control import CONTROL_DIR
+from dataset_assets.core.transfer.download import download
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.procs import processes_mentioning
 from dataset_assets_tests.support.s3server import free_port
 
@@ -281,7 +281,7 @@ def test_interrupt_stops_s5cmd_and_leaves_no_process(s3, manifest, tmp_path):
 
 
 def test_a_collection_being_downloaded_is_locked(s3, manifest, tmp_path):
-    from dataset_assets.core.control import collection_locks
+    from dataset_assets.core.transfer.control import collection_locks
 
     root = tmp_path / "dl"
     root.mkdir()

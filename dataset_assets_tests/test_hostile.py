@@ -21,9 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataset_assets import settings
-from dataset_assets.core import http_bundles, verify
-from dataset_assets.core.control import CONTROL_DIR
-from dataset_assets.core.download import download, state_path_for
 from dataset_assets.core.errors import (
     BadDestinationError,
     DatasetError,
@@ -34,11 +31,15 @@ from dataset_assets.core.errors import (
     UnsafeValueError,
 )
 from dataset_assets.core.fmt import scrub_text
-from dataset_assets.core.http_bundles import Bundle, download_bundle, load_bundles
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import build_manifest
-from dataset_assets.core.s5cmd import S5cmdOptions
-from dataset_assets.core.state import load_state
+from dataset_assets.core.http import bundles as http_bundles
+from dataset_assets.core.http.bundles import Bundle, download_bundle, load_bundles
+from dataset_assets.core.index.source import IndexSource
+from dataset_assets.core.select.manifest import build_manifest
+from dataset_assets.core.transfer.control import CONTROL_DIR
+from dataset_assets.core.transfer.download import download, state_path_for
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
+from dataset_assets.core.transfer.state import load_state
+from dataset_assets.core.verify import checks as verify
 from dataset_assets_tests.support.envs import materialize_cmd, project_env
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.support.procs import cli_download_in_flight, processes_mentioning, processes_with_env
@@ -528,7 +529,7 @@ def test_12_command_and_temporary_files_of_a_killed_cli_are_removed_by_the_next_
 
 
 def test_12_a_command_file_in_use_by_a_running_download_is_not_removed(tmp_path):
-    from dataset_assets.core.control import command_file, remove_stale_command_files
+    from dataset_assets.core.transfer.control import command_file, remove_stale_command_files
 
     with command_file(tmp_path, "run") as (path, _handle):
         assert remove_stale_command_files(tmp_path) == [] and path.exists()
@@ -970,8 +971,8 @@ def test_17_range_body_longer_than_content_range_is_refused(srv, session, tmp_pa
 
 
 def test_review_a_state_record_with_wrong_names_is_settled_by_a_listing(s3, manifest, tmp_path):
-    from dataset_assets.core.download import scan_series
-    from dataset_assets.core.state import files_digest
+    from dataset_assets.core.transfer.download import scan_series
+    from dataset_assets.core.transfer.state import files_digest
 
     root = tmp_path / "dl"
     download(manifest, root, opts(s3), log=quiet)
@@ -1088,7 +1089,7 @@ def test_review_a_count_stored_as_text_is_read_as_a_number(idc_fixture, s3, tmp_
 @pytest.mark.parametrize("damage", ["drop-target_dir", "text-counts", "garbage", "empty"])
 def test_review_a_tampered_manifest_fails_in_one_line_naming_it(manifest, tmp_path, damage):
     from dataset_assets.core.errors import ManifestError
-    from dataset_assets.core.manifest import read_manifest, write_manifest
+    from dataset_assets.core.select.manifest import read_manifest, write_manifest
 
     path = write_manifest(manifest, tmp_path / "m" / "qin_pet_phantom.parquet")
     if damage == "drop-target_dir":
@@ -1164,7 +1165,7 @@ def test_review_a_trickling_http_server_is_stopped(tmp_path, monkeypatch):
 
 
 def test_review_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only_so_long(s3, manifest, tmp_path):
-    from dataset_assets.core.download import SeriesClaims, _process_identity
+    from dataset_assets.core.transfer.download import SeriesClaims, _process_identity
 
     root = tmp_path / "dl"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -1189,7 +1190,7 @@ def test_review_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only
 def test_review_a_claim_from_another_host_is_honoured_while_its_heartbeat_is_fresh(s3, manifest, tmp_path):
     import threading
 
-    from dataset_assets.core.download import SeriesClaims
+    from dataset_assets.core.transfer.download import SeriesClaims
 
     root = tmp_path / "dl"
     download(manifest, root, opts(s3), log=quiet)
@@ -1227,7 +1228,7 @@ def test_review_a_claim_from_another_host_is_honoured_while_its_heartbeat_is_fre
 
 
 def test_review_a_refused_series_is_never_downloaded_and_a_stale_revision_record_moves_nothing(s3, manifest, tmp_path):
-    from dataset_assets.core.state import SeriesRecord, save_state
+    from dataset_assets.core.transfer.state import SeriesRecord, save_state
 
     root = tmp_path / "dl"
     download(manifest, root, opts(s3), log=quiet)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from dataset_assets.core import http_bundles
 from dataset_assets.core.errors import DatasetError, DownloadError
-from dataset_assets.core.http_bundles import Bundle, download_bundle, load_bundles, make_session, redact_url
+from dataset_assets.core.http import bundles as http_bundles
+from dataset_assets.core.http.bundles import Bundle, download_bundle, load_bundles, make_session, redact_url
 from dataset_assets_tests.support.httpserver import FileServer
 
 SIZE = 300_000

@@ -2,12 +2,12 @@
 
 import pytest
 
-from dataset_assets.core.control import CONTROL_DIR
-from dataset_assets.core.download import download, load_state
-from dataset_assets.core.filters import ManifestFilters
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import build_manifest, is_whole_collection
-from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.index.source import IndexSource
+from dataset_assets.core.select.filters import ManifestFilters
+from dataset_assets.core.select.manifest import build_manifest, is_whole_collection
+from dataset_assets.core.transfer.control import CONTROL_DIR
+from dataset_assets.core.transfer.download import download, load_state
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.fixture import next_release
 
 

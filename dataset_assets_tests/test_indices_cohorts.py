@@ -18,12 +18,12 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from dataset_assets import settings
-from dataset_assets.core import extra_index as extra
-from dataset_assets.core.cohort_file import CohortError, load_cohorts
-from dataset_assets.core.cohorts import build_cohort_manifest, not_in_index
 from dataset_assets.core.errors import FilterError, IndexUnavailableError, UnknownIndexError
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.query import relation
+from dataset_assets.core.index import extra_index as extra
+from dataset_assets.core.index.query import relation
+from dataset_assets.core.index.source import IndexSource
+from dataset_assets.core.select.cohort_file import CohortError, load_cohorts
+from dataset_assets.core.select.cohorts import build_cohort_manifest, not_in_index
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.support.s3server import LocalS3Server

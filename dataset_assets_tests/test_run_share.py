@@ -30,19 +30,26 @@ LIGHT = {
     "dataset_assets.settings",
     "dataset_assets.definitions",
     "dataset_assets.core",
-    "dataset_assets.core.cohort_file",
     "dataset_assets.core.errors",
-    "dataset_assets.core.extra_index",
-    "dataset_assets.core.filters",
     "dataset_assets.core.fmt",
     "dataset_assets.core.fs",
-    "dataset_assets.core.http_bundles",
-    "dataset_assets.core.index",
-    "dataset_assets.core.layout",
-    "dataset_assets.core.progress",
-    "dataset_assets.core.s5cmd",
     "dataset_assets.core.safety",
-    "dataset_assets.core.shards",
+    "dataset_assets.core.urls",
+    "dataset_assets.core.http",
+    "dataset_assets.core.http.bundles",
+    "dataset_assets.core.index",
+    "dataset_assets.core.index.extra_index",
+    "dataset_assets.core.index.source",
+    "dataset_assets.core.select",
+    "dataset_assets.core.select.cohort_file",
+    "dataset_assets.core.select.filters",
+    "dataset_assets.core.select.layout",
+    "dataset_assets.core.select.shards",
+    "dataset_assets.core.transfer",
+    "dataset_assets.core.transfer.control",
+    "dataset_assets.core.transfer.parent_death",
+    "dataset_assets.core.transfer.progress",
+    "dataset_assets.core.transfer.s5cmd",
 }
 
 LIST_MODULES = (
@@ -147,7 +154,7 @@ def test_the_release_facts_are_computed_once_and_a_tampered_result_or_snapshot_i
     snapshot = facts.parent / "idc_index.parquet"
     _break_urls(snapshot)
     with IndexDatabase(database=str(database)).get_connection() as con:
-        from dataset_assets.core.index import index_facts
+        from dataset_assets.core.index.source import index_facts
 
         assert index_facts(con)["problems"]["url_not_bucket_uuid"]["count"] == 2
     assert json.loads(facts.read_text())["facts"]["problems"]["url_not_bucket_uuid"]["count"] == 2
@@ -195,7 +202,7 @@ def test_a_new_index_file_is_a_new_snapshot_with_its_own_facts(idc_fixture, tmp_
 
 
 def test_a_new_snapshot_of_the_same_file_takes_the_facts_counted_for_it_once(idc_fixture, tmp_path, monkeypatch):
-    from dataset_assets.core import index as idx
+    from dataset_assets.core.index import source as idx
 
     monkeypatch.setenv("DATASET_CACHE_DIR", str(tmp_path / "cache"))
     counted = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset_assets.core.s5cmd import find_binary
+from dataset_assets.core.transfer.s5cmd import find_binary
 from dataset_assets_tests.support.s3server import LocalS3Server, free_port
 
 S5CMD = find_binary()

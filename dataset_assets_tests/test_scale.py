@@ -18,14 +18,14 @@ from urllib.parse import parse_qs, urlsplit
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_assets.core import verify
-from dataset_assets.core.control import CONTROL_DIR
-from dataset_assets.core.download import Download, download, state_path_for
 from dataset_assets.core.errors import OptionError
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.manifest import build_manifest, write_manifest
-from dataset_assets.core.s5cmd import S5cmdOptions
-from dataset_assets.core.state import Journal, SeriesRecord, journal_path, load_state, recorded_files
+from dataset_assets.core.index.source import IndexSource
+from dataset_assets.core.select.manifest import build_manifest, write_manifest
+from dataset_assets.core.transfer.control import CONTROL_DIR
+from dataset_assets.core.transfer.download import Download, download, state_path_for
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
+from dataset_assets.core.transfer.state import Journal, SeriesRecord, journal_path, load_state, recorded_files
+from dataset_assets.core.verify import checks as verify
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.s3server import LocalS3Server
 
@@ -35,9 +35,9 @@ BATCH_FILES = 3 * FILES  # three series per batch: six batches
 RUNNER = """
 import json, sys
 from pathlib import Path
-from dataset_assets.core.download import download
-from dataset_assets.core.manifest import read_manifest
-from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.transfer.download import download
+from dataset_assets.core.select.manifest import read_manifest
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 manifest = read_manifest(Path(sys.argv[1]))
 opts = S5cmdOptions(endpoint_url=sys.argv[3], workers=2, retry_count=1)
 def log(line):
@@ -291,8 +291,8 @@ def test_the_journal_is_appended_not_rewritten(tmp_path):
 def test_the_download_adds_one_header_cache_part_per_batch_and_the_check_folds_them(many, tmp_path):
     """The download never loads nor rewrites the whole header cache (memory: one batch); the
     check reads every part, finds every file already read, and folds the parts into the cache."""
-    from dataset_assets.core.dicom_headers import HeaderCache
-    from dataset_assets.core.verify import check_headers, header_cache_path
+    from dataset_assets.core.verify.checks import check_headers, header_cache_path
+    from dataset_assets.core.verify.dicom_headers import HeaderCache
 
     fx, manifest, _ = many
     root = tmp_path / "dl"
@@ -311,7 +311,7 @@ def test_the_download_adds_one_header_cache_part_per_batch_and_the_check_folds_t
 def test_what_the_journal_wrote_reaches_the_disk_within_its_interval(tmp_path, monkeypatch):
     import time
 
-    from dataset_assets.core import state as state_module
+    from dataset_assets.core.transfer import state as state_module
 
     synced: list[int] = []
     real = os.fsync

@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 
 from dataset_assets.core.errors import OptionError
-from dataset_assets.core.shards import parse_shard, shard_count, shard_manifest, shard_of
+from dataset_assets.core.select.shards import parse_shard, shard_count, shard_manifest, shard_of
 from dataset_assets_tests.support.envs import project_env
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.s3server import LocalS3Server
@@ -109,8 +109,8 @@ def test_cli_shards_and_verify(twelve, tmp_path):
 
 
 def test_shard_membership_is_stable_disjoint_and_complete(twelve):
-    from dataset_assets.core.index import IndexSource
-    from dataset_assets.core.manifest import build_manifest
+    from dataset_assets.core.index.source import IndexSource
+    from dataset_assets.core.select.manifest import build_manifest
 
     with IndexSource(twelve.index_dir).connect() as con:
         manifest = build_manifest(con, "qin_pet_phantom")
@@ -163,10 +163,10 @@ def test_dry_run_and_verify_refuse_what_the_download_refuses(twelve, tmp_path):
 
 
 def test_a_dry_run_says_when_its_counts_are_a_floor(twelve, tmp_path):
-    from dataset_assets.core.download import download
-    from dataset_assets.core.index import IndexSource
-    from dataset_assets.core.manifest import build_manifest
-    from dataset_assets.core.s5cmd import S5cmdOptions
+    from dataset_assets.core.index.source import IndexSource
+    from dataset_assets.core.select.manifest import build_manifest
+    from dataset_assets.core.transfer.download import download
+    from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 
     dest = tmp_path / "dl"
     with IndexSource(twelve.index_dir).connect() as con:
@@ -184,9 +184,9 @@ def test_a_dry_run_says_when_its_counts_are_a_floor(twelve, tmp_path):
 
 def test_shards_add_to_their_collections_header_cache(twelve, tmp_path):
     """The check of the collection reads nothing the shards' downloads read already."""
-    from dataset_assets.core.download import state_path_for
-    from dataset_assets.core.manifest import read_manifest
-    from dataset_assets.core.verify import check_headers, header_cache_path
+    from dataset_assets.core.select.manifest import read_manifest
+    from dataset_assets.core.transfer.download import state_path_for
+    from dataset_assets.core.verify.checks import check_headers, header_cache_path
 
     with LocalS3Server(twelve.s3_root, max_lifetime_s=600) as server:
         env = env_for(tmp_path, twelve, server)

@@ -21,11 +21,11 @@ from dataset_assets import settings
 from dataset_assets.core import safety
 from dataset_assets.core.errors import DownloadError
 from dataset_assets.core.fs import new_file
-from dataset_assets.core.http_bundles import Bundle, download_bundle
-from dataset_assets.core.manifest import write_manifest
-from dataset_assets.core.query import TABLE_MAX_WIDTH, TABLE_WIDTH_ROWS, _write_table
-from dataset_assets.core.s5cmd import S5cmdOptions
-from dataset_assets.core.state import SeriesRecord, journal_path, load_state, save_state
+from dataset_assets.core.http.bundles import Bundle, download_bundle
+from dataset_assets.core.index.query import TABLE_MAX_WIDTH, TABLE_WIDTH_ROWS, _write_table
+from dataset_assets.core.select.manifest import write_manifest
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
+from dataset_assets.core.transfer.state import SeriesRecord, journal_path, load_state, save_state
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.test_indices_cohorts import VERSION, parquet_bytes, table_for
 
@@ -183,8 +183,8 @@ def test_every_validator_refuses_a_trailing_line_break_or_nul(tail):
         "series_bytes": 10,
     }
     assert safety.series_problem(row, safety.IDC_BUCKETS)
-    from dataset_assets.core.download import TEMP_SUFFIX
-    from dataset_assets.core.portal_manifest import bucket_of
+    from dataset_assets.core.select.portal_manifest import bucket_of
+    from dataset_assets.core.transfer.download import TEMP_SUFFIX
 
     assert TEMP_SUFFIX.fullmatch("x.dcm123") and not TEMP_SUFFIX.fullmatch("x.dcm123" + tail)
     assert bucket_of(f"s3://idc-open-data/{UUID}/*") == "idc-open-data"
@@ -214,7 +214,7 @@ def test_an_endless_body_without_content_length_stops_at_the_cap_and_keeps_nothi
 def test_a_filling_disk_stops_an_unsized_body_as_it_arrives(file_server, session, tmp_path, monkeypatch):
     import shutil
 
-    from dataset_assets.core import http_bundles
+    from dataset_assets.core.http import bundles as http_bundles
 
     monkeypatch.setattr(http_bundles, "FREE_SPACE_EVERY_BYTES", 1 << 20)
     real = shutil.disk_usage
@@ -406,12 +406,12 @@ def test_query_cannot_write_the_index_files_it_may_read(idc_fixture, tmp_path):
 
 
 def test_hostile_journal_lines_are_dropped_never_a_traceback(tmp_path):
-    from dataset_assets.core.state import compact_state
+    from dataset_assets.core.transfer.state import compact_state
 
     state = tmp_path / "s.parquet"
     uuid = "0" * 8 + "-0000-0000-0000-" + "0" * 12
     good = SeriesRecord("1.2", uuid, {"a.dcm": 3})
-    writer = __import__("dataset_assets.core.state", fromlist=["Journal"]).Journal(state)
+    writer = __import__("dataset_assets.core.transfer.state", fromlist=["Journal"]).Journal(state)
     writer.record("good/", good)
     writer.close()
     with journal_path(state).open("a", encoding="utf-8", errors="surrogatepass") as handle:
@@ -433,8 +433,8 @@ def test_hostile_journal_lines_are_dropped_never_a_traceback(tmp_path):
 
 
 def test_links_and_fifos_in_the_control_folder_are_refused(s3, manifest, tmp_path):
-    from dataset_assets.core.download import download
     from dataset_assets.core.errors import BadDestinationError, DownloadError
+    from dataset_assets.core.transfer.download import download
 
     opts = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
     victim = tmp_path / "victim"
@@ -502,8 +502,8 @@ def test_table_output_escapes_what_a_terminal_would_act_on(idc_fixture):
 def test_the_state_that_cannot_be_written_does_not_stop_the_download(s3, manifest, tmp_path, monkeypatch):
     import errno
 
-    from dataset_assets.core import state as state_module
-    from dataset_assets.core.download import download
+    from dataset_assets.core.transfer import state as state_module
+    from dataset_assets.core.transfer.download import download
 
     def full(self, entry):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -525,8 +525,7 @@ def test_the_connection_itself_is_locked_whatever_reaches_it(idc_fixture, tmp_pa
     to install or load, and to touch files other than the indices."""
     import duckdb
 
-    from dataset_assets.core import extra_index
-    from dataset_assets.core.index import IndexSource
+    from dataset_assets.core.index.source import IndexSource, extra_index
 
     with extra_index.connect_all(IndexSource(idc_fixture.index_dir), settings.index_store()) as con:
         assert con.execute("SELECT count(*) FROM idc_index").fetchone() == (len(idc_fixture.rows),)

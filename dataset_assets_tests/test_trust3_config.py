@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from dataset_assets.core.errors import LayoutError, OptionError
-from dataset_assets.core.layout import Layout, layout_problem
-from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.select.layout import Layout, layout_problem
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets.defs.checks import HeaderCheckConfig
 from dataset_assets.defs.download_assets import downloaded_collection
 from dataset_assets.defs.manifest_assets import collection_manifest

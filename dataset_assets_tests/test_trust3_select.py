@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_assets.core.cohort_file import CohortError, load_cohorts
-from dataset_assets.core.cohorts import build_cohort_manifest, fill_prior_series, not_in_index, prior_series
 from dataset_assets.core.errors import FilterError
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.s5cmd import S5cmdOptions
+from dataset_assets.core.index.source import IndexSource
+from dataset_assets.core.select.cohort_file import CohortError, load_cohorts
+from dataset_assets.core.select.cohorts import build_cohort_manifest, fill_prior_series, not_in_index, prior_series
+from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.envs import materialize_cmd, project_env
 from dataset_assets_tests.test_cli import assert_one_line_error, run
 

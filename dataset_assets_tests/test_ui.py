@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.index import IndexSource, collection_ids
+from dataset_assets.core.index.source import IndexSource, collection_ids
 from dataset_assets_tests.support.envs import materialize_cmd
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.procs import processes_mentioning

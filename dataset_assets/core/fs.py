@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import DownloadError
-from .fmt import human_bytes
+from dataset_assets.core.errors import DownloadError
+from dataset_assets.core.fmt import human_bytes
 
 DISK_MARGIN = 0.02  # fraction of the needed bytes kept free on top of them
 DISK_MARGIN_MIN = 64 * 1024 * 1024

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .errors import UnsafeValueError
+from dataset_assets.core.errors import UnsafeValueError
 
 #: IDC's public buckets on AWS, and their names on the GCS mirror.
 IDC_BUCKETS = (
@@ -144,7 +144,7 @@ def endpoint_problem(url: object) -> str | None:
     """An S3 endpoint URL: http(s), a host, a valid port, no path, no whitespace or control character."""
     from urllib.parse import urlsplit
 
-    from .fmt import redact_url
+    from dataset_assets.core.fmt import redact_url
 
     if not isinstance(url, str) or not url or CONTROL.search(url) or any(c.isspace() for c in url):
         return f"endpoint {url!r} is empty or contains whitespace or control characters"

@@ -18,7 +18,7 @@ import datetime
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core.index import IndexSource
+from dataset_assets.core.index.source import IndexSource
 
 from .index_assets import idc_collections, idc_index
 from .jobs import download_collections_job

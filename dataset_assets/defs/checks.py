@@ -48,7 +48,7 @@ def idc_index_rows_are_safe(duckdb: IndexDatabase, s5cmd: S5cmdResource) -> dg.A
     and the counts are counts. Downloads refuse such rows one by one (naming them); this says
     ahead of time how many there are (a warning: every other series still downloads). Counted
     once per index snapshot (see `index_facts`), so re-materializing a release costs milliseconds."""
-    from dataset_assets.core.index import index_facts
+    from dataset_assets.core.index.source import index_facts
 
     with duckdb.get_connection() as con:
         facts = index_facts(con)
@@ -87,7 +87,7 @@ UNSAFE_ROW_KINDS = (
 @dg.asset_check(asset=idc_index, blocking=True)
 def idc_index_urls_present(duckdb: IndexDatabase) -> dg.AssetCheckResult:
     """No series without `crdc_series_uuid` or `series_aws_url`, so every series can be fetched."""
-    from dataset_assets.core.index import index_facts
+    from dataset_assets.core.index.source import index_facts
 
     with duckdb.get_connection() as con:
         found = index_facts(con)["problems"]["without_uuid_or_url"]
@@ -135,7 +135,7 @@ def build_download_checks(
         return decorate
 
     def manifest_of(idc: IdcResource, key: str):
-        from dataset_assets.core.manifest import read_manifest
+        from dataset_assets.core.select.manifest import read_manifest
 
         try:
             return read_manifest(manifest_path(idc, key))
@@ -146,7 +146,7 @@ def build_download_checks(
     def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
         """Every file of every series has its own size as recorded when it was listed or fetched,
         and each series its manifest's `instanceCount` files and bytes."""
-        from dataset_assets.core import verify
+        from dataset_assets.core.verify import checks as verify
 
         root = idc.download_root()
         manifest = manifest_of(idc, context.partition_key)
@@ -159,7 +159,7 @@ def build_download_checks(
     ) -> dg.AssetCheckResult:
         """Every file's DICOM header (read without pixel data) has the PatientID, StudyInstanceUID,
         SeriesInstanceUID and Modality of its manifest row."""
-        from dataset_assets.core import verify
+        from dataset_assets.core.verify import checks as verify
 
         root = idc.download_root()
         manifest = manifest_of(idc, context.partition_key)
@@ -176,7 +176,7 @@ def build_download_checks(
     @check(blocking=False)
     def no_stray_files(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
         """No stray or partial file in the tree of the downloaded series (warning only)."""
-        from dataset_assets.core import verify
+        from dataset_assets.core.verify import checks as verify
 
         report = verify.check_tree(manifest_of(idc, context.partition_key), idc.download_root())
         return _result(report, f"files in the {what}'s tree", severity=dg.AssetCheckSeverity.WARN)

@@ -13,11 +13,11 @@ from pathlib import Path
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core.cohort_file import DEFAULT_COHORTS_FILE, Cohort, try_load_cohorts
-from dataset_assets.core.control import DownloadRoot
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.layout import default_max_path
+from dataset_assets.core.select.cohort_file import DEFAULT_COHORTS_FILE, Cohort, try_load_cohorts
+from dataset_assets.core.select.layout import default_max_path
+from dataset_assets.core.transfer.control import DownloadRoot
 
 from .automation import refresh_downloaded_condition
 from .checks import build_download_checks
@@ -75,10 +75,10 @@ _NOTE = f" Cohorts file problem: {COHORTS_PROBLEM}" if COHORTS_PROBLEM else ""
     "`downloaded_cohort` runs)." + _NOTE,
 )
 def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.MaterializeResult:
-    from dataset_assets.core import extra_index as extra
-    from dataset_assets.core import manifest as mf
-    from dataset_assets.core.cohorts import build_cohort_manifest, not_in_index, prior_series
-    from dataset_assets.core.index import release_of
+    from dataset_assets.core.index import extra_index as extra
+    from dataset_assets.core.index.source import release_of
+    from dataset_assets.core.select import manifest as mf
+    from dataset_assets.core.select.cohorts import build_cohort_manifest, not_in_index, prior_series
 
     cohort = _cohort(context.partition_key)
     root = idc.download_root()
@@ -138,7 +138,7 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
 def downloaded_cohort(
     context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
 ) -> dg.MaterializeResult:
-    from dataset_assets.core.cohorts import list_prior_series
+    from dataset_assets.core.select.cohorts import list_prior_series
 
     cohort = _cohort(context.partition_key)
     root = idc.download_root()

@@ -12,8 +12,8 @@ import dagster as dg
 from dataset_assets import settings
 from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, TransferStoppedError
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
-from dataset_assets.core.s5cmd import binary_version, die_with_launcher
-from dataset_assets.core.shards import shard_count, shard_manifest
+from dataset_assets.core.select.shards import shard_count, shard_manifest
+from dataset_assets.core.transfer.s5cmd import binary_version, die_with_launcher
 
 from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
@@ -89,9 +89,9 @@ def downloaded_collection_shard(
     split into `$IDC_SHARDS` shards (16), or fewer when it is small (at least 100,000 files each);
     a shard past that count is empty. Launch every shard and `downloaded_collection` in one
     backfill: the collection then verifies what the shards recorded, with no request."""
-    from dataset_assets.core import download as dl
-    from dataset_assets.core.manifest import read_manifest
-    from dataset_assets.core.state import shard_state_path
+    from dataset_assets.core.select.manifest import read_manifest
+    from dataset_assets.core.transfer import download as dl
+    from dataset_assets.core.transfer.state import shard_state_path
 
     keys = context.partition_key.keys_by_dimension
     collection_id, shard = keys["collection_id"], int(keys["shard"])
@@ -160,9 +160,9 @@ def materialize_download(
     """The body of every downloaded asset (collections, cohorts): read the manifest, run the
     download engine, and turn its outcome into metadata or a one-line ``dg.Failure``, with a
     searchable start and end line in the run's log. ``state_path``: default, the collection's."""
-    from dataset_assets.core import download as dl
-    from dataset_assets.core.manifest import read_manifest
-    from dataset_assets.core.verify import header_cache_path
+    from dataset_assets.core.select.manifest import read_manifest
+    from dataset_assets.core.transfer import download as dl
+    from dataset_assets.core.verify.checks import header_cache_path
 
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
     try:

@@ -5,10 +5,10 @@ from pathlib import Path
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core import extra_index as extra
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes, redact_url, scrub_text
-from dataset_assets.core.index import replace_relation
+from dataset_assets.core.index import extra_index as extra
+from dataset_assets.core.index.source import replace_relation
 
 from .index_assets import idc_index
 from .resources import IdcResource, IndexDatabase

@@ -12,7 +12,7 @@ import dagster as dg
 
 from dataset_assets import settings
 from dataset_assets.core.fmt import human_bytes
-from dataset_assets.core.http_bundles import Bundle, download_bundle, redact_url, try_load_bundles
+from dataset_assets.core.http.bundles import Bundle, download_bundle, redact_url, try_load_bundles
 
 from .settings import BUNDLES_GROUP, OWNERS
 

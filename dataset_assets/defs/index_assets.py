@@ -5,8 +5,8 @@ from pathlib import Path
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core import index as idx
 from dataset_assets.core.fmt import human_bytes, markdown_table
+from dataset_assets.core.index import source as idx
 
 from .resources import IdcResource, IndexDatabase
 from .settings import INDEX_GROUP, OWNERS

@@ -8,9 +8,9 @@ import dagster as dg
 from pydantic import Field
 
 from dataset_assets.core.errors import DatasetError
-from dataset_assets.core.filters import FILTER_COLUMNS, ManifestFilters
 from dataset_assets.core.fmt import human_bytes, markdown_table
-from dataset_assets.core.layout import DEFAULT_LAYOUT, MAX_PATH_RANGE, default_max_path, layout_problem
+from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
+from dataset_assets.core.select.layout import DEFAULT_LAYOUT, MAX_PATH_RANGE, default_max_path, layout_problem
 
 from .index_assets import idc_index
 from .partitions import collection_partitions
@@ -78,10 +78,10 @@ def collection_manifest(
     parts, patients, studies, series), each with its S3 URL, size, instance count, licence and
     target directory from the layout template. Stored as one Parquet file per collection in
     `$IDC_MANIFEST_DIR` (query all with DuckDB: `SELECT * FROM 'data/manifests/*.parquet'`)."""
-    from dataset_assets.core import manifest as mf
-    from dataset_assets.core.citations import citations, license_summary
-    from dataset_assets.core.index import release_of
-    from dataset_assets.core.viewer import viewer_url, viewer_urls
+    from dataset_assets.core.index.citations import citations, license_summary
+    from dataset_assets.core.index.source import release_of
+    from dataset_assets.core.index.viewer import viewer_url, viewer_urls
+    from dataset_assets.core.select import manifest as mf
 
     collection_id = context.partition_key
     source = idc.source()

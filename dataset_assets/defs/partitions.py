@@ -18,7 +18,7 @@ import dagster as dg
 
 from dataset_assets import settings
 from dataset_assets.core.fs import new_file, read_small
-from dataset_assets.core.index import IndexSource
+from dataset_assets.core.index.source import IndexSource
 from dataset_assets.core.safety import name_problem
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ collection_partitions = dg.StaticPartitionsDefinition(collection_partition_keys(
 
 def shard_keys() -> list[str]:
     """``00`` ... ``<IDC_SHARDS - 1>``: the shard dimension (a bad setting is logged, and 16 used)."""
-    from dataset_assets.core.shards import MAX_SHARDS
+    from dataset_assets.core.select.shards import MAX_SHARDS
 
     raw = (settings.IDC_SHARDS.get() or "16").strip()
     count = int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_SHARDS else 0

@@ -20,15 +20,15 @@ import dagster as dg
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dataset_assets import settings
-from dataset_assets.core.index import IndexSource
-from dataset_assets.core.progress import DEFAULT_STALL_TIMEOUT_S
-from dataset_assets.core.s5cmd import LIMITS, S5cmdOptions
+from dataset_assets.core.index.source import IndexSource
 from dataset_assets.core.safety import (
     IDC_BUCKETS,
     bucket_problem,
     endpoint_problem,
     require_name,
 )
+from dataset_assets.core.transfer.progress import DEFAULT_STALL_TIMEOUT_S
+from dataset_assets.core.transfer.s5cmd import LIMITS, S5cmdOptions
 from dataset_assets.core.urls import GCS_ENDPOINT
 
 #: Values Dagster resolves from the environment when a run starts: checked then, not before.

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dataset_assets.core.index import BUNDLED, IndexSource
+from dataset_assets.core.index.source import BUNDLED, IndexSource
 
 SOP_CLASSES = {
     "PT": "1.2.840.10008.5.1.4.1.1.128",

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from .errors import DownloadError, OptionError
-from .parent_death import on_parent_death
-from .urls import AWS_ENDPOINT, GCS_ENDPOINT
+from dataset_assets.core.errors import DownloadError, OptionError
+from dataset_assets.core.transfer.parent_death import on_parent_death
+from dataset_assets.core.urls import AWS_ENDPOINT, GCS_ENDPOINT
 
 #: Bucket names on the GCS mirror where they differ from AWS.
 GCS_BUCKETS = {"idc-open-data-two": "idc-open-idc1", "idc-open-data-cr": "idc-open-cr"}

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DatasetError, FilterError
-from .filters import FILTER_COLUMNS, ManifestFilters
-from .layout import DEFAULT_LAYOUT
-from .safety import name_problem
+from dataset_assets.core.errors import DatasetError, FilterError
+from dataset_assets.core.safety import name_problem
+from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
+from dataset_assets.core.select.layout import DEFAULT_LAYOUT
 
-DEFAULT_COHORTS_FILE = Path(__file__).resolve().parents[1] / "cohorts.yaml"
+DEFAULT_COHORTS_FILE = Path(__file__).resolve().parents[2] / "cohorts.yaml"
 _KEYS = {"name", "sql", "collection_id", "layout", "description", *FILTER_COLUMNS}
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import IndexUnavailableError, UnknownCollectionError, UnknownIndexError
+from dataset_assets.core.errors import IndexUnavailableError, UnknownCollectionError, UnknownIndexError
 
 if TYPE_CHECKING:  # DuckDB loads with the first query, not with the definitions (0.3 s of every run)
     import duckdb
@@ -272,7 +272,7 @@ def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
 def _read_facts(path: Path, fingerprint: object) -> dict | None:
     import json
 
-    from .fs import read_small
+    from dataset_assets.core.fs import read_small
 
     try:
         held = json.loads(read_small(path, 1 << 24))  # never a planted FIFO or link, never huge
@@ -290,7 +290,7 @@ def _read_facts(path: Path, fingerprint: object) -> dict | None:
 def _write_facts(path: Path, fingerprint: object, facts: dict) -> None:
     import json
 
-    from .fs import new_file
+    from dataset_assets.core.fs import new_file
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

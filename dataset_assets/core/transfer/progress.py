@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .fmt import human_bytes, human_duration
+from dataset_assets.core.fmt import human_bytes, human_duration
 
 #: Seconds with no file completing before a transfer is stopped as stalled (0: wait forever).
 DEFAULT_STALL_TIMEOUT_S = 120.0

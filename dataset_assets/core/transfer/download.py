@@ -45,22 +45,27 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from . import s5cmd
-from .control import (
+from dataset_assets.core.errors import (
+    BadDestinationError,
+    DownloadError,
+    IncompleteDownloadError,
+    OptionError,
+    TransferStoppedError,
+)
+from dataset_assets.core.fmt import human_bytes, redact_url, scrub_text
+from dataset_assets.core.fs import check_writable, space_reservation
+from dataset_assets.core.safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_name, series_problem
+from dataset_assets.core.select.manifest import is_whole_collection
+from dataset_assets.core.transfer import s5cmd
+from dataset_assets.core.transfer.control import (
     DownloadRoot,
     check_control,
     collection_locks,
     command_file,
     remove_stale_command_files,
 )
-from .dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
-from .errors import BadDestinationError, DownloadError, IncompleteDownloadError, OptionError, TransferStoppedError
-from .fmt import human_bytes, redact_url, scrub_text
-from .fs import check_writable, space_reservation
-from .manifest import is_whole_collection
-from .progress import DEFAULT_STALL_TIMEOUT_S, Progress, parse_line
-from .safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_name, series_problem
-from .state import (
+from dataset_assets.core.transfer.progress import DEFAULT_STALL_TIMEOUT_S, Progress, parse_line
+from dataset_assets.core.transfer.state import (
     Journal,
     SeriesRecord,
     compact_state,
@@ -70,6 +75,7 @@ from .state import (
     recorded_files,
     remove_stale_temporaries,
 )
+from dataset_assets.core.verify.dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
 
 #: What s5cmd leaves when killed: the object's name followed by digits.
 TEMP_SUFFIX = re.compile(r"(.+\.dcm)\d+")

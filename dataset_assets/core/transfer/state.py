@@ -34,9 +34,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import arrow_build
-from .fs import new_file
-from .safety import CONTROL, is_uuid, object_names_ok, target_dir_problem
+from dataset_assets.core import arrow_build
+from dataset_assets.core.fs import new_file
+from dataset_assets.core.safety import CONTROL, is_uuid, object_names_ok, target_dir_problem
 
 Log = Callable[[str], None]
 

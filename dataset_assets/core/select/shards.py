@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .errors import OptionError
+from dataset_assets.core.errors import OptionError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -48,7 +48,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard_manifest(manifest: pa.Table, index: int, count: int) -> pa.Table:
     """The rows of ``manifest`` in shard ``index`` of ``count`` (rows without a UUID-shaped
     crdc_series_uuid stay in shard 0, where the download reports them)."""
-    from .arrow_build import int64s
+    from dataset_assets.core.arrow_build import int64s
 
     rows = []
     for i, uuid in enumerate(manifest.column("crdc_series_uuid").to_pylist()):

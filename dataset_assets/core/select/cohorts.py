@@ -16,12 +16,11 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from . import s5cmd
-from .cohort_file import Cohort, CohortError
-from .errors import DatasetError
-from .index import require_collection
-from .layout import Layout, LongPaths
-from .manifest import (
+from dataset_assets.core.errors import DatasetError
+from dataset_assets.core.index.source import require_collection
+from dataset_assets.core.select.cohort_file import Cohort, CohortError
+from dataset_assets.core.select.layout import Layout, LongPaths
+from dataset_assets.core.select.manifest import (
     WHOLE_COLLECTION_KEY,
     build_manifest,
     manifest_schema,
@@ -29,7 +28,8 @@ from .manifest import (
     render_manifest,
     write_manifest,
 )
-from .resolve import fill_prior_counts, prior_manifest
+from dataset_assets.core.select.resolve import fill_prior_counts, prior_manifest
+from dataset_assets.core.transfer import s5cmd
 
 SERIES_COLUMNS = ("SeriesInstanceUID", "crdc_series_uuid")
 
@@ -169,7 +169,7 @@ def fill_prior_series(
     prior = prior_series(manifest)
     if not prior:
         return manifest, []
-    from .download import check_endpoint
+    from dataset_assets.core.transfer.download import check_endpoint
 
     check_endpoint(options)
     table, problems = fill_prior_counts(manifest, prior, options, allowed_buckets)
@@ -206,8 +206,8 @@ def not_in_index(manifest: pa.Table) -> int:
 
 def _one_line(cohort: Cohort, exc: duckdb.Error) -> DatasetError:
     """The cohort's SQL error in one line; an unknown table says how to fetch an on-demand index."""
-    from . import extra_index as extra
-    from .errors import UnknownIndexError
+    from dataset_assets.core.errors import UnknownIndexError
+    from dataset_assets.core.index import extra_index as extra
 
     message = " ".join(str(exc).split())[:400]
     missing = re.search(r"Table with name (\w+) does not exist", message)

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .parent_death import on_parent_death
+from dataset_assets.core.transfer.parent_death import on_parent_death
 
 HEADER_FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
@@ -138,7 +138,7 @@ class HeaderCache:
 
     def load(self) -> HeaderCache:
         """The cache and every part downloads added (parts folded in when it is saved next)."""
-        from . import arrow_build  # here, not at the top: header workers import only pydicom
+        from dataset_assets.core import arrow_build
 
         absolute = _memo(lambda folder: os.path.normpath(os.path.join(self.root, folder)))
         self.entries, self.loaded, self._parts = {}, False, []
@@ -189,8 +189,8 @@ class HeaderCache:
         import pyarrow as pa  # here, not at the top: header workers import only pydicom
         import pyarrow.parquet as pq
 
-        from . import arrow_build
-        from .fs import new_file
+        from dataset_assets.core import arrow_build
+        from dataset_assets.core.fs import new_file
 
         schema = pa.schema(
             [

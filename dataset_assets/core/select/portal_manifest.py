@@ -21,10 +21,10 @@ import io
 import re
 from pathlib import Path
 
-from .errors import FilterError
-from .resolve import INSTANCE, Entry
-from .s5cmd import GCS_BUCKETS
-from .safety import is_uuid
+from dataset_assets.core.errors import FilterError
+from dataset_assets.core.safety import is_uuid
+from dataset_assets.core.select.resolve import INSTANCE, Entry
+from dataset_assets.core.transfer.s5cmd import GCS_BUCKETS
 
 #: Bucket names of the GCS mirror -> AWS names (the index's ``aws_bucket``).
 GCS_TO_AWS = {gcs: aws for aws, gcs in GCS_BUCKETS.items()}  # the mirror's names, back to AWS'

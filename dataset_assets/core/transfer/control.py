@@ -24,8 +24,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadDestinationError, DownloadError
-from .safety import CONTROL_DIR, require_name
+from dataset_assets.core.errors import BadDestinationError, DownloadError
+from dataset_assets.core.safety import CONTROL_DIR, require_name
 
 #: The folders of a root's control folder; each is made by a download, and never a link.
 CONTROL_FOLDERS = ("", "state", "locks", "claims", "claims/holders", "reservations", "headers", "replaced")

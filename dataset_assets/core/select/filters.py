@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from .errors import FilterError
+from dataset_assets.core.errors import FilterError
 
 #: Filter field -> index column.
 FILTER_COLUMNS = {

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from . import dicom_headers
-from .control import CONTROL_DIR, DownloadRoot
-from .dicom_headers import HEADER_FIELDS
-from .download import series_status, state_path_for
-from .errors import VerifyError
-from .state import load_state
+from dataset_assets.core.errors import VerifyError
+from dataset_assets.core.transfer.control import CONTROL_DIR, DownloadRoot
+from dataset_assets.core.transfer.download import series_status, state_path_for
+from dataset_assets.core.transfer.state import load_state
+from dataset_assets.core.verify import dicom_headers
+from dataset_assets.core.verify.dicom_headers import HEADER_FIELDS
 
 MAX_LISTED = 20
 

@@ -25,14 +25,14 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from . import s5cmd
-from .errors import FilterError, IndexUnavailableError
-from .filters import ManifestFilters
-from .index import collection_ids, release_of, sql_str
-from .layout import Layout
-from .manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, build_manifest, manifest_schema
-from .progress import parse_line
-from .safety import location_problem
+from dataset_assets.core.errors import FilterError, IndexUnavailableError
+from dataset_assets.core.index.source import collection_ids, release_of, sql_str
+from dataset_assets.core.safety import location_problem
+from dataset_assets.core.select.filters import ManifestFilters
+from dataset_assets.core.select.layout import Layout
+from dataset_assets.core.select.manifest import MANIFEST_COLUMNS, WHOLE_COLLECTION_KEY, build_manifest, manifest_schema
+from dataset_assets.core.transfer import s5cmd
+from dataset_assets.core.transfer.progress import parse_line
 
 #: Kind -> the ``idc_index`` column it is looked up in, in the order of messages.
 KIND_COLUMNS = {

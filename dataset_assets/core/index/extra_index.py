@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import IndexUnavailableError, OptionError, UnknownIndexError
-from .fmt import redact_url
-from .http_bundles import HttpLimits
-from .index import BUNDLED, IndexSource, installed_package, sql_str
-from .safety import CONTROL
-from .urls import INDEX_RELEASES_URL
+from dataset_assets.core.errors import IndexUnavailableError, OptionError, UnknownIndexError
+from dataset_assets.core.fmt import redact_url
+from dataset_assets.core.http.bundles import HttpLimits
+from dataset_assets.core.index.source import BUNDLED, IndexSource, installed_package, sql_str
+from dataset_assets.core.safety import CONTROL
+from dataset_assets.core.urls import INDEX_RELEASES_URL
 
 if TYPE_CHECKING:  # DuckDB loads with the first query, not with the definitions
     import duckdb
@@ -191,7 +191,7 @@ def row_count(path: Path) -> int:
 def fetch(store: IndexStore, name: str, *, log: Log = lambda _m: None, force: bool = False) -> FetchResult:
     """Fetch ``name`` of the installed release (unless already here and ``force`` is off),
     check its schema, and move it into place. Raises ``DownloadError`` / ``IndexUnavailableError``."""
-    from .http_bundles import Bundle, download_bundle  # requests: imported by what fetches only
+    from dataset_assets.core.http.bundles import Bundle, download_bundle  # requests: imported by what fetches only
 
     require_on_demand(name)
     folder = store.local_dir()

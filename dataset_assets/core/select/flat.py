@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from .fs import new_file
+from dataset_assets.core.fs import new_file
 
 
 def link_into(root: Path, relative_files: Iterable[str]) -> tuple[int, list[str]]:

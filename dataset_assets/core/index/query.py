@@ -20,9 +20,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import extra_index as extra
-from .errors import FilterError, OptionError, UnknownIndexError
-from .fs import new_file
+from dataset_assets.core.errors import FilterError, OptionError, UnknownIndexError
+from dataset_assets.core.fs import new_file
+from dataset_assets.core.index import extra_index as extra
 
 BATCH_ROWS = 50_000
 TABLE_WIDTH_ROWS = 1_000  # a table's column widths come from its first rows

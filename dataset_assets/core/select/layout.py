@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Literal
 
-from .errors import LayoutError
-from .safety import CONTROL_DIR
+from dataset_assets.core.errors import LayoutError
+from dataset_assets.core.safety import CONTROL_DIR
 
 if TYPE_CHECKING:  # Arrow loads when a layout is rendered, not when a template is checked
     import pyarrow as pa
@@ -55,7 +55,7 @@ _RESERVED = r"^(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$"
 def _literals() -> tuple[pa.Scalar, pa.Scalar, pa.Scalar]:
     """``""``, ``/`` and ``_`` as Arrow scalars: a Python str handed to a compute function makes
     pyarrow import pandas."""
-    from .arrow_build import scalar
+    from dataset_assets.core.arrow_build import scalar
 
     return scalar(""), scalar("/"), scalar("_")
 
@@ -184,7 +184,7 @@ class Layout:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from .arrow_build import scalar
+        from dataset_assets.core.arrow_build import scalar
 
         _EMPTY, _SLASH, _ = _literals()
         rendered_components = []
@@ -232,7 +232,7 @@ def _off_control_dir(first: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunked
     the index, which is outside input; checked once per distinct value)."""
     import pyarrow.compute as pc
 
-    from .arrow_build import strings
+    from dataset_assets.core.arrow_build import strings
 
     _EMPTY, _, _UNDERSCORE = _literals()
     hits = [v for v in pc.unique(first).to_pylist() if v is not None and _is_control_dir(v)]
@@ -247,7 +247,7 @@ def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .arrow_build import scalar
+    from dataset_assets.core.arrow_build import scalar
 
     _EMPTY, _, _UNDERSCORE = _literals()
     text = pc.cast(values, pa.string()) if values.type != pa.string() else values
@@ -261,7 +261,7 @@ def sanitize(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def sanitize_value(value: object) -> str:
     """``sanitize`` for one value (the CLI and tests use it)."""
-    from .arrow_build import strings
+    from dataset_assets.core.arrow_build import strings
 
     return sanitize(strings([None if value is None else str(value)]))[0].as_py()
 
@@ -284,7 +284,7 @@ def _shorten_long(
     used to change the layout, so the same manifest lays out the same under any root."""
     import pyarrow.compute as pc
 
-    from .arrow_build import scalar, strings
+    from dataset_assets.core.arrow_build import scalar, strings
 
     idx = pc.indices_nonzero(pc.greater(pc.binary_length(dirs), scalar(NAME_MAX_BYTES))).to_pylist()
     values = None

@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from .arrow_build import strings
-from .urls import VIEWER_URL
+from dataset_assets.core.arrow_build import strings
+from dataset_assets.core.urls import VIEWER_URL
 
 
 def _q(value: object) -> str:

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 
-from . import arrow_build
-from .errors import FilterError, ManifestError
-from .filters import FILTER_COLUMNS, ManifestFilters
-from .fs import new_file
-from .index import require_collection
-from .layout import DEFAULT_LAYOUT, Layout, LongPaths
+from dataset_assets.core import arrow_build
+from dataset_assets.core.errors import FilterError, ManifestError
+from dataset_assets.core.fs import new_file
+from dataset_assets.core.index.source import require_collection
+from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
+from dataset_assets.core.select.layout import DEFAULT_LAYOUT, Layout, LongPaths
 
 #: Columns of a manifest, in order (``target_dir`` is added by the layout).
 MANIFEST_COLUMNS = (

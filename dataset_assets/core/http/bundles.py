@@ -70,9 +70,9 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from .errors import DatasetError, DownloadError
-from .fmt import human_bytes, human_duration, redact_url, scrub_text
-from .fs import DISK_MARGIN_MIN, check_free_space, check_writable
+from dataset_assets.core.errors import DatasetError, DownloadError
+from dataset_assets.core.fmt import human_bytes, human_duration, redact_url, scrub_text
+from dataset_assets.core.fs import DISK_MARGIN_MIN, check_free_space, check_writable
 
 if TYPE_CHECKING:  # requests and urllib3 load with the first download: the definitions load without them
     import requests

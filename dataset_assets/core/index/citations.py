@@ -21,7 +21,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .index import sql_str
+from dataset_assets.core.index.source import sql_str
 
 FORMATS = ("apa", "bibtex", "json")
 

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import s5cmd
-from .control import DownloadRoot, collection_locks, command_file
-from .download import TEMP_SUFFIX, check_endpoint, check_root, quoted
-from .errors import DownloadError, IncompleteDownloadError
-from .fmt import human_bytes, redact_url
-from .progress import Progress
-from .safety import is_uuid, location_problem, target_dir_problem
+from dataset_assets.core.errors import DownloadError, IncompleteDownloadError
+from dataset_assets.core.fmt import human_bytes, redact_url
+from dataset_assets.core.safety import is_uuid, location_problem, target_dir_problem
+from dataset_assets.core.transfer import s5cmd
+from dataset_assets.core.transfer.control import DownloadRoot, collection_locks, command_file
+from dataset_assets.core.transfer.download import TEMP_SUFFIX, check_endpoint, check_root, quoted
+from dataset_assets.core.transfer.progress import Progress
 
 Log = Callable[[str], None]
 

@@ -1,0 +1,1 @@
+"""Single-file datasets behind HTTP(S): resumable, verified downloads with capped waits and bodies."""
