@@ -149,7 +149,6 @@ def run(a) -> None:
     from dataset_assets.core.index.source import IndexSource
     from dataset_assets.core.select.manifest import build_manifest
     from dataset_assets.core.transfer import s5cmd
-    from dataset_assets.core.transfer.download import _command
 
     work = Path(tempfile.mkdtemp(prefix="dagster-path-bench-", dir=a.work_root if os.path.isdir(a.work_root) else None))
     server = None
@@ -205,7 +204,7 @@ def run(a) -> None:
             with open(cmds, "w") as f:
                 for row in manifest.select(["series_aws_url", "aws_bucket", "target_dir"]).to_pylist():
                     f.write(
-                        _command(
+                        s5cmd.command_line(
                             "cp",
                             opts.source_url(row["series_aws_url"], row["aws_bucket"]),
                             f"{dest / row['target_dir']}/",

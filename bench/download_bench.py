@@ -127,13 +127,12 @@ def fresh(work: Path, name: str) -> Path:
 
 def run_raw(manifest, dest: Path, opts, work: Path) -> tuple[float, float]:
     """s5cmd ``run`` of the commands download() writes; returns (seconds, s5cmd peak RSS MB)."""
-    from dataset_assets.core.transfer import download as dl
     from dataset_assets.core.transfer import s5cmd
 
     with open(cmd_file := work / "raw.s5cmd", "w", encoding="utf-8") as f:
         for row in manifest.select(["series_aws_url", "aws_bucket", "target_dir"]).to_pylist():
             url = opts.source_url(row["series_aws_url"], row["aws_bucket"])
-            f.write(dl._command("cp", url, f"{dest / row['target_dir']}/", opts.copy_flags()))
+            f.write(s5cmd.command_line("cp", url, f"{dest / row['target_dir']}/", opts.copy_flags()))
     t = time.monotonic()
     proc = subprocess.Popen(
         [str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmd_file)],

@@ -193,7 +193,6 @@ def measure(cmd: list[str], env: dict, *, kill_when=None) -> dict:
 def raw(index_dir: Path, dest: Path, work: Path, endpoint: str, workers: int) -> dict:
     from dataset_assets.core.index.source import IndexSource
     from dataset_assets.core.select.manifest import build_manifest
-    from dataset_assets.core.transfer import download as dl
     from dataset_assets.core.transfer import s5cmd
 
     opts = s5cmd.S5cmdOptions(endpoint_url=endpoint, workers=workers)
@@ -202,7 +201,7 @@ def raw(index_dir: Path, dest: Path, work: Path, endpoint: str, workers: int) ->
     with open(cmd_file := work / "raw.s5cmd", "w", encoding="utf-8") as f:
         for row in manifest.select(["series_aws_url", "aws_bucket", "target_dir"]).to_pylist():
             url = opts.source_url(row["series_aws_url"], row["aws_bucket"])
-            f.write(dl._command("cp", url, f"{dest / row['target_dir']}/", opts.copy_flags()))
+            f.write(s5cmd.command_line("cp", url, f"{dest / row['target_dir']}/", opts.copy_flags()))
     out = measure([str(s5cmd.find_binary()), *opts.global_args(), "run", str(cmd_file)], s5cmd.s5cmd_env(os.environ))
     out["s5cmd_rss_mb"] = out["rss_mb"]
     return out

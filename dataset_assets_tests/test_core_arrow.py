@@ -210,7 +210,8 @@ def test_a_reread_whose_cache_cannot_be_written_leaves_no_stale_cache(tmp_path, 
     which vouched for that file, must be gone, so the next check reads the file again."""
     import errno
 
-    from dataset_assets.core.verify.checks import check_headers, dicom_headers
+    from dataset_assets.core.verify import dicom_headers
+    from dataset_assets.core.verify.checks import check_headers
 
     manifest, root, cache = _swapped_after_a_check(tmp_path)
 

@@ -13,8 +13,9 @@ import idc_index_data
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataset_assets.core.index import extra_index
 from dataset_assets.core.index.citations import bibtex, citations
-from dataset_assets.core.index.source import IndexSource, extra_index
+from dataset_assets.core.index.source import IndexSource
 from dataset_assets.core.index.viewer import viewer_url
 from dataset_assets_tests.support.httpserver import FileServer
 from dataset_assets_tests.test_cli import DATASET, assert_one_line_error, run

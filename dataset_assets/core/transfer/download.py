@@ -65,6 +65,7 @@ from dataset_assets.core.transfer.control import (
     remove_stale_command_files,
 )
 from dataset_assets.core.transfer.progress import DEFAULT_STALL_TIMEOUT_S, Progress, parse_line
+from dataset_assets.core.transfer.s5cmd import command_line, quoted
 from dataset_assets.core.transfer.state import (
     Journal,
     SeriesRecord,
@@ -354,16 +355,6 @@ def state_path_for(root: Path, manifest: pa.Table) -> Path:
     else:
         name = "selection-" + hashlib.sha256("\n".join(map(str, collections)).encode()).hexdigest()[:12]
     return DownloadRoot(root.absolute()).state_path(name)
-
-
-def quoted(text: str) -> str:
-    """``text`` in double quotes as s5cmd's command-file parser reads it: that parser drops a
-    backslash before a backslash, dollar sign, backtick or double quote, so those get one."""
-    return '"' + re.sub(r'([\\$`"])', r"\\\1", text) + '"'
-
-
-def _command(verb: str, url: str, dest: str, flags: list[str]) -> str:
-    return f"{verb} {' '.join(flags)} {quoted(url)} {quoted(dest)}\n"
 
 
 class SeriesClaims:
@@ -712,10 +703,10 @@ class Download:
                     continue
                 self._pending[os.path.normpath(dest)] = t.row["instanceCount"] if t.whole else len(t.fetch)
                 if t.whole:
-                    handle.write(_command("cp", self._prefix(t.row) + "*", f"{dest}/", flags))
+                    handle.write(command_line("cp", self._prefix(t.row) + "*", f"{dest}/", flags))
                 else:
                     for name in t.fetch:
-                        handle.write(_command("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
+                        handle.write(command_line("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
             handle.close()
             headers = None
             if self.header_cache is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -136,6 +137,17 @@ class S5cmdOptions:
         if self.endpoint_url.rstrip("/") == GCS_ENDPOINT and bucket in GCS_BUCKETS:
             return series_aws_url.replace(f"s3://{bucket}/", f"s3://{GCS_BUCKETS[bucket]}/", 1)
         return series_aws_url
+
+
+def quoted(text: str) -> str:
+    """``text`` in double quotes as s5cmd's command-file parser reads it: that parser drops a
+    backslash before a backslash, dollar sign, backtick or double quote, so those get one."""
+    return '"' + re.sub(r'([\\$`"])', r"\\\1", text) + '"'
+
+
+def command_line(verb: str, url: str, dest: str, flags: list[str]) -> str:
+    """One line of an s5cmd command file: ``<verb> <flags> "<url>" "<dest>"``."""
+    return f"{verb} {' '.join(flags)} {quoted(url)} {quoted(dest)}\n"
 
 
 def s5cmd_env(base: Mapping[str, str]) -> dict[str, str]:

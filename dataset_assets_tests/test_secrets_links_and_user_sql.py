@@ -525,7 +525,8 @@ def test_the_connection_itself_is_locked_whatever_reaches_it(idc_fixture, tmp_pa
     to install or load, and to touch files other than the indices."""
     import duckdb
 
-    from dataset_assets.core.index.source import IndexSource, extra_index
+    from dataset_assets.core.index import extra_index
+    from dataset_assets.core.index.source import IndexSource
 
     with extra_index.connect_all(IndexSource(idc_fixture.index_dir), settings.index_store()) as con:
         assert con.execute("SELECT count(*) FROM idc_index").fetchone() == (len(idc_fixture.rows),)
