@@ -46,7 +46,13 @@ def test_index_and_manifest_materialize_in_process(resources, tmp_path):
     assert index_mat.tags["dagster/data_version"] == "v25"
     coll_mat = result.asset_materializations_for_node("idc_collections")[0]
     assert coll_mat.metadata["collections"].value == 179
-    assert "| qin_pet_phantom | QIN PET Phantom |" in coll_mat.metadata["collections_table"].value
+    rows = {r.data["collection_id"]: r.data for r in coll_mat.metadata["collections_table"].records}
+    assert len(rows) == 179 and rows["qin_pet_phantom"]["collection_name"] == "QIN PET Phantom"
+    assert coll_mat.metadata["dagster/table_name"].value == "idc.main.idc_collections"
+    columns = {c.name: c for c in index_mat.metadata["dagster/column_schema"].schema.columns}
+    assert columns["SeriesInstanceUID"].type == "string" and columns["instanceCount"].type == "int"
+    assert "series" in (columns["SeriesInstanceUID"].description or "").lower()
+    assert index_mat.metadata["dagster/table_name"].value == "idc.main.idc_index"
     with resources["duckdb"].get_connection() as con:
         assert con.execute("SELECT count(*) FROM idc_collections").fetchone()[0] == 179
 
@@ -65,6 +71,19 @@ def test_index_and_manifest_materialize_in_process(resources, tmp_path):
     assert meta["idc_release"].value == "v25" and meta["manifest_config"].value["modalities"] == ["PT"]
     table = pq.read_table(tmp_path / "manifests" / "qin_pet_phantom.parquet")
     assert table.num_rows == 44 and "target_dir" in table.column_names
+    assert meta["dagster/uri"].value == (tmp_path / "manifests" / "qin_pet_phantom.parquet").as_uri()
+    manifest_columns = {c.name: c.type for c in meta["dagster/column_schema"].schema.columns}
+    assert manifest_columns["instanceCount"] == "int" and manifest_columns["target_dir"] == "string"
+
+
+def test_the_index_is_fresh_for_a_week_and_watched_downloads_for_two_days(monkeypatch):
+    from dataset_assets.defs import download_assets
+
+    spec = defs.resolve_assets_def("idc_index").specs_by_key[dg.AssetKey("idc_index")]
+    assert spec.freshness_policy is not None and spec.freshness_policy.fail_window.to_timedelta().days == 9
+    assert download_assets.watched_freshness() is None  # nothing watched: downloads are on demand
+    monkeypatch.setenv("IDC_WATCHED_COLLECTIONS", "qin_pet_phantom")
+    assert download_assets.watched_freshness().fail_window.to_timedelta().days == 2
 
 
 def test_bad_filter_fails_the_run_and_keeps_the_previous_manifest(resources, tmp_path):

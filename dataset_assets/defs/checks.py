@@ -18,6 +18,7 @@ from dataset_assets.core.errors import DatasetError
 
 from .download_assets import downloaded_collection
 from .index_assets import idc_index
+from .metadata import failure
 from .partitions import collection_partitions
 from .resources import CheckedConfig, IdcResource, IndexDatabase, S5cmdResource
 
@@ -140,7 +141,7 @@ def build_download_checks(
         try:
             return read_manifest(manifest_path(idc, key))
         except (DatasetError, FileNotFoundError) as exc:  # one line naming what is wrong with it
-            raise dg.Failure(description=str(exc)) from None
+            raise failure(exc) from None
 
     @check(blocking=True)
     def files_match_manifest(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:

@@ -23,6 +23,7 @@ from .automation import refresh_downloaded_condition
 from .checks import build_download_checks
 from .download_assets import DOWNLOAD_ASSET, materialize_download
 from .index_assets import idc_index
+from .metadata import failure
 from .resources import IdcResource, S5cmdResource
 from .settings import DOWNLOADS_GROUP, OWNERS
 
@@ -41,12 +42,12 @@ cohort_partitions = dg.StaticPartitionsDefinition(sorted(COHORTS))
 
 def _cohort(name: str) -> Cohort:
     if COHORTS_PROBLEM:
-        raise dg.Failure(description=COHORTS_PROBLEM)
+        raise failure(COHORTS_PROBLEM, retry=False)
     return COHORTS[name]
 
 
 def cohort_manifest_path(idc: IdcResource, name: str) -> Path:
-    return idc.manifest_path(name).parent / "cohorts" / f"{name}.parquet"
+    return idc.cohort_manifest_path(name)
 
 
 def cohort_state_path(root: Path, name: str) -> Path:
@@ -87,7 +88,7 @@ def cohort_manifest(context: dg.AssetExecutionContext, idc: IdcResource) -> dg.M
             release = release_of(con)
             table = build_cohort_manifest(con, cohort, root_length=len(str(root)), max_path=default_max_path())
     except DatasetError as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise failure(exc) from None
     prior = len(prior_series(table))
     if prior:
         context.log.info(

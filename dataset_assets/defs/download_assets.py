@@ -5,6 +5,7 @@ not when the definitions load."""
 
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -17,6 +18,7 @@ from dataset_assets.core.transfer.s5cmd import binary_version, die_with_launcher
 
 from .automation import refresh_downloaded_condition
 from .manifest_assets import collection_manifest
+from .metadata import failure
 from .partitions import collection_partitions, shard_partitions
 from .resources import IdcResource, S5cmdResource
 from .settings import DOWNLOADS_GROUP, OWNERS
@@ -35,6 +37,17 @@ with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping shards 
     warnings.simplefilter("ignore", dg.BetaWarning)
     #: ``<collection>|<shard>`` -> ``<collection>`` (and every shard of a collection -> the collection).
     BY_COLLECTION = dg.MultiToSingleDimensionPartitionMapping("collection_id")
+
+
+def watched_freshness() -> dg.FreshnessPolicy | None:
+    """With collections watched (``$IDC_WATCHED_COLLECTIONS``, refreshed daily at 03:00), a
+    download left behind for two days shows as stale; without, downloads are on demand and
+    never stale."""
+    return (
+        dg.FreshnessPolicy.time_window(fail_window=timedelta(days=2), warn_window=timedelta(hours=30))
+        if settings.listed(settings.IDC_WATCHED_COLLECTIONS)
+        else None
+    )
 
 
 def _metadata(result, collection_dir, version: str) -> dict:  # result: core.download.DownloadResult
@@ -99,13 +112,13 @@ def downloaded_collection_shard(
     try:
         manifest = read_manifest(idc.manifest_path(collection_id))
     except (DatasetError, FileNotFoundError) as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise failure(exc) from None
     files = sum(n for n in manifest.column("instanceCount").to_pylist() if isinstance(n, int))
     requested = len(shard_partitions.get_partitions_def_for_dimension("shard").get_partition_keys())
     try:
         count = shard_count(files, requested, int(settings.IDC_SHARD_MIN_FILES.require()))
     except (ValueError, DatasetError) as exc:
-        raise dg.Failure(description=f"IDC_SHARD_MIN_FILES: {exc}") from None
+        raise failure(f"IDC_SHARD_MIN_FILES: {exc}", retry=False) from None
     if shard >= count:
         context.log.info(f"shard {shard} of {collection_id}: empty ({files:,} files make {count} shard(s))")
         return dg.MaterializeResult(metadata={"shard": shard, "shards": count, "series": 0, "empty": True})
@@ -132,6 +145,7 @@ def downloaded_collection_shard(
     partitions_def=collection_partitions,
     **DOWNLOAD_ASSET,
     automation_condition=refresh_downloaded_condition,
+    freshness_policy=watched_freshness(),
 )
 def downloaded_collection(
     context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
@@ -170,7 +184,7 @@ def materialize_download(
         state = state_path or dl.state_path_for(root, manifest)
         manifest = select(manifest) if select is not None else manifest  # e.g. one shard's series
     except (DatasetError, FileNotFoundError) as exc:  # an unsafe partition key, a tampered manifest
-        raise dg.Failure(description=str(exc)) from None
+        raise failure(exc) from None
     collection_dir = _collection_dir(root, manifest) if manifest.num_rows else root
     version = binary_version(settings.S5CMD_BINARY.get())
     context.log.info(
@@ -197,15 +211,14 @@ def materialize_download(
             f"download failed {label} reason={reason} failed_series={result.failed_count} "
             f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f}"
         )
-        raise dg.Failure(description=str(exc), metadata=_metadata(result, collection_dir, version)) from None
+        raise failure(exc, metadata=_metadata(result, collection_dir, version)) from None
     except DatasetError as exc:  # could not start: bad root, unsafe value, no space, endpoint, lock
         context.log.error(f"download failed {label} reason={str(exc)[:200]!r}")
-        raise dg.Failure(description=str(exc)) from None
+        raise failure(exc) from None
     except OSError as exc:  # the file system said no (permissions, disk full, I/O): name the path, keep the rest
         context.log.error(f"download failed {label} reason=OSError errno={exc.errno}")
-        raise dg.Failure(
-            description=f"{os_error_text(exc)}; everything completed so far is kept, materialize again "
-            "once that is fixed"
+        raise failure(
+            f"{os_error_text(exc)}; everything completed so far is kept, materialize again once that is fixed"
         ) from None
     except BaseException as exc:  # interrupted from the UI, or an unexpected error: still log the end
         context.log.error(f"download failed {label} reason={exc.__class__.__name__}")

@@ -11,6 +11,7 @@ from dataset_assets.core.index import extra_index as extra
 from dataset_assets.core.index.source import replace_relation
 
 from .index_assets import idc_index
+from .metadata import failure
 from .resources import IdcResource, IndexDatabase
 from .settings import INDEX_GROUP, OWNERS
 
@@ -36,7 +37,7 @@ def idc_extra_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb:
     try:
         result = extra.fetch(settings.index_store(), name, log=lambda line: context.log.info(scrub_text(line)))
     except DatasetError as exc:
-        raise dg.Failure(description=scrub_text(str(exc))) from None
+        raise failure(exc) from None
     release = idc.source().release()
     database = Path(duckdb.database)
     database.parent.mkdir(parents=True, exist_ok=True)

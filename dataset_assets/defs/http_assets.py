@@ -14,6 +14,7 @@ from dataset_assets import settings
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.http.bundles import Bundle, download_bundle, redact_url, try_load_bundles
 
+from .metadata import failure
 from .settings import BUNDLES_GROUP, OWNERS
 
 DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parents[1] / "bundles.yaml"
@@ -45,7 +46,7 @@ def _unavailable(path: Path, problem: str) -> dg.AssetsDefinition:
         **_asset_args(path, bundles_error=problem),
     )
     def http_datasets() -> dg.MaterializeResult:
-        raise dg.Failure(description=problem, allow_retries=False)
+        raise failure(problem, retry=False)
 
     return http_datasets
 

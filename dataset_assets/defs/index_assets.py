@@ -1,17 +1,23 @@
 """The IDC index in DuckDB, and the table of collections."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
 
 from dataset_assets import settings
-from dataset_assets.core.fmt import human_bytes, markdown_table
+from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.index import source as idx
 
+from .metadata import index_column_schema, table_preview
 from .resources import IdcResource, IndexDatabase
 from .settings import INDEX_GROUP, OWNERS
 
 IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
+
+
+#: The index is reloaded every Monday (``weekly_index_refresh``): older than that, it shows as stale.
+INDEX_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(days=9), warn_window=timedelta(days=8))
 
 
 @dg.asset(
@@ -19,6 +25,7 @@ IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
     kinds={"duckdb", "parquet"},
     owners=OWNERS,
     tags={"domain": "idc"},
+    freshness_policy=INDEX_FRESHNESS,
 )
 def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: IndexDatabase) -> dg.MaterializeResult:
     """The series-level index of NCI Imaging Data Commons (one row per DICOM series), from the
@@ -45,6 +52,7 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: Index
         totals["collections"],
         human_bytes(totals["bytes"]),
     )
+    columns = index_column_schema(schema_dir(source), "idc_index")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"v{release}"),
         metadata={
@@ -59,6 +67,8 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: Index
             "total_size": human_bytes(totals["bytes"]),
             "dagster/row_count": totals["series"],
             "duckdb_path": dg.MetadataValue.path(str(duckdb.database)),
+            "dagster/table_name": f"{database.stem}.main.idc_index",
+            **({"dagster/column_schema": columns} if columns else {}),
             "source_dir": dg.MetadataValue.path(str(source.directory)),
             "idc_portal": dg.MetadataValue.url(IDC_PORTAL),
         },
@@ -71,6 +81,7 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: Index
     kinds={"duckdb"},
     owners=OWNERS,
     tags={"domain": "idc"},
+    freshness_policy=INDEX_FRESHNESS,
 )
 def idc_collections(context: dg.AssetExecutionContext, duckdb: IndexDatabase) -> dg.MaterializeResult:
     """One row per IDC collection: name, subjects, patients, studies, series, instances, size,
@@ -84,7 +95,7 @@ def idc_collections(context: dg.AssetExecutionContext, duckdb: IndexDatabase) ->
         release = idx.release_of(con)
     view = table.assign(
         size=table["size_bytes"].map(human_bytes),
-        doi=table["doi"].map(lambda d: f"[{d}](https://doi.org/{d})" if d else ""),
+        doi=table["doi"].map(lambda d: f"https://doi.org/{d}" if d else ""),
     )[
         [
             "collection_id",
@@ -106,6 +117,29 @@ def idc_collections(context: dg.AssetExecutionContext, duckdb: IndexDatabase) ->
             "collections": len(table),
             "dagster/row_count": len(table),
             "total_bytes": int(table["size_bytes"].sum()),
-            "collections_table": dg.MetadataValue.md(markdown_table(view)),
+            "dagster/table_name": f"{Path(duckdb.database).stem}.main.idc_collections",
+            "collections_table": table_preview(
+                view.to_dict("records"),
+                {
+                    "collection_id": "string",
+                    "collection_name": "string",
+                    "subjects": "int",
+                    "series": "int",
+                    "instances": "int",
+                    "size": "string",
+                    "modalities": "string",
+                    "licenses": "string",
+                    "doi": "string",
+                    "cancer_types": "string",
+                },
+            ),  # fmt: skip
         },
     )
+
+
+def schema_dir(source: idx.IndexSource) -> Path:
+    """Where the index's ``*_schema.json`` files are: beside its Parquet files, else in the
+    installed idc-index-data (a pinned ``IDC_INDEX_DIR`` may hold the Parquet files only)."""
+    if (source.directory / "idc_index_schema.json").is_file():
+        return source.directory
+    return idx.installed_package()[0]

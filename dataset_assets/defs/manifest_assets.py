@@ -13,9 +13,13 @@ from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
 from dataset_assets.core.select.layout import DEFAULT_LAYOUT, MAX_PATH_RANGE, default_max_path, layout_problem
 
 from .index_assets import idc_index
+from .metadata import failure
 from .partitions import collection_partitions
 from .resources import CheckedConfig, IdcResource
 from .settings import DOWNLOADS_GROUP, OWNERS
+
+#: Dagster's names for the Arrow types a manifest holds.
+ARROW_TYPES = {"string": "string", "int64": "int", "double": "float", "bool": "bool"}
 
 PREVIEW_COLUMNS = [
     "PatientID",
@@ -100,7 +104,7 @@ def collection_manifest(
             )
             cited = citations(con, table, analysis_results=source.directory / "analysis_results_index.parquet")
     except DatasetError as exc:  # a layout, filter or index problem: one line, the last manifest kept
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise failure(exc, retry=False) from None
     path = mf.write_manifest(table, idc.manifest_path(collection_id))
     stats = mf.summarize(table)
     context.log.info(
@@ -135,6 +139,10 @@ def collection_manifest(
             "manifest_config": dg.MetadataValue.json(config.model_dump()),
             "layout": config.layout,
             "manifest_path": dg.MetadataValue.path(str(path)),
+            "dagster/uri": path.absolute().as_uri(),
+            "dagster/column_schema": dg.TableSchema(
+                columns=[dg.TableColumn(f.name, ARROW_TYPES.get(str(f.type), str(f.type))) for f in table.schema]
+            ),
             "download_root": dg.MetadataValue.path(str(root)),
             "preview": dg.MetadataValue.md(markdown_table(preview)),
             "idc_portal": dg.MetadataValue.url(

@@ -133,8 +133,14 @@ class IdcResource(CheckedResource):
         return IndexSource.at(self.index_dir or settings.IDC_INDEX_DIR.get())
 
     def manifest_path(self, collection_id: str) -> Path:
+        """The one place a collection's manifest path is made: every asset and check asks here."""
         folder = self.manifest_dir or settings.IDC_MANIFEST_DIR.require()
         return Path(folder) / f"{require_name(collection_id, 'collection_id')}.parquet"
+
+    def cohort_manifest_path(self, name: str) -> Path:
+        """A cohort's manifest: ``<manifest folder>/cohorts/<name>.parquet``."""
+        folder = self.manifest_dir or settings.IDC_MANIFEST_DIR.require()
+        return Path(folder) / "cohorts" / f"{require_name(name, 'cohort name')}.parquet"
 
     def download_root(self) -> Path:
         return Path(self.download_dir or settings.IDC_DOWNLOAD_DIR.require()).absolute()
