@@ -272,8 +272,8 @@ def main() -> None:
     from dataset_assets.core.transfer import download as dl
     from dataset_assets.core.transfer import s5cmd
     from dataset_assets.core.verify import checks as verify
-    from dataset_assets.defs.download_assets import downloaded_collection
-    from dataset_assets.defs.resources import IdcResource, S5cmdResource
+    from dataset_assets.defs.downloads.download_assets import downloaded_collection
+    from dataset_assets.lib.resources import IdcResource, S5cmdResource
     from dataset_assets_tests.support.fixture import build_fixture
 
     work = Path(tempfile.mkdtemp(prefix="download-bench-", dir=a.work_root if os.path.isdir(a.work_root) else None))

@@ -10,11 +10,11 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from dataset_assets.definitions import defs
-from dataset_assets.defs.automation import idc_release_sensor, watched_collections_schedule
-from dataset_assets.defs.download_assets import downloaded_collection
-from dataset_assets.defs.index_assets import idc_collections, idc_index
-from dataset_assets.defs.manifest_assets import collection_manifest
-from dataset_assets.defs.resources import IdcResource, S5cmdResource
+from dataset_assets.defs.automation.refresh import idc_release_sensor, watched_collections_schedule
+from dataset_assets.defs.catalog.index_assets import idc_collections, idc_index
+from dataset_assets.defs.downloads.download_assets import downloaded_collection
+from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_automation_refreshes_only_collections_downloaded_before(idc_fixture, s3
 
 
 def test_release_sensor_refreshes_cohort_manifests_and_fetched_indices(release_24, idc_fixture, tmp_path, monkeypatch):
-    from dataset_assets.defs.cohort_assets import cohort_manifest
+    from dataset_assets.defs.cohorts.cohort_assets import cohort_manifest
 
     resources = {
         "idc": IdcResource(

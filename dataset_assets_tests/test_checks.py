@@ -9,12 +9,13 @@ import pydicom
 import pytest
 from dagster_duckdb import DuckDBResource
 
-from dataset_assets.defs.checks import download_checks, index_checks
-from dataset_assets.defs.download_assets import downloaded_collection
-from dataset_assets.defs.index_assets import idc_index
-from dataset_assets.defs.jobs import verify_downloads_job
-from dataset_assets.defs.manifest_assets import collection_manifest
-from dataset_assets.defs.resources import IdcResource, S5cmdResource
+from dataset_assets.defs.catalog.index_assets import idc_index
+from dataset_assets.defs.catalog.index_checks import index_checks
+from dataset_assets.defs.downloads.checks import download_checks
+from dataset_assets.defs.downloads.download_assets import downloaded_collection
+from dataset_assets.defs.downloads.jobs import verify_downloads_job
+from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
 PK = "qin_pet_phantom"
 

@@ -14,10 +14,10 @@ import pytest
 from dataset_assets.core.errors import LayoutError, OptionError
 from dataset_assets.core.select.layout import Layout, layout_problem
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
-from dataset_assets.defs.checks import HeaderCheckConfig
-from dataset_assets.defs.download_assets import downloaded_collection
-from dataset_assets.defs.manifest_assets import collection_manifest
-from dataset_assets.defs.resources import IdcResource, S5cmdResource
+from dataset_assets.defs.downloads.checks import HeaderCheckConfig
+from dataset_assets.defs.downloads.download_assets import downloaded_collection
+from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
 COLLECTION = "qin_pet_phantom"
 CONTROL_LAYOUTS = [

@@ -18,7 +18,7 @@ def test_binary_override_must_exist(monkeypatch, tmp_path):
     with pytest.raises(DownloadError, match="S5CMD_BINARY=.*nope is not an executable"):
         s5cmd.find_binary(str(tmp_path / "nope"))
     # the override comes from $S5CMD_BINARY at the top: the resource (and the CLI) hand it down
-    from dataset_assets.defs.resources import S5cmdResource
+    from dataset_assets.lib.resources import S5cmdResource
 
     monkeypatch.setenv("S5CMD_BINARY", str(tmp_path / "nope"))
     assert S5cmdResource().options().binary == str(tmp_path / "nope")

@@ -10,9 +10,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dataset_assets.defs.download_assets import downloaded_collection
-from dataset_assets.defs.manifest_assets import collection_manifest
-from dataset_assets.defs.resources import IdcResource, S5cmdResource
+from dataset_assets.defs.downloads.download_assets import downloaded_collection
+from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+from dataset_assets.lib.resources import IdcResource, S5cmdResource
 from dataset_assets_tests.support.envs import materialize_cmd, project_env
 from dataset_assets_tests.support.procs import processes_mentioning
 

@@ -11,9 +11,9 @@ from dagster_duckdb import DuckDBResource
 
 from dataset_assets.core.index import source as idx
 from dataset_assets.definitions import defs
-from dataset_assets.defs.index_assets import idc_collections, idc_index
-from dataset_assets.defs.manifest_assets import collection_manifest
-from dataset_assets.defs.resources import IdcResource
+from dataset_assets.defs.catalog.index_assets import idc_collections, idc_index
+from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+from dataset_assets.lib.resources import IdcResource
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_index_and_manifest_materialize_in_process(resources, tmp_path):
 
 
 def test_the_index_is_fresh_for_a_week_and_watched_downloads_for_two_days(monkeypatch):
-    from dataset_assets.defs import download_assets
+    from dataset_assets.defs.downloads import download_assets
 
     spec = defs.resolve_assets_def("idc_index").specs_by_key[dg.AssetKey("idc_index")]
     assert spec.freshness_policy is not None and spec.freshness_policy.fail_window.to_timedelta().days == 9

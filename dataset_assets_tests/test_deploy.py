@@ -9,7 +9,7 @@ from dagster._config import validate_config
 from dagster._core.instance.config import dagster_instance_config, dagster_instance_config_schema
 
 import dataset_assets
-from dataset_assets.defs.executors import executor_from_env
+from dataset_assets.lib.executors import executor_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "dagster.yaml", *sorted((Path(dataset_assets.__file__).parent / "deploy").glob("*.yaml"))]

@@ -172,11 +172,11 @@ def test_per_file_sizes_are_checked_and_wrong_files_fetched_again(s3, manifest, 
 def test_the_files_check_of_the_asset_fails_on_two_compensating_files(idc_fixture, s3, tmp_path):
     import dagster as dg
 
-    from dataset_assets.defs.checks import download_checks
-    from dataset_assets.defs.download_assets import downloaded_collection
-    from dataset_assets.defs.jobs import verify_downloads_job
-    from dataset_assets.defs.manifest_assets import collection_manifest
-    from dataset_assets.defs.resources import IdcResource, S5cmdResource
+    from dataset_assets.defs.downloads.checks import download_checks
+    from dataset_assets.defs.downloads.download_assets import downloaded_collection
+    from dataset_assets.defs.downloads.jobs import verify_downloads_job
+    from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+    from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
     resources = {
         "idc": IdcResource(
@@ -248,7 +248,7 @@ def test_a_collection_id_that_leaves_the_root_is_refused_naming_it(idc_fixture, 
     assert outside.read_text() == "precious" and not (tmp_path / "x").exists()
     assert every_file(tmp_path / "hostile-index") == before
     assert s3.stats["get_object"] == 0
-    from dataset_assets.defs.resources import IdcResource
+    from dataset_assets.lib.resources import IdcResource
 
     with pytest.raises(UnsafeValueError):
         IdcResource(manifest_dir=str(tmp_path / "m")).manifest_path(evil)
@@ -381,9 +381,9 @@ def test_an_endpoint_answering_only_errors_stops_with_the_first_error(env, s3, t
 def test_the_stall_timeout_is_a_resource_field(idc_fixture, s3, tmp_path):
     import dagster as dg
 
-    from dataset_assets.defs.download_assets import downloaded_collection
-    from dataset_assets.defs.manifest_assets import collection_manifest
-    from dataset_assets.defs.resources import IdcResource, S5cmdResource
+    from dataset_assets.defs.downloads.download_assets import downloaded_collection
+    from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+    from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
     s3.faults.delay_s = 3600
     result = dg.materialize(

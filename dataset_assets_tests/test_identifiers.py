@@ -297,8 +297,8 @@ def test_http_download_resumes_after_a_cut_body(tmp_path):
 def test_collection_manifest_metadata_has_citations_licences_and_viewer_links(idc_fixture, tmp_path):
     import dagster as dg
 
-    from dataset_assets.defs.manifest_assets import collection_manifest
-    from dataset_assets.defs.resources import IdcResource
+    from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+    from dataset_assets.lib.resources import IdcResource
 
     idc = IdcResource(
         index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")

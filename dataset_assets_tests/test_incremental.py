@@ -95,9 +95,9 @@ def test_a_filtered_selection_reports_nothing_removed(idc_fixture, s3, manifest,
 def test_incremental_refresh_through_the_assets(idc_fixture, s3, tmp_path):
     import dagster as dg
 
-    from dataset_assets.defs.download_assets import downloaded_collection
-    from dataset_assets.defs.manifest_assets import collection_manifest
-    from dataset_assets.defs.resources import IdcResource, S5cmdResource
+    from dataset_assets.defs.downloads.download_assets import downloaded_collection
+    from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+    from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
     def resources(index_dir):
         return {

@@ -143,8 +143,8 @@ def test_a_file_whose_schema_differs_is_refused_and_not_kept(index_server):
 
 
 def test_the_extra_index_asset_loads_a_view_into_duckdb(index_server, idc_fixture, tmp_path):
-    from dataset_assets.defs.extra_index_assets import idc_extra_index
-    from dataset_assets.defs.resources import IdcResource
+    from dataset_assets.defs.catalog.extra_index_assets import idc_extra_index
+    from dataset_assets.lib.resources import IdcResource
 
     database = tmp_path / "idc.duckdb"
     result = dg.materialize(

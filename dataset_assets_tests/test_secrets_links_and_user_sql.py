@@ -77,8 +77,8 @@ def test_credentials_in_the_base_url_are_never_printed_and_the_path_goes_before_
 
 
 def test_credentials_never_reach_dagster_logs_or_metadata(secret_server, idc_fixture, tmp_path):
-    from dataset_assets.defs.extra_index_assets import idc_extra_index
-    from dataset_assets.defs.resources import IdcResource
+    from dataset_assets.defs.catalog.extra_index_assets import idc_extra_index
+    from dataset_assets.lib.resources import IdcResource
 
     resources = {
         "idc": IdcResource(index_dir=str(idc_fixture.index_dir)),

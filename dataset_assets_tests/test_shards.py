@@ -127,7 +127,7 @@ def test_shard_membership_is_stable_disjoint_and_complete(twelve):
 
 
 def test_digits_that_are_not_ascii_are_bad_input_never_a_traceback(twelve, tmp_path):
-    from dataset_assets.defs import partitions
+    from dataset_assets.lib import partitions
 
     for bad in ("²/4", "1/²", "٣/4"):
         with pytest.raises(OptionError):

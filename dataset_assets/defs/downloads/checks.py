@@ -15,12 +15,10 @@ import dagster as dg
 from pydantic import Field
 
 from dataset_assets.core.errors import DatasetError
-
-from .download_assets import downloaded_collection
-from .index_assets import idc_index
-from .metadata import failure
-from .partitions import collection_partitions
-from .resources import CheckedConfig, IdcResource, IndexDatabase, S5cmdResource
+from dataset_assets.defs.downloads.download_assets import downloaded_collection
+from dataset_assets.lib.metadata import failure
+from dataset_assets.lib.partitions import collection_partitions
+from dataset_assets.lib.resources import CheckedConfig, IdcResource
 
 
 def _result(report, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
@@ -39,64 +37,6 @@ def _result(report, what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.Asset
             ),
             **{k: (v if isinstance(v, (int, float)) else str(v)) for k, v in report.notes.items()},
         },
-    )
-
-
-@dg.asset_check(asset=idc_index, blocking=False)
-def idc_index_rows_are_safe(duckdb: IndexDatabase, s5cmd: S5cmdResource) -> dg.AssetCheckResult:
-    """Every row can be downloaded as it is: its bucket is allowed, `crdc_series_uuid` is a UUID,
-    `series_aws_url` is `s3://<aws_bucket>/<crdc_series_uuid>/*`, `collection_id` is a plain name
-    and the counts are counts. Downloads refuse such rows one by one (naming them); this says
-    ahead of time how many there are (a warning: every other series still downloads). Counted
-    once per index snapshot (see `index_facts`), so re-materializing a release costs milliseconds."""
-    from dataset_assets.core.index.source import index_facts
-
-    with duckdb.get_connection() as con:
-        facts = index_facts(con)
-    allowed = set(s5cmd.buckets())
-    others = [v for bucket, v in sorted(facts["buckets"].items()) if bucket not in allowed]
-    problems = {"bucket_not_allowed": sum(v["count"] for v in others)}
-    problems.update({kind: facts["problems"][kind]["count"] for kind in UNSAFE_ROW_KINDS[1:]})
-    examples = sorted(
-        {e for v in others for e in v["examples"]}
-        | {e for kind in UNSAFE_ROW_KINDS[1:] for e in facts["problems"][kind]["examples"]}
-    )[:3]
-    total = sum(problems.values())
-    return dg.AssetCheckResult(
-        passed=total == 0,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=(
-            f"{total} unsafe value(s): "
-            + ", ".join(f"{n} {kind}" for kind, n in problems.items() if n)
-            + f"; e.g. series {examples}"
-            if total
-            else "every row is safe to download"
-        ),
-        metadata={**problems, "examples": str(examples or [])},
-    )
-
-
-UNSAFE_ROW_KINDS = (
-    "bucket_not_allowed",
-    "uuid_not_a_uuid",
-    "url_not_bucket_uuid",
-    "collection_id_unsafe",
-    "bad_counts",
-)
-
-
-@dg.asset_check(asset=idc_index, blocking=True)
-def idc_index_urls_present(duckdb: IndexDatabase) -> dg.AssetCheckResult:
-    """No series without `crdc_series_uuid` or `series_aws_url`, so every series can be fetched."""
-    from dataset_assets.core.index.source import index_facts
-
-    with duckdb.get_connection() as con:
-        found = index_facts(con)["problems"]["without_uuid_or_url"]
-    nulls, examples = found["count"], found["examples"]
-    return dg.AssetCheckResult(
-        passed=nulls == 0,
-        description=f"{nulls} series without uuid or URL, e.g. {examples}" if nulls else "every series has both",
-        metadata={"series_without_uuid_or_url": nulls},
     )
 
 
@@ -185,7 +125,8 @@ def build_download_checks(
     return [files_match_manifest, dicom_headers_match_manifest, no_stray_files]
 
 
-index_checks = [idc_index_rows_are_safe, idc_index_urls_present]
 download_checks = build_download_checks(
     downloaded_collection, collection_partitions, lambda idc, collection_id: idc.manifest_path(collection_id)
 )
+
+defs = dg.Definitions(asset_checks=download_checks)

@@ -8,10 +8,9 @@ import dagster as dg
 from dataset_assets import settings
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.index import source as idx
-
-from .metadata import index_column_schema, table_preview
-from .resources import IdcResource, IndexDatabase
-from .settings import INDEX_GROUP, OWNERS
+from dataset_assets.lib.groups import INDEX_GROUP, OWNERS
+from dataset_assets.lib.metadata import index_column_schema, table_preview
+from dataset_assets.lib.resources import IdcResource, IndexDatabase
 
 IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
 
@@ -143,3 +142,6 @@ def schema_dir(source: idx.IndexSource) -> Path:
     if (source.directory / "idc_index_schema.json").is_file():
         return source.directory
     return idx.installed_package()[0]
+
+
+defs = dg.Definitions(assets=[idc_index, idc_collections])

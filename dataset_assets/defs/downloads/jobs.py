@@ -16,3 +16,5 @@ verify_downloads_job = dg.define_asset_job(
     'with the run tag dagster/partition=<collection_id>, e.g. `--tags \'{"dagster/partition": "qin_pet_phantom"}\'`.',
     selection=dg.AssetSelection.checks_for_assets("downloaded_collection"),
 )
+
+defs = dg.Definitions(jobs=[download_collections_job, verify_downloads_job])

@@ -13,11 +13,10 @@ import dagster as dg
 from dataset_assets import settings
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.http.bundles import Bundle, download_bundle, redact_url, try_load_bundles
+from dataset_assets.lib.groups import BUNDLES_GROUP, OWNERS
+from dataset_assets.lib.metadata import failure
 
-from .metadata import failure
-from .settings import BUNDLES_GROUP, OWNERS
-
-DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parents[1] / "bundles.yaml"
+DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parents[2] / "bundles.yaml"
 
 logger = logging.getLogger(__name__)
 
@@ -99,3 +98,5 @@ def build_http_datasets(path: Path) -> dg.AssetsDefinition:
 
 
 http_datasets = build_http_datasets(bundles_file())
+
+defs = dg.Definitions(assets=[http_datasets])

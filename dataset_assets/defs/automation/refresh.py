@@ -19,10 +19,9 @@ import dagster as dg
 
 from dataset_assets import settings
 from dataset_assets.core.index.source import IndexSource
-
-from .index_assets import idc_collections, idc_index
-from .jobs import download_collections_job
-from .partitions import collection_partitions
+from dataset_assets.defs.catalog.index_assets import idc_collections, idc_index
+from dataset_assets.defs.downloads.jobs import download_collections_job
+from dataset_assets.lib.partitions import collection_partitions
 
 MANIFEST = dg.AssetKey("collection_manifest")
 EXTRA_INDEX = dg.AssetKey("idc_extra_index")
@@ -166,6 +165,8 @@ idc_automation_sensor = dg.AutomationConditionSensorDefinition(
     description="Evaluates automation conditions: re-downloads collections whose manifest changed.",
 )
 
-schedules = [weekly_index_refresh, watched_collections_schedule]
-sensors = [idc_release_sensor, idc_automation_sensor]
-jobs = [refresh_index_job]
+defs = dg.Definitions(
+    jobs=[refresh_index_job],
+    schedules=[weekly_index_refresh, watched_collections_schedule],
+    sensors=[idc_release_sensor, idc_automation_sensor],
+)

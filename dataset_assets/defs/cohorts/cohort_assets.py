@@ -18,14 +18,13 @@ from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.select.cohort_file import DEFAULT_COHORTS_FILE, Cohort, try_load_cohorts
 from dataset_assets.core.select.layout import default_max_path
 from dataset_assets.core.transfer.control import DownloadRoot
-
-from .automation import refresh_downloaded_condition
-from .checks import build_download_checks
-from .download_assets import DOWNLOAD_ASSET, materialize_download
-from .index_assets import idc_index
-from .metadata import failure
-from .resources import IdcResource, S5cmdResource
-from .settings import DOWNLOADS_GROUP, OWNERS
+from dataset_assets.defs.automation.refresh import refresh_downloaded_condition
+from dataset_assets.defs.catalog.index_assets import idc_index
+from dataset_assets.defs.downloads.checks import build_download_checks
+from dataset_assets.defs.downloads.download_assets import DOWNLOAD_ASSET, materialize_download
+from dataset_assets.lib.groups import DOWNLOADS_GROUP, OWNERS
+from dataset_assets.lib.metadata import failure
+from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +156,5 @@ def downloaded_cohort(
 cohort_checks = build_download_checks(
     downloaded_cohort, cohort_partitions, cohort_manifest_path, cohort_state_path, what="cohort"
 )
+
+defs = dg.Definitions(assets=[cohort_manifest, downloaded_cohort], asset_checks=cohort_checks)

@@ -9,11 +9,10 @@ from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes, redact_url, scrub_text
 from dataset_assets.core.index import extra_index as extra
 from dataset_assets.core.index.source import replace_relation
-
-from .index_assets import idc_index
-from .metadata import failure
-from .resources import IdcResource, IndexDatabase
-from .settings import INDEX_GROUP, OWNERS
+from dataset_assets.defs.catalog.index_assets import idc_index
+from dataset_assets.lib.groups import INDEX_GROUP, OWNERS
+from dataset_assets.lib.metadata import failure
+from dataset_assets.lib.resources import IdcResource, IndexDatabase
 
 extra_index_partitions = dg.StaticPartitionsDefinition(extra.on_demand_indices())
 
@@ -57,3 +56,6 @@ def idc_extra_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb:
             "source_url": redact_url(extra.url_of(settings.index_store(), name)),
         },
     )
+
+
+defs = dg.Definitions(assets=[idc_extra_index])

@@ -15,13 +15,12 @@ from dataset_assets.core.errors import DatasetError, IncompleteDownloadError, Tr
 from dataset_assets.core.fmt import human_bytes, os_error_text, redact_url
 from dataset_assets.core.select.shards import shard_count, shard_manifest
 from dataset_assets.core.transfer.s5cmd import binary_version, die_with_launcher
-
-from .automation import refresh_downloaded_condition
-from .manifest_assets import collection_manifest
-from .metadata import failure
-from .partitions import collection_partitions, shard_partitions
-from .resources import IdcResource, S5cmdResource
-from .settings import DOWNLOADS_GROUP, OWNERS
+from dataset_assets.defs.automation.refresh import refresh_downloaded_condition
+from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+from dataset_assets.lib.groups import DOWNLOADS_GROUP, OWNERS
+from dataset_assets.lib.metadata import failure
+from dataset_assets.lib.partitions import collection_partitions, shard_partitions
+from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
 DOWNLOAD_POOL = "idc_download"
 #: What every downloaded asset (collections, their shards, cohorts) declares alike.
@@ -229,3 +228,6 @@ def materialize_download(
         f"mb_per_s={result.mb_per_s:.1f} failures=0"
     )
     return dg.MaterializeResult(metadata={**_metadata(result, collection_dir, version), **(extra or {})})
+
+
+defs = dg.Definitions(assets=[downloaded_collection, downloaded_collection_shard])

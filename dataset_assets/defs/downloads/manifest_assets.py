@@ -11,12 +11,11 @@ from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes, markdown_table
 from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
 from dataset_assets.core.select.layout import DEFAULT_LAYOUT, MAX_PATH_RANGE, default_max_path, layout_problem
-
-from .index_assets import idc_index
-from .metadata import failure
-from .partitions import collection_partitions
-from .resources import CheckedConfig, IdcResource
-from .settings import DOWNLOADS_GROUP, OWNERS
+from dataset_assets.defs.catalog.index_assets import idc_index
+from dataset_assets.lib.groups import DOWNLOADS_GROUP, OWNERS
+from dataset_assets.lib.metadata import failure
+from dataset_assets.lib.partitions import collection_partitions
+from dataset_assets.lib.resources import CheckedConfig, IdcResource
 
 #: Dagster's names for the Arrow types a manifest holds.
 ARROW_TYPES = {"string": "string", "int64": "int", "double": "float", "bool": "bool"}
@@ -164,3 +163,6 @@ def collection_manifest(
             **({"doi": dg.MetadataValue.url(f"https://doi.org/{first['source_DOI']}")} if first["source_DOI"] else {}),
         },
     )
+
+
+defs = dg.Definitions(assets=[collection_manifest])

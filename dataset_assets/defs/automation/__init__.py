@@ -1,0 +1,1 @@
+"""Keeping data current: the release sensor, schedules and declarative automation."""

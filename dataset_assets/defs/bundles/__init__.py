@@ -1,0 +1,1 @@
+"""HTTP bundles: single-file datasets behind HTTP(S) URLs."""

@@ -1,0 +1,1 @@
+"""Cohorts: named series sets across collections, as partitioned manifests and downloads."""

@@ -1,0 +1,1 @@
+"""Collections downloaded: manifests, the downloads (whole, or in shards), their checks and jobs."""
