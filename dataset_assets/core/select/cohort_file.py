@@ -15,7 +15,6 @@ from dataset_assets.core.safety import name_problem
 from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
 from dataset_assets.core.select.layout import DEFAULT_LAYOUT
 
-DEFAULT_COHORTS_FILE = Path(__file__).resolve().parents[2] / "cohorts.yaml"
 _KEYS = {"name", "sql", "collection_id", "layout", "description", *FILTER_COLUMNS}
 
 
@@ -48,9 +47,15 @@ def load_cohorts(path: Path) -> dict[str, Cohort]:
     entries = (data or {}).get("cohorts") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise CohortError(f"cohorts file {path} needs a top-level list `cohorts:`")
+    return cohorts_from_entries(entries, f"cohorts file {path}")
+
+
+def cohorts_from_entries(entries: list, source: str) -> dict[str, Cohort]:
+    """Cohorts from declarations (mappings as a cohorts file or a ``defs.yaml`` holds them);
+    ``CohortError`` naming ``source`` and the cohort when one cannot be used."""
     cohorts: dict[str, Cohort] = {}
     for i, entry in enumerate(entries, 1):
-        where = f"cohorts file {path}, cohort #{i}"
+        where = f"{source}, cohort #{i}"
         if not isinstance(entry, dict):
             raise CohortError(f"{where} is not a mapping")
         unknown = sorted(set(entry) - _KEYS)

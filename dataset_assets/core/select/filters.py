@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from dataset_assets.core.errors import FilterError
+from dataset_assets.core.safety import CONTROL
 
 #: Filter field -> index column.
 FILTER_COLUMNS = {
@@ -43,6 +44,8 @@ class ManifestFilters:
             for item in items:
                 if not isinstance(item, str) or not item.strip():
                     raise FilterError(f"filter {name} has the value {item!r}; values must be non-empty strings")
+                if CONTROL.search(item):
+                    raise FilterError(f"filter {name} has the value {item!r}; values hold no control characters")
             clean[name] = tuple(dict.fromkeys(i.strip() for i in items))
         return cls(**clean)
 

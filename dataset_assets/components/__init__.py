@@ -1,0 +1,6 @@
+"""Dagster components of this project: declarations in ``defs.yaml`` files, scaffolded with
+``dg scaffold defs dataset_assets.components.<Type> <folder>`` and checked with ``dg check yaml``."""
+
+from dataset_assets.components.cohorts import IdcCohorts
+
+__all__ = ["IdcCohorts"]

@@ -1,0 +1,66 @@
+"""``IdcCohorts``: named sets of series declared in a ``defs.yaml``, materialized as the assets
+``cohort_manifest`` and ``downloaded_cohort`` (one partition per cohort)."""
+
+import logging
+import warnings
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from dataset_assets import settings
+from dataset_assets.core.select.cohort_file import CohortError, cohorts_from_entries, try_load_cohorts
+from dataset_assets.core.select.layout import DEFAULT_LAYOUT
+from dataset_assets.lib.cohorts import build_cohort_defs
+
+logger = logging.getLogger(__name__)
+
+
+class CohortDeclaration(dg.Model):
+    """One cohort: ``sql``, or ``collection_id`` with filters."""
+
+    name: str = Field(description="A plain name (letters, digits, `.`, `_`, `-`): the partition key and file name.")
+    description: str = Field(default="", description="What the cohort is, shown in the UI.")
+    sql: str | None = Field(
+        default=None,
+        description="One SELECT over the local indices (idc_index, collections_index, prior_versions_index and "
+        "any fetched with `dataset idc fetch`) returning SeriesInstanceUID or crdc_series_uuid.",
+    )
+    collection_id: str | None = Field(default=None, description="A collection, with the filters below.")
+    modalities: list[str] = Field(default=[], description="Keep series of these Modality values.")
+    body_parts: list[str] = Field(default=[], description="Keep series of these BodyPartExamined values.")
+    patient_ids: list[str] = Field(default=[], description="Keep series of these PatientID values.")
+    study_uids: list[str] = Field(default=[], description="Keep series of these StudyInstanceUID values.")
+    series_uids: list[str] = Field(default=[], description="Keep only these SeriesInstanceUID values.")
+    layout: str = Field(default=DEFAULT_LAYOUT, description="Directory of each series below the download root.")
+
+
+class IdcCohorts(dg.Component, dg.Model, dg.Resolvable):
+    """Cohorts of IDC series as partitioned assets (`cohort_manifest`, `downloaded_cohort` and their
+    checks). Types and unknown keys are checked by `dg check yaml` (file, line and column); the
+    rest (names, exactly one of `sql` or `collection_id`, filter values, layouts) when the code
+    location loads: a cohort that cannot be used leaves the cohort assets without partitions,
+    saying why, and every other asset loads. `$IDC_COHORTS_FILE`, when set, is read instead of
+    these declarations (deprecated: move its cohorts here)."""
+
+    cohorts: list[CohortDeclaration] = Field(default=[], description="The cohorts, each a partition.")
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        legacy = settings.IDC_COHORTS_FILE.given()
+        if legacy:
+            warnings.warn(
+                f"IDC_COHORTS_FILE ({legacy}) is deprecated and will be removed in the next release: declare the "
+                f"cohorts in {context.path / 'defs.yaml'} (type dataset_assets.components.IdcCohorts)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cohorts, problem = try_load_cohorts(Path(legacy))
+        else:
+            entries = [c.model_dump(exclude_none=True) for c in self.cohorts]
+            try:
+                cohorts, problem = cohorts_from_entries(entries, f"{context.path / 'defs.yaml'}"), None
+            except CohortError as exc:
+                cohorts, problem = {}, str(exc)
+        if problem:
+            logger.warning("cohort assets have no partitions: %s", problem)
+        return build_cohort_defs(cohorts, problem)

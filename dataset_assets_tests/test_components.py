@@ -1,0 +1,114 @@
+"""Declarations as Dagster components: the IdcCohorts type in a ``defs.yaml``, built in Dagster's own
+sandbox; the shipped declarations; `dg check yaml` naming the line of a mistake; the deprecated
+environment-variable file still read, with a warning."""
+
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster.components.testing import create_defs_folder_sandbox
+
+from dataset_assets.components import IdcCohorts
+from dataset_assets.defs.resources import defs as resource_defs
+
+REPO = Path(__file__).resolve().parents[1]
+DG = REPO / ".venv" / "bin" / "dg"
+
+
+def _build(attributes: dict) -> dg.Definitions:
+    with create_defs_folder_sandbox() as sandbox:
+        path = sandbox.scaffold_component(
+            component_cls=IdcCohorts,
+            defs_yaml_contents={"type": "dataset_assets.components.IdcCohorts", "attributes": attributes},
+        )
+        with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
+            assert isinstance(component, IdcCohorts)
+            return dg.Definitions.merge(defs, resource_defs)  # the project's resources, as the defs folder has
+
+
+def _partitions(defs: dg.Definitions) -> list[str]:
+    return defs.resolve_assets_def("downloaded_cohort").partitions_def.get_partition_keys()
+
+
+def test_declared_cohorts_become_partitions_with_their_checks(monkeypatch):
+    monkeypatch.delenv("IDC_COHORTS_FILE", raising=False)
+    defs = _build(
+        {
+            "cohorts": [
+                {"name": "pt_only", "collection_id": "qin_pet_phantom", "modalities": ["PT"]},
+                {"name": "by_sql", "sql": "SELECT SeriesInstanceUID FROM idc_index LIMIT 3"},
+            ]
+        }
+    )
+    assert _partitions(defs) == ["by_sql", "pt_only"]
+    assert defs.resolve_assets_def("cohort_manifest").partitions_def.get_partition_keys() == ["by_sql", "pt_only"]
+    checks = defs.resolve_asset_graph().asset_check_keys
+    assert {key.name for key in checks if key.asset_key.path == ["downloaded_cohort"]} == {
+        "files_match_manifest",
+        "dicom_headers_match_manifest",
+        "no_stray_files",
+    }
+
+
+@pytest.mark.parametrize(
+    ("cohort", "why"),
+    [
+        ({"name": "a b", "sql": "SELECT 1"}, "cohort name"),
+        ({"name": "x"}, "needs exactly one of `sql` or `collection_id`"),
+        ({"name": "x", "sql": "SELECT 1", "modalities": ["CT"]}, "filters go with `collection_id`"),
+        ({"name": "x", "collection_id": "c", "modalities": ["C\nT"]}, "no control characters"),
+        ({"name": "line\n", "sql": "SELECT 1"}, "cohort name"),
+    ],
+)
+def test_a_cohort_that_cannot_be_used_leaves_no_partitions_and_says_why(monkeypatch, cohort, why):
+    monkeypatch.delenv("IDC_COHORTS_FILE", raising=False)
+    defs = _build({"cohorts": [cohort]})  # the component builds: the code location loads
+    assert _partitions(defs) == []
+    description = defs.resolve_assets_def("cohort_manifest").specs_by_key[dg.AssetKey("cohort_manifest")].description
+    assert "Cohort declarations problem:" in description and why in description
+    assert "\n" not in description.split("Cohort declarations problem:")[1]
+
+
+def test_the_deprecated_cohorts_file_is_read_instead_with_a_warning(monkeypatch, tmp_path):
+    legacy = tmp_path / "cohorts.yaml"
+    legacy.write_text("cohorts: [{name: from_file, collection_id: qin_pet_phantom}]\n")
+    monkeypatch.setenv("IDC_COHORTS_FILE", str(legacy))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        defs = _build({"cohorts": [{"name": "declared", "sql": "SELECT 1"}]})
+    assert _partitions(defs) == ["from_file"]
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("IDC_COHORTS_FILE" in m and "defs.yaml" in m for m in messages), messages
+
+
+def test_the_shipped_declarations_load(monkeypatch):
+    monkeypatch.delenv("IDC_COHORTS_FILE", raising=False)
+    from dataset_assets.definitions import defs
+
+    assert _partitions(defs) == ["qin_pet_phantom_pt", "uw_phantom_and_rtstruct"]
+
+
+def test_dg_check_yaml_names_the_file_and_line_of_a_wrong_type(tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(
+        REPO, project, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".ruff_cache")
+    )
+    good = subprocess.run([str(DG), "check", "yaml"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stdout + good.stderr
+    yaml_file = project / "dataset_assets" / "defs" / "cohorts" / "defs.yaml"
+    text = yaml_file.read_text()
+    assert "      modalities: [PT]\n" in text
+    yaml_file.write_text(text.replace("      modalities: [PT]\n", "      modalities: {PT: 1}\n"))
+    # Dagster points at the `cohorts:` list (a field may also be a template string) and quotes the bad cohort
+    line = next(i for i, row in enumerate(yaml_file.read_text().splitlines(), 1) if row == "  cohorts:")
+    bad = subprocess.run([str(DG), "check", "yaml"], cwd=project, capture_output=True, text=True, timeout=300)
+    out = bad.stdout + bad.stderr
+    assert bad.returncode != 0, out
+    assert f"dataset_assets/defs/cohorts/defs.yaml:{line}" in out, out
+    assert "'modalities': {'PT': 1}" in out
+    yaml_file.write_text(text.replace("      modalities: [PT]\n", "      modality: [PT]\n"))  # a misspelt key
+    bad = subprocess.run([str(DG), "check", "yaml"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "'modality': ['PT']" in bad.stdout + bad.stderr
