@@ -473,7 +473,7 @@ def http() -> None:
     "--bundles-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Bundles YAML for BUNDLE_NAME (default: $DATASET_BUNDLES_FILE or dataset_assets/bundles.yaml).",
+    help="Bundles YAML for BUNDLE_NAME (default: $DATASET_BUNDLES_FILE or dataset_assets/defs/bundles/defs.yaml).",
 )
 def http_download(
     source: str, dest: Path, sha256: str | None, size: int | None, filename: str | None, bundles_file: Path | None

@@ -19,7 +19,7 @@ from .core.fmt import human_bytes, scrub_text
 from .core.fs import new_file
 from .core.http.bundles import Bundle, default_filename, download_bundle, redact_url, try_load_bundles
 
-DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parent / "bundles.yaml"
+DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parent / "defs" / "bundles" / "defs.yaml"  # HttpBundles
 PROGRESS_EVERY_S = 2.0
 
 
@@ -42,7 +42,11 @@ def bundle_for(
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", default_filename(source, "download")).lstrip("._-") or "download"
             return Bundle(name=name[:100], url=source, **overrides)
         path = bundles_file(bundles_path)
-        bundles, problem = try_load_bundles(path)
+        if bundles_path is None and settings.DATASET_BUNDLES_FILE.given():
+            click.echo(
+                f"warning: DATASET_BUNDLES_FILE is deprecated; declare the bundles in {DEFAULT_BUNDLES_FILE}", err=True
+            )
+        bundles, problem = try_load_bundles(path, settings.process_environment())  # {{ env.NAME }} values
         if problem is not None:
             raise _bad_input(problem)
         if source not in bundles:

@@ -85,7 +85,9 @@ IDC_SHARD_MIN_FILES = Setting(
     "IDC_SHARD_MIN_FILES", "100000", "files a shard holds at least before a collection is split into more shards"
 )
 DATASET_BUNDLES_FILE = Setting(
-    "DATASET_BUNDLES_FILE", None, "the HTTP bundles YAML; default: dataset_assets/bundles.yaml"
+    "DATASET_BUNDLES_FILE",
+    None,
+    "deprecated: a bundles YAML read instead of the HttpBundles declarations in dataset_assets/defs/bundles/defs.yaml",
 )
 DATASET_BUNDLES_DIR = Setting("DATASET_BUNDLES_DIR", "data/bundles", "where HTTP bundles are downloaded")
 DATASET_BUNDLES_MAX_RETRY_AFTER_S = Setting(

@@ -2,6 +2,7 @@
 sandbox; the shipped declarations; `dg check yaml` naming the line of a mistake; the deprecated
 environment-variable file still read, with a warning."""
 
+import hashlib
 import shutil
 import subprocess
 import warnings
@@ -11,7 +12,7 @@ import dagster as dg
 import pytest
 from dagster.components.testing import create_defs_folder_sandbox
 
-from dataset_assets.components import IdcCohorts
+from dataset_assets.components import HttpBundles, IdcCohorts
 from dataset_assets.defs.resources import defs as resource_defs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,3 +113,97 @@ def test_dg_check_yaml_names_the_file_and_line_of_a_wrong_type(tmp_path):
     yaml_file.write_text(text.replace("      modalities: [PT]\n", "      modality: [PT]\n"))  # a misspelt key
     bad = subprocess.run([str(DG), "check", "yaml"], cwd=project, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "'modality': ['PT']" in bad.stdout + bad.stderr
+
+
+def _build_bundles(attributes: dict) -> dg.Definitions:
+    with create_defs_folder_sandbox() as sandbox:
+        path = sandbox.scaffold_component(
+            component_cls=HttpBundles,
+            defs_yaml_contents={"type": "dataset_assets.components.HttpBundles", "attributes": attributes},
+        )
+        with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
+            assert isinstance(component, HttpBundles)
+            return defs
+
+
+def test_declared_bundles_download_with_the_signed_url_from_the_environment(file_server, tmp_path, monkeypatch):
+    payload = b"bundle bytes " * 10_000
+    file_server.files["/b/sample.bin"] = payload
+    monkeypatch.delenv("DATASET_BUNDLES_FILE", raising=False)
+    monkeypatch.setenv("SAMPLE_SIGNED_URL", file_server.url("/b/sample.bin") + "?X-Amz-Signature=S3CRET")
+    monkeypatch.setenv("DATASET_BUNDLES_DIR", str(tmp_path / "bundles"))
+    digest = hashlib.sha256(payload).hexdigest()
+    defs = _build_bundles(
+        {
+            "bundles": [
+                {"name": "sample", "url": "{{ env.SAMPLE_SIGNED_URL }}", "sha256": digest},
+                {"name": "other", "url": "https://example.org/other.zip"},
+            ]
+        }
+    )
+    asset = defs.resolve_assets_def("http_datasets")
+    assert asset.partitions_def.get_partition_keys() == ["other", "sample"]
+    result = dg.materialize([asset], partition_key="sample")
+    meta = result.asset_materializations_for_node("http_datasets")[0].metadata
+    assert meta["sha256_verified"].value is True and "S3CRET" not in str(meta)
+    assert (tmp_path / "bundles" / "sample" / "sample.bin").read_bytes() == payload
+
+
+def test_a_bundle_that_cannot_be_used_leaves_http_datasets_without_partitions(monkeypatch):
+    monkeypatch.delenv("DATASET_BUNDLES_FILE", raising=False)
+    defs = _build_bundles(
+        {"bundles": [{"name": "a", "url": "ftp://user:S3CRETPW@example.org/x?sig=abc"}, {"name": "b", "url": "x"}]}
+    )
+    asset = defs.resolve_assets_def("http_datasets")
+    assert asset.partitions_def is None
+    problem = asset.metadata_by_key[asset.key]["bundles_error"]
+    assert "entry 1 ('a')" in problem and "has scheme 'ftp'" in problem
+    assert "S3CRETPW" not in problem and "sig=abc" not in problem and "\n" not in problem
+    result = dg.materialize([asset], raise_on_error=False)
+    assert not result.success
+
+
+def test_the_deprecated_bundles_file_is_read_instead_with_a_warning(monkeypatch, tmp_path):
+    legacy = tmp_path / "bundles.yaml"
+    legacy.write_text("bundles: [{name: from_file, url: 'https://example.org/f.zip'}]\n")
+    monkeypatch.setenv("DATASET_BUNDLES_FILE", str(legacy))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        defs = _build_bundles({"bundles": [{"name": "declared", "url": "https://example.org/d.zip"}]})
+    assert defs.resolve_assets_def("http_datasets").partitions_def.get_partition_keys() == ["from_file"]
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("DATASET_BUNDLES_FILE" in m and "defs.yaml" in m for m in messages), messages
+
+
+def test_the_cli_reads_the_declared_bundles_and_their_environment_templates(file_server, tmp_path):
+    from dataset_assets_tests.test_cli import assert_one_line_error, run
+
+    payload = b"declared " * 5_000
+    file_server.files["/c/data.bin"] = payload
+    declared = tmp_path / "defs.yaml"
+    declared.write_text(
+        "type: dataset_assets.components.HttpBundles\n"
+        "attributes:\n  bundles:\n    - name: data\n      url: '{{ env.DATA_URL }}'\n"
+    )
+    missing = run("http", "download", "data", str(tmp_path / "out"), "--bundles-file", str(declared))
+    assert_one_line_error(missing, 2, "url needs $DATA_URL, which is not set")
+    done = run(
+        "http",
+        "download",
+        "data",
+        str(tmp_path / "out"),
+        "--bundles-file",
+        str(declared),
+        env={"DATA_URL": file_server.url("/c/data.bin") + "?sig=S3CRET"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "S3CRET" not in done.stdout + done.stderr
+    assert (tmp_path / "out" / "data.bin").read_bytes() == payload
+
+
+def test_the_shipped_bundles_declaration_loads(monkeypatch):
+    monkeypatch.delenv("DATASET_BUNDLES_FILE", raising=False)
+    from dataset_assets.definitions import defs
+
+    asset = defs.resolve_assets_def("http_datasets")
+    assert asset.partitions_def.get_partition_keys() == [] and "bundles_error" not in asset.metadata_by_key[asset.key]

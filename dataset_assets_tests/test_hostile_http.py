@@ -184,7 +184,7 @@ def test_bad_bundles_file_leaves_the_code_location_loading(tmp_path, kind):
 def test_unloadable_file_gives_an_asset_that_fails_with_one_line(tmp_path):
     import dagster as dg
 
-    from dataset_assets.defs.bundles.http_assets import build_http_datasets
+    from dataset_assets.lib.bundles import build_http_datasets_from_file as build_http_datasets
 
     deep = tmp_path / "deep.yaml"
     deep.write_text("bundles: " + "[" * 50_000)  # PyYAML recurses: RecursionError, not YAMLError

@@ -422,7 +422,7 @@ def test_bundle_constructor_validates():
 def test_http_datasets_asset_materializes_partitions(srv, tmp_path, monkeypatch):
     import dagster as dg
 
-    from dataset_assets.defs.bundles.http_assets import build_http_datasets
+    from dataset_assets.lib.bundles import build_http_datasets_from_file as build_http_datasets
 
     payload = os.urandom(300_000)
     srv.files["/sample.bin"] = payload

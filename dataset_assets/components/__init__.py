@@ -1,6 +1,7 @@
 """Dagster components of this project: declarations in ``defs.yaml`` files, scaffolded with
 ``dg scaffold defs dataset_assets.components.<Type> <folder>`` and checked with ``dg check yaml``."""
 
+from dataset_assets.components.bundles import HttpBundles
 from dataset_assets.components.cohorts import IdcCohorts
 
-__all__ = ["IdcCohorts"]
+__all__ = ["HttpBundles", "IdcCohorts"]

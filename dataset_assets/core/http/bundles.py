@@ -61,7 +61,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -199,7 +199,27 @@ def _yaml_problem(exc: Exception) -> str:
     return scrub_text(_one_line(exc))
 
 
-def _parse_bundles(path: Path) -> dict[str, Bundle]:
+ENV_TEMPLATE = re.compile(r"\{\{\s*env\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def _with_env(entries: list, env: Mapping[str, str]) -> list:
+    """Entries with each value that is exactly ``{{ env.NAME }}`` (Dagster's template for a secret
+    kept out of the file) replaced by ``env[NAME]``; other templates are left for the checks."""
+    out = []
+    for number, entry in enumerate(entries, 1):
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            for key, value in entry.items():
+                match = ENV_TEMPLATE.fullmatch(value.strip()) if isinstance(value, str) else None
+                if match:
+                    if match[1] not in env:
+                        raise DatasetError(f"entry {number}: {key} needs ${match[1]}, which is not set")
+                    entry[key] = env[match[1]]
+        out.append(entry)
+    return out
+
+
+def _parse_bundles(path: Path, env: Mapping[str, str] | None = None) -> dict[str, Bundle]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -210,6 +230,8 @@ def _parse_bundles(path: Path) -> dict[str, Bundle]:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as exc:
         raise DatasetError(f"bundle file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    if isinstance(data, dict) and "type" in data and isinstance(data.get("attributes"), dict):
+        data = data["attributes"]  # a component's defs.yaml: the bundles are its attributes
     if not isinstance(data, dict) or not isinstance(data.get("bundles"), list):
         raise DatasetError(
             f"bundle file {path}: expected a mapping with a 'bundles' list, as in 'bundles: [{{name: ..., url: ...}}]'"
@@ -218,10 +240,22 @@ def _parse_bundles(path: Path) -> dict[str, Bundle]:
         raise DatasetError(
             f"bundle file {path}: unknown top-level key(s) {', '.join(extra)}; only 'bundles' is allowed"
         )
+    entries = data["bundles"]
+    if env is not None:
+        try:
+            entries = _with_env(entries, env)
+        except DatasetError as exc:
+            raise DatasetError(f"bundle file {path}, {exc}") from None
+    return bundles_from_entries(entries, f"bundle file {path}")
+
+
+def bundles_from_entries(entries: list, source: str) -> dict[str, Bundle]:
+    """``name -> Bundle`` from declarations (mappings, as a bundles file or a ``defs.yaml`` holds
+    them); ``DatasetError`` naming ``source``, the entry and the problem."""
     bundles: dict[str, Bundle] = {}
     first_entry: dict[str, int] = {}
-    for number, entry in enumerate(data["bundles"], 1):
-        where = f"bundle file {path}, entry {number}"
+    for number, entry in enumerate(entries, 1):
+        where = f"{source}, entry {number}"
         if not isinstance(entry, dict):
             raise DatasetError(f"{where}: expected a mapping with name and url, got {type(entry).__name__} {entry!r}")
         if isinstance(entry.get("name"), str):
@@ -240,23 +274,23 @@ def _parse_bundles(path: Path) -> dict[str, Bundle]:
     return bundles
 
 
-def load_bundles(path: Path) -> dict[str, Bundle]:
+def load_bundles(path: Path, env: Mapping[str, str] | None = None) -> dict[str, Bundle]:
     """``name -> Bundle`` from a YAML file ``bundles: [{name, url, sha256?, size?, filename?,
     content_type?}, ...]``.
 
     Raises ``DatasetError`` naming the file, the entry and the problem, in one line, with the
     query strings and ``user:password@`` of URLs removed."""
     try:
-        return _parse_bundles(Path(path))
+        return _parse_bundles(Path(path), env)
     except DatasetError as exc:
         raise DatasetError(scrub_text(_one_line(exc))) from None
 
 
-def try_load_bundles(path: Path) -> tuple[dict[str, Bundle], str | None]:
+def try_load_bundles(path: Path, env: Mapping[str, str] | None = None) -> tuple[dict[str, Bundle], str | None]:
     """``(bundles, None)``, or ``({}, one-line problem naming the file)``: never raises, for
     callers that must go on without the bundles (a code location that must load)."""
     try:
-        return load_bundles(path), None
+        return load_bundles(path, env), None
     except DatasetError as exc:
         return {}, str(exc)
     except Exception as exc:

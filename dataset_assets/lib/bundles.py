@@ -1,8 +1,9 @@
-"""HTTP dataset bundles: single files behind public or signed URLs, one partition per bundle.
+"""HTTP dataset bundles as the asset ``http_datasets``, built from declarations (the ``HttpBundles``
+component, or the deprecated ``$DATASET_BUNDLES_FILE``): one partition per bundle.
 
-The bundles file is outside input: when it cannot be loaded, the code location still loads and
-only `http_datasets` is affected: it has no partitions, says why in its description and
-metadata, and fails when materialized with that one line (naming the file and the problem).
+Declarations are outside input: when they cannot be used, the code location still loads and only
+``http_datasets`` is affected: it has no partitions, says why in its description and metadata, and
+fails when materialized with that one line (naming the file and the problem).
 """
 
 import logging
@@ -16,13 +17,7 @@ from dataset_assets.core.http.bundles import Bundle, download_bundle, redact_url
 from dataset_assets.lib.groups import BUNDLES_GROUP, OWNERS
 from dataset_assets.lib.metadata import failure
 
-DEFAULT_BUNDLES_FILE = Path(__file__).resolve().parents[2] / "bundles.yaml"
-
 logger = logging.getLogger(__name__)
-
-
-def bundles_file() -> Path:
-    return Path(settings.DATASET_BUNDLES_FILE.get() or DEFAULT_BUNDLES_FILE)
 
 
 def _asset_args(path: Path, **metadata: object) -> dict:
@@ -41,7 +36,7 @@ def _unavailable(path: Path, problem: str) -> dg.AssetsDefinition:
 
     @dg.asset(
         description=f"Dataset bundles behind HTTP(S) URLs: unavailable, {problem}. Fix "
-        "$DATASET_BUNDLES_FILE and reload the code location.",
+        f"{path} and reload the code location.",
         **_asset_args(path, bundles_error=problem),
     )
     def http_datasets() -> dg.MaterializeResult:
@@ -53,8 +48,8 @@ def _unavailable(path: Path, problem: str) -> dg.AssetsDefinition:
 def _available(path: Path, bundles: dict[str, Bundle]) -> dg.AssetsDefinition:
     @dg.asset(partitions_def=dg.StaticPartitionsDefinition(sorted(bundles)), **_asset_args(path))
     def http_datasets(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        """Dataset bundles published as single files behind HTTP(S) URLs (listed in
-        `$DATASET_BUNDLES_FILE`), downloaded to `$DATASET_BUNDLES_DIR/<name>/` with retries and
+        """Dataset bundles published as single files behind HTTP(S) URLs (declared in
+        `dataset_assets/defs/bundles/defs.yaml`), downloaded to `$DATASET_BUNDLES_DIR/<name>/` with retries and
         backoff on 429/5xx (a server-requested wait longer than
         `$DATASET_BUNDLES_MAX_RETRY_AFTER_S`, default 300 s, fails), resumed with Range requests,
         verified (size, sha256, Content-Type) and renamed into place atomically. Proxies and CA
@@ -87,16 +82,16 @@ def _available(path: Path, bundles: dict[str, Bundle]) -> dg.AssetsDefinition:
     return http_datasets
 
 
-def build_http_datasets(path: Path) -> dg.AssetsDefinition:
-    """The `http_datasets` asset for the bundles listed in ``path``; never raises because of the
-    file (a file that does not load gives an asset that fails with the reason)."""
-    bundles, problem = try_load_bundles(path)
+def build_http_datasets(path: Path, bundles: dict[str, Bundle], problem: str | None = None) -> dg.AssetsDefinition:
+    """The `http_datasets` asset for ``bundles`` declared in ``path``; ``problem``: why the
+    declarations cannot be used (the asset then has no partitions and fails with the reason)."""
     if problem is not None:
         logger.warning("http_datasets is unavailable: %s", problem)
         return _unavailable(path, problem)
     return _available(path, bundles)
 
 
-http_datasets = build_http_datasets(bundles_file())
-
-defs = dg.Definitions(assets=[http_datasets])
+def build_http_datasets_from_file(path: Path) -> dg.AssetsDefinition:
+    """The `http_datasets` asset for the bundles file ``path``; never raises because of the file."""
+    bundles, problem = try_load_bundles(path)
+    return build_http_datasets(path, bundles, problem)
