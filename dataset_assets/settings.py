@@ -52,7 +52,10 @@ IDC_INDEX_DIR = Setting(
     "a folder with the index Parquet files (to pin a release, or for tests); default: the installed idc-index-data",
 )
 IDC_WATCHED_COLLECTIONS = Setting(
-    "IDC_WATCHED_COLLECTIONS", None, "comma-separated collections kept downloaded by automation"
+    "IDC_WATCHED_COLLECTIONS",
+    None,
+    "deprecated: comma-separated collections read instead of the IdcWatchedCollections declaration in "
+    "dataset_assets/defs/automation/watched/defs.yaml",
 )
 IDC_ALLOWED_BUCKETS = Setting(
     "IDC_ALLOWED_BUCKETS",

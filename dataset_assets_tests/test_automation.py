@@ -10,11 +10,12 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from dataset_assets.definitions import defs
-from dataset_assets.defs.automation.refresh import idc_release_sensor, watched_collections_schedule
+from dataset_assets.defs.automation.refresh import idc_release_sensor
 from dataset_assets.defs.catalog.index_assets import idc_collections, idc_index
 from dataset_assets.defs.downloads.download_assets import downloaded_collection
 from dataset_assets.defs.downloads.manifest_assets import collection_manifest
 from dataset_assets.lib.resources import IdcResource, S5cmdResource
+from dataset_assets.lib.watched import build_watched_defs
 
 
 @pytest.fixture
@@ -80,18 +81,33 @@ def test_release_sensor_requests_refresh_of_older_release(release_24, idc_fixtur
         assert config["modalities"] == ["PT"] and config["layout"] == "%collection_id/%SeriesInstanceUID"
 
 
-def test_watched_collections_schedule(monkeypatch):
+def _watched_schedule(collections: list[str], cron: str = "0 3 * * *") -> dg.ScheduleDefinition:
+    (schedule,) = build_watched_defs(collections, cron, 48, "test").schedules
+    return schedule
+
+
+def test_watched_collections_schedule():
     with dg.instance_for_test() as instance:
-        monkeypatch.delenv("IDC_WATCHED_COLLECTIONS", raising=False)
-        assert isinstance(watched_collections_schedule(dg.build_schedule_context(instance=instance)), dg.SkipReason)
-        monkeypatch.setenv("IDC_WATCHED_COLLECTIONS", "qin_pet_phantom, nope ,nlst")
+        assert isinstance(_watched_schedule([])(dg.build_schedule_context(instance=instance)), dg.SkipReason)
         when = datetime.datetime(2026, 11, 24, 3, 0, tzinfo=datetime.timezone.utc)
-        requests = watched_collections_schedule(
+        requests = _watched_schedule(["qin_pet_phantom", "nope", "nlst"])(
             dg.build_schedule_context(instance=instance, scheduled_execution_time=when)
         )
         assert [r.partition_key for r in requests] == ["qin_pet_phantom", "nlst"]
         assert requests[0].run_key == "watched-qin_pet_phantom-2026-11-24"
         assert all(r.tags["idc/download"] == "true" for r in requests)
+
+
+@pytest.mark.parametrize(
+    ("collections", "cron", "why"),
+    [(["qin\npet"], "0 3 * * *", "watched collection"), (["nlst"], "every day", "is not a cron string")],
+)
+def test_a_watch_that_cannot_be_used_is_a_stopped_schedule_saying_why(collections, cron, why):
+    schedule = _watched_schedule(collections, cron)
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED and why in schedule.description
+    with dg.instance_for_test() as instance:
+        skipped = schedule(dg.build_schedule_context(instance=instance))
+    assert isinstance(skipped, dg.SkipReason) and why in skipped.skip_message
 
 
 def test_automation_refreshes_only_collections_downloaded_before(idc_fixture, s3, tmp_path):

@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 from dagster.components.testing import create_defs_folder_sandbox
 
-from dataset_assets.components import HttpBundles, IdcCohorts
+from dataset_assets.components import HttpBundles, IdcCohorts, IdcWatchedCollections
 from dataset_assets.defs.resources import defs as resource_defs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +207,47 @@ def test_the_shipped_bundles_declaration_loads(monkeypatch):
 
     asset = defs.resolve_assets_def("http_datasets")
     assert asset.partitions_def.get_partition_keys() == [] and "bundles_error" not in asset.metadata_by_key[asset.key]
+
+
+def _build_watched(attributes: dict) -> dg.Definitions:
+    from dataset_assets.defs.downloads.download_assets import downloaded_collection
+    from dataset_assets.defs.downloads.jobs import download_collections_job
+    from dataset_assets.lib.watched import with_watched_freshness
+
+    with create_defs_folder_sandbox() as sandbox:
+        path = sandbox.scaffold_component(
+            component_cls=IdcWatchedCollections,
+            defs_yaml_contents={"type": "dataset_assets.components.IdcWatchedCollections", "attributes": attributes},
+        )
+        with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
+            assert isinstance(component, IdcWatchedCollections)
+            downloads = dg.Definitions(
+                assets=[downloaded_collection], jobs=[download_collections_job], resources=resource_defs.resources
+            )
+            return with_watched_freshness(dg.Definitions.merge(defs, downloads))
+
+
+def _freshness(defs: dg.Definitions):
+    key = dg.AssetKey("downloaded_collection")
+    return defs.resolve_assets_def(key).specs_by_key[key].freshness_policy
+
+
+def test_watched_collections_get_a_schedule_and_a_freshness_policy(monkeypatch):
+    monkeypatch.delenv("IDC_WATCHED_COLLECTIONS", raising=False)
+    defs = _build_watched({"collections": ["qin_pet_phantom"], "cron_schedule": "30 4 * * *", "stale_after_hours": 72})
+    (schedule,) = defs.schedules
+    assert schedule.name == "watched_collections_schedule" and schedule.cron_schedule == "30 4 * * *"
+    assert "qin_pet_phantom" in schedule.description
+    assert _freshness(defs).fail_window.to_timedelta().days == 3
+    assert _freshness(_build_watched({"collections": []})) is None  # nothing watched: never stale
+
+
+def test_the_deprecated_watch_variable_is_read_instead_with_a_warning(monkeypatch):
+    monkeypatch.setenv("IDC_WATCHED_COLLECTIONS", "nlst, qin_pet_phantom")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        defs = _build_watched({"collections": ["lidc_idri"]})
+    (schedule,) = defs.schedules
+    assert "nlst, qin_pet_phantom" in schedule.description and "lidc_idri" not in schedule.description
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("IDC_WATCHED_COLLECTIONS" in m and "defs.yaml" in m for m in messages), messages

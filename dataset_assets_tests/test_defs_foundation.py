@@ -76,14 +76,22 @@ def test_index_and_manifest_materialize_in_process(resources, tmp_path):
     assert manifest_columns["instanceCount"] == "int" and manifest_columns["target_dir"] == "string"
 
 
-def test_the_index_is_fresh_for_a_week_and_watched_downloads_for_two_days(monkeypatch):
-    from dataset_assets.defs.downloads import download_assets
+def test_the_index_is_fresh_for_a_week_and_watched_downloads_for_two_days():
+    from dataset_assets.lib.watched import build_watched_defs, with_watched_freshness
 
     spec = defs.resolve_assets_def("idc_index").specs_by_key[dg.AssetKey("idc_index")]
     assert spec.freshness_policy is not None and spec.freshness_policy.fail_window.to_timedelta().days == 9
-    assert download_assets.watched_freshness() is None  # nothing watched: downloads are on demand
-    monkeypatch.setenv("IDC_WATCHED_COLLECTIONS", "qin_pet_phantom")
-    assert download_assets.watched_freshness().fail_window.to_timedelta().days == 2
+    key = dg.AssetKey("downloaded_collection")
+    assert defs.resolve_assets_def(key).specs_by_key[key].freshness_policy is None  # on demand: never stale
+    declared = build_watched_defs(["nlst"], "0 3 * * *", 48, "t")
+    watched = with_watched_freshness(
+        dg.Definitions(assets=defs.assets, resources=defs.resources, metadata=declared.metadata)
+    )
+    policy = watched.resolve_assets_def(key).specs_by_key[key].freshness_policy
+    assert policy.fail_window.to_timedelta().days == 2
+    assert watched.resolve_assets_def("idc_index").specs_by_key[dg.AssetKey("idc_index")].freshness_policy == (
+        spec.freshness_policy
+    )
 
 
 def test_bad_filter_fails_the_run_and_keeps_the_previous_manifest(resources, tmp_path):

@@ -3,5 +3,6 @@
 
 from dataset_assets.components.bundles import HttpBundles
 from dataset_assets.components.cohorts import IdcCohorts
+from dataset_assets.components.watched import IdcWatchedCollections
 
-__all__ = ["HttpBundles", "IdcCohorts"]
+__all__ = ["HttpBundles", "IdcCohorts", "IdcWatchedCollections"]

@@ -9,8 +9,8 @@
   revised ones are set aside, removed ones reported). Collections never downloaded are never
   downloaded by automation: 100 TB is not a default.
 * ``weekly_index_refresh`` (on): re-materializes ``idc_index`` and ``idc_collections`` weekly.
-* ``watched_collections_schedule`` (on, idle until ``IDC_WATCHED_COLLECTIONS`` names
-  collections): daily manifest + download + checks of each watched collection.
+* ``watched_collections_schedule`` comes from the ``IdcWatchedCollections`` declaration in
+  ``watched/defs.yaml`` (see ``lib/watched.py``).
 """
 
 import datetime
@@ -20,7 +20,6 @@ import dagster as dg
 from dataset_assets import settings
 from dataset_assets.core.index.source import IndexSource
 from dataset_assets.defs.catalog.index_assets import idc_collections, idc_index
-from dataset_assets.defs.downloads.jobs import download_collections_job
 from dataset_assets.lib.partitions import collection_partitions
 
 MANIFEST = dg.AssetKey("collection_manifest")
@@ -123,41 +122,6 @@ weekly_index_refresh = dg.ScheduleDefinition(
 )
 
 
-def watched_collections() -> list[str]:
-    return settings.listed(settings.IDC_WATCHED_COLLECTIONS)
-
-
-@dg.schedule(
-    name="watched_collections_schedule",
-    job=download_collections_job,
-    cron_schedule="0 3 * * *",
-    description="Daily 03:00: manifest, download and checks of every collection in $IDC_WATCHED_COLLECTIONS.",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-)
-def watched_collections_schedule(context: dg.ScheduleEvaluationContext):
-    watched = watched_collections()
-    known = set(collection_partitions.get_partition_keys())
-    unknown = [c for c in watched if c not in known]
-    if unknown:
-        context.log.warning(f"IDC_WATCHED_COLLECTIONS names unknown collections, ignored: {', '.join(unknown)}")
-    valid = [c for c in watched if c in known]
-    if not valid:
-        return dg.SkipReason(
-            "IDC_WATCHED_COLLECTIONS names no known collection"
-            + (f" (unknown: {', '.join(unknown)})" if unknown else " (it is empty)")
-        )
-    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
-    return [
-        dg.RunRequest(
-            run_key=f"watched-{pk}-{day}",
-            partition_key=pk,
-            run_config=manifest_run_config(context.instance, pk),
-            tags={"idc/watched": "true", "idc/download": "true"},
-        )
-        for pk in valid
-    ]
-
-
 idc_automation_sensor = dg.AutomationConditionSensorDefinition(
     "idc_automation_sensor",
     target=dg.AssetSelection.assets("downloaded_collection"),
@@ -167,6 +131,6 @@ idc_automation_sensor = dg.AutomationConditionSensorDefinition(
 
 defs = dg.Definitions(
     jobs=[refresh_index_job],
-    schedules=[weekly_index_refresh, watched_collections_schedule],
+    schedules=[weekly_index_refresh],
     sensors=[idc_release_sensor, idc_automation_sensor],
 )

@@ -5,7 +5,6 @@ not when the definitions load."""
 
 import warnings
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -36,17 +35,6 @@ with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping shards 
     warnings.simplefilter("ignore", dg.BetaWarning)
     #: ``<collection>|<shard>`` -> ``<collection>`` (and every shard of a collection -> the collection).
     BY_COLLECTION = dg.MultiToSingleDimensionPartitionMapping("collection_id")
-
-
-def watched_freshness() -> dg.FreshnessPolicy | None:
-    """With collections watched (``$IDC_WATCHED_COLLECTIONS``, refreshed daily at 03:00), a
-    download left behind for two days shows as stale; without, downloads are on demand and
-    never stale."""
-    return (
-        dg.FreshnessPolicy.time_window(fail_window=timedelta(days=2), warn_window=timedelta(hours=30))
-        if settings.listed(settings.IDC_WATCHED_COLLECTIONS)
-        else None
-    )
 
 
 def _metadata(result, collection_dir, version: str) -> dict:  # result: core.download.DownloadResult
@@ -144,7 +132,7 @@ def downloaded_collection_shard(
     partitions_def=collection_partitions,
     **DOWNLOAD_ASSET,
     automation_condition=refresh_downloaded_condition,
-    freshness_policy=watched_freshness(),
+    # a freshness policy is added when collections are watched (lib/watched.py, applied in definitions.py)
 )
 def downloaded_collection(
     context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
