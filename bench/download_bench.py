@@ -269,8 +269,8 @@ def main() -> None:
 
     from dataset_assets.core.index.source import IndexSource
     from dataset_assets.core.select.manifest import build_manifest, write_manifest
+    from dataset_assets.core.transfer import disk, s5cmd
     from dataset_assets.core.transfer import download as dl
-    from dataset_assets.core.transfer import s5cmd
     from dataset_assets.core.verify import checks as verify
     from dataset_assets.defs.downloads.download_assets import downloaded_collection
     from dataset_assets.lib.resources import IdcResource, S5cmdResource
@@ -296,7 +296,7 @@ def main() -> None:
         opts = s5cmd.S5cmdOptions(endpoint_url=server.endpoint_url, workers=a.workers)
 
         def complete(dest: Path) -> None:  # every case must leave every file, with its exact bytes
-            problems = [p for _, _, p in dl.series_status(manifest, dest) if p]  # counts and bytes per series
+            problems = [p for _, _, p in disk.series_status(manifest, dest) if p]  # counts and bytes per series
             assert not problems, problems[:3]
 
         def run_dg() -> float:
@@ -316,7 +316,7 @@ def main() -> None:
             return t
 
         def run_core() -> float:
-            t = timed(dl.download, manifest, fresh(work, "core"), opts, log=lambda s: None)[0]
+            t = timed(dl.download, manifest, fresh(work, "core"), opts, dl.EngineOptions(log=lambda s: None))[0]
             complete(work / "core")
             return t
 
@@ -355,7 +355,7 @@ def main() -> None:
             "bench_process_peak_rss_mb": max(dg_rss),
         }
         server.ask("reset")  # case 5 on the complete destination of the last core run
-        t, res = timed(dl.download, manifest, work / "core", opts, log=lambda s: None)
+        t, res = timed(dl.download, manifest, work / "core", opts, dl.EngineOptions(log=lambda s: None))
         cases["resume"] = {
             "seconds": t,
             "pct_of_first": 100 * t / cases["core"]["seconds"],

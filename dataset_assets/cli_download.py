@@ -32,7 +32,8 @@ from .core.select.resolve import (
     resolve,
 )
 from .core.select.shards import shard_manifest
-from .core.transfer.download import check_endpoint, check_root_shape, download, series_status, state_path_for
+from .core.transfer.disk import series_status
+from .core.transfer.download import EngineOptions, check_endpoint, check_root_shape, download, state_path_for
 from .core.transfer.instances import download_instances, file_of, is_complete, object_url
 from .core.transfer.s5cmd import S5cmdOptions
 from .core.transfer.state import load_state, recorded_files, shard_state_path
@@ -143,12 +144,14 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
                     selection.manifest,
                     dest,
                     request.options,
-                    log=view.log if view else click.echo,
-                    progress_interval_s=0.5,
-                    on_progress=view,
-                    state_path=state,
-                    stall_timeout_s=request.stall_timeout_s,
-                    allowed_buckets=allowed,
+                    EngineOptions(
+                        log=view.log if view else click.echo,
+                        progress_interval_s=0.5,
+                        on_progress=view,
+                        state_path=state,
+                        stall_timeout_s=request.stall_timeout_s,
+                        allowed_buckets=allowed,
+                    ),
                 )
             except IncompleteDownloadError as exc:
                 incomplete.append(str(exc))

@@ -124,6 +124,18 @@ def test_the_core_imports_nothing_above_it():
     assert {m: t for m, t in above.items() if t} == {}
 
 
+def test_the_transfer_engine_knows_nothing_of_dicom_or_the_index():
+    """Header checks hook into a download through ``EngineOptions.watch_batch``; the engine imports
+    neither the verify package (pydicom) nor the index package (DuckDB)."""
+    edges, _ = _imports()
+    reach = {
+        m: sorted(t for t in targets if t.startswith(("dataset_assets.core.verify", "dataset_assets.core.index")))
+        for m, targets in edges.items()
+        if m.startswith("dataset_assets.core.transfer")
+    }
+    assert {m: t for m, t in reach.items() if t} == {}
+
+
 def test_the_checks_above_find_what_they_look_for():
     """The detectors themselves: a cycle and a private import are seen (so the tests above can fail)."""
     cli, download = "dataset_assets.cli", "dataset_assets.cli_download"

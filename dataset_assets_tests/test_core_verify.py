@@ -19,9 +19,10 @@ import pytest
 from dataset_assets.core.index.source import IndexSource
 from dataset_assets.core.select.filters import ManifestFilters
 from dataset_assets.core.select.manifest import build_manifest
-from dataset_assets.core.transfer.download import download, state_path_for
+from dataset_assets.core.transfer.download import EngineOptions, download, state_path_for
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets.core.verify.checks import check_headers, check_tree
+from dataset_assets.core.verify.dicom_headers import header_watch
 from dataset_assets_tests.support.fixture import write_dicom
 from dataset_assets_tests.support.procs import live_processes
 
@@ -173,8 +174,7 @@ def test_tree_check_accounts_for_series_other_downloads_recorded(s3, manifest, i
         manifest,
         root,
         S5cmdOptions(endpoint_url=s3.endpoint_url),
-        log=lambda m: None,
-        state_path=state_path_for(root, manifest),
+        EngineOptions(log=lambda m: None, state_path=state_path_for(root, manifest)),
     )
     with IndexSource(idc_fixture.index_dir).connect() as con:
         one = build_manifest(
@@ -206,8 +206,7 @@ def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifes
         manifest,
         root,
         S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1),
-        log=lambda m: None,
-        header_cache=cache,
+        EngineOptions(log=lambda m: None, watch_batch=header_watch(cache)),
     )
     first = check_headers(manifest, root, processes=1, cache_path=cache)
     assert first.passed and first.checked == 24 and first.notes["read"] == 0  # read as the files landed

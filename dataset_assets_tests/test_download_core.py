@@ -16,7 +16,7 @@ from dataset_assets.core.errors import DownloadError
 from dataset_assets.core.fs import space_reservation
 from dataset_assets.core.transfer import s5cmd
 from dataset_assets.core.transfer.control import CONTROL_DIR
-from dataset_assets.core.transfer.download import download
+from dataset_assets.core.transfer.download import EngineOptions, download
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.procs import processes_mentioning
 from dataset_assets_tests.support.s3server import free_port
@@ -32,7 +32,7 @@ def files_of(root: Path, row: dict) -> list[Path]:
 
 def test_full_download_places_every_object_by_layout(s3, manifest, idc_fixture, tmp_path):
     root = tmp_path / "dl"
-    result = download(manifest, root, opts(s3), log=lambda m: None)
+    result = download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     assert result.failed_series == [] and result.complete_series == 6
     assert result.transferred_files == 24 and result.transferred_bytes == result.bytes
     assert s3.stats["get_object"] == 24
@@ -52,16 +52,16 @@ def test_full_download_places_every_object_by_layout(s3, manifest, idc_fixture, 
 
 def test_rerun_of_complete_collection_makes_no_request(s3, manifest, tmp_path):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=lambda m: None)
+    download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     s3.reset_stats()
-    result = download(manifest, root, opts(s3), log=lambda m: None)
+    result = download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     assert result.skipped_series == 6 and result.transferred_files == 0
     assert s3.stats["get_object"] == 0 and s3.stats["list"] == 0
 
 
 def test_resume_fetches_only_what_is_missing_and_removes_temp_files(s3, manifest, tmp_path):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=lambda m: None)
+    download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     rows = manifest.to_pylist()
     damaged = files_of(root, rows[1])[:2]
     for path in damaged:
@@ -70,7 +70,7 @@ def test_resume_fetches_only_what_is_missing_and_removes_temp_files(s3, manifest
     temp.write_bytes(b"")
     shutil.rmtree(root / rows[3]["target_dir"])
     s3.reset_stats()
-    result = download(manifest, root, opts(s3), log=lambda m: None)
+    result = download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     assert result.failed_series == [] and result.skipped_series == 4
     assert sorted(s3.get_keys) == sorted(
         [f"{rows[1]['crdc_series_uuid']}/{p.name}" for p in damaged]
@@ -81,14 +81,14 @@ def test_resume_fetches_only_what_is_missing_and_removes_temp_files(s3, manifest
 
 def test_503s_are_retried(s3, manifest, tmp_path):
     s3.faults.fail_next_gets(3, status=503)
-    result = download(manifest, tmp_path / "dl", opts(s3, retry_count=3), log=lambda m: None)
+    result = download(manifest, tmp_path / "dl", opts(s3, retry_count=3), EngineOptions(log=lambda m: None))
     assert result.failed_series == []
     assert s3.stats["get_object"] == 24 + 3
 
 
 def test_truncated_bodies_are_retried_and_never_left_as_complete(s3, manifest, tmp_path):
     s3.faults.truncate_next_gets(2)
-    result = download(manifest, tmp_path / "dl", opts(s3, retry_count=3), log=lambda m: None)
+    result = download(manifest, tmp_path / "dl", opts(s3, retry_count=3), EngineOptions(log=lambda m: None))
     assert result.failed_series == []
     assert s3.stats["get_object"] == 24 + 2  # both cut bodies were fetched again
     for row in manifest.to_pylist():  # every final file is whole
@@ -102,7 +102,7 @@ def test_persistent_failure_names_the_series_keeps_the_rest_and_rerun_completes(
     bad = rows[2]
     s3.faults.fail_keys(lambda key: key.startswith(bad["crdc_series_uuid"]), status=500)
     with pytest.raises(DownloadError) as info:
-        download(manifest, root, opts(s3), log=lambda m: None)
+        download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     message = str(info.value)
     assert "1 of 6 series incomplete" in message and bad["SeriesInstanceUID"] in message
     assert "InternalError" in message and "run it again (materialize, or the same command)" in message
@@ -110,7 +110,7 @@ def test_persistent_failure_names_the_series_keeps_the_rest_and_rerun_completes(
     assert all(len(files_of(root, r)) == 4 for r in rows if r is not bad)
     s3.faults.clear()
     s3.reset_stats()
-    result = download(manifest, root, opts(s3), log=lambda m: None)
+    result = download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     assert result.failed_series == [] and s3.stats["get_object"] == 4
 
 
@@ -120,7 +120,7 @@ def test_missing_series_on_the_server(s3, manifest, tmp_path):
     with pytest.raises(
         DownloadError, match=rf"{row['SeriesInstanceUID']} in .*: not found on the server .*a re-run will not fix it"
     ):
-        download(manifest, tmp_path / "dl", opts(s3), log=lambda m: None)
+        download(manifest, tmp_path / "dl", opts(s3), EngineOptions(log=lambda m: None))
 
 
 def test_a_server_that_serves_other_bytes_than_the_manifest_fails_verification(s3, manifest, tmp_path):
@@ -130,14 +130,14 @@ def test_a_server_that_serves_other_bytes_than_the_manifest_fails_verification(s
     with pytest.raises(
         DownloadError, match=rf"{row['SeriesInstanceUID']} in .*: 4/4 files, {row['series_bytes'] + 5:,}/"
     ):
-        download(manifest, tmp_path / "dl", opts(s3), log=lambda m: None)
+        download(manifest, tmp_path / "dl", opts(s3), EngineOptions(log=lambda m: None))
 
 
 def test_refusing_endpoint_fails_quickly_and_clearly(manifest, tmp_path):
     options = S5cmdOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", retry_count=1)
     started = time.monotonic()
     with pytest.raises(DownloadError, match="cannot reach the S3 endpoint http://127.0.0.1:.*Connection"):
-        download(manifest, tmp_path / "dl", options, log=lambda m: None)
+        download(manifest, tmp_path / "dl", options, EngineOptions(log=lambda m: None))
     assert time.monotonic() - started < 15
 
 
@@ -145,7 +145,7 @@ def test_exit_code_is_not_trusted_disk_is(manifest, tmp_path):
     """Without the reachability check, s5cmd's own failure is still caught by verification."""
     options = S5cmdOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", retry_count=0)
     with pytest.raises(DownloadError, match="6 of 6 series incomplete"):
-        download(manifest, tmp_path / "dl", options, log=lambda m: None, check_endpoint_first=False)
+        download(manifest, tmp_path / "dl", options, EngineOptions(log=lambda m: None, check_endpoint_first=False))
 
 
 def test_not_enough_disk_space_is_refused_before_any_transfer(s3, manifest, tmp_path):
@@ -155,7 +155,7 @@ def test_not_enough_disk_space_is_refused_before_any_transfer(s3, manifest, tmp_
         pa.array([10**15] * manifest.num_rows, pa.int64()),
     )
     with pytest.raises(DownloadError, match="not enough free space in .* needs 6.0 PB"):
-        download(huge, tmp_path / "dl", opts(s3), log=lambda m: None)
+        download(huge, tmp_path / "dl", opts(s3), EngineOptions(log=lambda m: None))
     assert s3.stats["get_object"] == 0
 
 
@@ -170,10 +170,10 @@ def test_space_held_by_a_download_in_progress_is_counted(s3, manifest, tmp_path)
         assert stat.S_IMODE(held.stat().st_mode) == 0o644  # other users downloading here must read it
         other.update(free)  # as its progress tick would: all the free space is still to be written
         with pytest.raises(DownloadError, match=r"not enough free space .* downloads in progress \(lidc_idri: "):
-            download(manifest, root, opts(s3), log=lambda m: None)
+            download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
         assert s3.stats["get_object"] == 0
         other.update(0)  # that download is almost done: room again
-        download(manifest, root, opts(s3), log=lambda m: None)
+        download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     assert s3.stats["get_object"] == 24
     assert list(ledger.glob("*.reservation")) == []  # both released
 
@@ -197,12 +197,12 @@ def test_reservation_of_a_killed_download_is_released(s3, manifest, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DownloadError, match=r"downloads in progress \(nlst: 1000.0 PB\)"):
-            download(manifest, root, opts(s3), log=lambda m: None)
+            download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     finally:
         holder.kill()
         holder.wait()
     assert len(list(ledger.glob("*.reservation"))) == 1  # SIGKILL: no clean-up ran, but the lock is gone
-    download(manifest, root, opts(s3), log=lambda m: None)
+    download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     assert list(ledger.glob("*.reservation")) == []
 
 
@@ -224,7 +224,7 @@ def test_roots_with_shell_characters_get_every_file_inside_them(s3, manifest, tm
     """s5cmd's command file unescapes backslash, $, ` and " inside quotes: each is escaped, so the
     files land in this root and nowhere else."""
     root = tmp_path / "roots" / name
-    download(manifest, root, opts(s3), log=lambda m: None)
+    download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     files = list((tmp_path / "roots").rglob("*.dcm"))
     assert len(files) == 24 and all(str(p).startswith(f"{root}/") for p in files)
 
@@ -232,7 +232,7 @@ def test_roots_with_shell_characters_get_every_file_inside_them(s3, manifest, tm
 @pytest.mark.parametrize("name", ["st*r", "quest?ion", "new\nline"])
 def test_roots_s5cmd_cannot_write_to_are_refused_up_front(s3, manifest, tmp_path, name):
     with pytest.raises(DownloadError, match="s5cmd cannot write to; choose a path without"):
-        download(manifest, tmp_path / name, opts(s3), log=lambda m: None)
+        download(manifest, tmp_path / name, opts(s3), EngineOptions(log=lambda m: None))
     assert s3.stats["get_object"] == 0 and not (tmp_path / name).exists()
 
 
@@ -240,20 +240,20 @@ def test_unwritable_root_is_refused(s3, manifest, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(DownloadError, match="is not writable"):
-        download(manifest, blocker / "dl", opts(s3), log=lambda m: None)
+        download(manifest, blocker / "dl", opts(s3), EngineOptions(log=lambda m: None))
     if os.geteuid() != 0:  # root ignores permission bits
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
         with pytest.raises(DownloadError, match="is not writable"):
-            download(manifest, ro, opts(s3), log=lambda m: None)
+            download(manifest, ro, opts(s3), EngineOptions(log=lambda m: None))
     assert s3.stats["get_object"] == 0
 
 
 def test_progress_is_logged_while_transferring(s3, manifest, tmp_path):
     s3.faults.delay_s = 0.1
     lines = []
-    download(manifest, tmp_path / "dl", opts(s3, workers=2), log=lines.append, progress_interval_s=0.2)
+    download(manifest, tmp_path / "dl", opts(s3, workers=2), EngineOptions(log=lines.append, progress_interval_s=0.2))
     progress = [line for line in lines if line.startswith("progress: ")]
     assert progress, lines
     assert "/24 files" in progress[-1] and "MB/s" in progress[-1] and "ETA" in progress[-1]
@@ -274,7 +274,7 @@ def test_interrupt_stops_s5cmd_and_leaves_no_process(s3, manifest, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        download(manifest, root, opts(s3, workers=2), log=log, progress_interval_s=0.3)
+        download(manifest, root, opts(s3, workers=2), EngineOptions(log=log, progress_interval_s=0.3))
     assert seen, "s5cmd should have been running"
     assert processes_mentioning(str(root)) == [] and s5cmd.live_processes() == []
     assert list((root / CONTROL_DIR).glob("*.s5cmd")) == []
@@ -289,18 +289,18 @@ def test_a_collection_being_downloaded_is_locked(s3, manifest, tmp_path):
         collection_locks(root, ["qin_pet_phantom"]),
         pytest.raises(DownloadError, match=rf"collection qin_pet_phantom is being downloaded into {root} by pid \d+"),
     ):
-        download(manifest, root, opts(s3), log=lambda m: None)
+        download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     assert s3.stats["get_object"] == 0
-    assert download(manifest, root, opts(s3), log=lambda m: None).failed_series == []  # free again
+    assert download(manifest, root, opts(s3), EngineOptions(log=lambda m: None)).failed_series == []  # free again
 
 
 def test_extra_files_in_a_series_are_named_in_the_error(s3, manifest, tmp_path):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=lambda m: None)
+    download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
     row = manifest.to_pylist()[0]
     (root / row["target_dir"] / "not-from-this-series.dcm").write_bytes(b"x" * 10)
     with pytest.raises(
         DownloadError,
         match=r"1 .dcm file\(s\) that are not objects of this series \(e.g. not-from-this-series.dcm\): move them out",
     ):
-        download(manifest, root, opts(s3), log=lambda m: None)
+        download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))

@@ -28,7 +28,7 @@ from dataset_assets.core.errors import (
 from dataset_assets.core.index.source import IndexSource
 from dataset_assets.core.select.manifest import build_manifest
 from dataset_assets.core.transfer.control import CONTROL_DIR
-from dataset_assets.core.transfer.download import download, state_path_for
+from dataset_assets.core.transfer.download import EngineOptions, download, state_path_for
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets.core.transfer.state import load_state
 from dataset_assets.core.verify import checks as verify
@@ -94,12 +94,12 @@ def test_a_run_where_every_request_fails_does_not_poison_later_runs(s3, manifest
     root = tmp_path / "dl"
     s3.faults.fail_keys(lambda key: True, status=503)
     with pytest.raises(IncompleteDownloadError):
-        download(manifest, root, opts(s3, retry_count=0), log=quiet)
+        download(manifest, root, opts(s3, retry_count=0), EngineOptions(log=quiet))
     assert load_state(state_path_for(root, manifest)) == {}  # an empty state, readable
     proc = cli("download", "qin_pet_phantom", str(root), "--retries", "0", env=env)
     one_line(proc, 1, "6 of 6 series incomplete")
     s3.faults.clear()
-    assert download(manifest, root, opts(s3), log=quiet).complete_series == 6  # the core, healthy
+    assert download(manifest, root, opts(s3), EngineOptions(log=quiet)).complete_series == 6  # the core, healthy
     proc = cli("download", "qin_pet_phantom", str(root), env=env)
     assert proc.returncode == 0 and "complete: 6 series" in proc.stdout, proc.stderr
 
@@ -107,7 +107,7 @@ def test_a_run_where_every_request_fails_does_not_poison_later_runs(s3, manifest
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "directory", "other-schema"])
 def test_an_unreadable_state_file_is_set_aside_and_rebuilt_from_the_disk(s3, manifest, tmp_path, damage):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     state = state_path_for(root, manifest)
     good = state.read_bytes()
     if damage == "empty":
@@ -126,7 +126,7 @@ def test_an_unreadable_state_file_is_set_aside_and_rebuilt_from_the_disk(s3, man
     leftover.write_bytes(b"half")
     s3.reset_stats()
     lines: list[str] = []
-    result = download(manifest, root, opts(s3), log=lines.append)
+    result = download(manifest, root, opts(s3), EngineOptions(log=lines.append))
     assert result.complete_series == 6 and result.listed_series == 6
     assert s3.stats["get_object"] == 0  # the disk was complete: one listing per series, no GET
     assert sum("set aside" in line for line in lines) == 1, lines
@@ -135,7 +135,7 @@ def test_an_unreadable_state_file_is_set_aside_and_rebuilt_from_the_disk(s3, man
     records = load_state(state)
     assert len(records) == 6 and all(r.count == 4 for r in records.values())
     s3.reset_stats()
-    download(manifest, root, opts(s3), log=quiet)  # rebuilt: no request at all now
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))  # rebuilt: no request at all now
     assert s3.stats["get_object"] == 0 and s3.stats["list"] == 0
 
 
@@ -150,7 +150,7 @@ def _shift_bytes(series_dir: Path, delta: int) -> tuple[Path, Path]:
 @pytest.mark.parametrize("with_state", [True, False])
 def test_per_file_sizes_are_checked_and_wrong_files_fetched_again(s3, manifest, tmp_path, with_state):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     row = manifest.to_pylist()[2]
     if not with_state:  # data from before the state existed: one listing per series proves it
         state_path_for(root, manifest).unlink()
@@ -161,7 +161,7 @@ def test_per_file_sizes_are_checked_and_wrong_files_fetched_again(s3, manifest, 
         assert not report.passed and report.culprit_series == {row["SeriesInstanceUID"]}
         assert "2 file(s) of the wrong size" in report.problems[0]
     s3.reset_stats()
-    result = download(manifest, root, opts(s3), log=quiet)
+    result = download(manifest, root, opts(s3), EngineOptions(log=quiet))
     assert result.complete_series == 6 and s3.stats["get_object"] == 2
     source = s3.root / row["aws_bucket"] / row["crdc_series_uuid"]
     for path in (short, long):
@@ -266,16 +266,16 @@ def test_a_crdc_series_uuid_that_leaves_the_root_never_moves_files(idc_fixture, 
     with pytest.raises(
         IncompleteDownloadError, match=r"crdc_series_uuid '\.\./\.\./\.\./\.\./adv/moved_here' is not a UUID"
     ):
-        download(hostile, root, opts(s3), log=quiet)
+        download(hostile, root, opts(s3), EngineOptions(log=quiet))
     assert len(list(root.rglob("*.dcm"))) == 20  # the other five series are complete
-    download(good_manifest, root, opts(s3), log=quiet)
+    download(good_manifest, root, opts(s3), EngineOptions(log=quiet))
     # A state file edited by hand to hold the same value: ignored, never a destination.
     state = state_path_for(root, good_manifest)
     table = pq.read_table(state)
     uuids = table.column("crdc_series_uuid").to_pylist()
     uuids[1] = evil
     pq.write_table(table.set_column(2, "crdc_series_uuid", pa.array(uuids)), state)
-    result = download(good_manifest, root, opts(s3), log=quiet)
+    result = download(good_manifest, root, opts(s3), EngineOptions(log=quiet))
     assert result.replaced_series == [] and result.complete_series == 6
     assert not (tmp_path / "adv").exists() and not (tmp_path / "q" / "adv").exists()
     assert len(list(root.rglob("*.dcm"))) == 24
@@ -290,7 +290,7 @@ def test_a_line_break_in_a_url_fails_that_series_and_the_others_download(idc_fix
     bad_uid = manifest.to_pylist()[0]["SeriesInstanceUID"]
     root = tmp_path / "dl"
     with pytest.raises(IncompleteDownloadError) as raised:
-        download(manifest, root, opts(s3), log=quiet)
+        download(manifest, root, opts(s3), EngineOptions(log=quiet))
     message = str(raised.value)
     assert message.startswith("1 of 6 series incomplete") and bad_uid in message and "series_aws_url" in message
     assert raised.value.result.complete_series == 5
@@ -343,7 +343,7 @@ def test_a_dangling_symlink_as_destination_says_what_it_is(env, tmp_path):
     one_line(proc, 2, "is a dangling symbolic link")
     with pytest.raises(BadDestinationError, match="is a file, not a folder"):
         (tmp_path / "f").write_text("x")
-        download(manifest_of(Path(env["IDC_INDEX_DIR"])), tmp_path / "f", S5cmdOptions(), log=quiet)
+        download(manifest_of(Path(env["IDC_INDEX_DIR"])), tmp_path / "f", S5cmdOptions(), EngineOptions(log=quiet))
 
 
 # -- Faults during the transfer ---------------------------------------------------------------
@@ -531,7 +531,7 @@ def test_a_command_file_in_use_by_a_running_download_is_not_removed(tmp_path):
 
 def test_only_what_s5cmd_left_is_removed_never_a_users_file(s3, manifest, tmp_path):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     row = manifest.to_pylist()[0]
     series = root / row["target_dir"]
     victim = sorted(series.glob("*.dcm"))[0]
@@ -542,7 +542,7 @@ def test_only_what_s5cmd_left_is_removed_never_a_users_file(s3, manifest, tmp_pa
     temp.write_bytes(b"")
     unrelated = series / f"{'0' * 8}-0000-0000-0000-{'0' * 12}.dcm777"  # IDC-shaped, not of this series
     unrelated.write_bytes(b"x")
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     assert notes.read_text() == "my notes" and unrelated.exists()
     assert not temp.exists() and victim.exists()
     # With no record, the listing names the series' objects: only their temporaries are removed,
@@ -550,7 +550,7 @@ def test_only_what_s5cmd_left_is_removed_never_a_users_file(s3, manifest, tmp_pa
     shutil.rmtree(root / CONTROL_DIR / "state")
     victim.unlink()
     temp.write_bytes(b"")
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     assert notes.read_text() == "my notes" and unrelated.exists() and victim.exists() and not temp.exists()
 
 
@@ -559,7 +559,7 @@ def test_only_what_s5cmd_left_is_removed_never_a_users_file(s3, manifest, tmp_pa
 
 def test_an_object_missing_on_the_server_says_so_and_that_a_rerun_will_not_fix_it(s3, manifest, tmp_path):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     row = manifest.to_pylist()[3]
     gone = sorted((s3.root / row["aws_bucket"] / row["crdc_series_uuid"]).iterdir())[0]
     gone.unlink()
@@ -568,7 +568,7 @@ def test_an_object_missing_on_the_server_says_so_and_that_a_rerun_will_not_fix_i
     with pytest.raises(
         IncompleteDownloadError, match="1 of 4 object.s. not found on the server; a re-run will not fix it"
     ):
-        download(manifest, root, opts(s3), log=quiet)
+        download(manifest, root, opts(s3), EngineOptions(log=quiet))
 
 
 def test_more_objects_on_the_server_than_the_index_lists_is_named_as_such(s3, manifest, tmp_path):
@@ -578,11 +578,11 @@ def test_more_objects_on_the_server_than_the_index_lists_is_named_as_such(s3, ma
     with pytest.raises(
         IncompleteDownloadError, match=r"the server holds more objects \(5\) than the index lists \(4\)"
     ):
-        download(manifest, tmp_path / "dl", opts(s3), log=quiet)
+        download(manifest, tmp_path / "dl", opts(s3), EngineOptions(log=quiet))
     (tmp_path / "dl" / row["target_dir"] / "00000000-0000-0000-0000-000000000000.dcm").unlink()
     shutil.rmtree(tmp_path / "dl" / CONTROL_DIR / "state")
     with pytest.raises(IncompleteDownloadError, match="the server holds 5 objects but the index lists 4"):
-        download(manifest, tmp_path / "dl", opts(s3), log=quiet)
+        download(manifest, tmp_path / "dl", opts(s3), EngineOptions(log=quiet))
 
 
 def test_the_layout_dot_is_refused_as_empty(idc_fixture):
@@ -609,7 +609,7 @@ def test_a_transfer_stopped_keeps_what_completed_and_records_it(s3, manifest, tm
     s3.faults.fail_keys(lambda key: key.startswith(bad["crdc_series_uuid"]), status=503)
     s3.faults.delay_s = 0.0
     with pytest.raises((TransferStoppedError, IncompleteDownloadError)):
-        download(manifest, root, opts(s3, retry_count=30, workers=64), log=quiet, stall_timeout_s=3)
+        download(manifest, root, opts(s3, retry_count=30, workers=64), EngineOptions(log=quiet, stall_timeout_s=3))
     records = load_state(state_path_for(root, manifest))
     assert len(records) == 5 and bad["target_dir"] not in records
 
@@ -618,11 +618,11 @@ def test_a_transfer_stopped_keeps_what_completed_and_records_it(s3, manifest, tm
 
 
 def test_a_state_record_with_wrong_names_is_settled_by_a_listing(s3, manifest, tmp_path):
-    from dataset_assets.core.transfer.download import scan_series
+    from dataset_assets.core.transfer.disk import scan_series
     from dataset_assets.core.transfer.state import files_digest
 
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     state = state_path_for(root, manifest)
     table = pq.read_table(state)
     digests = table.column("files_digest").to_pylist()
@@ -632,7 +632,7 @@ def test_a_state_record_with_wrong_names_is_settled_by_a_listing(s3, manifest, t
         state,
     )
     s3.reset_stats()
-    result = download(manifest, root, opts(s3), log=quiet)
+    result = download(manifest, root, opts(s3), EngineOptions(log=quiet))
     assert result.complete_series == 6 and result.listed_series == 1 and s3.stats["get_object"] == 0
     for target_dir, record in load_state(state).items():
         assert record.digest == files_digest(scan_series(root / target_dir).files)
@@ -661,7 +661,7 @@ def _bounded(fn, seconds: float = 60):
 
 def test_a_fifo_named_dcm_is_reported_never_read(s3, manifest, tmp_path):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     fifo = root / manifest.to_pylist()[0]["target_dir"] / "notes.dcm"
     os.mkfifo(fifo)
     headers = _bounded(lambda: verify.check_headers(manifest, root, processes=1))
@@ -672,20 +672,20 @@ def test_a_fifo_named_dcm_is_reported_never_read(s3, manifest, tmp_path):
 
 def test_fifos_in_the_control_folder_never_hang_a_download(s3, manifest, tmp_path):
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     (next(root.rglob("*.dcm"))).unlink()
     control = root / CONTROL_DIR
     (control / "reservations").mkdir(exist_ok=True)
     os.mkfifo(control / "reservations" / "evil.reservation")
     os.mkfifo(control / "run-1-evil.s5cmd")
-    result = _bounded(lambda: download(manifest, root, opts(s3), log=quiet))
+    result = _bounded(lambda: download(manifest, root, opts(s3), EngineOptions(log=quiet)))
     assert result.complete_series == 6
     assert (control / "run-1-evil.s5cmd").exists()  # not ours: left alone
     lock = control / "locks" / "qin_pet_phantom.lock"
     lock.unlink()
     os.mkfifo(lock)
     with pytest.raises(DownloadError, match=r"the lock file .*qin_pet_phantom.lock is not a regular file"):
-        _bounded(lambda: download(manifest, root, opts(s3), log=quiet))
+        _bounded(lambda: download(manifest, root, opts(s3), EngineOptions(log=quiet)))
 
 
 def test_another_series_in_a_directory_is_never_moved_as_a_revision(idc_fixture, s3, tmp_path):
@@ -758,7 +758,7 @@ def test_a_file_in_the_way_of_one_series_fails_that_series_only(s3, manifest, tm
     (root / row["target_dir"]).parent.mkdir(parents=True)
     (root / row["target_dir"].rstrip("/")).write_text("notes")
     with pytest.raises(IncompleteDownloadError, match="cannot create its directory .*is a file in the way"):
-        download(manifest, root, opts(s3), log=quiet)
+        download(manifest, root, opts(s3), EngineOptions(log=quiet))
     assert len(list(root.rglob("*.dcm"))) == 20 and (root / row["target_dir"].rstrip("/")).read_text() == "notes"
 
 
@@ -777,7 +777,7 @@ def test_malformed_options_are_bad_input(env, tmp_path, args):
 
 
 def test_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only_so_long(s3, manifest, tmp_path):
-    from dataset_assets.core.transfer.download import SeriesClaims, _process_identity
+    from dataset_assets.core.transfer.claims import SeriesClaims, process_identity
 
     root = tmp_path / "dl"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -785,12 +785,12 @@ def test_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only_so_lon
         row = manifest.to_pylist()[2]
         claims = SeriesClaims(root.absolute())
         claims.folder.mkdir(parents=True)
-        claims.path_of(row["target_dir"]).write_text(_process_identity(sleeper.pid))  # alive, never writes
+        claims.path_of(row["target_dir"]).write_text(process_identity(sleeper.pid))  # alive, never writes
         started = time.monotonic()
         with pytest.raises(
             DownloadError, match=rf"claimed by another download \(pid {sleeper.pid} on this host\) that "
         ):
-            download(manifest, root, opts(s3), log=quiet, stall_timeout_s=2)
+            download(manifest, root, opts(s3), EngineOptions(log=quiet, stall_timeout_s=2))
         assert time.monotonic() - started < 30
         assert len(list(root.rglob("*.dcm"))) == 20  # the other five series are complete and recorded
         assert len(load_state(state_path_for(root, manifest))) == 5
@@ -802,10 +802,10 @@ def test_a_claim_held_by_a_process_that_writes_nothing_is_waited_for_only_so_lon
 def test_a_claim_from_another_host_is_honoured_while_its_heartbeat_is_fresh(s3, manifest, tmp_path):
     import threading
 
-    from dataset_assets.core.transfer.download import SeriesClaims
+    from dataset_assets.core.transfer.claims import SeriesClaims
 
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     row = manifest.to_pylist()[1]
     victim = sorted((root / row["target_dir"]).glob("*.dcm"))[0]
     victim.unlink()  # the series needs work, and another host claims it
@@ -828,7 +828,7 @@ def test_a_claim_from_another_host_is_honoured_while_its_heartbeat_is_fresh(s3, 
     threading.Thread(target=the_other_host, daemon=True).start()
     s3.reset_stats()
     lines: list[str] = []
-    result = download(manifest, root, opts(s3), log=lines.append, stall_timeout_s=2)
+    result = download(manifest, root, opts(s3), EngineOptions(log=lines.append, stall_timeout_s=2))
     assert done.is_set() and result.complete_series == 6
     assert s3.stats["get_object"] == 0  # it waited, never fetched the claimed series itself
     assert any("another-host" in line for line in lines)
@@ -836,14 +836,14 @@ def test_a_claim_from_another_host_is_honoured_while_its_heartbeat_is_fresh(s3, 
     claims.path_of(row["target_dir"]).write_text(holder)
     os.utime(heartbeat, (time.time() - 3600, time.time() - 3600))
     victim.unlink()
-    assert download(manifest, root, opts(s3), log=quiet).complete_series == 6 and victim.exists()
+    assert download(manifest, root, opts(s3), EngineOptions(log=quiet)).complete_series == 6 and victim.exists()
 
 
 def test_a_refused_series_is_never_downloaded_and_a_stale_revision_record_moves_nothing(s3, manifest, tmp_path):
     from dataset_assets.core.transfer.state import SeriesRecord, save_state
 
     root = tmp_path / "dl"
-    download(manifest, root, opts(s3), log=quiet)
+    download(manifest, root, opts(s3), EngineOptions(log=quiet))
     state = state_path_for(root, manifest)
     records = load_state(state)
     rows = manifest.to_pylist()
@@ -857,7 +857,7 @@ def test_a_refused_series_is_never_downloaded_and_a_stale_revision_record_moves_
     shutil.rmtree(root / first)
     s3.reset_stats()
     with pytest.raises(IncompleteDownloadError, match="holds series 9.9.9"):
-        download(manifest, root, opts(s3), log=quiet)
+        download(manifest, root, opts(s3), EngineOptions(log=quiet))
     assert not (root / first).exists()  # refused: not downloaded behind the message's back
     assert len(list((root / second).glob("*.dcm"))) == 4  # the files there are the current ones: not moved
     assert not (root / CONTROL_DIR / "replaced").exists() and s3.stats["get_object"] == 0

@@ -6,7 +6,7 @@ from dataset_assets.core.index.source import IndexSource
 from dataset_assets.core.select.filters import ManifestFilters
 from dataset_assets.core.select.manifest import build_manifest, is_whole_collection
 from dataset_assets.core.transfer.control import CONTROL_DIR
-from dataset_assets.core.transfer.download import download, load_state
+from dataset_assets.core.transfer.download import EngineOptions, download, load_state
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets_tests.support.fixture import next_release
 
@@ -14,7 +14,7 @@ from dataset_assets_tests.support.fixture import next_release
 def test_new_release_fetches_only_new_and_revised_series(idc_fixture, s3, manifest, tmp_path):
     root, state = tmp_path / "dl", tmp_path / "dl" / CONTROL_DIR / "state" / "qin_pet_phantom.parquet"
     options = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
-    download(manifest, root, options, log=lambda m: None, state_path=state)
+    download(manifest, root, options, EngineOptions(log=lambda m: None, state_path=state))
     old_dir = root / manifest.to_pylist()[1]["target_dir"]
     old_files = sorted(p.name for p in old_dir.glob("*.dcm"))
 
@@ -24,7 +24,7 @@ def test_new_release_fetches_only_new_and_revised_series(idc_fixture, s3, manife
         new_manifest = build_manifest(con, "qin_pet_phantom")
     s3.reset_stats()
     log = []
-    result = download(new_manifest, root, options, log=log.append, state_path=state)
+    result = download(new_manifest, root, options, EngineOptions(log=log.append, state_path=state))
 
     expected = {f"{r['crdc_series_uuid']}/" for r in (release.revised, release.added)}
     assert s3.stats["get_object"] == 6 and {k.split("/")[0] + "/" for k in s3.get_keys} == expected
@@ -45,7 +45,7 @@ def test_interrupted_refresh_does_not_set_the_new_revision_aside_again(idc_fixtu
     without moving the new files aside as if they were the old revision."""
     root, state = tmp_path / "dl", tmp_path / "dl" / CONTROL_DIR / "state" / "qin_pet_phantom.parquet"
     options = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
-    download(manifest, root, options, log=lambda m: None, state_path=state)
+    download(manifest, root, options, EngineOptions(log=lambda m: None, state_path=state))
     release = next_release(idc_fixture, s3.root, tmp_path)
     with IndexSource(release.index_dir).connect() as con:
         new_manifest = build_manifest(con, "qin_pet_phantom")
@@ -63,13 +63,18 @@ def test_interrupted_refresh_does_not_set_the_new_revision_aside_again(idc_fixtu
     s3.faults.delay_s = 0.4
     slow = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1, workers=1)
     with pytest.raises(KeyboardInterrupt):
-        download(new_manifest, root, slow, log=stop_once_new_files_land, state_path=state, progress_interval_s=0.1)
+        download(
+            new_manifest,
+            root,
+            slow,
+            EngineOptions(log=stop_once_new_files_land, state_path=state, progress_interval_s=0.1),
+        )
     replaced = root / CONTROL_DIR / "replaced"
     assert [p.name for p in replaced.iterdir()] == [idc_fixture.rows[1]["crdc_series_uuid"]]
     landed = {p.name for p in revised_dir.glob("*.dcm")}
     s3.faults.delay_s = 0
     log = []
-    result = download(new_manifest, root, options, log=log.append, state_path=state)
+    result = download(new_manifest, root, options, EngineOptions(log=log.append, state_path=state))
     assert [p.name for p in replaced.iterdir()] == [idc_fixture.rows[1]["crdc_series_uuid"]]  # no ".1" copy
     assert result.failed_series == [] and not any("was revised" in line for line in log)
     now = {p.name for p in revised_dir.glob("*.dcm")}
@@ -80,14 +85,14 @@ def test_a_filtered_selection_reports_nothing_removed(idc_fixture, s3, manifest,
     """The series a filter leaves out were not removed from IDC: no such report."""
     root, state = tmp_path / "dl", tmp_path / "dl" / CONTROL_DIR / "state" / "qin_pet_phantom.parquet"
     options = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
-    download(manifest, root, options, log=lambda m: None, state_path=state)
+    download(manifest, root, options, EngineOptions(log=lambda m: None, state_path=state))
     with IndexSource(idc_fixture.index_dir).connect() as con:
         one = build_manifest(
             con, "qin_pet_phantom", ManifestFilters(series_uids=[idc_fixture.rows[0]["SeriesInstanceUID"]])
         )
     assert not is_whole_collection(one) and is_whole_collection(manifest)
     log = []
-    result = download(one, root, options, log=log.append, state_path=state)
+    result = download(one, root, options, EngineOptions(log=log.append, state_path=state))
     assert result.removed_series == [] and not any("no longer" in line for line in log)
     assert len(load_state(state)) == 6  # the other series stay recorded
 

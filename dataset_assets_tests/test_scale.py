@@ -22,10 +22,11 @@ from dataset_assets.core.errors import OptionError
 from dataset_assets.core.index.source import IndexSource
 from dataset_assets.core.select.manifest import build_manifest, write_manifest
 from dataset_assets.core.transfer.control import CONTROL_DIR
-from dataset_assets.core.transfer.download import Download, download, state_path_for
+from dataset_assets.core.transfer.download import Download, EngineOptions, download, state_path_for
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets.core.transfer.state import Journal, SeriesRecord, journal_path, load_state, recorded_files
 from dataset_assets.core.verify import checks as verify
+from dataset_assets.core.verify.dicom_headers import header_watch
 from dataset_assets_tests.support.fixture import build_fixture
 from dataset_assets_tests.support.s3server import LocalS3Server
 
@@ -35,15 +36,15 @@ BATCH_FILES = 3 * FILES  # three series per batch: six batches
 RUNNER = """
 import json, sys
 from pathlib import Path
-from dataset_assets.core.transfer.download import download
+from dataset_assets.core.transfer.download import EngineOptions, download
 from dataset_assets.core.select.manifest import read_manifest
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 manifest = read_manifest(Path(sys.argv[1]))
 opts = S5cmdOptions(endpoint_url=sys.argv[3], workers=2, retry_count=1)
 def log(line):
     print(line, flush=True)
-download(manifest, Path(sys.argv[2]), opts, log=log, batch_files=int(sys.argv[4]), progress_interval_s=0.05,
-         check_endpoint_first=False)
+engine = EngineOptions(log=log, batch_files=int(sys.argv[4]), progress_interval_s=0.05, check_endpoint_first=False)
+download(manifest, Path(sys.argv[2]), opts, engine)
 print("DONE", flush=True)
 """
 
@@ -125,6 +126,7 @@ def test_sigkill_at_random_moments_resumes_without_listing_or_refetching_what_wa
             server.reset_stats()
             files_seen = 0
             log = kill_when(start(manifest_path, root, server), ready)
+            assert "Traceback" not in log and "downloading " in log, log  # killed at work, not after a failure
             verified_before = {r.crdc_series_uuid for r in before.values()}
             listed = {p.rstrip("/") for p in listed_prefixes(server)}
             assert not listed & verified_before, (listed & verified_before, log)
@@ -145,8 +147,7 @@ def test_sigkill_at_random_moments_resumes_without_listing_or_refetching_what_wa
             manifest,
             root,
             S5cmdOptions(endpoint_url=server.endpoint_url, workers=4, retry_count=1),
-            log=lambda _m: None,
-            batch_files=BATCH_FILES,
+            EngineOptions(log=lambda _m: None, batch_files=BATCH_FILES),
         )
         listed = {p.rstrip("/") for p in listed_prefixes(server)}
         assert not listed & {r.crdc_series_uuid for r in recorded.values()}
@@ -165,12 +166,12 @@ def test_batches_are_bounded_and_each_is_one_s5cmd_run(many, tmp_path):
     lines: list[str] = []
     with LocalS3Server(fx.s3_root) as server:
         opts = S5cmdOptions(endpoint_url=server.endpoint_url, workers=4, retry_count=1)
-        download(manifest, tmp_path / "dl", opts, log=lines.append, batch_files=BATCH_FILES)
+        download(manifest, tmp_path / "dl", opts, EngineOptions(log=lines.append, batch_files=BATCH_FILES))
         runs = [line for line in lines if line.startswith("downloading ")]
         assert len(runs) == -(-N_SERIES // 3)  # ceil: 3 series of 5 files per batch
         assert all("(15 files" in line or "(5 files" in line for line in runs), runs
         server.reset_stats()
-        again = download(manifest, tmp_path / "dl", opts, log=lines.append, batch_files=BATCH_FILES)
+        again = download(manifest, tmp_path / "dl", opts, EngineOptions(log=lines.append, batch_files=BATCH_FILES))
         assert again.skipped_series == N_SERIES and server.stats["get_object"] == 0 and server.stats["list"] == 0
 
 
@@ -207,7 +208,7 @@ def test_old_and_broken_states_are_read_or_rebuilt(many, tmp_path):
     root = tmp_path / "dl"
     with LocalS3Server(fx.s3_root) as server:
         opts = S5cmdOptions(endpoint_url=server.endpoint_url, workers=4, retry_count=1)
-        download(manifest, root, opts, log=lambda _m: None)
+        download(manifest, root, opts, EngineOptions(log=lambda _m: None))
         state = state_path_for(root.absolute(), manifest)
         full = load_state(state, files=True)
         assert all(r.files is not None and len(r.files) == FILES for r in full.values())
@@ -218,7 +219,7 @@ def test_old_and_broken_states_are_read_or_rebuilt(many, tmp_path):
         )  # fmt: skip
         pq.write_table(old, state)
         server.reset_stats()
-        assert download(manifest, root, opts, log=lambda _m: None).skipped_series == N_SERIES
+        assert download(manifest, root, opts, EngineOptions(log=lambda _m: None)).skipped_series == N_SERIES
         assert server.stats["list"] == 0 and server.stats["get_object"] == 0
         # a journal with a torn last line, garbage and a link planted where it is written
         journal = journal_path(state)
@@ -249,7 +250,12 @@ def test_recorded_names_name_the_file_that_differs(many, tmp_path):
     fx, manifest, _ = many
     root = tmp_path / "dl"
     with LocalS3Server(fx.s3_root) as server:
-        download(manifest, root, S5cmdOptions(endpoint_url=server.endpoint_url, retry_count=1), log=lambda _m: None)
+        download(
+            manifest,
+            root,
+            S5cmdOptions(endpoint_url=server.endpoint_url, retry_count=1),
+            EngineOptions(log=lambda _m: None),
+        )
     state = state_path_for(root.absolute(), manifest)
     row = manifest.to_pylist()[5]
     names = recorded_files(state, [row["target_dir"]])[row["target_dir"]]
@@ -270,7 +276,7 @@ def test_slim_records_hold_no_names():
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10"])
 def test_batch_settings_are_checked(manifest, tmp_path, bad):
     with pytest.raises(OptionError, match="batch_files"):
-        Download(manifest, tmp_path, S5cmdOptions(endpoint_url="http://127.0.0.1:9"), batch_files=bad)
+        Download(manifest, tmp_path, S5cmdOptions(endpoint_url="http://127.0.0.1:9"), EngineOptions(batch_files=bad))
 
 
 def test_the_journal_is_appended_not_rewritten(tmp_path):
@@ -299,7 +305,12 @@ def test_the_download_adds_one_header_cache_part_per_batch_and_the_check_folds_t
     cache = header_cache_path(root.absolute(), manifest)
     with LocalS3Server(fx.s3_root) as server:
         opts = S5cmdOptions(endpoint_url=server.endpoint_url, workers=4, retry_count=1)
-        download(manifest, root, opts, log=lambda _m: None, batch_files=BATCH_FILES, header_cache=cache)
+        download(
+            manifest,
+            root,
+            opts,
+            EngineOptions(log=lambda _m: None, batch_files=BATCH_FILES, watch_batch=header_watch(cache)),
+        )
     parts = HeaderCache(cache, root.absolute()).parts()
     assert len(parts) == -(-N_SERIES // 3) and not cache.exists()  # a part per batch, no whole cache
     report = check_headers(manifest, root.absolute(), processes=1, cache_path=cache)

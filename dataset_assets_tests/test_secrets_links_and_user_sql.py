@@ -184,7 +184,7 @@ def test_every_validator_refuses_a_trailing_line_break_or_nul(tail):
     }
     assert safety.series_problem(row, safety.IDC_BUCKETS)
     from dataset_assets.core.select.portal_manifest import bucket_of
-    from dataset_assets.core.transfer.download import TEMP_SUFFIX
+    from dataset_assets.core.transfer.disk import TEMP_SUFFIX
 
     assert TEMP_SUFFIX.fullmatch("x.dcm123") and not TEMP_SUFFIX.fullmatch("x.dcm123" + tail)
     assert bucket_of(f"s3://idc-open-data/{UUID}/*") == "idc-open-data"
@@ -434,7 +434,7 @@ def test_hostile_journal_lines_are_dropped_never_a_traceback(tmp_path):
 
 def test_links_and_fifos_in_the_control_folder_are_refused(s3, manifest, tmp_path):
     from dataset_assets.core.errors import BadDestinationError, DownloadError
-    from dataset_assets.core.transfer.download import download
+    from dataset_assets.core.transfer.download import EngineOptions, download
 
     opts = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
     victim = tmp_path / "victim"
@@ -446,7 +446,7 @@ def test_links_and_fifos_in_the_control_folder_are_refused(s3, manifest, tmp_pat
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(victim, target_is_directory=True)
         with pytest.raises(BadDestinationError, match="is a link or not a folder"):
-            download(manifest, root, opts, log=lambda _m: None)
+            download(manifest, root, opts, EngineOptions(log=lambda _m: None))
         assert sorted(p.name for p in victim.iterdir()) == ["qin_pet_phantom.parquet"]
         assert (victim / "qin_pet_phantom.parquet").read_text() == "precious"
     root = tmp_path / "fifo"
@@ -454,7 +454,7 @@ def test_links_and_fifos_in_the_control_folder_are_refused(s3, manifest, tmp_pat
     os.mkfifo(root / ".dataset_assets" / "reservations" / ".lock")
     started = __import__("time").monotonic()
     with pytest.raises(DownloadError, match="not a regular file"):
-        download(manifest, root, opts, log=lambda _m: None)
+        download(manifest, root, opts, EngineOptions(log=lambda _m: None))
     assert __import__("time").monotonic() - started < 30
 
 
@@ -503,15 +503,15 @@ def test_the_state_that_cannot_be_written_does_not_stop_the_download(s3, manifes
     import errno
 
     from dataset_assets.core.transfer import state as state_module
-    from dataset_assets.core.transfer.download import download
+    from dataset_assets.core.transfer.download import EngineOptions, download
 
     def full(self, entry):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(state_module.Journal, "_write", full)
     lines: list[str] = []
-    result = download(manifest, tmp_path / "dl", S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1),
-                      log=lines.append, batch_files=8)  # fmt: skip
+    options = S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1)
+    result = download(manifest, tmp_path / "dl", options, EngineOptions(log=lines.append, batch_files=8))
     assert result.complete_series == manifest.num_rows and result.failed_count == 0
     assert sum("cannot record the state" in line for line in lines) == 1
 

@@ -165,14 +165,19 @@ def test_dry_run_and_verify_refuse_what_the_download_refuses(twelve, tmp_path):
 def test_a_dry_run_says_when_its_counts_are_a_floor(twelve, tmp_path):
     from dataset_assets.core.index.source import IndexSource
     from dataset_assets.core.select.manifest import build_manifest
-    from dataset_assets.core.transfer.download import download
+    from dataset_assets.core.transfer.download import EngineOptions, download
     from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 
     dest = tmp_path / "dl"
     with IndexSource(twelve.index_dir).connect() as con:
         manifest = build_manifest(con, "qin_pet_phantom")
     with LocalS3Server(twelve.s3_root, max_lifetime_s=300) as server:
-        download(manifest, dest, S5cmdOptions(endpoint_url=server.endpoint_url, retry_count=1), log=lambda _m: None)
+        download(
+            manifest,
+            dest,
+            S5cmdOptions(endpoint_url=server.endpoint_url, retry_count=1),
+            EngineOptions(log=lambda _m: None),
+        )
     victim = next(dest.rglob("*.dcm"))
     victim.write_bytes(victim.read_bytes() + b"x")  # one file too long: no file missing, no byte missing
     env = {**os.environ, "IDC_INDEX_DIR": str(twelve.index_dir)}

@@ -35,13 +35,12 @@ import math
 import os
 import re
 import shutil
-import socket
-import stat
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -57,12 +56,23 @@ from dataset_assets.core.fs import check_writable, space_reservation
 from dataset_assets.core.safety import IDC_BUCKETS, endpoint_problem, object_name_problem, require_name, series_problem
 from dataset_assets.core.select.manifest import is_whole_collection
 from dataset_assets.core.transfer import s5cmd
+from dataset_assets.core.transfer.claims import SeriesClaims
 from dataset_assets.core.transfer.control import (
     DownloadRoot,
     check_control,
     collection_locks,
     command_file,
     remove_stale_command_files,
+)
+from dataset_assets.core.transfer.disk import (
+    TEMP_SUFFIX,
+    SeriesOnDisk,
+    best_record,
+    compare,
+    describe,
+    files_fit,
+    manifest_rows,
+    scan_series,
 )
 from dataset_assets.core.transfer.progress import DEFAULT_STALL_TIMEOUT_S, Progress, parse_line
 from dataset_assets.core.transfer.s5cmd import command_line, quoted
@@ -73,13 +83,9 @@ from dataset_assets.core.transfer.state import (
     journal_lines,
     load_shard_records,
     load_state,
-    recorded_files,
     remove_stale_temporaries,
 )
-from dataset_assets.core.verify.dicom_headers import HEADER_FIELDS, HeaderCache, StreamingHeaderCheck
 
-#: What s5cmd leaves when killed: the object's name followed by digits.
-TEMP_SUFFIX = re.compile(r"(.+\.dcm)\d+")
 _UUID_DCM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.dcm")
 #: A batch (one ``s5cmd run``) holds at most this many files, bytes and series.
 BATCH_FILES = 100_000
@@ -88,28 +94,7 @@ BATCH_SERIES = 10_000
 #: A state with at most this many series is rewritten whole at the end of every run that changed it.
 COMPACT_ALWAYS_BELOW = 20_000
 MAX_LISTED_FAILURES = 100
-DETAILED_SERIES = 20  # series whose differing files are named (the rest: counts); each reads the state once
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class SeriesOnDisk:
-    """The ``*.dcm`` regular files of one series directory with their sizes, and the names that
-    look like s5cmd's temporary files."""
-
-    files: dict[str, int]
-    temp_files: tuple[str, ...] = ()
-
-    @property
-    def count(self) -> int:
-        return len(self.files)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.files.values())
-
-
-_EMPTY = SeriesOnDisk({})
 
 
 @dataclass
@@ -138,173 +123,6 @@ class DownloadResult:
     @property
     def mb_per_s(self) -> float:
         return self.transferred_bytes / 1e6 / self.duration_s if self.duration_s > 0 else 0.0
-
-
-class _Absent:
-    """Which folders below a root do not exist, learned one folder at a time: a series directory
-    below a missing folder is empty without a system call (a dry run of ``nlst`` into a new
-    folder asks the file system once, not 592,600 times)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = str(root)
-        self.known: dict[str, bool] = {}
-
-    def __call__(self, target_dir: str) -> bool:
-        parts = target_dir.strip("/").split("/")
-        prefix = ""
-        for part in parts[:-1]:
-            prefix = f"{prefix}{part}/"
-            there = self.known.get(prefix)
-            if there is None:
-                there = self.known[prefix] = os.path.isdir(os.path.join(self.root, prefix))
-                if len(self.known) > 100_000:  # bounded: forget, and learn again
-                    self.known = {prefix: there}
-            if not there:
-                return True
-        return False
-
-
-def scan_series(directory: Path | str) -> SeriesOnDisk:
-    """The ``*.dcm`` regular files in one series directory (no recursion, links not followed)."""
-    files: dict[str, int] = {}
-    temps: list[str] = []
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                if entry.name.endswith(".dcm"):
-                    files[entry.name] = entry.stat(follow_symlinks=False).st_size
-                elif TEMP_SUFFIX.fullmatch(entry.name):
-                    temps.append(entry.name)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    return SeriesOnDisk(files, tuple(temps))
-
-
-def compare(expected: dict[str, int], disk: SeriesOnDisk) -> tuple[list[str], list[str]]:
-    """(object names missing or of the wrong size on disk, ``.dcm`` files that are not objects of the series)."""
-    wrong = [name for name, size in expected.items() if disk.files.get(name) != size]
-    foreign = [name for name in disk.files if name not in expected]
-    return wrong, foreign
-
-
-def _record_fits(record: SeriesRecord, row: dict) -> bool:
-    """A record of this very series (same ``crdc_series_uuid``) with its ``instanceCount`` files and bytes."""
-    return (
-        record.crdc_series_uuid == row.get("crdc_series_uuid")
-        and record.digest is not None
-        and record.count == row.get("instanceCount")
-        and record.bytes == row.get("series_bytes")
-    )
-
-
-def best_record(row: dict, *sources: dict[str, SeriesRecord]) -> SeriesRecord | None:
-    """The first record of this series (the collection's state, then its shards') that fits the row."""
-    for source in sources:
-        record = source.get(row.get("target_dir"))
-        if record is not None and _record_fits(record, row):
-            return record
-    return None
-
-
-def _fits(files: dict[str, int] | None, row: dict) -> bool:
-    """A record that accounts for exactly the series' ``instanceCount`` files and bytes."""
-    return files is not None and len(files) == row["instanceCount"] and sum(files.values()) == row["series_bytes"]
-
-
-def _rows(manifest: pa.Table) -> Iterator[dict]:
-    columns = [
-        "SeriesInstanceUID",
-        "crdc_series_uuid",
-        "aws_bucket",
-        "series_aws_url",
-        "instanceCount",
-        "series_bytes",
-        "target_dir",
-        "series_revised_idc_version",
-        *HEADER_FIELDS,
-    ]
-    columns = list(dict.fromkeys([*columns, *(c for c in ("collection_id",) if c in manifest.column_names)]))
-    for batch in manifest.select(columns).to_batches(1_000):  # memory: a thousand rows as dicts at most
-        yield from batch.to_pylist()
-
-
-def describe(row: dict, disk: SeriesOnDisk, expected: dict[str, int] | None) -> str | None:
-    """Why a series is not complete on disk (``None`` when it is): per file against ``expected``
-    when known, else against the index's counts (``instanceCount`` files, ``series_bytes``)."""
-    where = f"series {row['SeriesInstanceUID']} in {row['target_dir']}"
-    if expected is None:
-        if disk.count == row["instanceCount"] and disk.bytes == row["series_bytes"]:
-            return None
-        return f"{where}: {disk.count}/{row['instanceCount']} files, {disk.bytes:,}/{row['series_bytes']:,} bytes"
-    wrong, foreign = compare(expected, disk)
-    if not wrong and not foreign:
-        return None
-    parts = []
-    absent = [n for n in wrong if n not in disk.files]
-    sized = [n for n in wrong if n in disk.files]
-    if absent:
-        parts.append(f"{len(absent)} of {len(expected)} file(s) missing (e.g. {absent[0]})")
-    if sized:
-        n = sized[0]
-        parts.append(
-            f"{len(sized)} file(s) of the wrong size (e.g. {n}: {disk.files[n]:,} bytes, expected {expected[n]:,})"
-        )
-    if foreign:
-        parts.append(
-            f"{len(foreign)} .dcm file(s) that are not objects of this series (e.g. {foreign[0]}): move them out"
-        )
-    return f"{where}: " + "; ".join(parts)
-
-
-def series_status(
-    manifest: pa.Table,
-    root: Path,
-    records: dict[str, SeriesRecord] | None = None,
-    *,
-    strict: bool = False,
-    state_path: Path | None = None,
-) -> Iterator[tuple[dict, SeriesOnDisk, str | None]]:
-    """Each manifest row, what its directory holds, and why it is not complete (``None``: complete).
-
-    With ``records`` (the state), a series is checked file by file against its record (its
-    digest; a series that differs is described file by file from the names in ``state_path``); a
-    series without a record is checked by its counts, or, when ``strict``, reported as unverified."""
-    records = records or {}
-    shards = load_shard_records(state_path, lambda _m: None) if state_path is not None else {}
-    absent = _Absent(root)
-    detailed = 0  # series described file by file: each reads the names from the state on disk
-    for row in _rows(manifest):
-        target_dir = row["target_dir"]
-        disk = _EMPTY if absent(target_dir) else scan_series(os.path.join(root, target_dir))
-        record = best_record(row, records, shards)
-        if record is not None:
-            problem = None
-            if not record.holds(disk.files):
-                detailed += 1
-                names = (
-                    recorded_files(state_path, [row["target_dir"]]).get(row["target_dir"])
-                    if detailed <= DETAILED_SERIES
-                    else None
-                )
-                problem = (
-                    describe(row, disk, names)
-                    if names is not None and record.holds(names)
-                    else (
-                        f"series {row['SeriesInstanceUID']} in {row['target_dir']}: its files are not the ones "
-                        f"verified ({disk.count}/{record.count} files, {disk.bytes:,}/{record.bytes:,} bytes; a file "
-                        "is missing, of another size, or not of this series)"
-                    )
-                )
-        else:
-            problem = describe(row, disk, None)
-            if problem is None and strict:
-                problem = (
-                    f"series {row['SeriesInstanceUID']} in {row['target_dir']}: no per-file sizes recorded "
-                    "(materialize downloaded_collection, or run the download again, to record them)"
-                )
-        yield row, disk, problem
 
 
 def check_root(root: Path) -> None:
@@ -357,119 +175,6 @@ def state_path_for(root: Path, manifest: pa.Table) -> Path:
     return DownloadRoot(root.absolute()).state_path(name)
 
 
-class SeriesClaims:
-    """Claims on series directories below one root, so that two downloads into it (two cohorts,
-    two shards that overlap, a cohort and its collection, on one host or on several sharing the
-    root) never fetch one series at the same time.
-
-    A claim is a file ``claims/<sha1 of the directory>.claim`` made with O_EXCL, naming its
-    holder: ``<pid> <process start time> <host>``. Each holder keeps a heartbeat file
-    (``claims/holders/<host>-<pid>-<start>.alive``) whose mtime it refreshes while it works. A
-    claim is live when its process is alive (same host: checked in /proc) or, for another host,
-    when its heartbeat is younger than ``remote_stale_s``; a claim that is not live is taken over."""
-
-    def __init__(self, root: Path, remote_stale_s: float = 600.0) -> None:
-        self.folder = DownloadRoot(root).claims
-        self.host = socket.gethostname() or "localhost"
-        self.me = f"{_process_identity(os.getpid())} {self.host}"
-        self.heartbeat = self.folder / "holders" / f"{self.me.replace(' ', '-')}.alive"
-        self.remote_stale_s = remote_stale_s
-        self.held: list[Path] = []
-        self._last_beat = 0.0
-
-    def path_of(self, target_dir: str) -> Path:
-        """The claim file of ``target_dir``."""
-        return self.folder / (hashlib.sha1(target_dir.encode()).hexdigest() + ".claim")
-
-    def _read(self, path: Path) -> str | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            return os.read(fd, 300).decode(errors="replace").strip() if stat.S_ISREG(os.fstat(fd).st_mode) else None
-        finally:
-            os.close(fd)
-
-    def heartbeat_age(self, holder: str) -> float | None:
-        """Seconds since ``holder`` last showed it is working (``None``: no heartbeat)."""
-        try:
-            return time.time() - os.stat(self.folder / "holders" / f"{holder.replace(' ', '-')}.alive").st_mtime
-        except OSError:
-            return None
-
-    def holder(self, target_dir: str) -> str | None:
-        """Who holds the claim on ``target_dir`` (``None``: nobody alive, or this download)."""
-        text = self._read(self.path_of(target_dir))
-        if not text or text == self.me:
-            return None
-        pid, _, rest = text.partition(" ")
-        start, _, host = rest.partition(" ")
-        if host == self.host or not host:
-            alive = pid.isascii() and pid.isdigit() and _process_identity(int(pid)) == f"{pid} {start}"
-        else:  # another host: its heartbeat says whether it still works
-            age = self.heartbeat_age(text)
-            alive = age is not None and age < self.remote_stale_s
-        return text if alive else None
-
-    def beat(self, every_s: float = 2.0) -> None:
-        """Show that this download is working (called while it lists and transfers)."""
-        now = time.monotonic()
-        if now - self._last_beat >= every_s and self.held:
-            self._last_beat = now
-            with contextlib.suppress(OSError):
-                os.utime(self.heartbeat)
-
-    def claim(self, rows: list[dict]) -> dict[str, dict]:
-        """Claim every series of ``rows``; returns ``target_dir -> row`` of those held by another
-        live download (or that could not be claimed: they wait, never go unclaimed)."""
-        if not rows:
-            return {}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.folder.is_symlink() or not self.folder.is_dir():
-            raise DownloadError(f"the claims folder {self.folder} is a link or not a folder; remove it and run again")
-        self.heartbeat.parent.mkdir(exist_ok=True)
-        self.heartbeat.touch()
-        deferred: dict[str, dict] = {}
-        for row in rows:
-            path = self.path_of(row["target_dir"])
-            for _attempt in range(2):
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                except FileExistsError:
-                    if self.holder(row["target_dir"]) is None:  # stale: its holder is gone
-                        with contextlib.suppress(OSError):
-                            path.unlink()
-                        continue
-                    break
-                except OSError:
-                    break
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(self.me)
-                self.held.append(path)
-                break
-            if not self.held or self.held[-1] != path:
-                deferred[row["target_dir"]] = row
-        return deferred
-
-    def release(self) -> None:
-        for path in self.held:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        self.held = []
-        with contextlib.suppress(OSError):
-            self.heartbeat.unlink()
-
-
-def _process_identity(pid: int) -> str | None:
-    """``"<pid> <start time>"`` of a live process (the start time tells a reused pid apart)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return f"{pid} {fields[19]}" if fields[0] != "Z" else None
-    except (OSError, IndexError):
-        return None
-
-
 class _Stop(Exception):
     """Raised from inside the transfer loop to stop s5cmd: ``kind`` is "disk" or "stall"."""
 
@@ -490,38 +195,63 @@ class _Todo:
     note: str | None = None  # a reason the series cannot complete whatever is transferred
 
 
+class LandingWatch(Protocol):
+    """Told of each file of a batch as s5cmd reports it copied (say, to read its header while the
+    rest arrive); ``finish`` ends the batch (``drain``: wait for what was reported, else stop)."""
+
+    def file_copied(self, destination: str) -> None: ...
+
+    def finish(self, drain: bool) -> None: ...
+
+
+#: Called once per batch with the root and the batch's manifest rows; returns its ``LandingWatch``.
+WatchBatch = Callable[[Path, list[dict]], LandingWatch]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How one download runs, beside where it writes (the root) and how s5cmd reaches the bucket
+    (``S5cmdOptions``). Checked when made: ``OptionError`` in one line."""
+
+    state_path: Path | None = None  # default: state_path_for(root, manifest)
+    allowed_buckets: tuple[str, ...] = IDC_BUCKETS
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # no file completing for this long stops s5cmd (0: never)
+    log: Log = print
+    on_progress: Callable[[Progress], None] | None = None
+    progress_interval_s: float = 5.0
+    check_endpoint_first: bool = True
+    watch_batch: WatchBatch | None = None
+    batch_files: int = BATCH_FILES
+    batch_bytes: int = BATCH_BYTES
+    batch_series: int = BATCH_SERIES
+
+    def __post_init__(self) -> None:
+        stall = self.stall_timeout_s
+        if isinstance(stall, bool) or not isinstance(stall, (int, float)) or not math.isfinite(stall) or stall < 0:
+            raise OptionError(f"stall timeout {stall!r} is not a number of seconds >= 0 (0: wait forever)")
+        for name in ("batch_files", "batch_bytes", "batch_series"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{name} {value!r} is not a whole number >= 1")
+        object.__setattr__(self, "allowed_buckets", tuple(self.allowed_buckets))
+
+
 class Download:
     """One download of ``manifest`` into ``root``; ``run()`` does the four steps in order."""
 
     def __init__(
-        self,
-        manifest: pa.Table,
-        root: Path,
-        options: s5cmd.S5cmdOptions,
-        *,
-        log: Log = print,
-        progress_interval_s: float = 5.0,
-        check_endpoint_first: bool = True,
-        state_path: Path | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
-        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
-        allowed_buckets: Iterable[str] = IDC_BUCKETS,
-        header_cache: Path | None = None,
-        batch_files: int = BATCH_FILES,
-        batch_bytes: int = BATCH_BYTES,
-        batch_series: int = BATCH_SERIES,
+        self, manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, engine: EngineOptions | None = None
     ) -> None:
-        self.manifest, self.root, self.options, self.log = manifest, root, options, log
-        self.progress_interval_s, self.check_endpoint_first = progress_interval_s, check_endpoint_first
-        self.state_path, self.on_progress = state_path, on_progress
-        if not isinstance(stall_timeout_s, (int, float)) or not math.isfinite(stall_timeout_s) or stall_timeout_s < 0:
-            raise OptionError(f"stall timeout {stall_timeout_s!r} is not a number of seconds >= 0 (0: wait forever)")
+        engine = engine or EngineOptions()
         problem = endpoint_problem(options.endpoint_url)
         if problem:
             raise OptionError(problem)
-        self.stall_timeout_s = stall_timeout_s
-        self.allowed_buckets = tuple(allowed_buckets)
-        self.header_cache = header_cache  # read each file's header as it lands (see StreamingHeaderCheck)
+        self.manifest, self.root, self.options, self.engine = manifest, root, options, engine
+        self.log, self.state_path, self.on_progress = engine.log, engine.state_path, engine.on_progress
+        self.progress_interval_s, self.check_endpoint_first = engine.progress_interval_s, engine.check_endpoint_first
+        self.stall_timeout_s, self.allowed_buckets = engine.stall_timeout_s, engine.allowed_buckets
+        self.batch_files, self.batch_bytes = engine.batch_files, engine.batch_bytes
+        self.batch_series = engine.batch_series
         self.paths = DownloadRoot(root)
         self.control = self.paths.control
         self.started = time.monotonic()
@@ -534,11 +264,7 @@ class Download:
         self.progress: Progress | None = None
         self.claims: SeriesClaims | None = None
         self._endpoint_checked = False
-        for name, value in (("batch_files", batch_files), ("batch_bytes", batch_bytes), ("batch_series", batch_series)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise OptionError(f"{name} {value!r} is not a whole number >= 1")
-        self.batch_files, self.batch_bytes, self.batch_series = batch_files, batch_bytes, batch_series
-        self.journal = Journal(state_path) if state_path is not None else None
+        self.journal = Journal(self.state_path) if self.state_path is not None else None
         self.batches = 0
         self._landed: list[str] = []  # series folders whose last file s5cmd reported (reader thread appends)
         self._pending: dict[str, int] = {}  # series folder -> files still to land in this batch
@@ -708,16 +434,9 @@ class Download:
                     for name in t.fetch:
                         handle.write(command_line("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
             handle.close()
-            headers = None
-            if self.header_cache is not None:
-                headers = StreamingHeaderCheck(
-                    HeaderCache(self.header_cache, self.root),  # this batch's part only: never the whole cache
-                    {
-                        os.path.normpath(self.root / t.row["target_dir"]): tuple(t.row[f] or "" for f in HEADER_FIELDS)
-                        for t in todo
-                    },
-                )
-            progress.on_copied = self._landing(headers.file_copied if headers is not None else None)
+            watch = self.engine.watch_batch
+            watching = watch(self.root, [t.row for t in todo]) if watch is not None else None
+            progress.on_copied = self._landing(watching.file_copied if watching is not None else None)
             try:
                 try:
                     self.result.returncode = s5cmd.run_commands(
@@ -730,8 +449,8 @@ class Download:
                         check=lambda: self._check(progress),
                     )
                 finally:
-                    if headers is not None:  # what was read is kept; an interrupted run stops reading
-                        headers.finish(drain=sys.exc_info()[0] is None)
+                    if watching is not None:  # what was read is kept; an interrupted run stops reading
+                        watching.finish(drain=sys.exc_info()[0] is None)
             except _Stop as stop:
                 self.log("transfer stopped: " + progress.line())
                 self.verify()
@@ -799,7 +518,7 @@ class Download:
                         f"(the files fetched are in {row['target_dir']})"
                     )
                     continue
-                expected = got if _fits(got, row) else None
+                expected = got if files_fit(got, row) else None
             problem = (
                 describe(row, disk, expected)
                 if expected is not None
@@ -832,7 +551,7 @@ class Download:
         deferred: dict[str, dict] = {}
         try:
             with space_reservation(self.root, self.paths.reservations, self.estimate_bytes, label) as reservation:
-                for rows in self._batches(_rows(self.manifest)):
+                for rows in self._batches(manifest_rows(self.manifest)):
                     for row in rows:
                         if row.get("target_dir") not in self.failed and not series_problem(row, self.allowed_buckets):
                             self.result.files += row["instanceCount"]
@@ -898,7 +617,7 @@ class Download:
     def _estimate(self) -> int:
         """Bytes still to fetch, judged by the records alone (no disk access): for the space check."""
         missing = 0
-        for row in _rows(self.manifest):
+        for row in manifest_rows(self.manifest):
             record = best_record(row, self.records, self.shard_records)
             size = row.get("series_bytes")
             if isinstance(size, int) and size > 0 and record is None:
@@ -988,7 +707,7 @@ class Download:
         ``crdc_series_uuid``) to ``<root>/.dataset_assets/replaced/<old uuid>/``: kept, not deleted."""
         revised = []
         in_manifest = set()
-        for row in _rows(self.manifest):
+        for row in manifest_rows(self.manifest):
             in_manifest.add(row["target_dir"])
             before = self.records.get(row["target_dir"])
             if before is None or before.crdc_series_uuid == row["crdc_series_uuid"]:
@@ -1127,15 +846,18 @@ class Download:
         )
 
 
-def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **engine) -> DownloadResult:
-    """Bring ``root`` in line with ``manifest`` (see ``Download`` for the ``engine`` keywords; the state
-    defaults to ``state_path_for(root, manifest)``). Raises
+def download(
+    manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, engine: EngineOptions | None = None
+) -> DownloadResult:
+    """Bring ``root`` in line with ``manifest`` (``engine``: how; its state defaults to
+    ``state_path_for(root, manifest)``). Raises
     ``IncompleteDownloadError`` (with ``.result``) when series are still incomplete afterwards,
     ``TransferStoppedError`` when the endpoint stalled or the disk filled; what completed stays."""
     root = root.absolute()
     check_root(root)
-    state_path = engine.get("state_path") or state_path_for(root, manifest)
-    engine["state_path"] = state_path
+    engine = engine or EngineOptions()
+    state_path = engine.state_path or state_path_for(root, manifest)
+    engine = replace(engine, state_path=state_path)
     # One download per state (a collection, a cohort, a selection) at a time; downloads of other
     # states into the same root run in parallel, and SeriesClaims keeps them off each other's series.
     with collection_locks(root, [state_path.stem]):
@@ -1144,4 +866,4 @@ def download(manifest: pa.Table, root: Path, options: s5cmd.S5cmdOptions, **engi
         remove_stale_command_files(control)
         state_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(state_path)
-        return Download(manifest, root, options, **engine).run()
+        return Download(manifest, root, options, engine).run()

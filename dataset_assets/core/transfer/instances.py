@@ -20,7 +20,8 @@ from dataset_assets.core.fmt import human_bytes, redact_url
 from dataset_assets.core.safety import is_uuid, location_problem, target_dir_problem
 from dataset_assets.core.transfer import s5cmd
 from dataset_assets.core.transfer.control import DownloadRoot, collection_locks, command_file
-from dataset_assets.core.transfer.download import TEMP_SUFFIX, check_endpoint, check_root
+from dataset_assets.core.transfer.disk import TEMP_SUFFIX
+from dataset_assets.core.transfer.download import check_endpoint, check_root
 from dataset_assets.core.transfer.progress import Progress
 from dataset_assets.core.transfer.s5cmd import quoted
 

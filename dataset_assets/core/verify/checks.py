@@ -32,7 +32,8 @@ import pyarrow as pa
 
 from dataset_assets.core.errors import VerifyError
 from dataset_assets.core.transfer.control import CONTROL_DIR, DownloadRoot
-from dataset_assets.core.transfer.download import series_status, state_path_for
+from dataset_assets.core.transfer.disk import series_status
+from dataset_assets.core.transfer.download import state_path_for
 from dataset_assets.core.transfer.state import load_state
 from dataset_assets.core.verify import dicom_headers
 from dataset_assets.core.verify.dicom_headers import HEADER_FIELDS

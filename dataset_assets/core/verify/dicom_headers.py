@@ -264,3 +264,16 @@ def die_with_parent(parent: int) -> None:
     on_parent_death(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
+
+
+def header_watch(cache_path: Path) -> Callable[[Path, list[dict]], StreamingHeaderCheck]:
+    """A ``watch_batch`` for the download engine: each batch's files have their header read as they
+    land, and the matching ones recorded in a part of the cache at ``cache_path``."""
+
+    def start(root: Path, rows: list[dict]) -> StreamingHeaderCheck:
+        expected = {
+            os.path.normpath(root / r["target_dir"]): tuple(r.get(f) or "" for f in HEADER_FIELDS) for r in rows
+        }
+        return StreamingHeaderCheck(HeaderCache(cache_path, root), expected)  # this batch's part only
+
+    return start

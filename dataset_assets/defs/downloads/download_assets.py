@@ -164,6 +164,7 @@ def materialize_download(
     from dataset_assets.core.select.manifest import read_manifest
     from dataset_assets.core.transfer import download as dl
     from dataset_assets.core.verify.checks import header_cache_path
+    from dataset_assets.core.verify.dicom_headers import header_watch
 
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
     try:
@@ -183,13 +184,15 @@ def materialize_download(
             manifest,
             root,
             s5cmd.options(),
-            log=context.log.info,
-            progress_interval_s=s5cmd.progress_interval_s,
-            state_path=state,
-            stall_timeout_s=s5cmd.stall_timeout_s,
-            allowed_buckets=s5cmd.buckets(),
-            # headers read as files land, for the check (a shard adds to its collection's cache)
-            header_cache=header_cache_path(root, manifest, headers_of or state),
+            dl.EngineOptions(
+                log=context.log.info,
+                progress_interval_s=s5cmd.progress_interval_s,
+                state_path=state,
+                stall_timeout_s=s5cmd.stall_timeout_s,
+                allowed_buckets=s5cmd.buckets(),
+                # headers read as files land, for the check (a shard adds to its collection's cache)
+                watch_batch=header_watch(header_cache_path(root, manifest, headers_of or state)),
+            ),
         )
     except (IncompleteDownloadError, TransferStoppedError) as exc:
         result = exc.result
