@@ -219,7 +219,8 @@ def test_prior_release_uuid_in_citations_and_crdc_series_uuid_layouts(idc_fixtur
         doc, _ = _dry_json(new_uuid, str(tmp_path / "o"), "--layout", layout, env=penv)
         (series,) = doc["series"]
         assert series["prior_release"] and series["files"] == len(names), (layout, series)
-        assert (series.get("staging_dir") or series["target_dir"]).endswith(f"v23_{new_uuid}/"), series
+        where = series["staging_dir"] if layout == "flat" else series["target_dir"]  # flat: staged, then moved
+        assert where.endswith(f"v23_{new_uuid}/"), series
     dest = tmp_path / "flat"
     proc = run("idc", "download", new_uuid, str(dest), "--layout", "flat", "--retries", "0", env=penv)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

@@ -19,15 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 DG = REPO / ".venv" / "bin" / "dg"
 
 
-def _build(attributes: dict) -> dg.Definitions:
+def _declare(component_cls: type, attributes: dict) -> dg.Definitions:
+    """The definitions a ``defs.yaml`` of ``component_cls`` with ``attributes`` builds, in Dagster's sandbox."""
     with create_defs_folder_sandbox() as sandbox:
         path = sandbox.scaffold_component(
-            component_cls=IdcCohorts,
-            defs_yaml_contents={"type": "dataset_assets.components.IdcCohorts", "attributes": attributes},
+            component_cls=component_cls,
+            defs_yaml_contents={
+                "type": f"dataset_assets.components.{component_cls.__name__}",
+                "attributes": attributes,
+            },
         )
         with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
-            assert isinstance(component, IdcCohorts)
-            return dg.Definitions.merge(defs, resource_defs)  # the project's resources, as the defs folder has
+            assert isinstance(component, component_cls)
+            return defs
+
+
+def _build(attributes: dict) -> dg.Definitions:
+    return dg.Definitions.merge(_declare(IdcCohorts, attributes), resource_defs)  # the project's resources too
 
 
 def _partitions(defs: dg.Definitions) -> list[str]:
@@ -116,14 +124,7 @@ def test_dg_check_yaml_names_the_file_and_line_of_a_wrong_type(tmp_path):
 
 
 def _build_bundles(attributes: dict) -> dg.Definitions:
-    with create_defs_folder_sandbox() as sandbox:
-        path = sandbox.scaffold_component(
-            component_cls=HttpBundles,
-            defs_yaml_contents={"type": "dataset_assets.components.HttpBundles", "attributes": attributes},
-        )
-        with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
-            assert isinstance(component, HttpBundles)
-            return defs
+    return _declare(HttpBundles, attributes)
 
 
 def test_declared_bundles_download_with_the_signed_url_from_the_environment(file_server, tmp_path, monkeypatch):
@@ -214,17 +215,10 @@ def _build_watched(attributes: dict) -> dg.Definitions:
     from dataset_assets.defs.downloads.jobs import download_collections_job
     from dataset_assets.lib.watched import with_watched_freshness
 
-    with create_defs_folder_sandbox() as sandbox:
-        path = sandbox.scaffold_component(
-            component_cls=IdcWatchedCollections,
-            defs_yaml_contents={"type": "dataset_assets.components.IdcWatchedCollections", "attributes": attributes},
-        )
-        with sandbox.load_component_and_build_defs(defs_path=path) as (component, defs):
-            assert isinstance(component, IdcWatchedCollections)
-            downloads = dg.Definitions(
-                assets=[downloaded_collection], jobs=[download_collections_job], resources=resource_defs.resources
-            )
-            return with_watched_freshness(dg.Definitions.merge(defs, downloads))
+    downloads = dg.Definitions(
+        assets=[downloaded_collection], jobs=[download_collections_job], resources=resource_defs.resources
+    )
+    return with_watched_freshness(dg.Definitions.merge(_declare(IdcWatchedCollections, attributes), downloads))
 
 
 def _freshness(defs: dg.Definitions):

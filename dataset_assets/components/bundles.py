@@ -1,13 +1,13 @@
 """``HttpBundles``: single files behind public or signed HTTP(S) URLs declared in a ``defs.yaml``,
 materialized as the asset ``http_datasets`` (one partition per bundle)."""
 
-import warnings
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from dataset_assets import settings
+from dataset_assets.components.deprecation import legacy_value
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import scrub_text
 from dataset_assets.core.http.bundles import bundles_from_entries, try_load_bundles
@@ -40,14 +40,8 @@ class HttpBundles(dg.Component, dg.Model, dg.Resolvable):
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         declared = context.path / "defs.yaml"
-        legacy = settings.DATASET_BUNDLES_FILE.given()
+        legacy = legacy_value(settings.DATASET_BUNDLES_FILE, declared, "HttpBundles", "bundles")
         if legacy:
-            warnings.warn(
-                f"DATASET_BUNDLES_FILE ({legacy}) is deprecated and will be removed in the next release: declare "
-                f"the bundles in {declared} (type dataset_assets.components.HttpBundles)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
             bundles, problem = try_load_bundles(Path(legacy))
             return dg.Definitions(assets=[build_http_datasets(Path(legacy), bundles, problem)])
         entries = [b.model_dump(exclude_none=True) for b in self.bundles]

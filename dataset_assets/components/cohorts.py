@@ -2,13 +2,13 @@
 ``cohort_manifest`` and ``downloaded_cohort`` (one partition per cohort)."""
 
 import logging
-import warnings
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from dataset_assets import settings
+from dataset_assets.components.deprecation import legacy_value
 from dataset_assets.core.select.cohort_file import CohortError, cohorts_from_entries, try_load_cohorts
 from dataset_assets.core.select.layout import DEFAULT_LAYOUT
 from dataset_assets.lib.cohorts import build_cohort_defs
@@ -46,14 +46,8 @@ class IdcCohorts(dg.Component, dg.Model, dg.Resolvable):
     cohorts: list[CohortDeclaration] = Field(default=[], description="The cohorts, each a partition.")
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
-        legacy = settings.IDC_COHORTS_FILE.given()
+        legacy = legacy_value(settings.IDC_COHORTS_FILE, context.path / "defs.yaml", "IdcCohorts", "cohorts")
         if legacy:
-            warnings.warn(
-                f"IDC_COHORTS_FILE ({legacy}) is deprecated and will be removed in the next release: declare the "
-                f"cohorts in {context.path / 'defs.yaml'} (type dataset_assets.components.IdcCohorts)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
             cohorts, problem = try_load_cohorts(Path(legacy))
         else:
             entries = [c.model_dump(exclude_none=True) for c in self.cohorts]

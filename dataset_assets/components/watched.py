@@ -1,11 +1,10 @@
 """``IdcWatchedCollections``: collections kept downloaded by a schedule, declared in a ``defs.yaml``."""
 
-import warnings
-
 import dagster as dg
 from pydantic import Field
 
 from dataset_assets import settings
+from dataset_assets.components.deprecation import legacy_value
 from dataset_assets.lib.watched import DEFAULT_CRON, build_watched_defs
 
 
@@ -26,13 +25,9 @@ class IdcWatchedCollections(dg.Component, dg.Model, dg.Resolvable):
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         source = str(context.path / "defs.yaml")
         collections = self.collections
-        legacy = settings.IDC_WATCHED_COLLECTIONS.given()
+        legacy = legacy_value(
+            settings.IDC_WATCHED_COLLECTIONS, context.path / "defs.yaml", "IdcWatchedCollections", "collections"
+        )
         if legacy is not None:
-            warnings.warn(
-                f"IDC_WATCHED_COLLECTIONS is deprecated and will be removed in the next release: declare the "
-                f"collections in {source} (type dataset_assets.components.IdcWatchedCollections)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
             collections, source = settings.listed(settings.IDC_WATCHED_COLLECTIONS), "$IDC_WATCHED_COLLECTIONS"
         return build_watched_defs(collections, self.cron_schedule, self.stale_after_hours, source)
