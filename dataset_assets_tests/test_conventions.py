@@ -132,3 +132,28 @@ def test_dg_launch_of_one_partition_against_the_loopback_server(idc_fixture, s3,
     assert "RUN_SUCCESS" in launched.stdout + launched.stderr
     assert len(list((tmp_path / "idc").rglob("*.dcm"))) == 24
     assert s3.stats["get_object"] == 24
+
+
+def test_the_readme_design_picture_names_every_package_and_core_module():
+    """The picture a newcomer reads is the tree: every folder of the package and every core
+    module is named in it, and every name it gives exists."""
+    design = (REPO / "README.md").read_text().split("## Design", 1)[1].split("\n## ", 1)[0]
+    picture = design.split("```", 2)[1]
+    package = REPO / "dataset_assets"
+    folders = {p.name for p in package.iterdir() if p.is_dir() and p.name not in ("__pycache__", "deploy")}
+    folders |= {p.name for p in (package / "core").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    missing_folders = sorted(f for f in folders if f"{f}/" not in picture)
+    core_modules = {p.name for p in (package / "core").rglob("*.py") if p.name != "__init__.py"}
+    missing_modules = sorted(m for m in core_modules if m not in picture)
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", picture))
+    every_module = {p.name for p in package.rglob("*.py")}
+    assert (missing_folders, missing_modules, sorted(named - every_module)) == ([], [], [])
+
+
+def test_the_readme_and_docs_links_lead_somewhere():
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert broken == []
