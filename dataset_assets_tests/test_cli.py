@@ -223,3 +223,14 @@ def test_sigterm_stops_s5cmd_removes_the_command_file_and_exits_130(fixture_env,
     assert proc.returncode == 130 and "interrupted; run the same command again to resume" in err
     assert processes_mentioning(str(dest)) == []
     assert list((dest / ".dataset_assets").glob("*.s5cmd")) == []
+
+
+def test_a_missing_ca_bundle_is_named_in_one_line(fixture_env, tmp_path):
+    proc = run(
+        "idc", "download", "qin_pet_phantom", str(tmp_path / "d"),
+        env={**fixture_env, "AWS_CA_BUNDLE": str(tmp_path / "corp.pem")},
+    )  # fmt: skip
+    assert_one_line_error(
+        proc, 2, f"the CA bundle AWS_CA_BUNDLE='{tmp_path / 'corp.pem'}' cannot be read: no such file"
+    )
+    assert not (tmp_path / "d").exists()

@@ -245,3 +245,92 @@ def test_the_deprecated_watch_variable_is_read_instead_with_a_warning(monkeypatc
     assert "nlst, qin_pet_phantom" in schedule.description and "lidc_idri" not in schedule.description
     messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert any("IDC_WATCHED_COLLECTIONS" in m and "defs.yaml" in m for m in messages), messages
+
+
+def _special_file(kind: str, tmp_path: Path) -> Path:
+    """A path a deprecated declarations variable might name that no reader may hang or drown on."""
+    import os
+
+    if kind == "endless device":
+        return Path("/dev/zero")
+    if kind == "fifo":
+        path = tmp_path / "cohorts.fifo"
+        os.mkfifo(path)  # nobody writes: a plain read would wait forever
+        return path
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as handle:
+        handle.truncate(64 << 20)  # sparse: 64 MiB of NULs, beyond the 4 MiB a declarations file may hold
+    return path
+
+
+def _within(seconds: float, work):
+    """``work()``'s result, failing the test (not hanging it) when it takes longer than ``seconds``."""
+    import threading
+
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(work()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still reading after {seconds} s"
+    return result[0]
+
+
+@pytest.mark.parametrize("kind", ["endless device", "fifo", "oversized"])
+def test_a_deprecated_cohorts_file_that_never_ends_is_refused_in_one_line(monkeypatch, tmp_path, kind):
+    monkeypatch.setenv("IDC_COHORTS_FILE", str(_special_file(kind, tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        defs = _within(60, lambda: _build({"cohorts": [{"name": "declared", "sql": "SELECT 1"}]}))
+    assert _partitions(defs) == []
+    description = defs.resolve_assets_def("cohort_manifest").specs_by_key[dg.AssetKey("cohort_manifest")].description
+    problem = description.split("Cohort declarations problem:")[1]
+    expected = "larger than 4,194,304 bytes" if kind == "oversized" else "not a regular file"
+    assert "cannot be read" in problem and expected in problem and "\n" not in problem
+
+
+@pytest.mark.parametrize("kind", ["endless device", "fifo", "oversized"])
+def test_a_deprecated_bundles_file_that_never_ends_is_refused_in_one_line(monkeypatch, tmp_path, kind):
+    monkeypatch.setenv("DATASET_BUNDLES_FILE", str(_special_file(kind, tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        defs = _within(60, lambda: _build_bundles({"bundles": [{"name": "d", "url": "https://example.org/d.zip"}]}))
+    asset = defs.resolve_assets_def("http_datasets")
+    assert asset.partitions_def is None
+    problem = asset.metadata_by_key[asset.key]["bundles_error"]
+    expected = "larger than 4,194,304 bytes" if kind == "oversized" else "not a regular file"
+    assert "cannot be read" in problem and expected in problem and "\n" not in problem
+
+
+def test_a_declarations_file_linked_in_is_read(tmp_path):
+    """A ConfigMap mounts its files as links: a link to a declarations file is followed."""
+    from dataset_assets.core.http.bundles import load_bundles
+    from dataset_assets.core.select.cohort_file import load_cohorts
+
+    (tmp_path / "..data").mkdir()
+    (tmp_path / "..data" / "cohorts.yaml").write_text("cohorts: [{name: linked, collection_id: qin_pet_phantom}]\n")
+    (tmp_path / "..data" / "bundles.yaml").write_text("bundles: [{name: linked, url: 'https://example.org/f.zip'}]\n")
+    for name in ("cohorts.yaml", "bundles.yaml"):
+        (tmp_path / name).symlink_to(tmp_path / "..data" / name)
+    assert list(load_cohorts(tmp_path / "cohorts.yaml")) == ["linked"]
+    assert list(load_bundles(tmp_path / "bundles.yaml")) == ["linked"]
+
+
+@pytest.mark.parametrize("kind", ["endless device", "fifo", "oversized"])
+def test_a_portal_manifest_that_never_ends_is_refused_in_one_line(tmp_path, kind):
+    from dataset_assets.core.errors import FilterError
+    from dataset_assets.core.select.portal_manifest import read_entries
+
+    path = _special_file(kind, tmp_path)
+
+    def attempt():
+        try:
+            read_entries(path)
+        except FilterError as exc:
+            return str(exc)
+        return "read"
+
+    expected = "larger than 209,715,200 bytes" if kind == "oversized" else "not a regular file"
+    if kind == "oversized":
+        with path.open("r+b") as handle:
+            handle.truncate(201 << 20)
+    assert _within(60, attempt) == f"manifest file {path} cannot be read: {expected}"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dataset_assets.core.errors import DownloadError
+from dataset_assets.core.errors import DownloadError, OptionError
 from dataset_assets.core.transfer import s5cmd
 from dataset_assets.core.transfer.progress import Progress
 
@@ -79,3 +79,26 @@ def test_progress_counts_json_lines_and_bounds_errors():
         and "ETA" in line
         and "31 failure(s)" in line
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "why"),
+    [
+        (
+            {"AWS_CA_BUNDLE": "/nonexistent/corp.pem"},
+            "AWS_CA_BUNDLE='/nonexistent/corp.pem' cannot be read: no such file",
+        ),
+        ({"REQUESTS_CA_BUNDLE": "/"}, "REQUESTS_CA_BUNDLE='/' cannot be read: not a regular file"),
+    ],
+)
+def test_a_ca_bundle_that_cannot_be_read_is_named_before_s5cmd_starts(env, why):
+    """s5cmd only says it cannot connect; the options say which variable names a missing bundle."""
+    with pytest.raises(OptionError) as caught:
+        s5cmd.S5cmdOptions(environment=env)
+    assert str(caught.value) == f"the CA bundle {why}"
+
+
+def test_a_readable_ca_bundle_passes(tmp_path):
+    bundle = tmp_path / "corp.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert s5cmd.S5cmdOptions(environment={"AWS_CA_BUNDLE": str(bundle)}).ca_bundle == str(bundle)

@@ -44,12 +44,55 @@ def test_executor_switch(monkeypatch):
     assert executor_from_env() is dg.in_process_executor
     monkeypatch.setenv("DAGSTER_EXECUTOR", "multiprocess")
     assert executor_from_env() is dg.multiprocess_executor
-    monkeypatch.setenv("DAGSTER_EXECUTOR", "slurm")
-    with pytest.raises(ValueError, match="'slurm' is not one of multiprocess, in_process, celery, k8s, docker"):
-        executor_from_env()
-    monkeypatch.setenv("DAGSTER_EXECUTOR", "k8s")
-    with pytest.raises(ImportError, match="needs the dagster-k8s package"):
-        executor_from_env()
+
+
+@pytest.mark.parametrize(
+    ("value", "line"),
+    [
+        ("slurm", "DAGSTER_EXECUTOR='slurm' is not one of in_process, multiprocess, celery, k8s, docker"),
+        ("k8s", "DAGSTER_EXECUTOR=k8s needs the dagster-k8s package: pip install dagster-k8s"),
+    ],
+)
+def test_an_executor_that_cannot_be_used_fails_runs_not_the_code_location(monkeypatch, caplog, value, line):
+    """A typo or a missing package is said in one line at load; the definitions load (the UI shows
+    every asset) and a run fails at its start with that line, instead of running elsewhere."""
+    monkeypatch.setenv("DAGSTER_EXECUTOR", value)
+    with caplog.at_level("WARNING"):
+        executor = executor_from_env()
+    assert [r.getMessage() for r in caplog.records] == [f"{line}; every run will fail until it is set right"]
+
+    assert executor.name == "unusable_executor"
+
+
+def test_the_code_location_loads_with_an_executor_that_cannot_be_used_and_its_runs_fail(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DAGSTER_EXECUTOR": "bogus", "DAGSTER_HOME": str(tmp_path)}
+    env["IDC_DUCKDB_PATH"] = str(tmp_path / "i.duckdb")
+    dagster = str(Path(sys.executable).parent / "dagster")
+    line = "DAGSTER_EXECUTOR='bogus' is not one of in_process, multiprocess, celery, k8s, docker"
+    loaded = subprocess.run(
+        [dagster, "definitions", "validate", "-m", "dataset_assets.definitions"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert f"{line}; every run will fail until it is set right" in loaded.stderr
+    assert "Traceback" not in loaded.stderr
+    run = subprocess.run(
+        [dagster, "asset", "materialize", "-m", "dataset_assets.definitions", "--select", "idc_index"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert run.stderr.rstrip().splitlines()[-1].endswith(f"ExecutorSettingError: {line}")
+    assert "STEP_START" not in run.stderr and not (tmp_path / "i.duckdb").exists()  # no step ran
 
 
 @pytest.mark.parametrize("name", ["dagster.k8s.yaml", "dagster.docker.yaml"])

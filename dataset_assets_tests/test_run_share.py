@@ -176,6 +176,18 @@ def test_the_release_facts_are_computed_once_and_a_tampered_result_or_snapshot_i
     checks = _run_checks_only(index, database)
     assert checks["idc_index_rows_are_safe"].metadata["url_not_bucket_uuid"].value == 2
 
+    # Resealed by hand but of the wrong shape (the seal only catches accidents): counted again.
+    from dataset_assets.core.index.source import _seal
+
+    for damage in ({"problems": {}}, {"summary": {"series": "6"}}, {"buckets": {"idc-open-data": {"count": -1}}}):
+        held = json.loads(facts.read_text())
+        held["facts"].update(damage)
+        held["seal"] = _seal(held["facts"], held["fingerprint"])
+        facts.write_text(json.dumps(held))
+        checks = _run_checks_only(index, database)
+        assert checks["idc_index_rows_are_safe"].metadata["url_not_bucket_uuid"].value == 2, damage
+        assert checks["idc_index_urls_present"].metadata["series_without_uuid_or_url"].value == 1, damage
+
 
 def _run_checks_only(index: Path, database: Path) -> dict:
     resources = {

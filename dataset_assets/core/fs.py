@@ -85,10 +85,17 @@ class Reservation:
         self._handle.flush()
 
 
-def read_small(path: Path, limit: int) -> bytes:
-    """The bytes of a small regular file, read without following a link or waiting on a FIFO
-    planted at ``path``: ``OSError`` when it is anything else, or larger than ``limit`` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+DECLARATION_LIMIT = 4 << 20
+"""The largest declarations file (cohorts, bundles) read: far beyond any real one, far below harm."""
+
+
+def read_small(path: Path, limit: int, *, follow_links: bool = False) -> bytes:
+    """The bytes of a small regular file, read without waiting on a FIFO or a device at ``path``
+    and, unless ``follow_links`` (a declarations file a user or a Kubernetes ConfigMap links in),
+    without following a link planted there: ``OSError`` when it is anything else, or larger than
+    ``limit`` bytes."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

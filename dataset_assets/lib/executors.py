@@ -12,13 +12,20 @@ distributed executors without editing code:
 
 Run launchers (one pod or container per run) are instance settings instead: see
 ``dataset_assets/deploy/``.
+
+A value that cannot be used (a typo, or a distributed executor whose package is not installed)
+never takes the code location down: it is logged in one line at load, and every run fails at
+its start with that line, rather than running its steps somewhere the team did not choose.
 """
 
 import importlib
+import logging
 
 import dagster as dg
 
 from dataset_assets import settings
+
+logger = logging.getLogger(__name__)
 
 DISTRIBUTED = {
     "celery": ("dagster_celery", "celery_executor"),
@@ -27,17 +34,39 @@ DISTRIBUTED = {
 }
 
 
-def executor_from_env() -> dg.ExecutorDefinition:
-    name = settings.DAGSTER_EXECUTOR.require().strip().lower()
+class ExecutorSettingError(Exception):
+    """``DAGSTER_EXECUTOR`` names an executor this installation cannot provide."""
+
+
+def executor_problem(name: str) -> tuple[dg.ExecutorDefinition | None, str | None]:
+    """``(executor, None)`` for ``name``, or ``(None, one-line reason)``."""
+    name = name.strip().lower()
     if name == "multiprocess":
-        return dg.multiprocess_executor
+        return dg.multiprocess_executor, None
     if name == "in_process":
-        return dg.in_process_executor
+        return dg.in_process_executor, None
     if name not in DISTRIBUTED:
-        raise ValueError(f"DAGSTER_EXECUTOR={name!r} is not one of multiprocess, in_process, {', '.join(DISTRIBUTED)}")
+        choices = ", ".join(["in_process", "multiprocess", *DISTRIBUTED])
+        return None, f"DAGSTER_EXECUTOR={name!r} is not one of {choices}"
     module, attribute = DISTRIBUTED[name]
     try:
-        return getattr(importlib.import_module(module), attribute)
-    except ImportError as exc:
+        return getattr(importlib.import_module(module), attribute), None
+    except ImportError:
         package = module.replace("_", "-")
-        raise ImportError(f"DAGSTER_EXECUTOR={name} needs the {package} package: pip install {package}") from exc
+        return None, f"DAGSTER_EXECUTOR={name} needs the {package} package: pip install {package}"
+
+
+def _refusing(problem: str) -> dg.ExecutorDefinition:
+    @dg.executor(name="unusable_executor")
+    def refuse(_init_context):
+        raise ExecutorSettingError(problem)
+
+    return refuse
+
+
+def executor_from_env() -> dg.ExecutorDefinition:
+    executor, problem = executor_problem(settings.DAGSTER_EXECUTOR.require())
+    if executor is not None:
+        return executor
+    logger.warning("%s; every run will fail until it is set right", problem)
+    return _refusing(problem)

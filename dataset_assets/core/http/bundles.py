@@ -72,7 +72,7 @@ import yaml
 
 from dataset_assets.core.errors import DatasetError, DownloadError
 from dataset_assets.core.fmt import human_bytes, human_duration, redact_url, scrub_text
-from dataset_assets.core.fs import DISK_MARGIN_MIN, check_free_space, check_writable
+from dataset_assets.core.fs import DECLARATION_LIMIT, DISK_MARGIN_MIN, check_free_space, check_writable, read_small
 
 if TYPE_CHECKING:  # requests and urllib3 load with the first download: the definitions load without them
     import requests
@@ -221,7 +221,7 @@ def _with_env(entries: list, env: Mapping[str, str]) -> list:
 
 def _parse_bundles(path: Path, env: Mapping[str, str] | None = None) -> dict[str, Bundle]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small(path, DECLARATION_LIMIT, follow_links=True).decode("utf-8")
     except FileNotFoundError:
         raise DatasetError(f"bundle file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -63,11 +63,12 @@ def relation(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelatio
     if not sql.strip():
         raise FilterError("the query is empty")
     try:
-        kinds = [s.type for s in con.extract_statements(sql)]
+        statements = con.extract_statements(sql)
     except duckdb.Error as exc:
         raise _errors(con, exc) from None
+    kinds = [s.type for s in statements]
     if len(kinds) != 1 or kinds[0] not in READ_STATEMENTS:
-        found = ", ".join(k.name for k in kinds) or "no statement"
+        found = ", ".join(_verb(s) for s in statements) or "no statement"
         raise FilterError(
             f"query refused: one statement that reads (SELECT, WITH ... SELECT, FROM, DESCRIBE, SHOW, SUMMARIZE, "
             f"EXPLAIN) is run, this is {len(kinds)} ({found}); nothing was run"
@@ -76,6 +77,12 @@ def relation(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelatio
         return con.sql(sql)
     except duckdb.Error as exc:
         raise _errors(con, exc) from None
+
+
+def _verb(statement: duckdb.Statement) -> str:
+    """The statement's own first word as written (DuckDB files INSTALL under LOAD, PRAGMA under SET)."""
+    words = re.findall(r"[A-Za-z_]+", re.sub(r"--[^\n]*|/\*.*?\*/", " ", statement.query, flags=re.S))
+    return words[0].upper() if words else statement.type.name
 
 
 def _batches(con: duckdb.DuckDBPyConnection, rel: duckdb.DuckDBPyRelation, limit: int | None) -> Iterator:

@@ -282,9 +282,41 @@ def _read_facts(path: Path, fingerprint: object) -> dict | None:
         isinstance(held, dict)
         and held.get("fingerprint") == fingerprint
         and held.get("seal") == _seal(held.get("facts"), fingerprint)
+        and _facts_shape_ok(held.get("facts"))
     ):
         return held["facts"]
     return None
+
+
+_SUMMARY_KEYS = ("series", "instances", "collections", "patients", "studies", "bytes")
+
+
+def _facts_shape_ok(facts: object) -> bool:
+    """Whether ``facts`` holds what ``index_facts`` writes: the summary's counts, each row problem
+    and each bucket as a count with examples. The seal only catches accidents (anyone who can
+    write the file can seal it again), so a file of the right seal but the wrong shape is counted
+    again rather than trusted into a ``KeyError``."""
+
+    def counted(entry: object) -> bool:
+        return (
+            isinstance(entry, dict)
+            and type(entry.get("count")) is int
+            and entry["count"] >= 0
+            and isinstance(entry.get("examples"), list)
+            and all(isinstance(e, str) for e in entry["examples"])
+        )
+
+    if not isinstance(facts, dict):
+        return False
+    summary, problems, buckets = facts.get("summary"), facts.get("problems"), facts.get("buckets")
+    return (
+        isinstance(summary, dict)
+        and all(type(summary.get(k)) is int and summary[k] >= 0 for k in _SUMMARY_KEYS)
+        and isinstance(problems, dict)
+        and all(counted(problems.get(kind)) for kind in ROW_PROBLEMS)
+        and isinstance(buckets, dict)
+        and all(isinstance(b, str) and counted(v) for b, v in buckets.items())
+    )
 
 
 def _write_facts(path: Path, fingerprint: object, facts: dict) -> None:

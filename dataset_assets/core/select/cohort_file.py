@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataset_assets.core.errors import DatasetError, FilterError
+from dataset_assets.core.fs import DECLARATION_LIMIT, read_small
 from dataset_assets.core.safety import name_problem
 from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
 from dataset_assets.core.select.layout import DEFAULT_LAYOUT
@@ -37,9 +38,11 @@ def load_cohorts(path: Path) -> dict[str, Cohort]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_small(path, DECLARATION_LIMIT, follow_links=True).decode("utf-8"))
     except OSError as exc:
         raise CohortError(f"cohorts file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CohortError(f"cohorts file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from dataset_assets.core.errors import FilterError
+from dataset_assets.core.fs import read_small
 from dataset_assets.core.safety import is_uuid
 from dataset_assets.core.select.resolve import INSTANCE, Entry
 from dataset_assets.core.transfer.s5cmd import GCS_BUCKETS
@@ -76,10 +77,9 @@ def bucket_of(line: str) -> str | None:
 def read_entries(path: Path, kind: str = "auto") -> list[Entry]:
     """The entries of a manifest file; ``kind`` applies to bare IDs (not s5cmd lines, URLs or CSV columns)."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise FilterError(f"manifest file {path} is {size:,} bytes; at most {MAX_FILE_BYTES:,} are read")
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_small(path, MAX_FILE_BYTES, follow_links=True).decode("utf-8-sig")
+    except OSError as exc:
+        raise FilterError(f"manifest file {path} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise FilterError(f"manifest file {path} is not UTF-8 text") from None
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]

@@ -105,6 +105,8 @@ class S5cmdOptions:
             problem = limit_problem(name, getattr(self, name))
             if problem:
                 raise OptionError(problem)
+        if problem := ca_bundle_problem(self.environment or {}):
+            raise OptionError(problem)
 
     def global_args(self) -> list[str]:
         return [
@@ -168,6 +170,24 @@ def ca_bundle_of(env: Mapping[str, str]) -> str | None:
     """The one rule for a custom CA bundle (corporate proxies): ``AWS_CA_BUNDLE``, else
     ``REQUESTS_CA_BUNDLE`` (what requests itself honours)."""
     return env.get("AWS_CA_BUNDLE") or env.get("REQUESTS_CA_BUNDLE") or None
+
+
+def ca_bundle_problem(env: Mapping[str, str]) -> str | None:
+    """One line when the CA bundle ``env`` names cannot be read (s5cmd would only say that no
+    connection could be made), else ``None``."""
+    bundle = ca_bundle_of(env)
+    if bundle is None:
+        return None
+    name = "AWS_CA_BUNDLE" if env.get("AWS_CA_BUNDLE") else "REQUESTS_CA_BUNDLE"
+    if not os.path.exists(bundle):
+        why = "no such file"
+    elif not os.path.isfile(bundle):
+        why = "not a regular file"
+    elif not os.access(bundle, os.R_OK):
+        why = "permission denied"
+    else:
+        return None
+    return f"the CA bundle {name}={bundle!r} cannot be read: {why}"
 
 
 _LIVE: set[subprocess.Popen] = set()
