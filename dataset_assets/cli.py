@@ -33,7 +33,7 @@ from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.index import extra_index as extra
 from .core.index import source as idx
 from .core.safety import endpoint_problem
-from .core.select.filters import ManifestFilters
+from .core.select.filters import ANALYSIS_RESULTS, ManifestFilters
 from .core.select.layout import DEFAULT_LAYOUT, default_max_path
 from .core.select.resolve import BY_CHOICES
 from .core.select.shards import parse_shard
@@ -291,6 +291,46 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
+def selection_filters(command):
+    """The filter options of every verb that selects series (download, verify)."""
+    for option in reversed(
+        [
+            click.option("--modality", "modalities", multiple=True, help="Keep only this Modality (repeatable)."),
+            click.option(
+                "--body-part", "body_parts", multiple=True, help="Keep only this BodyPartExamined (repeatable)."
+            ),
+            click.option(
+                "--analysis-results",
+                type=click.Choice(list(ANALYSIS_RESULTS)),
+                default="include",
+                show_default=True,
+                help="Series of analysis results (segmentations, annotations): keep them with the original "
+                "data, leave them out, or keep only them.",
+            ),
+            click.option(
+                "--license",
+                "licenses",
+                multiple=True,
+                help="Keep only series under this licence, e.g. 'CC BY 4.0' (repeatable; `dataset idc collections` "
+                "lists them).",
+            ),
+            click.option(
+                "--exclude-noncommercial",
+                is_flag=True,
+                help="Leave out series whose licence forbids commercial use (CC BY-NC).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _filters(values: dict) -> ManifestFilters:
+    """The filters of ``selection_filters``, taken out of a command's keyword arguments."""
+    names = ("modalities", "body_parts", "analysis_results", "licenses", "exclude_noncommercial")
+    return ManifestFilters.from_mapping({name: values.pop(name) for name in names})
+
+
 @idc.command(name="download")
 @click.argument("target")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
@@ -301,11 +341,10 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     default="auto",
     show_default=True,
     help="What the values of TARGET are (auto: each is looked up in the index; an ID that is two kinds "
-    "is refused): collection ids, PatientIDs, StudyInstanceUIDs, SeriesInstanceUIDs, crdc_series_uuids "
-    "or SOPInstanceUIDs (instance).",
+    "is refused): collection ids, analysis_result_ids, PatientIDs, StudyInstanceUIDs, SeriesInstanceUIDs, "
+    "crdc_series_uuids or SOPInstanceUIDs (instance).",
 )
-@click.option("--modality", "modalities", multiple=True, help="Keep only this Modality (repeatable).")
-@click.option("--body-part", "body_parts", multiple=True, help="Keep only this BodyPartExamined (repeatable).")
+@selection_filters
 @click.option(
     "--layout",
     default=DEFAULT_LAYOUT,
@@ -364,8 +403,6 @@ def download_command(
     target: str,
     dest: Path,
     kind: str,
-    modalities: tuple[str, ...],
-    body_parts: tuple[str, ...],
     layout: str,
     long_paths: str,
     max_path: int | None,
@@ -377,10 +414,11 @@ def download_command(
     stall_timeout: float,
     shard: str | None,
     endpoint: str,
+    **filters,
 ) -> None:
     """Download TARGET into DEST, resuming: files already complete are not fetched again.
 
-    TARGET: comma-separated collection ids, PatientIDs, StudyInstanceUIDs, SeriesInstanceUIDs,
+    TARGET: comma-separated collection ids, analysis_result_ids, PatientIDs, StudyInstanceUIDs, SeriesInstanceUIDs,
     crdc_series_uuids (also of earlier releases) and SOPInstanceUIDs, in any mix; or a file: an
     IDC portal / BigQuery s5cmd manifest, a CSV with an ID column, or a list of IDs.
 
@@ -393,7 +431,7 @@ def download_command(
         target=target,
         dest=dest,
         kind=kind,
-        filters=ManifestFilters(modalities=modalities, body_parts=body_parts),
+        filters=_filters(filters),
         layout=layout,
         long_paths=long_paths,
         max_path=max_path if max_path is not None else default_max_path(),
@@ -419,10 +457,9 @@ def download_command(
 @click.option(
     "--by", "kind", type=click.Choice(list(BY_CHOICES)), default="auto", show_default=True, help="As download."
 )
-@click.option("--modality", "modalities", multiple=True, help="As download.")
-@click.option("--body-part", "body_parts", multiple=True, help="As download.")
+@selection_filters
 @click.option("--layout", default=DEFAULT_LAYOUT, show_default=True, help="As download.")
-def verify(target: str, dest: Path, kind: str, modalities: tuple[str, ...], body_parts: tuple[str, ...], layout: str):
+def verify(target: str, dest: Path, kind: str, layout: str, **filters):
     """Check that TARGET (as for download) is complete in DEST: every file of every series has the
     name and size its download recorded (downloads of its shards included), and no other .dcm file
     is there. No network. Exit codes: 0 complete, 1 incomplete (the problems are listed), 2 bad input."""
@@ -432,7 +469,7 @@ def verify(target: str, dest: Path, kind: str, modalities: tuple[str, ...], body
         target=target,
         dest=dest,
         kind=kind,
-        filters=ManifestFilters(modalities=modalities, body_parts=body_parts),
+        filters=_filters(filters),
         layout=layout,
     )
     code = verify_selection(request, _source())

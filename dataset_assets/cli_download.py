@@ -20,6 +20,7 @@ from .core.index import source as idx
 from .core.index.viewer import viewer_url
 from .core.select.filters import ManifestFilters
 from .core.select.flat import link_into
+from .core.select.licences import licence_counts, restricted, restriction_text
 from .core.select.manifest import summarize
 from .core.select.portal_manifest import read_entries
 from .core.select.resolve import (
@@ -134,6 +135,8 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
         dry_run_report(selection, request, problems, as_json=as_json)
         return
     dest, flat = request.dest, request.layout == FLAT
+    if selection.manifest is not None and restricted(counts := licence_counts(selection.manifest)):
+        click.echo(f"note: {restriction_text(counts)}", err=True)
     allowed = settings.allowed_buckets()
     incomplete: list[str] = []
     result = done = None
@@ -295,6 +298,7 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
                 "SeriesInstanceUID": row["SeriesInstanceUID"],
                 "Modality": row["Modality"],
                 "crdc_series_uuid": row["crdc_series_uuid"],
+                "license": row["license_short_name"],
                 "source_url": request.options.source_url(row["series_aws_url"], row["aws_bucket"]),
                 "target_dir": "./" if flat else row["target_dir"],
                 **({"staging_dir": row["target_dir"]} if flat else {}),
@@ -342,6 +346,7 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
             "bytes": (stats["bytes"] if stats else 0) + counted["instance_bytes"],
             "modalities": stats["modalities"] if stats else [],
             "collections": sorted(collections),
+            "licenses": licence_counts(manifest) if manifest is not None else {},
         }
         out.write(f'  "would_fetch": {json.dumps(todo)},\n  "selection": {json.dumps(selection_doc)},\n')
         out.write(f'  "problems": {json.dumps(problems)}\n}}\n')
@@ -366,6 +371,9 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
             f"{todo['files']:,} files, {human_bytes(todo['bytes'])}) into {dest}; selection: {stats['instances']:,} "
             f"files, {human_bytes(stats['bytes'])}, modalities {', '.join(stats['modalities'])}"
         )
+        held = restricted(licence_counts(manifest)) if manifest is not None else {}
+        if held:
+            click.echo(f"  licences: {restriction_text(licence_counts(manifest))}")
         if todo["partial"]:
             click.echo(
                 f"  {todo['partial']:,} of these series are partly on disk: a listing of each decides which of their "

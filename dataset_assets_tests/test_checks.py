@@ -33,7 +33,12 @@ def env(idc_fixture, s3, tmp_path):
     )
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"files_match_manifest", "dicom_headers_match_manifest", "no_stray_files"}
+    assert set(evaluations) == {
+        "files_match_manifest",
+        "dicom_headers_match_manifest",
+        "no_stray_files",
+        "licences_allow_any_use",
+    }
     assert all(e.passed for e in evaluations.values()), evaluations
     assert evaluations["dicom_headers_match_manifest"].metadata["checked"].value == 24
     return resources, tmp_path / "idc"

@@ -203,8 +203,8 @@ def test_prior_release_uuid_in_citations_and_crdc_series_uuid_layouts(idc_fixtur
         ((collection,),) = con.execute(
             "SELECT collection_id FROM prior_versions_index WHERE crdc_series_uuid = ? LIMIT 1", [real_prior_uuid]
         ).fetchall()
-    cited = json.loads(proc.stdout)
-    assert cited and all(c["collections"] == [collection] for c in cited)
+    *cited, paper = json.loads(proc.stdout)
+    assert cited and all(c["collections"] == [collection] for c in cited) and paper["doi"] == "10.1148/rg.230180"
     # In a manifest file (an IDC portal s5cmd line) with a current series beside it.
     manifest = tmp_path / "manifest.s5cmd"
     row = idc_fixture.rows[0]
@@ -260,7 +260,9 @@ def test_uuids_match_in_any_case_and_unknown_values_say_what_was_tried(idc_fixtu
         assert [s["crdc_series_uuid"] for s in doc["series"]] == [row["crdc_series_uuid"]]
     proc = run("idc", "citations", real_prior_uuid.upper(), env=env)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    tried = "is not a collection id, PatientID, StudyInstanceUID, SeriesInstanceUID or crdc_series_uuid"
+    tried = (
+        "is not a collection id, analysis_result_id, PatientID, StudyInstanceUID, SeriesInstanceUID or crdc_series_uuid"
+    )
     for value in ("1.2.999.7", str(uuid.uuid4()).upper()):
         proc = run("idc", "download", value, dest, env=env)
         assert_one_line_error(proc, 2, f"{value!r} {tried} of this release or an earlier one")

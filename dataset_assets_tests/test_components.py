@@ -59,6 +59,7 @@ def test_declared_cohorts_become_partitions_with_their_checks(monkeypatch):
         "files_match_manifest",
         "dicom_headers_match_manifest",
         "no_stray_files",
+        "licences_allow_any_use",
     }
 
 
@@ -67,7 +68,7 @@ def test_declared_cohorts_become_partitions_with_their_checks(monkeypatch):
     [
         ({"name": "a b", "sql": "SELECT 1"}, "cohort name"),
         ({"name": "x"}, "needs exactly one of `sql` or `collection_id`"),
-        ({"name": "x", "sql": "SELECT 1", "modalities": ["CT"]}, "filters go with `collection_id`"),
+        ({"name": "x", "sql": "SELECT 1", "modalities": ["CT"]}, "go with `collection_id`"),
         ({"name": "x", "collection_id": "c", "modalities": ["C\nT"]}, "no control characters"),
         ({"name": "line\n", "sql": "SELECT 1"}, "cohort name"),
     ],

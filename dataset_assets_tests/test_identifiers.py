@@ -60,7 +60,7 @@ def test_mixed_ids_resolve_by_kind_and_unknown_or_ambiguous_ones_are_refused(idc
         env=both,
     )
     assert_one_line_error(proc, 2, f"'{rows[0]['StudyInstanceUID']}' is both a PatientID and StudyInstanceUID")
-    assert "'1.2.999'" in proc.stderr and "searched the collection_id, PatientID" in proc.stderr
+    assert "'1.2.999'" in proc.stderr and "searched the collection_id, analysis_result_id, PatientID" in proc.stderr
     assert "sm_instance_index is not fetched" in proc.stderr
     # --by settles the ambiguity.
     doc = _dry_json(rows[0]["StudyInstanceUID"], str(tmp_path / "o"), "--by", "study", env=both)
@@ -204,16 +204,28 @@ def test_citations_of_two_collections_list_each_doi_with_its_licence():
     }
     proc = run("idc", "citations", ",".join(pair), "--format", "json")
     assert proc.returncode == 0, proc.stderr
-    records = json.loads(proc.stdout)
+    *records, paper = json.loads(proc.stdout)
     assert {r["doi"].lower(): r["license"] for r in records} == expected
     assert all(r["citation"] and r["license_url"] for r in records)
+    # The IDC paper closes every selection's citations, offline, as idc-index adds it.
+    assert (paper["doi"], paper["source_type"], paper["series"]) == (
+        "10.1148/rg.230180", "idc_publication", sum(r["series"] for r in records)
+    )  # fmt: skip
+    assert (
+        paper["citation"].startswith("Fedorov, A., Longabaugh, W. J. R.,")
+        and "RadioGraphics, 43(12)" in paper["citation"]
+    )
     bib = run("idc", "citations", ",".join(pair), "--format", "bibtex").stdout
     assert bib.count("@misc{") == 2 and "needs the network" in bib
+    assert bib.count("@article{idc_radiographics_2023,") == 1 and "doi = {10.1148/rg.230180}" in bib
+    apa_text = run("idc", "citations", ",".join(pair)).stdout
+    assert apa_text.count("https://doi.org/10.1148/rg.230180") == 1
     # A DOI the index does not describe is said to be so, not invented.
     with source.connect() as con2:
         table = pa.table({"collection_id": ["x"], "source_DOI": ["10.0000/nothing"], "license_short_name": ["CC0"]})
-        (record,) = citations(con2, table)
+        (record, paper) = citations(con2, table)
     assert record["citation"] is None and "no citation shipped" in record["note"] and "doi.org" in bibtex(record)
+    assert paper["doi"] == "10.1148/rg.230180"
 
 
 def test_viewer_urls_for_ct_and_sm_series(tmp_path):
@@ -311,7 +323,7 @@ def test_collection_manifest_metadata_has_citations_licences_and_viewer_links(id
         (event,) = result.get_asset_materialization_events()
     metadata = event.materialization.metadata
     cited = metadata["citations"].value
-    assert {c["doi"] for c in cited} == {r["source_DOI"] for r in idc_fixture.rows}
+    assert {c["doi"] for c in cited} == {r["source_DOI"] for r in idc_fixture.rows} | {"10.1148/rg.230180"}
     assert metadata["licenses"].value.startswith(idc_fixture.rows[0]["license_short_name"])
     assert "viewer.imaging.datacommons.cancer.gov/v3/viewer/?StudyInstanceUIDs=" in metadata["preview"].value
     series_url = metadata["viewer_first_series"].value

@@ -194,7 +194,7 @@ def test_cohort_definitions_that_cannot_work_are_one_line(tmp_path, two_collecti
         "cohorts: [{name: a, sql: 'SELECT 1'}, {name: a, sql: 'SELECT 2'}]": "used twice",
         "cohorts: [{name: a}]": "exactly one of `sql` or `collection_id`",
         "cohorts: [{name: a, collection_id: 123}]": "`collection_id` must be a collection id",
-        "cohorts: [{name: a, sql: 'x', modalities: [CT]}]": "filters go with `collection_id`",
+        "cohorts: [{name: a, sql: 'x', modalities: [CT]}]": "go with `collection_id`",
         "cohorts: {name: a": "not valid YAML",
         "nothing: 1": "top-level list `cohorts:`",
     }
@@ -292,6 +292,8 @@ cohorts:
         assert server.stats["get_object"] == 3 * 2 + 3
     for check in ("files_match_manifest", "dicom_headers_match_manifest", "no_stray_files"):
         assert f"Asset check '{check}' on 'downloaded_cohort' passed" in out
+    # nsclc_radiomics_interobserver1 is CC BY-NC 3.0: the licence check warns, naming it.
+    assert "Asset check 'licences_allow_any_use' on 'downloaded_cohort' did not pass" in out, out[-3000:]
     files = list((tmp_path / "idc").rglob("*.dcm"))
     assert len(files) == 9
     assert {p.relative_to(tmp_path / "idc").parts[0] for p in files} == {

@@ -390,10 +390,11 @@ def test_ui_lineage_partitions_metadata_and_a_download_launched_from_the_ui(tmp_
             expect(metadata_row(page, "download_path")).to_contain_text(str(download_dir / DOWNLOAD_COLLECTION))
             steps.shot("downloaded_collection-partition-metadata")
             page.get_by_role("tab", name="Checks").click()
-            checks = page.get_by_text("Checks (3)").locator("xpath=../..")
-            for check in ("files_match_manifest", "dicom_headers_match_manifest", "no_stray_files"):
+            checks = page.get_by_text("Checks (4)").locator("xpath=../..")
+            names = ("files_match_manifest", "dicom_headers_match_manifest", "no_stray_files", "licences_allow_any_use")
+            for check in names:
                 expect(visible(page, check)).to_be_visible(timeout=WAIT_MS)
-            expect(checks.get_by_text("Succeeded", exact=True)).to_have_count(3, timeout=WAIT_MS)
+            expect(checks.get_by_text("Succeeded", exact=True)).to_have_count(4, timeout=WAIT_MS)
             steps.shot("downloaded_collection-checks")
             files_after_success, gets_after_success = len(list(download_dir.rglob("*.dcm"))), s3.stats["get_object"]
 

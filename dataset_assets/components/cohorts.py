@@ -3,6 +3,7 @@
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -32,6 +33,16 @@ class CohortDeclaration(dg.Model):
     patient_ids: list[str] = Field(default=[], description="Keep series of these PatientID values.")
     study_uids: list[str] = Field(default=[], description="Keep series of these StudyInstanceUID values.")
     series_uids: list[str] = Field(default=[], description="Keep only these SeriesInstanceUID values.")
+    analysis_result_ids: list[str] = Field(default=[], description="Keep only series of these analysis results.")
+    analysis_results: Literal["include", "exclude", "only"] = Field(
+        default="include",
+        description="Series of analysis results: kept with the original data, left out, or kept alone "
+        "(with `sql` too).",
+    )
+    licenses: list[str] = Field(default=[], description="Keep only series under these licences (with `sql` too).")
+    exclude_noncommercial: bool = Field(
+        default=False, description="Leave out series whose licence forbids commercial use (with `sql` too)."
+    )
     layout: str = Field(default=DEFAULT_LAYOUT, description="Directory of each series below the download root.")
 
 

@@ -21,6 +21,10 @@ class FilterError(DatasetError):
     """An unknown filter field, or a filter value that matches nothing."""
 
 
+class EmptySelectionError(FilterError):
+    """Filters that leave no series of a collection (each value may exist, but not together)."""
+
+
 class ManifestError(DatasetError):
     """A manifest file that cannot be used as it is (unreadable, a column missing or of another type, empty)."""
 

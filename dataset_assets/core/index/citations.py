@@ -25,6 +25,30 @@ from dataset_assets.core.index.source import sql_str
 
 FORMATS = ("apa", "bibtex", "json")
 
+#: The paper that describes IDC itself, cited with any IDC data (as idc-index always adds it);
+#: kept here so that every format has it offline.
+IDC_PAPER_DOI = "10.1148/rg.230180"
+IDC_PAPER = {
+    "doi": IDC_PAPER_DOI,
+    "doi_url": f"https://doi.org/{IDC_PAPER_DOI}",
+    "title": "National Cancer Institute Imaging Data Commons: Toward Transparency, Reproducibility, "
+    "and Scalability in Imaging Artificial Intelligence",
+    "source_type": "idc_publication",
+    "source_id": "radiographics_2023",
+    "license": None,
+    "license_name": None,
+    "license_url": None,
+    "citation": "Fedorov, A., Longabaugh, W. J. R., Pot, D., Clunie, D. A., Pieper, S. D., Gibbs, D. L., "
+    "Bridge, C., Herrmann, M. D., Homeyer, A., Lewis, R., Aerts, H. J. W. L., Krishnaswamy, D., "
+    "Thiriveedhi, V. K., Ciausu, C., Schacherer, D. P., Bontempi, D., Pihl, T., Wagner, U., Farahani, K., "
+    "Kim, E., & Kikinis, R. (2023). National Cancer Institute Imaging Data Commons: Toward Transparency, "
+    "Reproducibility, and Scalability in Imaging Artificial Intelligence. RadioGraphics, 43(12), e230180. "
+    "https://doi.org/10.1148/rg.230180",
+    "collections": [],
+    "series": 0,
+    "note": None,
+}
+
 
 def _clean(text: str | None) -> str | None:
     """The shipped citations are HTML (``&amp;``, ``<i>``) wrapped at 100 columns: plain text, one line."""
@@ -134,6 +158,8 @@ def citations(
             }
         )
     records.sort(key=lambda r: (-r["series"], r["doi"]))
+    if records and all(r["doi"].lower() != IDC_PAPER_DOI for r in records):
+        records.append({**IDC_PAPER, "series": sum(e["series"] for e in by_doi.values())})
     return records
 
 
@@ -160,6 +186,8 @@ def _bib(value: str) -> str:
 
 
 def bibtex(record: dict) -> str:
+    if record["source_type"] == "idc_publication":
+        return _paper_bibtex(record)
     fields = {"title": record["title"], "doi": record["doi"], "url": record["doi_url"]}
     citation = record["citation"] or ""
     match = _YEAR.fullmatch(citation)
@@ -184,7 +212,26 @@ def bibtex(record: dict) -> str:
     return f"{comment}\n@misc{{{_bibtex_key(record)},\n{body}\n}}"
 
 
+def _paper_bibtex(record: dict) -> str:
+    match = _YEAR.fullmatch(record["citation"])
+    fields = {
+        "author": _authors(match.group(1)) if match else None,
+        "title": record["title"],
+        "journal": "RadioGraphics",
+        "volume": "43",
+        "number": "12",
+        "pages": "e230180",
+        "year": "2023",
+        "doi": record["doi"],
+        "url": record["doi_url"],
+    }
+    body = ",\n".join(f"  {k} = {{{_bib(v)}}}" for k, v in fields.items() if v)
+    return f"% the Imaging Data Commons itself: cite it with any IDC data\n@article{{{_bibtex_key(record)},\n{body}\n}}"
+
+
 def apa(record: dict) -> str:
+    if record["source_type"] == "idc_publication":
+        return f"{record['citation']}\n  The Imaging Data Commons itself: cite it with any IDC data"
     text = record["citation"] or f"{record['title'] or 'Untitled source'}. https://doi.org/{record['doi']}"
     licence = record["license"] or "licence not given in the index"
     if record["license_name"] or record["license_url"]:
@@ -211,5 +258,7 @@ def license_summary(records: list[dict]) -> str:
     """``CC BY 3.0 (2 sources), CC BY 4.0 (1 source)``."""
     counts: dict[str, int] = {}
     for record in records:
+        if record["source_type"] == "idc_publication":
+            continue  # not a data source: it has no licence of its own
         counts[record["license"] or "unknown"] = counts.get(record["license"] or "unknown", 0) + 1
     return ", ".join(f"{k} ({n} source{'s' if n > 1 else ''})" for k, n in sorted(counts.items()))

@@ -13,10 +13,10 @@ from pathlib import Path
 from dataset_assets.core.errors import DatasetError, FilterError
 from dataset_assets.core.fs import DECLARATION_LIMIT, read_small
 from dataset_assets.core.safety import name_problem
-from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
+from dataset_assets.core.select.filters import FILTER_FIELDS, SERIES_SET_FILTERS, ManifestFilters
 from dataset_assets.core.select.layout import DEFAULT_LAYOUT
 
-_KEYS = {"name", "sql", "collection_id", "layout", "description", *FILTER_COLUMNS}
+_KEYS = {"name", "sql", "collection_id", "layout", "description", *FILTER_FIELDS}
 
 
 class CohortError(DatasetError):
@@ -77,10 +77,13 @@ def cohorts_from_entries(entries: list, source: str) -> dict[str, Cohort]:
             raise CohortError(f"{where} ({name}): `sql` must be a non-empty query")
         if collection_id is not None and not isinstance(collection_id, str):
             raise CohortError(f"{where} ({name}): `collection_id` must be a collection id (text)")
-        if sql is not None and any(entry.get(f) for f in FILTER_COLUMNS):
-            raise CohortError(f"{where} ({name}): filters go with `collection_id`; put them in the SQL instead")
+        if sql is not None and any(entry.get(f) for f in FILTER_FIELDS if f not in SERIES_SET_FILTERS):
+            raise CohortError(
+                f"{where} ({name}): filters other than {', '.join(SERIES_SET_FILTERS)} go with `collection_id`; "
+                "put them in the SQL instead"
+            )
         try:
-            filters = ManifestFilters.from_mapping({f: entry[f] for f in FILTER_COLUMNS if f in entry})
+            filters = ManifestFilters.from_mapping({f: entry[f] for f in FILTER_FIELDS if f in entry})
         except FilterError as exc:
             raise CohortError(f"{where} ({name}): {exc}") from None
         layout = entry.get("layout", DEFAULT_LAYOUT)

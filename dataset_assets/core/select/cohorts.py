@@ -24,6 +24,7 @@ from dataset_assets.core.select.manifest import (
     WHOLE_COLLECTION_KEY,
     build_manifest,
     manifest_schema,
+    option_clauses,
     read_manifest,
     render_manifest,
     write_manifest,
@@ -86,9 +87,11 @@ def build_cohort_manifest(
         ((current,),) = cur.execute(f"SELECT count(*) FROM ({selected})").fetchall()
         tables = []
         if current > missing or not prior:
-            tables.append(
-                render_manifest(cur, f'"{column}" IN (SELECT v FROM ({selected}))', [], parsed, empty, **render)
-            )
+            where, params = series_set_clauses(cur, cohort)
+            if where:
+                empty = f"cohort {cohort.name}: the filters {cohort.filters.as_dict()} leave none of its SQL's series"
+            where.insert(0, f'"{column}" IN (SELECT v FROM ({selected}))')
+            tables.append(render_manifest(cur, " AND ".join(where), params, parsed, empty, **render))
         if prior:
             tables.append(prior_manifest(cur, prior, parsed))
     except duckdb.Error as exc:
@@ -101,6 +104,24 @@ def build_cohort_manifest(
     if prior:
         metadata[PRIOR_KEY] = ",".join(prior).encode()
     return table.replace_schema_metadata(metadata)
+
+
+def series_set_clauses(cur: duckdb.DuckDBPyConnection, cohort: Cohort) -> tuple[list[str], list[object]]:
+    """The conditions the filters of a SQL cohort add (licences, analysis results, NonCommercial);
+    a licence the index does not have is a ``CohortError`` naming those it has."""
+    filters = cohort.filters
+    where, params = option_clauses(filters), []
+    if filters.licenses:
+        known = [r[0] for r in cur.execute("SELECT DISTINCT license_short_name FROM idc_index ORDER BY 1").fetchall()]
+        missing = [lic for lic in filters.licenses if lic not in known]
+        if missing:
+            raise CohortError(
+                f"cohort {cohort.name}: the licence(s) {', '.join(missing)} are not in the index; "
+                f"it has {', '.join(str(k) for k in known)}"
+            )
+        where.append("list_contains(?, license_short_name)")
+        params.append(list(filters.licenses))
+    return where, params
 
 
 def single_select(cur: duckdb.DuckDBPyConnection, cohort: Cohort) -> str:

@@ -16,7 +16,7 @@ import pyarrow.compute
 import pyarrow.parquet as pq
 
 from dataset_assets.core import arrow_build
-from dataset_assets.core.errors import FilterError, ManifestError
+from dataset_assets.core.errors import EmptySelectionError, ManifestError
 from dataset_assets.core.fs import new_file
 from dataset_assets.core.index.source import require_collection
 from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
@@ -65,7 +65,7 @@ def _check_filter_values(con: duckdb.DuckDBPyConnection, collection_id: str, fil
                 ).fetchall()
             ]
             more = ", ..." if len(valid) > 20 else ""
-            raise FilterError(
+            raise EmptySelectionError(
                 f"filter {name}={', '.join(missing)} matches no series of collection {collection_id!r}; "
                 f"valid {column} values there: {', '.join(valid[:20])}{more}"
             )
@@ -98,6 +98,7 @@ def build_manifest(
         if wanted:
             where.append(f"list_contains(?, {column})")
             params.append(list(wanted))
+    where += option_clauses(filters)
     empty = (
         f"the filters {filters.as_dict()} match no series of collection {collection_id!r} together; "
         "each value exists, but no series has all of them"
@@ -114,6 +115,23 @@ def build_manifest(
     )
     whole = not any(filters.as_dict().values())
     return table.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"true" if whole else b"false"})
+
+
+#: SQL of a series under a licence that forbids commercial use (see ``filters.is_noncommercial``).
+NONCOMMERCIAL_SQL = "upper(coalesce(license_short_name, '')) LIKE '%-NC%'"
+
+
+def option_clauses(filters: ManifestFilters) -> list[str]:
+    """The SQL conditions (over ``idc_index``) of the filters that are choices, not value lists:
+    analysis results kept, left out or kept alone; NonCommercial licences left out."""
+    clauses = []
+    if filters.analysis_results == "exclude":
+        clauses.append("analysis_result_id IS NULL")
+    elif filters.analysis_results == "only":
+        clauses.append("analysis_result_id IS NOT NULL")
+    if filters.exclude_noncommercial:
+        clauses.append(f"NOT ({NONCOMMERCIAL_SQL})")
+    return clauses
 
 
 def render_manifest(
@@ -143,7 +161,7 @@ def render_manifest(
         dirs = parsed.render_unchecked(batch)
         batches.append(batch.select(list(MANIFEST_COLUMNS)).append_column("target_dir", dirs))
     if not batches or sum(b.num_rows for b in batches) == 0:
-        raise FilterError(empty_message)
+        raise EmptySelectionError(empty_message)
     table = pa.Table.from_batches(batches)
     del batches
     dirs = parsed.finish(table.column("target_dir"), root_length=root_length, max_path=max_path, long_paths=long_paths)

@@ -38,6 +38,7 @@ CSV_COLUMNS = {
     "seriesinstanceuid": "series",
     "studyinstanceuid": "study",
     "patientid": "patient",
+    "analysis_result_id": "analysis_result",
     "collection_id": "collection",
 }
 MAX_FILE_BYTES = 200 * 1024 * 1024

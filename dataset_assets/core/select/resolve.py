@@ -1,4 +1,5 @@
-"""What a download TARGET names: any mix of collection ids, PatientIDs, StudyInstanceUIDs,
+"""What a download TARGET names: any mix of collection ids, analysis_result_ids (every series of
+an analysis result, across its collections), PatientIDs, StudyInstanceUIDs,
 SeriesInstanceUIDs, ``crdc_series_uuid``s (of this release or of an earlier one) and
 SOPInstanceUIDs, each found in the index; and the manifest that downloads them.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from dataset_assets.core.errors import FilterError, IndexUnavailableError
+from dataset_assets.core.errors import EmptySelectionError, FilterError, IndexUnavailableError
 from dataset_assets.core.index.source import collection_ids, release_of, sql_str
 from dataset_assets.core.safety import location_problem
 from dataset_assets.core.select.filters import ManifestFilters
@@ -37,6 +38,7 @@ from dataset_assets.core.transfer.progress import parse_line
 #: Kind -> the ``idc_index`` column it is looked up in, in the order of messages.
 KIND_COLUMNS = {
     "collection": "collection_id",
+    "analysis_result": "analysis_result_id",
     "patient": "PatientID",
     "study": "StudyInstanceUID",
     "series": "SeriesInstanceUID",
@@ -132,7 +134,8 @@ def _searched(release: int, instance_index: Path | None, instance_hint: str) -> 
         else f"SOPInstanceUIDs were not searched (sm_instance_index is not fetched: {instance_hint})"
     )
     return (
-        f"searched the collection_id, PatientID, StudyInstanceUID, SeriesInstanceUID and crdc_series_uuid "
+        f"searched the collection_id, analysis_result_id, PatientID, StudyInstanceUID, SeriesInstanceUID and "
+        f"crdc_series_uuid "
         f"columns of idc_index (v{release}), the crdc_series_uuid of prior_versions_index; {sop}"
     )
 
@@ -155,7 +158,14 @@ def _near_collections(con: duckdb.DuckDBPyConnection, value: str) -> list[str]:
 
 
 def _tried(instance_index: Path | None) -> str:
-    kinds = ["collection id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "crdc_series_uuid"]
+    kinds = [
+        "collection id",
+        "analysis_result_id",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "crdc_series_uuid",
+    ]
     if instance_index is not None:
         kinds.append("SOPInstanceUID")
     return f"{', '.join(kinds[:-1])} or {kinds[-1]} of this release or an earlier one"
@@ -263,7 +273,7 @@ def resolve(
 
     whole = chosen["collection"]
     by_collection: dict[str, set[str]] = {}
-    for kind in ("patient", "study", "series", "crdc_series_uuid"):
+    for kind in ("analysis_result", "patient", "study", "series", "crdc_series_uuid"):
         if not chosen[kind]:
             continue
         column = KIND_COLUMNS[kind]
@@ -276,11 +286,16 @@ def resolve(
                 by_collection.setdefault(collection_id, set()).add(series_uid)
     base = filters.as_dict()
     tables = []
+    emptied: list[str] = []  # what the filters left of each collection that they emptied
     for collection_id in sorted(whole | set(by_collection)):
         narrowed = filters
         if collection_id not in whole:
             narrowed = ManifestFilters.from_mapping({**base, "series_uids": sorted(by_collection[collection_id])})
-        tables.append(build_manifest(con, collection_id, narrowed, **render))  # type: ignore[arg-type]
+        try:
+            tables.append(build_manifest(con, collection_id, narrowed, **render))  # type: ignore[arg-type]
+        except EmptySelectionError as exc:
+            # One collection of a selection may have nothing the filters keep; the others go on.
+            emptied.append(str(exc) if collection_id in whole else f"{collection_id}: none of its selected series")
     current_uuids = set()
     for table in tables:
         current_uuids.update(table.column("crdc_series_uuid").to_pylist())
@@ -308,6 +323,11 @@ def resolve(
         instances = [i for i in instances if i["SeriesInstanceUID"] not in series]  # the whole series comes anyway
     else:
         manifest = None
+        if emptied and not instances:
+            if len(emptied) == 1 and whole:
+                raise EmptySelectionError(emptied[0])
+            shown = "; ".join(emptied[:3]) + ("; ..." if len(emptied) > 3 else "")
+            raise EmptySelectionError(f"the filters {base} leave no series of the selection ({shown})")
     return Selection(manifest, instances, unresolved, set(prior_uuids), release)
 
 

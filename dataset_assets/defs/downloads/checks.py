@@ -61,8 +61,8 @@ def build_download_checks(
     state_path: Callable[[Path, str], Path | None] = lambda root, key: None,
     what: str = "collection",
 ) -> list[dg.AssetChecksDefinition]:
-    """The three checks of a downloaded asset partitioned like ``partitions_def``: files, DICOM
-    headers (both blocking) and stray files (a warning). ``manifest_path`` finds a partition's
+    """The four checks of a downloaded asset partitioned like ``partitions_def``: files, DICOM
+    headers (both blocking), stray files and restricted licences (warnings). ``manifest_path`` finds a partition's
     manifest; ``state_path`` its download state (default: the collection's)."""
 
     def check(**kwargs):
@@ -122,7 +122,26 @@ def build_download_checks(
         report = verify.check_tree(manifest_of(idc, context.partition_key), idc.download_root())
         return _result(report, f"files in the {what}'s tree", severity=dg.AssetCheckSeverity.WARN)
 
-    return [files_match_manifest, dicom_headers_match_manifest, no_stray_files]
+    @check(blocking=False)
+    def licences_allow_any_use(context: dg.AssetCheckExecutionContext, idc: IdcResource) -> dg.AssetCheckResult:
+        """Every series is under an attribution-only licence (CC BY); a warning names how many
+        series are under licences that restrict their use (CC BY-NC: no commercial use; NLM's terms)."""
+        from dataset_assets.core.select.licences import licence_counts, restricted, restriction_text
+
+        counts = licence_counts(manifest_of(idc, context.partition_key))
+        held = restricted(counts)
+        return dg.AssetCheckResult(
+            passed=not held,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=restriction_text(counts),
+            metadata={
+                "restricted_series": sum(held.values()),
+                "restricted_licences": ", ".join(held) or "none",
+                "series_per_licence": dg.MetadataValue.json(counts),
+            },
+        )
+
+    return [files_match_manifest, dicom_headers_match_manifest, no_stray_files, licences_allow_any_use]
 
 
 download_checks = build_download_checks(

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes, markdown_table
-from dataset_assets.core.select.filters import FILTER_COLUMNS, ManifestFilters
+from dataset_assets.core.select.filters import FILTER_FIELDS, ManifestFilters
 from dataset_assets.core.select.layout import DEFAULT_LAYOUT, MAX_PATH_RANGE, default_max_path, layout_problem
 from dataset_assets.defs.catalog.index_assets import idc_index
 from dataset_assets.lib.groups import DOWNLOADS_GROUP, OWNERS
@@ -43,6 +43,18 @@ class ManifestConfig(CheckedConfig):
     patient_ids: list[str] = Field(default=[], description="Keep series of these PatientID values.")
     study_uids: list[str] = Field(default=[], description="Keep series of these StudyInstanceUID values.")
     series_uids: list[str] = Field(default=[], description="Keep only these SeriesInstanceUID values.")
+    analysis_result_ids: list[str] = Field(
+        default=[], description="Keep only series of these analysis results, e.g. ['qin_lungct_seg']."
+    )
+    analysis_results: Literal["include", "exclude", "only"] = Field(
+        default="include",
+        description="Series of analysis results (segmentations, annotations): 'include' keeps them with the "
+        "original data, 'exclude' leaves them out, 'only' keeps them alone.",
+    )
+    licenses: list[str] = Field(default=[], description="Keep only series under these licences, e.g. ['CC BY 4.0'].")
+    exclude_noncommercial: bool = Field(
+        default=False, description="Leave out series whose licence forbids commercial use (CC BY-NC)."
+    )
     layout: str = Field(
         default=DEFAULT_LAYOUT,
         description="Directory of each series below the download root; %column for any index column.",
@@ -63,7 +75,7 @@ class ManifestConfig(CheckedConfig):
     field_checks = {"layout": layout_problem}
 
     def filters(self) -> ManifestFilters:
-        return ManifestFilters.from_mapping({name: getattr(self, name) for name in FILTER_COLUMNS})
+        return ManifestFilters.from_mapping({name: getattr(self, name) for name in FILTER_FIELDS})
 
 
 @dg.asset(
@@ -156,9 +168,7 @@ def collection_manifest(
             "licenses": license_summary(cited),
             "citations": dg.MetadataValue.json(cited),
             "citations_md": dg.MetadataValue.md(
-                "\n\n".join(
-                    f"- {c['citation'] or c['doi_url']} — **{c['license'] or 'licence unknown'}**" for c in cited
-                )
+                "\n\n".join(f"- {c['citation'] or c['doi_url']} — **{_licence_label(c)}**" for c in cited)
             ),
             **({"doi": dg.MetadataValue.url(f"https://doi.org/{first['source_DOI']}")} if first["source_DOI"] else {}),
         },
@@ -166,3 +176,9 @@ def collection_manifest(
 
 
 defs = dg.Definitions(assets=[collection_manifest])
+
+
+def _licence_label(record: dict) -> str:
+    if record["source_type"] == "idc_publication":
+        return "the IDC paper"
+    return record["license"] or "licence unknown"
