@@ -32,6 +32,7 @@ from .core.errors import DatasetError, OptionError
 from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.index import extra_index as extra
 from .core.index import source as idx
+from .core.index.viewer import VIEWERS
 from .core.safety import endpoint_problem
 from .core.select.filters import ANALYSIS_RESULTS, ManifestFilters
 from .core.select.layout import DEFAULT_LAYOUT, default_max_path
@@ -364,6 +365,13 @@ def _filters(values: dict) -> ManifestFilters:
     default=None,
     help="Fail when a file path under DEST would be longer (default: 260 on Windows, no limit elsewhere).",
 )
+@click.option(
+    "--viewer",
+    type=click.Choice(list(VIEWERS)),
+    default="auto",
+    show_default=True,
+    help="The viewer of the URLs shown (auto: Slim for studies with slide microscopy, OHIF v3 for the others).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be fetched and its size; download nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: one JSON document, every series.")
 @click.option(
@@ -414,6 +422,7 @@ def download_command(
     stall_timeout: float,
     shard: str | None,
     endpoint: str,
+    viewer: str,
     **filters,
 ) -> None:
     """Download TARGET into DEST, resuming: files already complete are not fetched again.
@@ -445,6 +454,7 @@ def download_command(
         ),
         stall_timeout_s=stall_timeout,
         shard=parse_shard(shard) if shard is not None else None,
+        viewer=viewer,
     )
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run (a download prints its progress and one summary line)")

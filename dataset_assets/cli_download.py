@@ -55,6 +55,7 @@ class Request:
     options: S5cmdOptions = S5cmdOptions()
     stall_timeout_s: float = 120.0
     shard: tuple[int, int] | None = None  # (index, count): only that shard of the series
+    viewer: str = "auto"  # the viewer of the URLs shown (see core.index.viewer)
 
 
 def entries_of(target: str, kind: str) -> list[Entry]:
@@ -308,8 +309,16 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
                 "idc_version": row["series_revised_idc_version"],
                 "prior_release": row["crdc_series_uuid"] in selection.prior,
                 "complete": problem is None,
-                "viewer_url": viewer_url(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]),
+                **urls(row),
             }
+
+    def urls(row: dict) -> dict:
+        slides = True if row["StudyInstanceUID"] in selection.slide_studies else None  # None: by its modality
+        study, series, modality = row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]
+        return {
+            "viewer_url": viewer_url(study, series, modality, viewer=request.viewer, study_has_slides=slides),
+            "viewer_study_url": viewer_url(study, None, modality, viewer=request.viewer, study_has_slides=slides),
+        }
 
     def instance_items():
         for row in selection.instances:
@@ -328,7 +337,7 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
                 "file": os.path.basename(file_of(row)) if flat else file_of(row),
                 "bytes": row["instance_size"],
                 "complete": complete,
-                "viewer_url": viewer_url(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["Modality"]),
+                **urls(row),
             }
 
     stats = summarize(manifest) if manifest is not None else None
@@ -383,7 +392,7 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
         prior = f", from IDC v{item['idc_version']}" if item["prior_release"] else ""
         click.echo(
             f"  {item['source_url']} -> {item['target_dir']} ({item['files']} files, {item['size']}{prior}) "
-            f"{item['viewer_url']}"
+            f"{item['viewer_url']} (study: {item['viewer_study_url']})"
         )
     if counted["series"] > 10:
         click.echo(f"  ... and {counted['series'] - 10:,} more series")

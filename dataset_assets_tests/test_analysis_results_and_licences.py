@@ -207,3 +207,49 @@ def test_the_licence_check_warns_with_counts_and_names(tmp_path):
         in warned.description
     )
     assert evaluations["qin_pet_phantom"].passed
+
+
+# -- viewers: chosen by the study, named by the user, a study URL beside each series URL ----------
+
+BASE = "https://viewer.imaging.datacommons.cancer.gov"
+SM_STUDY = "1.2.826.0.1.3680043.8.498.72426040555675237648887893204163818289"
+
+
+def test_series_of_a_slide_study_open_in_slim_with_a_study_url_as_idc_index_opens_them(tmp_path):
+    proc = run("idc", "download", SM_STUDY, str(tmp_path / "d"), "--by", "study", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    series = {s["Modality"]: s for s in json.loads(proc.stdout)["series"]}
+    assert set(series) == {"ANN", "SM"}  # the annotation is drawn over the slide: Slim, not OHIF
+    for item in series.values():
+        assert item["viewer_url"] == f"{BASE}/slim/studies/{SM_STUDY}/series/{item['SeriesInstanceUID']}"
+        assert item["viewer_study_url"] == f"{BASE}/slim/studies/{SM_STUDY}"
+    theirs = _idc_index(
+        [{"get_viewer_URL": {"seriesInstanceUID": s["SeriesInstanceUID"]}} for s in series.values()]
+        + [{"get_viewer_URL": {"studyInstanceUID": SM_STUDY}}]
+    )
+    assert theirs == [s["viewer_url"] for s in series.values()] + [f"{BASE}/slim/studies/{SM_STUDY}"]
+    # Named by the user: OHIF v2 links, as idc-index's viewer_selector="ohif_v2" gives them.
+    proc = run("idc", "download", SM_STUDY, str(tmp_path / "d"), "--by", "study", "--dry-run", "--json",
+               "--viewer", "ohif_v2")  # fmt: skip
+    v2 = {s["SeriesInstanceUID"]: s["viewer_url"] for s in json.loads(proc.stdout)["series"]}
+    theirs = _idc_index([{"get_viewer_URL": {"seriesInstanceUID": uid, "viewer_selector": "ohif_v2"}} for uid in v2])
+    assert theirs == list(v2.values()) and all(
+        u.startswith(f"{BASE}/viewer/{SM_STUDY}?SeriesInstanceUID=") for u in theirs
+    )
+
+
+def test_ohif_selects_an_image_series_alone_and_shows_a_segmentation_over_its_study(tmp_path):
+    (seg_series, study) = _sql("SELECT SeriesInstanceUID, StudyInstanceUID FROM IDX WHERE analysis_result_id = "
+                               "'qin_lungct_seg' AND collection_id = 'qin_lung_ct' ORDER BY 1 LIMIT 1")[0]  # fmt: skip
+    (ct_series,) = _sql(
+        "SELECT SeriesInstanceUID FROM IDX WHERE StudyInstanceUID = ? AND Modality = 'CT' LIMIT 1", [study]
+    )[0]
+    proc = run("idc", "download", study, str(tmp_path / "d"), "--by", "study", "--dry-run", "--json")
+    urls = {s["SeriesInstanceUID"]: s["viewer_url"] for s in json.loads(proc.stdout)["series"]}
+    study_url = f"{BASE}/v3/viewer/?StudyInstanceUIDs={study}"
+    assert urls[ct_series] == f"{study_url}&SeriesInstanceUIDs={ct_series}"  # only the CT loads
+    assert urls[seg_series] == f"{study_url}&initialSeriesInstanceUID={seg_series}"  # with the CT it is drawn on
+    (theirs,) = _idc_index([{"get_viewer_URL": {"seriesInstanceUID": seg_series}}])
+    assert theirs == urls[seg_series]
+    proc = run("idc", "download", study, str(tmp_path / "d"), "--by", "study", "--dry-run", "--viewer", "bogus")
+    assert proc.returncode == 2 and "'bogus' is not one of 'auto', 'ohif_v3', 'ohif_v2', 'slim'" in proc.stderr

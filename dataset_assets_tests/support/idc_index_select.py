@@ -3,7 +3,8 @@ download for each selection, as the crdc_series_uuids of the s5cmd manifest it w
 
     python idc_index_select.py '[{"collection_id": "qin_lung_ct", "analysis_results": "only"}, ...]'
 
-Each selection is ``IDCClient.download_from_selection`` keyword arguments; its s5cmd run is
+Each selection is ``IDCClient.download_from_selection`` keyword arguments (or
+``{"get_viewer_URL": {...}}``: the viewer link idc-index gives); its s5cmd run is
 replaced by reading the manifest it was handed (nothing is fetched) and its disk-space check by
 nothing. Prints one JSON list: per selection, the sorted crdc_series_uuids, or the error text
 idc-index raised. Any connection to a non-loopback address is refused."""
@@ -39,6 +40,9 @@ client._s5cmd_run = read_manifest.__get__(client)
 client._validate_disk_space = lambda *args, **kwargs: None
 results = []
 for selection in json.loads(sys.argv[1]):
+    if "get_viewer_URL" in selection:  # a viewer link instead: get_viewer_URL's keyword arguments
+        results.append(client.get_viewer_URL(**selection["get_viewer_URL"]))
+        continue
     captured.clear()
     with tempfile.TemporaryDirectory() as dest:
         try:

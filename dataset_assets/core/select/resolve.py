@@ -79,6 +79,7 @@ class Selection:
     unresolved: list[str] = field(default_factory=list)
     prior: set[str] = field(default_factory=set)  # crdc_series_uuid of series from an earlier release
     release: int | None = None
+    slide_studies: set[str] = field(default_factory=set)  # studies holding SM series: opened in Slim
 
     @property
     def series_count(self) -> int:
@@ -321,14 +322,17 @@ def resolve(
         manifest = manifest.replace_schema_metadata({WHOLE_COLLECTION_KEY: b"true" if is_whole else b"false"})
         series = set(manifest.column("SeriesInstanceUID").to_pylist())
         instances = [i for i in instances if i["SeriesInstanceUID"] not in series]  # the whole series comes anyway
+        from dataset_assets.core.index.viewer import slide_studies
+
+        slides = slide_studies(con, manifest)
     else:
-        manifest = None
+        manifest, slides = None, set()
         if emptied and not instances:
             if len(emptied) == 1 and whole:
                 raise EmptySelectionError(emptied[0])
             shown = "; ".join(emptied[:3]) + ("; ..." if len(emptied) > 3 else "")
             raise EmptySelectionError(f"the filters {base} leave no series of the selection ({shown})")
-    return Selection(manifest, instances, unresolved, set(prior_uuids), release)
+    return Selection(manifest, instances, unresolved, set(prior_uuids), release, slides)
 
 
 #: Flat layouts are staged per series below this directory (see ``flat``).

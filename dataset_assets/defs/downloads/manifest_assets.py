@@ -59,6 +59,11 @@ class ManifestConfig(CheckedConfig):
         default=DEFAULT_LAYOUT,
         description="Directory of each series below the download root; %column for any index column.",
     )
+    viewer: Literal["auto", "ohif_v3", "ohif_v2", "slim"] = Field(
+        default="auto",
+        description="The viewer of the links in the metadata: 'auto' opens studies with slide microscopy in "
+        "Slim and the others in OHIF v3.",
+    )
     long_paths: Literal["hash", "error"] = Field(
         default="hash",
         description="Directories with a component over 255 bytes: 'hash' shortens them deterministically "
@@ -95,7 +100,7 @@ def collection_manifest(
     `$IDC_MANIFEST_DIR` (query all with DuckDB: `SELECT * FROM 'data/manifests/*.parquet'`)."""
     from dataset_assets.core.index.citations import citations, license_summary
     from dataset_assets.core.index.source import release_of
-    from dataset_assets.core.index.viewer import viewer_url, viewer_urls
+    from dataset_assets.core.index.viewer import slide_studies, viewer_url, viewer_urls
     from dataset_assets.core.select import manifest as mf
 
     collection_id = context.partition_key
@@ -114,6 +119,7 @@ def collection_manifest(
                 long_paths=config.long_paths,
             )
             cited = citations(con, table, analysis_results=source.directory / "analysis_results_index.parquet")
+            slides = slide_studies(con, table.slice(0, 10))
     except DatasetError as exc:  # a layout, filter or index problem: one line, the last manifest kept
         raise failure(exc, retry=False) from None
     path = mf.write_manifest(table, idc.manifest_path(collection_id))
@@ -127,11 +133,12 @@ def collection_manifest(
         path,
     )
     fingerprint = json.dumps(
-        {"index": str(source.directory), "release": release, **config.model_dump()}, sort_keys=True
+        {"index": str(source.directory), "release": release, **config.model_dump(exclude={"viewer"})}, sort_keys=True
     )
     head = table.slice(0, 10)
-    preview = head.append_column("viewer_url", viewer_urls(head)).select(PREVIEW_COLUMNS)
+    preview = head.append_column("viewer_url", viewer_urls(head, slides, config.viewer)).select(PREVIEW_COLUMNS)
     first = table.slice(0, 1).to_pylist()[0]
+    shown = {"viewer": config.viewer, "study_has_slides": True if first["StudyInstanceUID"] in slides else None}
     return dg.MaterializeResult(
         data_version=dg.DataVersion(hashlib.sha256(fingerprint.encode()).hexdigest()[:16]),
         metadata={
@@ -160,10 +167,10 @@ def collection_manifest(
                 f"https://portal.imaging.datacommons.cancer.gov/explore/filters/?collection_id={collection_id}"
             ),
             "viewer_first_study": dg.MetadataValue.url(
-                viewer_url(first["StudyInstanceUID"], None, first["Modality"]) or ""
+                viewer_url(first["StudyInstanceUID"], None, first["Modality"], **shown) or ""
             ),
             "viewer_first_series": dg.MetadataValue.url(
-                viewer_url(first["StudyInstanceUID"], first["SeriesInstanceUID"], first["Modality"]) or ""
+                viewer_url(first["StudyInstanceUID"], first["SeriesInstanceUID"], first["Modality"], **shown) or ""
             ),
             "licenses": license_summary(cited),
             "citations": dg.MetadataValue.json(cited),
