@@ -861,3 +861,29 @@ def test_a_refused_series_is_never_downloaded_and_a_stale_revision_record_moves_
     assert not (root / first).exists()  # refused: not downloaded behind the message's back
     assert len(list((root / second).glob("*.dcm"))) == 4  # the files there are the current ones: not moved
     assert not (root / CONTROL_DIR / "replaced").exists() and s3.stats["get_object"] == 0
+
+
+# -- A server that lists names outside the series --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../../../../../escape.dcm", "sub/../../elsewhere/escape.dcm", "sub/nested.dcm", "../" * 20 + "tmp/escape.dcm"],
+)
+def test_listed_names_that_leave_the_series_never_write_outside_it(idc_fixture, s3, tmp_path, env, name):
+    """A first download copies each series with one wildcard, whose listing the server answers: a
+    key such as <uuid>/../../x.dcm must land (flattened) in the series folder, never where its
+    path points, and the series then fails as holding more than the index says."""
+    row = idc_fixture.rows[0]
+    s3.plant(row["aws_bucket"], f"{row['crdc_series_uuid']}/{name}", b"EVIL" * 10)
+    dest = tmp_path / "a" / "b" / "c" / "dest"
+    before = {p for p in Path("/tmp").glob("escape*")}
+    proc = cli("download", idc_fixture.collection_id, str(dest), "--retries", "1", env=env, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.stdout[-2000:], proc.stderr[-2000:])
+    outside = [p for p in (tmp_path / "a").rglob("*") if p.is_file() and dest not in p.parents]
+    assert outside == [] and {p for p in Path("/tmp").glob("escape*")} == before
+    assert row["SeriesInstanceUID"] in proc.stdout + proc.stderr  # the series with the planted name fails, named
+    (series_dir,) = dest.rglob(f"*_{row['SeriesInstanceUID']}")
+    assert len(list(series_dir.iterdir())) == row["instanceCount"] + 1  # the planted object, flattened, in the folder
+    verified = cli("verify", idc_fixture.collection_id, str(dest), env=env)
+    assert verified.returncode == 1, verified.stdout

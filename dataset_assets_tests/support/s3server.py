@@ -154,6 +154,7 @@ class LocalS3Server:
         self._thread: threading.Thread | None = None
         self._timer: threading.Timer | None = None
         self._stopped = False
+        self._planted: dict[tuple[str, str], Path] = {}  # (bucket, key) -> file: names a real store never lists
         self.reset_stats()
         # reuse_port: other processes may serve the same port (a benchmark's server that is not the limit)
         self._httpd = (_SharedPortServer if reuse_port else _Server)(("127.0.0.1", port), _Handler)
@@ -218,7 +219,18 @@ class LocalS3Server:
         with self._lock:
             self._stats[name] += n
 
+    def plant(self, bucket: str, key: str, payload: bytes) -> None:
+        """A hostile server: list and serve ``key`` (any name, e.g. ``<uuid>/../../x.dcm``) with ``payload``."""
+        store = self.root.parent / f"{self.root.name}-planted"
+        store.mkdir(exist_ok=True)
+        path = store / hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()
+        path.write_bytes(payload)
+        with self._lock:
+            self._planted[(bucket, key)] = path
+
     def path_for(self, bucket: str, key: str = "") -> Path | None:
+        if (bucket, key) in self._planted:
+            return self._planted[(bucket, key)]
         parts = [bucket, *key.split("/")] if key else [bucket]
         if not bucket or "\x00" in key or any(p in ("..", ".") for p in parts):
             return None
@@ -240,6 +252,7 @@ class LocalS3Server:
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
                     out.append((key, Path(dirpath, name)))
+        out += [(key, path) for (b, key), path in self._planted.items() if b == bucket and key.startswith(prefix)]
         return sorted(out)
 
 

@@ -176,7 +176,8 @@ def state_path_for(root: Path, manifest: pa.Table) -> Path:
 
 
 class _Stop(Exception):
-    """Raised from inside the transfer loop to stop s5cmd: ``kind`` is "disk" or "stall"."""
+    """Raised from inside the transfer loop to stop s5cmd: ``kind`` is "disk", "stall" or "astray"
+    (a file landed outside every series folder of the batch)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
@@ -268,6 +269,7 @@ class Download:
         self.batches = 0
         self._landed: list[str] = []  # series folders whose last file s5cmd reported (reader thread appends)
         self._pending: dict[str, int] = {}  # series folder -> files still to land in this batch
+        self._astray: str | None = None  # a file s5cmd wrote outside every series folder of the batch
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -429,7 +431,10 @@ class Download:
                     continue
                 self._pending[os.path.normpath(dest)] = t.row["instanceCount"] if t.whole else len(t.fetch)
                 if t.whole:
-                    handle.write(command_line("cp", self._prefix(t.row) + "*", f"{dest}/", flags))
+                    # --flatten: each object lands under its own base name in the series folder, never
+                    # where a listed key such as <uuid>/../../x.dcm would put it (s5cmd keeps the
+                    # key's path below the wildcard); IDC series hold no folders.
+                    handle.write(command_line("cp", self._prefix(t.row) + "*", f"{dest}/", [*flags, "--flatten"]))
                 else:
                     for name in t.fetch:
                         handle.write(command_line("cp", self._prefix(t.row) + name, f"{dest}/{name}", flags))
@@ -451,6 +456,8 @@ class Download:
                 finally:
                     if watching is not None:  # what was read is kept; an interrupted run stops reading
                         watching.finish(drain=sys.exc_info()[0] is None)
+                if self._astray:  # a last file landed astray after the last check
+                    raise _Stop("astray")
             except _Stop as stop:
                 self.log("transfer stopped: " + progress.line())
                 self.verify()
@@ -469,6 +476,8 @@ class Download:
                 pending[folder] = left - 1
                 if left == 1:
                     landed.append(folder)
+            elif not self._astray:  # never a series folder of the batch: s5cmd is stopped at once
+                self._astray = destination
             if then is not None:
                 then(destination)
 
@@ -808,6 +817,8 @@ class Download:
                 self.journal.sync_if_due()
             except OSError as exc:
                 self._state_unwritable(exc)
+        if self._astray:
+            raise _Stop("astray")
         if progress.disk_full:
             raise _Stop("disk")
         if self.stall_timeout_s and progress.seconds_without_success() > self.stall_timeout_s:
@@ -823,6 +834,14 @@ class Download:
         self.result.failed_count = max(self.result.series - self.result.skipped_series - self.verified_total, 0)
         self.result.duration_s = time.monotonic() - self.started
         kept = "everything complete is kept; run again to resume"
+        if stop.kind == "astray":
+            raise TransferStoppedError(
+                f"s5cmd wrote {self._astray!r}, outside the folder of every series it was fetching: the "
+                f"endpoint {redact_url(self.options.endpoint_url)} lists object names that are not plain files "
+                "of their series; s5cmd was stopped (series verified before are kept); remove that file and "
+                "check the endpoint",
+                self.result,
+            )
         if stop.kind == "disk":
             still = max((progress.total_bytes - progress.done_bytes), 0)
             free = shutil.disk_usage(self.root).free
