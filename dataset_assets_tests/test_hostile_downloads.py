@@ -887,3 +887,49 @@ def test_listed_names_that_leave_the_series_never_write_outside_it(idc_fixture, 
     assert len(list(series_dir.iterdir())) == row["instanceCount"] + 1  # the planted object, flattened, in the folder
     verified = cli("verify", idc_fixture.collection_id, str(dest), env=env)
     assert verified.returncode == 1, verified.stdout
+
+
+def test_a_folder_planted_as_a_claim_fails_in_one_line_instead_of_waiting_forever(idc_fixture, s3, tmp_path, env):
+    import hashlib
+
+    dest = tmp_path / "dest"
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    row = idc_fixture.rows[0]
+    (series_dir,) = dest.rglob(f"*_{row['SeriesInstanceUID']}")
+    shutil.rmtree(series_dir)
+    target_dir = str(series_dir.relative_to(dest)) + "/"
+    claim = dest / CONTROL_DIR / "claims" / (hashlib.sha1(target_dir.encode()).hexdigest() + ".claim")
+    claim.mkdir()
+    proc = cli("download", idc_fixture.collection_id, str(dest), "--stall-timeout", "5", env=env, timeout=60)
+    one_line(proc, 3, f"the claim {claim} of series {row['SeriesInstanceUID']} is not a claim file", "remove it")
+    assert proc.stdout.count("being fetched by another download") <= 1
+    claim.rmdir()
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    assert len(list(series_dir.iterdir())) == row["instanceCount"]
+
+
+@pytest.mark.parametrize("level", ["series", "patient", "collection"])
+def test_a_folder_below_the_root_that_is_a_link_is_never_written_through(idc_fixture, s3, tmp_path, env, level):
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    row = idc_fixture.rows[0]
+    (series_dir,) = dest.rglob(f"*_{row['SeriesInstanceUID']}")
+    folder = {"series": series_dir, "patient": series_dir.parent.parent, "collection": dest / row["collection_id"]}[
+        level
+    ]
+    shutil.rmtree(folder)
+    outside.mkdir()
+    folder.symlink_to(outside)
+    proc = cli("download", idc_fixture.collection_id, str(dest), env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (
+        f"{folder} is a link (to {outside}); downloads never write through links below {dest}"
+        in proc.stdout + proc.stderr
+    )
+    assert list(outside.rglob("*")) == []  # nothing written there
+    folder.unlink()
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    # The root itself may be a link (data on another disk).
+    linked = tmp_path / "linked-root"
+    linked.symlink_to(dest)
+    assert cli("download", idc_fixture.collection_id, str(linked), env=env).returncode == 0

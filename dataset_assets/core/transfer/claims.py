@@ -97,12 +97,23 @@ class SeriesClaims:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 except FileExistsError:
                     if self.holder(row["target_dir"]) is None:  # stale: its holder is gone
-                        with contextlib.suppress(OSError):
+                        try:
                             path.unlink()
+                        except FileNotFoundError:  # another download took it over first
+                            pass
+                        except OSError as exc:  # a folder, or not ours to remove: never a wait without end
+                            raise DownloadError(
+                                f"the claim {path} of series {row.get('SeriesInstanceUID', row['target_dir'])} "
+                                f"is not a claim file a download wrote and cannot be removed ({exc.strerror or exc}); "
+                                "remove it and run again"
+                            ) from None
                         continue
                     break
-                except OSError:
-                    break
+                except OSError as exc:
+                    raise DownloadError(
+                        f"cannot claim series in {self.folder} ({exc.strerror or exc}); every download into "
+                        f"{self.folder.parent.parent} must be able to write there"
+                    ) from None
                 with os.fdopen(fd, "w") as handle:
                     handle.write(self.me)
                 self.held.append(path)

@@ -270,6 +270,7 @@ class Download:
         self._landed: list[str] = []  # series folders whose last file s5cmd reported (reader thread appends)
         self._pending: dict[str, int] = {}  # series folder -> files still to land in this batch
         self._astray: str | None = None  # a file s5cmd wrote outside every series folder of the batch
+        self._real_root = os.path.realpath(root)  # the root may be a link; folders below it may not
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -421,6 +422,13 @@ class Download:
         with command_file(self.control, "run") as (path, handle):
             for t in todo:
                 dest = self.root / t.row["target_dir"]
+                if link := self._link_below_root(dest):  # files are never written through a link
+                    self.failed[t.row["target_dir"]] = (
+                        f"series {t.row['SeriesInstanceUID']}: {link} is a link (to {os.path.realpath(link)}); "
+                        f"downloads never write through links below {self.root}: make it a folder (or link "
+                        "the download root itself)"
+                    )
+                    continue
                 try:
                     dest.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:  # e.g. a file in the way: this series fails, the others go on
@@ -463,6 +471,17 @@ class Download:
                 self.verify()
                 self._stopped(stop, progress)
         self.log("transfer ended: " + progress.line() + f", s5cmd exit code {self.result.returncode}")
+
+    def _link_below_root(self, folder: Path) -> Path | None:
+        """The first folder from the root down to ``folder`` that is a symbolic link, if any."""
+        if os.path.realpath(folder) == os.path.join(self._real_root, os.path.relpath(folder, self.root)):
+            return None
+        current = self.root
+        for part in folder.relative_to(self.root).parts:
+            current = current / part
+            if current.is_symlink():
+                return current
+        return None
 
     def _landing(self, then: Callable[[str], None] | None) -> Callable[[str], None]:
         """The hook s5cmd's reader thread calls with each copied file: counts the files of each
