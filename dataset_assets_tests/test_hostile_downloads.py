@@ -933,3 +933,76 @@ def test_a_folder_below_the_root_that_is_a_link_is_never_written_through(idc_fix
     linked = tmp_path / "linked-root"
     linked.symlink_to(dest)
     assert cli("download", idc_fixture.collection_id, str(linked), env=env).returncode == 0
+
+
+def test_a_malformed_journal_line_never_drops_the_good_record_of_its_series(idc_fixture, s3, tmp_path, env):
+    import json
+
+    dest = tmp_path / "dest"
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    (state,) = (dest / CONTROL_DIR / "state").glob("*.parquet")
+    row = pq.read_table(state).to_pylist()[0]
+    row.update(file_count=-1, file_names=None, file_sizes=None)
+    state.with_name(state.name + ".journal").write_text(json.dumps(row) + "\n")
+    proc = cli("download", idc_fixture.collection_id, str(dest), env=env)
+    assert proc.returncode == 0 and "ignored 1 line(s)" in proc.stdout + proc.stderr, proc.stderr
+    verified = cli("verify", idc_fixture.collection_id, str(dest), env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr  # the snapshot's record still stands
+    s3.reset_stats()
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    assert s3.stats["list"] == 0 and s3.stats["get_object"] == 0
+
+
+def test_a_folder_where_a_file_belongs_is_named_not_filled(idc_fixture, s3, tmp_path, env):
+    dest = tmp_path / "dest"
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    row = idc_fixture.rows[0]
+    (series_dir,) = dest.rglob(f"*_{row['SeriesInstanceUID']}")
+    victim = sorted(series_dir.iterdir())[0]
+    victim.unlink()
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    proc = cli("download", idc_fixture.collection_id, str(dest), env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{victim} is a folder where a file of the series belongs; move it away" in proc.stdout + proc.stderr
+    assert [p.name for p in victim.iterdir()] == ["notes.txt"]  # nothing written into it
+    shutil.rmtree(victim)
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0 and victim.is_file()
+
+
+def test_claims_and_heartbeats_of_killed_downloads_are_swept_and_live_ones_kept(idc_fixture, s3, tmp_path, env):
+    import socket
+
+    from dataset_assets.core.transfer.claims import process_identity
+
+    dest = tmp_path / "dest"
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    claims = dest / CONTROL_DIR / "claims"
+    host = socket.gethostname()
+    dead = f"4194302 12345 {host}"  # above any pid this host hands out: a download killed long ago
+    live = f"{process_identity(os.getpid())} {host}"  # this test: alive
+    for n, holder in enumerate((dead, dead, live)):
+        (claims / f"{n:040x}.claim").write_text(holder)
+        (claims / "holders" / f"{holder.replace(' ', '-')}.alive").touch()
+    # A series is missing, so the next download claims (and sweeps) before it fetches.
+    (series_dir,) = dest.rglob(f"*_{idc_fixture.rows[0]['SeriesInstanceUID']}")
+    shutil.rmtree(series_dir)
+    assert cli("download", idc_fixture.collection_id, str(dest), env=env).returncode == 0
+    assert sorted(p.read_text() for p in claims.glob("*.claim")) == [live]
+    assert [p.name for p in (claims / "holders").iterdir()] == [f"{live.replace(' ', '-')}.alive"]
+
+
+def test_a_file_size_limit_is_explained_when_the_system_names_no_file(idc_fixture, s3, tmp_path, env):
+    dest = tmp_path / "dest"
+    full = {**os.environ, **env}
+    full.pop("DISPLAY", None)
+    proc = subprocess.run(
+        ["bash", "-c", f'ulimit -f 1; exec "{DATASET}" idc download {idc_fixture.collection_id} "{dest}"'],
+        capture_output=True, text=True, env=full, timeout=120,
+    )  # fmt: skip
+    one_line(
+        proc,
+        3,
+        "File too large while writing (a file reached the largest size allowed: a process limit such as "
+        "`ulimit -f`, or the file system's); everything completed so far is kept",
+    )

@@ -69,9 +69,22 @@ def markdown_table(table: pd.DataFrame | pa.Table, max_rows: int = 200) -> str:
     return "\n".join([head, rule, *rows, *more])
 
 
+#: What an error the system reports without a path means for a download (errno -> explanation).
+_PATHLESS = {
+    27: "a file reached the largest size allowed: a process limit such as `ulimit -f`, or the file system's",
+    28: "the disk is full",
+    122: "the disk quota is used up",
+}
+
+
 def os_error_text(exc: OSError) -> str:
-    """``'<path>: <reason>'`` for a file-system error, one line, no traceback."""
-    return (f"{exc.filename}: " if exc.filename else "") + str(exc.strerror or exc)
+    """``'<path>: <reason>'`` for a file-system error, one line, no traceback; a write the system
+    reports without a path (a file-size limit, a full disk) says what that means instead."""
+    if exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    reason = str(exc.strerror or exc)
+    meaning = _PATHLESS.get(exc.errno or 0)
+    return f"{reason} while writing ({meaning})" if meaning else reason
 
 
 def redact_url(url: str) -> str:

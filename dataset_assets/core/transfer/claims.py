@@ -62,14 +62,7 @@ class SeriesClaims:
         text = self._read(self.path_of(target_dir))
         if not text or text == self.me:
             return None
-        pid, _, rest = text.partition(" ")
-        start, _, host = rest.partition(" ")
-        if host == self.host or not host:
-            alive = pid.isascii() and pid.isdigit() and process_identity(int(pid)) == f"{pid} {start}"
-        else:  # another host: its heartbeat says whether it still works
-            age = self.heartbeat_age(text)
-            alive = age is not None and age < self.remote_stale_s
-        return text if alive else None
+        return text if self._alive(text) else None  # another host: its heartbeat says whether it still works
 
     def beat(self, every_s: float = 2.0) -> None:
         """Show that this download is working (called while it lists and transfers)."""
@@ -88,6 +81,8 @@ class SeriesClaims:
         if self.folder.is_symlink() or not self.folder.is_dir():
             raise DownloadError(f"the claims folder {self.folder} is a link or not a folder; remove it and run again")
         self.heartbeat.parent.mkdir(exist_ok=True)
+        if not self.held:
+            self.sweep()
         self.heartbeat.touch()
         deferred: dict[str, dict] = {}
         for row in rows:
@@ -122,6 +117,33 @@ class SeriesClaims:
                 deferred[row["target_dir"]] = row
         return deferred
 
+    def sweep(self) -> int:
+        """Remove the claims and heartbeats of downloads that are gone (killed with SIGKILL, an
+        evicted pod): they were harmless (a dead holder's claim is taken over) but would pile up.
+        Returns how many files were removed."""
+        removed = 0
+        for path in self.folder.glob("*.claim"):
+            text = self._read(path)
+            if text and text != self.me and not self._alive(text):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+        for path in (self.folder / "holders").glob("*.alive"):
+            holder = _holder_of_heartbeat(path.name)
+            if holder is not None and holder != self.me and not self._alive(holder):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def _alive(self, text: str) -> bool:
+        pid, _, rest = text.partition(" ")
+        start, _, host = rest.partition(" ")
+        if host == self.host or not host:
+            return pid.isascii() and pid.isdigit() and process_identity(int(pid)) == f"{pid} {start}"
+        age = self.heartbeat_age(text)
+        return age is not None and age < self.remote_stale_s
+
     def release(self) -> None:
         for path in self.held:
             with contextlib.suppress(OSError):
@@ -129,6 +151,13 @@ class SeriesClaims:
         self.held = []
         with contextlib.suppress(OSError):
             self.heartbeat.unlink()
+
+
+def _holder_of_heartbeat(name: str) -> str | None:
+    """``"<pid> <start> <host>"`` from a heartbeat file name ``<pid>-<start>-<host>.alive``."""
+    pid, _, rest = name.removesuffix(".alive").partition("-")
+    start, _, host = rest.partition("-")
+    return f"{pid} {start} {host}" if pid.isdigit() and start.isdigit() and host else None
 
 
 def process_identity(pid: int) -> str | None:

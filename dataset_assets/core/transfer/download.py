@@ -175,6 +175,15 @@ def state_path_for(root: Path, manifest: pa.Table) -> Path:
     return DownloadRoot(root.absolute()).state_path(name)
 
 
+def _folders_named_as_files(folder: Path) -> list[str]:
+    """Folders (not links) in a series folder whose names are DICOM file names."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(e.name for e in entries if e.name.endswith(".dcm") and e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
 class _Stop(Exception):
     """Raised from inside the transfer loop to stop s5cmd: ``kind`` is "disk", "stall" or "astray"
     (a file landed outside every series folder of the batch)."""
@@ -435,6 +444,12 @@ class Download:
                     self.failed[t.row["target_dir"]] = (
                         f"series {t.row['SeriesInstanceUID']}: cannot create its directory {dest} "
                         f"({exc.strerror or exc}; is a file in the way?)"
+                    )
+                    continue
+                if folders := _folders_named_as_files(dest):  # s5cmd would write into them
+                    self.failed[t.row["target_dir"]] = (
+                        f"series {t.row['SeriesInstanceUID']}: {dest / folders[0]} is a folder where a file of "
+                        "the series belongs; move it away and run again"
                     )
                     continue
                 self._pending[os.path.normpath(dest)] = t.row["instanceCount"] if t.whole else len(t.fetch)

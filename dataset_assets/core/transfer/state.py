@@ -375,7 +375,8 @@ def compact_state(path: Path, log: Log = print) -> None:
     files = 0  # names held in ``entries``: written out every COMPACT_BATCH_FILES
     with open(journal, "rb") as handle:
         for number, entry in enumerate(_entries(handle)):
-            if entry is not None:
+            # A malformed entry (ignored) must not hide the snapshot's good record of its series.
+            if entry is not None and (entry.get("forget") or _record(entry) is not None):
                 last[entry["target_dir"]] = number
     touched = arrow_build.strings(sorted(last))  # not pa.array: that imports pandas (1 s, 40 MB)
     path.parent.mkdir(parents=True, exist_ok=True)
