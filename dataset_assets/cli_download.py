@@ -181,6 +181,43 @@ def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as
         click.echo(line)
     if problems or incomplete:
         raise Failure(" | ".join([*problems, *incomplete]), EXIT_INCOMPLETE)
+    if selection.manifest is not None and request.shard is None and state is not None:
+        _write_card(source, request, selection, state.stem)
+
+
+def _write_card(source: idx.IndexSource, request: Request, selection: Selection, name: str) -> None:
+    """The dataset card of a verified download (never of one shard: the selection is its shards')."""
+    from importlib.metadata import version
+
+    from .core.index.citations import citations
+    from .core.select.card import dataset_card, write_card
+    from .core.transfer.s5cmd import binary_version
+
+    with source.connect() as con:
+        cited = citations(con, selection.manifest, analysis_results=source.directory / "analysis_results_index.parquet")
+    picked = {
+        "target": request.target,
+        "by": request.kind,
+        "filters": request.filters.as_dict(),
+        "layout": request.layout,
+    }
+    card = dataset_card(
+        selection.manifest,
+        name=name,
+        kind="collection" if not name.startswith("selection-") else "selection",
+        release=selection.release,
+        selection={**picked, "idc_release": f"v{selection.release}"},
+        citations=cited,
+        tool_version=version("dataset_assets"),
+        s5cmd_version=binary_version(request.options.binary),
+        root=request.dest.absolute(),
+    )
+    try:
+        markdown, _ = write_card(request.dest.absolute(), card)
+    except OSError as exc:  # the data is verified: a card that cannot be written is said, not fatal
+        click.echo(f"note: dataset card not written ({exc.strerror or exc})", err=True)
+        return
+    click.echo(f"dataset card: {markdown}")
 
 
 def summary_lines(result, done, instances: int, dest: Path, *, failed: bool) -> list[str]:

@@ -67,6 +67,7 @@ def build_cohort_defs(cohorts: dict[str, Cohort], problem: str | None = None) ->
         from dataset_assets.core.index import extra_index as extra
         from dataset_assets.core.index.source import release_of
         from dataset_assets.core.select import manifest as mf
+        from dataset_assets.core.select.card import selection_metadata
         from dataset_assets.core.select.cohorts import build_cohort_manifest, not_in_index, prior_series
 
         cohort = _cohort(context.partition_key)
@@ -89,6 +90,9 @@ def build_cohort_defs(cohorts: dict[str, Cohort], problem: str | None = None) ->
                 f"cohort {cohort.name}: {missing:,} series its SQL returns are not in idc_index (release v{release}) "
                 "nor, as crdc_series_uuid, in prior_versions_index; they are left out"
             )
+        selection = {"cohort": cohort.name, "sql": cohort.sql, "collection_id": cohort.collection_id}
+        selection.update(filters=cohort.filters.as_dict(), layout=cohort.layout, idc_release=f"v{release}")
+        table = selection_metadata(table, {k: v for k, v in selection.items() if v is not None})
         path = mf.write_manifest(table, cohort_manifest_path(idc, cohort.name))
         stats = mf.summarize(table)
         collections = sorted(set(table.column("collection_id").to_pylist()))
@@ -127,6 +131,7 @@ def build_cohort_defs(cohorts: dict[str, Cohort], problem: str | None = None) ->
         context: dg.AssetExecutionContext, idc: IdcResource, s5cmd: S5cmdResource
     ) -> dg.MaterializeResult:
         from dataset_assets.core.select.cohorts import list_prior_series
+        from dataset_assets.lib.cards import card_writer
 
         cohort = _cohort(context.partition_key)
         root = idc.download_root()
@@ -138,6 +143,7 @@ def build_cohort_defs(cohorts: dict[str, Cohort], problem: str | None = None) ->
             lambda: list_prior_series(path, cohort.name, s5cmd.options(), s5cmd.buckets()),
             f"cohort={cohort.name}",
             cohort_state_path(root, cohort.name),
+            card=card_writer(idc, f"cohort-{cohort.name}", "cohort"),
         )
 
     checks = build_download_checks(

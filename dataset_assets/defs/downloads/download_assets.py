@@ -140,10 +140,18 @@ def downloaded_collection(
     """Every DICOM file of the collection's manifest, in `$IDC_DOWNLOAD_DIR` under the layout of
     the manifest, fetched with s5cmd. Resumable: series already complete on disk cost no
     request. Succeeds only when every file of every series has its own size as listed on the
-    server (recorded per file in the download state)."""
+    server (recorded per file in the download state). A dataset card (`DATASET-<collection_id>.md`
+    and its JSON twin) in the download root says what it holds, under which licences, how to cite it."""
+    from dataset_assets.lib.cards import card_writer
+
     collection_id = context.partition_key
     return materialize_download(
-        context, s5cmd, idc.download_root(), lambda: idc.manifest_path(collection_id), f"collection={collection_id}"
+        context,
+        s5cmd,
+        idc.download_root(),
+        lambda: idc.manifest_path(collection_id),
+        f"collection={collection_id}",
+        card=card_writer(idc, collection_id, "collection"),
     )
 
 
@@ -157,6 +165,7 @@ def materialize_download(
     select: Callable | None = None,
     headers_of: Path | None = None,
     extra: dict | None = None,
+    card: Callable | None = None,
 ) -> dg.MaterializeResult:
     """The body of every downloaded asset (collections, cohorts): read the manifest, run the
     download engine, and turn its outcome into metadata or a one-line ``dg.Failure``, with a
@@ -218,7 +227,16 @@ def materialize_download(
         f"transferred_bytes={result.transferred_bytes} duration_s={result.duration_s:.1f} "
         f"mb_per_s={result.mb_per_s:.1f} failures=0"
     )
-    return dg.MaterializeResult(metadata={**_metadata(result, collection_dir, version), **(extra or {})})
+    metadata = {**_metadata(result, collection_dir, version), **(extra or {})}
+    if card is not None:  # the dataset card beside the download, rewritten by every verified run
+        try:
+            markdown, written = card(manifest, root, version)
+            metadata["dataset_card"] = dg.MetadataValue.md(markdown.read_text(encoding="utf-8"))
+            metadata["dataset_card_path"] = dg.MetadataValue.path(str(markdown))
+            metadata["licenses"] = dg.MetadataValue.json(written["licenses"])
+        except (OSError, DatasetError) as exc:  # the data is verified: a card that cannot be written is said
+            context.log.warning(f"dataset card not written: {os_error_text(exc) if isinstance(exc, OSError) else exc}")
+    return dg.MaterializeResult(metadata=metadata)
 
 
 defs = dg.Definitions(assets=[downloaded_collection, downloaded_collection_shard])

@@ -102,6 +102,7 @@ def collection_manifest(
     from dataset_assets.core.index.source import release_of
     from dataset_assets.core.index.viewer import slide_studies, viewer_url, viewer_urls
     from dataset_assets.core.select import manifest as mf
+    from dataset_assets.core.select.card import selection_metadata
 
     collection_id = context.partition_key
     source = idc.source()
@@ -122,6 +123,8 @@ def collection_manifest(
             slides = slide_studies(con, table.slice(0, 10))
     except DatasetError as exc:  # a layout, filter or index problem: one line, the last manifest kept
         raise failure(exc, retry=False) from None
+    selection = {"collection_id": collection_id, "filters": config.filters().as_dict(), "layout": config.layout}
+    table = selection_metadata(table, {**selection, "idc_release": f"v{release}"})
     path = mf.write_manifest(table, idc.manifest_path(collection_id))
     stats = mf.summarize(table)
     context.log.info(
