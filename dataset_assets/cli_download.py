@@ -6,218 +6,58 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from . import settings
+from .api import Request, citation_records, select, state_and_shard, transfer, verify_report, with_prior_counts
 from .cli_errors import EXIT_INCOMPLETE, Failure
-from .core.errors import DownloadError, FilterError, IncompleteDownloadError
 from .core.fmt import human_bytes, human_duration
-from .core.index import extra_index
 from .core.index import source as idx
 from .core.index.viewer import viewer_url
-from .core.select.filters import ManifestFilters
-from .core.select.flat import link_into
 from .core.select.licences import licence_counts, restricted, restriction_text
 from .core.select.manifest import summarize
-from .core.select.portal_manifest import read_entries
 from .core.select.resolve import (
     FLAT,
-    Entry,
     Selection,
-    entries_from_target,
-    fill_prior_counts,
-    require_resolved,
-    resolve,
 )
-from .core.select.shards import shard_manifest
 from .core.transfer.disk import series_status
-from .core.transfer.download import EngineOptions, check_endpoint, check_root_shape, download, state_path_for
-from .core.transfer.instances import download_instances, file_of, is_complete, object_url
-from .core.transfer.s5cmd import S5cmdOptions
-from .core.transfer.state import load_state, recorded_files, shard_state_path
+from .core.transfer.download import check_root_shape, state_path_for
+from .core.transfer.instances import file_of, is_complete, object_url
+from .core.transfer.state import load_state
 
 INSTANCE_INDEX = "sm_instance_index"
 
 
-@dataclass
-class Request:
-    target: str
-    dest: Path
-    kind: str = "auto"
-    filters: ManifestFilters = ManifestFilters()
-    layout: str = FLAT
-    long_paths: str = "hash"
-    max_path: int | None = None
-    skip_unresolved: bool = False
-    options: S5cmdOptions = S5cmdOptions()
-    stall_timeout_s: float = 120.0
-    shard: tuple[int, int] | None = None  # (index, count): only that shard of the series
-    viewer: str = "auto"  # the viewer of the URLs shown (see core.index.viewer)
-
-
-def entries_of(target: str, kind: str) -> list[Entry]:
-    """A TARGET that names an existing file is a manifest file; anything else is comma-separated IDs.
-
-    A bare name (no ``/``) that is also a file here could be either: it is read as the file unless
-    ``--by`` names a kind (then as IDs), and one line on stderr says which reading was taken (a
-    path with a ``/``, such as ``./x``, is always the file, and ``--by`` applies to its bare IDs)."""
-    if not os.path.isfile(target):
-        return entries_from_target(target, kind)
-    bare = "/" not in target and os.sep not in target
-    if bare and kind != "auto":
-        click.echo(
-            f"reading TARGET {target!r} as {kind} IDs, not as the manifest file ./{target} "
-            f"(give ./{target} to read the file)",
-            err=True,
-        )
-        return entries_from_target(target, kind)
-    if bare:
-        click.echo(
-            f"reading TARGET as the manifest file ./{target}; use --by <kind> to read {target!r} as IDs", err=True
-        )
-    return read_entries(Path(target), kind)
-
-
-def select(source: idx.IndexSource, request: Request) -> Selection:
-    """Resolve the request's TARGET; unresolvable entries are an error unless ``skip_unresolved``
-    (then each is listed on stderr, and the rest goes on)."""
-    entries = entries_of(request.target, request.kind)
-    with source.connect() as con:
-        selection = resolve(
-            con,
-            entries,
-            request.filters,
-            layout=request.layout,
-            root_length=len(str(request.dest.absolute())),
-            max_path=request.max_path,
-            long_paths=request.long_paths,  # type: ignore[arg-type]
-            instance_index=extra_index.local_path(settings.index_store(), INSTANCE_INDEX),
-            instance_hint=extra_index.fetch_hint(INSTANCE_INDEX),
-        )
-    if selection.unresolved and request.skip_unresolved:
-        for text in selection.unresolved:
-            click.echo(f"skipped: {text}", err=True)
-        selection.unresolved = []
-    return require_resolved(selection)
-
-
-def _with_prior_counts(selection: Selection, request: Request) -> list[str]:
-    """List the prefixes of prior-release series (their file count and bytes); problems returned."""
-    if not selection.prior or selection.manifest is None:
-        return []
-    check_endpoint(request.options)
-    manifest, problems = fill_prior_counts(
-        selection.manifest, selection.prior, request.options, settings.allowed_buckets()
-    )
-    selection.manifest = manifest if manifest.num_rows else None
-    return problems
-
-
-def _state_and_shard(selection: Selection, request: Request) -> Path | None:
-    """The state of the selection, or of its shard (``--shard I/N``: the selection narrowed to it)."""
-    if selection.manifest is None:
-        return None
-    state = state_path_for(request.dest, selection.manifest)
-    if request.shard is not None:
-        index, count = request.shard
-        selection.manifest = shard_manifest(selection.manifest, index, count)
-        state = shard_state_path(state, index, count)
-    return state
-
-
 def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as_json: bool, view=None) -> None:
-    selection = select(source, request)
-    problems = _with_prior_counts(selection, request)
-    state = _state_and_shard(selection, request)
+    """``dataset idc download``: a dry-run report, or the API's ``transfer`` with its progress
+    shown and its outcome said in closing lines and the exit code."""
     if dry_run:
+        selection = select(source, request, _stderr)
+        problems = with_prior_counts(selection, request)
+        state_and_shard(selection, request)
         dry_run_report(selection, request, problems, as_json=as_json)
         return
-    dest, flat = request.dest, request.layout == FLAT
-    if selection.manifest is not None and restricted(counts := licence_counts(selection.manifest)):
-        click.echo(f"note: {restriction_text(counts)}", err=True)
-    allowed = settings.allowed_buckets()
-    incomplete: list[str] = []
-    result = done = None
     try:
-        if selection.manifest is not None:
-            try:
-                result = download(
-                    selection.manifest,
-                    dest,
-                    request.options,
-                    EngineOptions(
-                        log=view.log if view else click.echo,
-                        progress_interval_s=0.5,
-                        on_progress=view,
-                        state_path=state,
-                        stall_timeout_s=request.stall_timeout_s,
-                        allowed_buckets=allowed,
-                    ),
-                )
-            except IncompleteDownloadError as exc:
-                incomplete.append(str(exc))
-                result = exc.result
-        if selection.instances:
-            try:
-                done = download_instances(
-                    selection.instances,
-                    dest,
-                    request.options,
-                    allowed_buckets=allowed,
-                    log=view.log if view else click.echo,
-                    stall_timeout_s=request.stall_timeout_s,
-                )
-            except IncompleteDownloadError as exc:
-                incomplete.append(str(exc))
+        outcome = transfer(request, source, log=view.log if view else click.echo, note=_stderr, on_progress=view)
     finally:
         if view is not None:
             view.end()
-    if flat:
-        problems += _link_flat(selection, dest.absolute())
-    for line in summary_lines(result, done, len(selection.instances), dest, failed=bool(problems or incomplete)):
+    selection = outcome.selection
+    for line in summary_lines(
+        outcome.result, outcome.instances, len(selection.instances), request.dest, failed=not outcome.complete
+    ):
         click.echo(line)
-    if problems or incomplete:
-        raise Failure(" | ".join([*problems, *incomplete]), EXIT_INCOMPLETE)
-    if selection.manifest is not None and request.shard is None and state is not None:
-        _write_card(source, request, selection, state.stem)
+    if not outcome.complete:
+        raise Failure(" | ".join([*outcome.problems, *outcome.incomplete]), EXIT_INCOMPLETE)
+    if outcome.card is not None:
+        click.echo(f"dataset card: {outcome.card}")
+    if outcome.card_problem:
+        click.echo(f"note: {outcome.card_problem}", err=True)
 
 
-def _write_card(source: idx.IndexSource, request: Request, selection: Selection, name: str) -> None:
-    """The dataset card of a verified download (never of one shard: the selection is its shards')."""
-    from importlib.metadata import version
-
-    from .core.index.citations import citations
-    from .core.select.card import dataset_card, write_card
-    from .core.transfer.s5cmd import binary_version
-
-    with source.connect() as con:
-        cited = citations(con, selection.manifest, analysis_results=source.directory / "analysis_results_index.parquet")
-    picked = {
-        "target": request.target,
-        "by": request.kind,
-        "filters": request.filters.as_dict(),
-        "layout": request.layout,
-    }
-    card = dataset_card(
-        selection.manifest,
-        name=name,
-        kind="collection" if not name.startswith("selection-") else "selection",
-        release=selection.release,
-        selection={**picked, "idc_release": f"v{selection.release}"},
-        citations=cited,
-        tool_version=version("dataset_assets"),
-        s5cmd_version=binary_version(request.options.binary),
-        root=request.dest.absolute(),
-    )
-    try:
-        markdown, _ = write_card(request.dest.absolute(), card)
-    except OSError as exc:  # the data is verified: a card that cannot be written is said, not fatal
-        click.echo(f"note: dataset card not written ({exc.strerror or exc})", err=True)
-        return
-    click.echo(f"dataset card: {markdown}")
+def _stderr(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def summary_lines(result, done, instances: int, dest: Path, *, failed: bool) -> list[str]:
@@ -248,30 +88,9 @@ def summary_lines(result, done, instances: int, dest: Path, *, failed: bool) -> 
     return lines
 
 
-def _link_flat(selection: Selection, root: Path) -> list[str]:
-    """Hard-link every verified file of the staged series (and every complete instance) into ``root``."""
-    files: list[str] = []
-    if selection.manifest is not None:
-        target_dirs = selection.manifest.column("target_dir").to_pylist()
-        recorded = recorded_files(state_path_for(root, selection.manifest), target_dirs)
-        for target_dir in target_dirs:
-            files.extend(f"{target_dir}{name}" for name in sorted(recorded.get(target_dir, {})))
-    files += [file_of(i) for i in selection.instances if is_complete(root, i)]
-    _placed, problems = link_into(root, files)
-    return problems
-
-
 def verify_selection(request: Request, source: idx.IndexSource) -> int:
-    """``dataset idc verify``: every series of the selection complete in DEST, file by file against
-    what its download (or its shards' downloads) recorded; no network. Returns the exit code."""
-    from .core.verify.checks import check_files
-
-    check_root_shape(request.dest.absolute())
-    selection = select(source, request)
-    if selection.manifest is None:
-        raise FilterError("verify checks series; the selection holds single instances only")
-    state = state_path_for(request.dest, selection.manifest)
-    report = check_files(selection.manifest, request.dest.absolute(), state)
+    """``dataset idc verify`` (the API's ``verify_report``), said in lines; returns the exit code."""
+    report = verify_report(request, source, _stderr)
     if report.passed:
         click.echo(f"complete: all {report.checked:,} series in {request.dest} verified file by file")
         return 0
@@ -442,20 +261,10 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
 
 
 def citations_text(source: idx.IndexSource, target: str, kind: str, fmt: str, skip_unresolved: bool) -> str:
-    from .core.index.citations import citations, render
+    from .core.index.citations import render
 
     request = Request(target=target, dest=Path("."), kind=kind, skip_unresolved=skip_unresolved, layout=FLAT)
-    selection = select(source, request)
-    with source.connect() as con:
-        records = citations(
-            con,
-            selection.manifest,
-            selection.instances,
-            analysis_results=source.directory / "analysis_results_index.parquet",
-        )
-    if not records:
-        raise FilterError("the selection has no source DOI in the index")
-    return render(records, fmt)
+    return render(citation_records(source, request, _stderr), fmt)
 
 
-__all__ = ["Request", "run_download", "citations_text", "DownloadError"]
+__all__ = ["Request", "run_download", "citations_text", "verify_selection"]
