@@ -144,6 +144,7 @@ def build_cohort_defs(cohorts: dict[str, Cohort], problem: str | None = None) ->
             f"cohort={cohort.name}",
             cohort_state_path(root, cohort.name),
             card=card_writer(idc, f"cohort-{cohort.name}", "cohort"),
+            preview_name=f"cohort-{cohort.name}",
         )
 
     checks = build_download_checks(

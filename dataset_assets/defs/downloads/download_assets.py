@@ -152,6 +152,7 @@ def downloaded_collection(
         lambda: idc.manifest_path(collection_id),
         f"collection={collection_id}",
         card=card_writer(idc, collection_id, "collection"),
+        preview_name=collection_id,
     )
 
 
@@ -166,6 +167,7 @@ def materialize_download(
     headers_of: Path | None = None,
     extra: dict | None = None,
     card: Callable | None = None,
+    preview_name: str | None = None,
 ) -> dg.MaterializeResult:
     """The body of every downloaded asset (collections, cohorts): read the manifest, run the
     download engine, and turn its outcome into metadata or a one-line ``dg.Failure``, with a
@@ -236,7 +238,37 @@ def materialize_download(
             metadata["licenses"] = dg.MetadataValue.json(written["licenses"])
         except (OSError, DatasetError) as exc:  # the data is verified: a card that cannot be written is said
             context.log.warning(f"dataset card not written: {os_error_text(exc) if isinstance(exc, OSError) else exc}")
+    if preview_name is not None and manifest.num_rows:
+        metadata.update(_previews(context, root, manifest, preview_name))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def _previews(context: dg.AssetExecutionContext, root: Path, manifest, name: str) -> dict:
+    """Thumbnails of the first series (middle image, pydicom) as Markdown images, and as PNG files
+    under the control folder; a series that cannot be shown is named, never a failed run."""
+    from dataset_assets.core.fs import new_file
+    from dataset_assets.core.transfer.control import DownloadRoot
+    from dataset_assets.core.verify.previews import previews, previews_markdown
+
+    found = previews(root, manifest.slice(0, 4).to_pylist())
+    folder = DownloadRoot(root).control / "previews" / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in found:
+            if p.png is not None:
+                with new_file(folder / f"{p.series_uid}.png") as out:
+                    out.write(p.png)
+    except OSError as exc:
+        context.log.warning(f"preview files not written: {os_error_text(exc)}")
+    missing = [p for p in found if p.png is None]
+    return {
+        "previews": dg.MetadataValue.md(previews_markdown(found)),
+        "previews_shown": len(found) - len(missing),
+        "previews_not_shown": dg.MetadataValue.md(
+            "\n".join(f"- `{p.series_uid}`: {p.problem}" for p in missing) or "none"
+        ),
+        "previews_path": dg.MetadataValue.path(str(folder)),
+    }
 
 
 defs = dg.Definitions(assets=[downloaded_collection, downloaded_collection_shard])
