@@ -51,6 +51,10 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 INSTANCE_INDEX = "sm_instance_index"
+#: The clinical tables and their columns (``dataset idc clinical``).
+CLINICAL_SQL = (
+    'SELECT short_table_name AS "table", collection_id, "column", column_label FROM clinical_index ORDER BY 1, 3'
+)
 
 
 def _ignore(_line: str) -> None:
@@ -292,6 +296,16 @@ def citation_records(source: idx.IndexSource, request: Request, note: Callable[[
     return records
 
 
+def fetch_clinical(source: idx.IndexSource, options: S5cmdOptions, log: Callable[[str], None] = _ignore, force=False):
+    """``clinical_index`` of the installed release (fetched when missing, or ``force``), then every
+    clinical table it names, from ``options``' endpoint (see ``core.index.clinical``)."""
+    from .core.index import clinical
+
+    store = settings.index_store()
+    described = extra_index.fetch(store, "clinical_index", log=log, force=force)
+    return clinical.fetch(extra_index.clinical_folder(store), source.release(), options, described.path, log)
+
+
 @dataclass(frozen=True)
 class Downloaded:
     """A complete download: where, how much, and its dataset card."""
@@ -432,6 +446,14 @@ class IDC:
         """Fetch on-demand indices of the installed release (checked against their shipped schema);
         one ``FetchResult`` (path, rows, bytes) each."""
         return [extra_index.fetch(settings.index_store(), name, force=force, log=log) for name in dict.fromkeys(names)]
+
+    def fetch_clinical(self, force: bool = False, log: Callable[[str], None] = _ignore):
+        """``clinical_index`` and every clinical table it names; a ``ClinicalFetch`` (tables and rows)."""
+        return fetch_clinical(self.source, self.options, log, force)
+
+    def clinical(self) -> pa.Table:
+        """One row per clinical table and column, as ``clinical_index`` describes them (fetch it first)."""
+        return self.query(CLINICAL_SQL)
 
     def indices(self) -> list[dict]:
         """Bundled, fetched and on-demand indices with their row counts."""

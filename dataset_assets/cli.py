@@ -28,7 +28,7 @@ import click
 
 from . import settings
 from .cli_errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INTERRUPTED, Failure, failure_of
-from .core.errors import DatasetError, OptionError
+from .core.errors import DatasetError, FilterError, IndexUnavailableError, OptionError
 from .core.fmt import human_bytes, human_duration, os_error_text
 from .core.index import extra_index as extra
 from .core.index import source as idx
@@ -91,6 +91,14 @@ def _quiet_broken_pipe() -> None:
     sys.exit(EXIT_BROKEN_PIPE)
 
 
+def _s5cmd_options() -> S5cmdOptions:
+    return S5cmdOptions(
+        endpoint_url=settings.IDC_S3_ENDPOINT_URL.require(),
+        binary=settings.S5CMD_BINARY.get(),
+        environment=settings.process_environment(),
+    )
+
+
 def _source() -> idx.IndexSource:
     return idx.IndexSource.at(settings.IDC_INDEX_DIR.get())
 
@@ -141,6 +149,12 @@ def fetch(names: tuple[str, ...], force: bool) -> None:
         result = extra.fetch(settings.index_store(), name, force=force, log=lambda line: click.echo(line, err=True))
         state = "already here" if result.skipped else f"fetched {human_bytes(result.transferred_bytes)}"
         click.echo(f"{name}: {result.rows:,} rows, {human_bytes(result.bytes)} ({state}) at {result.path}")
+    if "clinical_index" in names:  # as idc-index: the tables it describes come with it
+        from .api import fetch_clinical
+
+        done = fetch_clinical(_source(), _s5cmd_options(), lambda line: click.echo(line, err=True))
+        rows = sum(done.tables.values())
+        click.echo(f"clinical tables: {len(done.tables)} ({rows:,} rows, {human_bytes(done.bytes)}) at {done.folder}")
 
 
 @idc.command()
@@ -193,6 +207,45 @@ def columns(index_name: str, as_json: bool) -> None:
     for row in rows:
         row["description"] = row["description"][:90]
     click.echo(_table(rows, ["column", "type", "description"]))
+
+
+@idc.command()
+@click.argument("table", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def clinical(table: str | None, as_json: bool) -> None:
+    """List the clinical tables (from clinical_index) with their columns, or TABLE's columns.
+    `dataset idc fetch clinical_index` fetches the index and the tables; each is then a view of
+    its own name in `query` and cohort SQL (join on dicom_patient_id = PatientID)."""
+    from .api import CLINICAL_SQL
+    from .core.index.query import relation
+
+    with extra.connect_all(_source(), settings.index_store()) as con:
+        views = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "clinical_index" not in views:
+            raise IndexUnavailableError(f"clinical_index is not fetched; {extra.fetch_hint('clinical_index')}")
+        rows = relation(con, CLINICAL_SQL).fetchall()
+    if table is not None:
+        rows = [r for r in rows if r[0] == table]
+        if not rows:
+            raise FilterError(f"clinical_index has no table {table!r}; `dataset idc clinical` lists them")
+    records = [
+        {"table": t, "collection_id": c, "column": col, "label": label, "fetched": t in views}
+        for t, c, col, label in rows
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    if table is None:
+        tables: dict[str, dict] = {}
+        for r in records:
+            fetched = "yes" if r["fetched"] else "no"
+            entry = tables.setdefault(
+                r["table"], {"table": r["table"], "collection_id": r["collection_id"], "columns": 0, "fetched": fetched}
+            )
+            entry["columns"] += 1
+        click.echo(_table(list(tables.values()), ["table", "collection_id", "columns", "fetched"]))
+        return
+    click.echo(_table([{k: r[k] or "" for k in ("column", "label")} for r in records], ["column", "label"]))
 
 
 @idc.command()

@@ -279,8 +279,28 @@ def connect_all(source: IndexSource, store: IndexStore, log: Log = lambda _m: No
         except duckdb.Error as exc:
             con.execute(f"DROP VIEW IF EXISTS {name}")
             log(f"skipped {path}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})")
+    from dataset_assets.core.index import clinical
+
+    existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    for table, files in clinical.tables(clinical_folder(store)).items():
+        if not table.isidentifier() or table in existing:
+            log(f"skipped the clinical table {table}: its name is taken or not a plain name")
+            continue
+        try:
+            con.execute(
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{', '.join(sql_str(str(f)) for f in files)}])"
+            )
+            read.extend(files)
+        except duckdb.Error as exc:
+            con.execute(f"DROP VIEW IF EXISTS {table}")
+            log(f"skipped the clinical table {table}: not readable ({str(exc).splitlines()[0][:120]})")
     lock_for_user_sql(con, read)
     return con
+
+
+def clinical_folder(store: IndexStore) -> Path:
+    """Where the clinical tables of the installed release are kept (fetched with ``clinical_index``)."""
+    return store.local_dir() / "clinical"
 
 
 def lock_for_user_sql(con: duckdb.DuckDBPyConnection, files: list[Path]) -> None:
