@@ -118,10 +118,12 @@ def citations(
 ) -> list[dict]:
     """One record per source DOI of the selection (series of ``manifest`` plus ``extra_series``
     dicts with collection_id/source_DOI/license_short_name), most series first."""
+    keys = ["collection_id", "source_DOI", "license_short_name"]
     rows = []
-    if manifest is not None:
-        rows = manifest.select(["collection_id", "source_DOI", "license_short_name"]).to_pylist()
-    rows += [{k: r.get(k) for k in ("collection_id", "source_DOI", "license_short_name")} for r in (extra_series or [])]
+    if manifest is not None:  # grouped first: nlst's 592,600 series are a few rows here, not 592,600 dicts
+        grouped = manifest.select(keys).group_by(keys, use_threads=False).aggregate([([], "count_all")])
+        rows = [{**r, "n": r.pop("count_all")} for r in grouped.to_pylist()]
+    rows += [{**{k: r.get(k) for k in keys}, "n": 1} for r in (extra_series or [])]
     fallback = _original_dois(con, sorted({r["collection_id"] for r in rows if not r["source_DOI"]}))
     shipped = _shipped_sources(con, analysis_results)
     by_doi: dict[str, dict] = {}
@@ -130,7 +132,7 @@ def citations(
         for doi in dois:
             key = doi.lower()
             entry = by_doi.setdefault(key, {"doi": doi, "series": 0, "collections": set(), "series_licenses": set()})
-            entry["series"] += 1
+            entry["series"] += row["n"]
             entry["collections"].add(row["collection_id"])
             if row["license_short_name"]:
                 entry["series_licenses"].add(row["license_short_name"])
