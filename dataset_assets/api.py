@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import settings
-from .core.errors import FilterError, IncompleteDownloadError
+from .core.errors import FilterError, IncompleteDownloadError, OptionError
 from .core.index import extra_index
 from .core.index import source as idx
 from .core.select.filters import ManifestFilters
@@ -113,6 +113,8 @@ def select(source: idx.IndexSource, request: Request, note: Callable[[str], None
             instance_index=extra_index.local_path(settings.index_store(), INSTANCE_INDEX),
             instance_hint=extra_index.fetch_hint(INSTANCE_INDEX),
         )
+    for why in selection.emptied:  # a collection of the selection the filters left nothing of
+        note(f"note: {why}; the rest of the selection goes on")
     if selection.unresolved and request.skip_unresolved:
         for text in selection.unresolved:
             note(f"skipped: {text}")
@@ -356,8 +358,18 @@ class IDC:
 
     def _request(self, target: str, dest: str | Path = ".", *, by: str = "auto", layout: str = DEFAULT_LAYOUT,
                  skip_unresolved: bool = False, **filters) -> Request:  # fmt: skip
+        from .core.select.resolve import BY_CHOICES
+
+        if not isinstance(target, str) or not target.strip():
+            raise OptionError(f"target is {target!r}; give collection ids, UIDs or a manifest file's path as text")
+        if not isinstance(dest, (str, os.PathLike)):
+            raise OptionError(f"dest is {dest!r}; give a folder's path")
+        if by not in BY_CHOICES:
+            raise OptionError(f"by is {by!r}; it is one of {', '.join(BY_CHOICES)}")
+        if not isinstance(layout, str):
+            raise OptionError(f"layout is {layout!r}; give a layout template or 'flat'")
         return Request(
-            target=str(target),
+            target=target,
             dest=Path(dest),
             kind=by,
             filters=ManifestFilters.from_mapping(filters),
@@ -402,15 +414,19 @@ class IDC:
 
     def citations(self, target: str, format: str = "json", by: str = "auto") -> list[dict] | str:
         """The citations of ``target``: records (``format="json"``) or APA / BibTeX text."""
-        from .core.index.citations import render
+        from .core.index.citations import FORMATS, render
 
+        if format not in FORMATS:
+            raise OptionError(f"format is {format!r}; it is one of {', '.join(FORMATS)}")
         records = citation_records(self.source, self._request(target, by=by, layout=FLAT))
         return records if format == "json" else render(records, format)
 
     def viewer_urls(self, target: str, viewer: str = "auto", by: str = "auto") -> list[dict]:
         """Per series of ``target``: its UIDs, its viewer URL and its study's (viewer chosen by the study)."""
-        from .core.index.viewer import viewer_url
+        from .core.index.viewer import VIEWERS, viewer_url
 
+        if viewer not in VIEWERS:
+            raise OptionError(f"viewer is {viewer!r}; it is one of {', '.join(VIEWERS)}")
         selection = select(self.source, self._request(target, by=by, layout=FLAT))
         rows = (
             selection.manifest.select(["StudyInstanceUID", "SeriesInstanceUID", "Modality"]).to_pylist()
@@ -434,6 +450,10 @@ class IDC:
 
         from .core.index.query import relation
 
+        if not isinstance(sql, str):
+            raise OptionError(f"sql is {sql!r}; give one SQL statement as text")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise OptionError(f"limit is {limit!r}; give a whole number of rows (0 or more) or None")
         with extra_index.connect_all(self.source, settings.index_store()) as con:
             rel = relation(con, sql)
             if rel is None:
@@ -449,6 +469,8 @@ class IDC:
 
     def fetch_clinical(self, force: bool = False, log: Callable[[str], None] = _ignore):
         """``clinical_index`` and every clinical table it names; a ``ClinicalFetch`` (tables and rows)."""
+        if not isinstance(force, bool):
+            raise OptionError(f"force is {force!r}; it is True or False")
         return fetch_clinical(self.source, self.options, log, force)
 
     def clinical(self) -> pa.Table:

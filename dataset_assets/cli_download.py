@@ -212,6 +212,7 @@ def dry_run_report(selection: Selection, request: Request, problems: list[str], 
             "modalities": stats["modalities"] if stats else [],
             "collections": sorted(collections),
             "licenses": licence_counts(manifest) if manifest is not None else {},
+            "emptied_by_filters": selection.emptied,
         }
         out.write(f'  "would_fetch": {json.dumps(todo)},\n  "selection": {json.dumps(selection_doc)},\n')
         out.write(f'  "problems": {json.dumps(problems)}\n}}\n')

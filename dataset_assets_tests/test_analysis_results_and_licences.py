@@ -253,3 +253,19 @@ def test_ohif_selects_an_image_series_alone_and_shows_a_segmentation_over_its_st
     assert theirs == urls[seg_series]
     proc = run("idc", "download", study, str(tmp_path / "d"), "--by", "study", "--dry-run", "--viewer", "bogus")
     assert proc.returncode == 2 and "'bogus' is not one of 'auto', 'ohif_v3', 'ohif_v2', 'slim'" in proc.stderr
+
+
+def test_a_collection_a_filter_empties_is_said_and_the_rest_goes_on(tmp_path):
+    proc = run("idc", "download", "nsclc_radiomics,qin_pet_phantom", str(tmp_path / "d"), "--dry-run", "--json",
+               "--license", "CC BY-NC 3.0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["selection"]["collections"] == ["nsclc_radiomics"]
+    (why,) = doc["selection"]["emptied_by_filters"]
+    assert why.startswith("filter licenses=CC BY-NC 3.0 matches no series of collection 'qin_pet_phantom'")
+    assert f"note: {why}; the rest of the selection goes on" in proc.stderr
+    many = run("idc", "download", "qin_pet_phantom", str(tmp_path / "d"), "--dry-run",
+               *[a for n in range(300) for a in ("--license", f"L{n}")])  # fmt: skip
+    assert many.returncode == 2
+    assert "L0, L1, L2, L3, L4, L5, L6, L7, L8, L9, ... (290 more) matches no series" in many.stderr
+    assert len(many.stderr) < 1000

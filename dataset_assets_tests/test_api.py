@@ -65,3 +65,33 @@ def test_select_query_citations_and_viewer_urls_return_objects(client, idc_fixtu
     assert all(u["viewer_url"].startswith(u["viewer_study_url"]) for u in urls)
     assert {i["index"] for i in client.indices()} >= {"idc_index", "collections_index"}
     assert "qin_pet_phantom" in set(client.collections()["collection_id"])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda c: c.select("qin_pet_phantom", modalities=5),
+            "filter modalities is 5; give a string or a list of strings",
+        ),
+        (lambda c: c.select(None), "target is None; give collection ids, UIDs or a manifest file's path as text"),
+        (lambda c: c.download("qin_pet_phantom", 123), "dest is 123; give a folder's path"),
+        (lambda c: c.select("qin_pet_phantom", by="patients"), "by is 'patients'; it is one of auto, collection"),
+        (lambda c: c.query(5), "sql is 5; give one SQL statement as text"),
+        (lambda c: c.query("SELECT 1", limit=-1), "limit is -1; give a whole number of rows (0 or more) or None"),
+        (lambda c: c.query("SELECT 1", limit="x"), "limit is 'x'; give a whole number of rows"),
+        (lambda c: c.viewer_urls("qin_pet_phantom", viewer="bogus"), "viewer is 'bogus'; it is one of auto, ohif_v3"),
+        (lambda c: c.citations("qin_pet_phantom", format="xml"), "format is 'xml'; it is one of apa, bibtex, json"),
+        (lambda c: c.fetch_clinical(force="x"), "force is 'x'; it is True or False"),
+        (
+            lambda c: c.select("qin_pet_phantom", analysis_results=["only"]),
+            "filter analysis_results is ['only']; it is one",
+        ),
+    ],
+)
+def test_wrong_arguments_raise_the_projects_typed_errors(client, call, message):
+    from dataset_assets.core.errors import DatasetError
+
+    with pytest.raises(DatasetError) as caught:
+        call(client)
+    assert str(caught.value).startswith(message), str(caught.value)

@@ -64,7 +64,7 @@ def clinical_env(idc_fixture, tmp_path):
             "IDC_INDEX_DIR": str(idc_fixture.index_dir),
             "IDC_S3_ENDPOINT_URL": s3.endpoint_url,
         }
-        yield env, s3, folder, patients
+        yield env, s3, folder, patients, http
 
 
 def cli(env, *args):
@@ -72,7 +72,7 @@ def cli(env, *args):
 
 
 def test_fetching_clinical_index_brings_its_tables_and_they_join_to_series(clinical_env, idc_fixture):
-    env, s3, _folder, patients = clinical_env
+    env, s3, _folder, patients, _http = clinical_env
     done = cli(env, "fetch", "clinical_index")
     assert done.returncode == 0, done.stderr
     assert "clinical tables: 2 (" in done.stdout
@@ -112,7 +112,7 @@ def test_fetching_clinical_index_brings_its_tables_and_they_join_to_series(clini
 
 @pytest.mark.parametrize("damage", ["missing table", "missing column", "listing lies", "hostile name"])
 def test_tables_that_do_not_match_clinical_index_are_refused_in_one_line_and_nothing_is_kept(clinical_env, damage):
-    env, s3, folder, _patients = clinical_env
+    env, s3, folder, _patients, _http = clinical_env
     if damage == "missing table":
         (folder / "other_clinical.parquet").unlink()
         expected = "clinical_index names 1 table(s) the endpoint does not list below bigquery_export/idc_v25_clinical/"
@@ -138,7 +138,7 @@ def test_the_clinical_tables_asset(clinical_env, monkeypatch):
     from dataset_assets.defs.catalog.extra_index_assets import idc_clinical_tables
     from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
-    env, s3, _folder, _patients = clinical_env
+    env, s3, _folder, _patients, _http = clinical_env
     for key in ("IDC_INDEX_BASE_URL", "IDC_EXTRA_INDEX_DIR", "IDC_INDEX_DIR"):
         monkeypatch.setenv(key, env[key])
     result = dg.materialize(
@@ -152,3 +152,30 @@ def test_the_clinical_tables_asset(clinical_env, monkeypatch):
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["tables"].value == 2 and metadata["left_out"].value == "notes_clinical"
     assert {r.data["table"]: r.data["rows"] for r in metadata["rows_per_table"].value.records}["other_clinical"] == 1
+
+
+@pytest.mark.parametrize("name", ["idc_index", "clinical_index", "select", "order"])
+def test_a_clinical_table_never_replaces_an_index_and_a_keyword_stays_a_name(clinical_env, idc_fixture, name):
+    env, _s3, folder, _patients, http = clinical_env
+    described = _clinical_index().to_pylist()
+    described += [{**described[-1], "short_table_name": name, "column": c} for c in ("dicom_patient_id", "stage")]
+    http.files[f"/{VERSION}/clinical_index.parquet"] = _parquet(pa.Table.from_pylist(described))
+    pq.write_table(pa.table({"dicom_patient_id": ["ATTACKER"], "stage": ["x"]}), folder / f"{name}.parquet")
+    done = cli(env, "fetch", "clinical_index")
+    assert done.returncode == 0, done.stderr
+    series = cli(env, "query", "SELECT count(*) AS n FROM idc_index", "--format", "json")
+    assert series.returncode == 0 and json.loads(series.stdout) == [{"n": len(idc_fixture.rows)}], series.stderr
+    listed = cli(env, "clinical", "--json")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    if name in ("select", "order"):  # a keyword is still a table, under its quoted name
+        quoted = cli(env, "query", f'SELECT dicom_patient_id FROM "{name}"', "--format", "csv")
+        assert quoted.stdout.splitlines() == ["dicom_patient_id", "ATTACKER"], quoted.stderr
+
+
+def test_a_table_name_that_is_not_lower_case_is_refused_at_the_listing(clinical_env):
+    env, _s3, folder, _patients, _http = clinical_env
+    pq.write_table(pa.table({"x": [1]}), folder / "IDC_INDEX.parquet")
+    done = cli(env, "fetch", "clinical_index")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert done.returncode == 3 and len(errors) == 1, done.stderr
+    assert "lists 'IDC_INDEX.parquet' below bigquery_export/idc_v25_clinical/, which is not a table file" in errors[0]

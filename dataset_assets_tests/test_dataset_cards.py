@@ -86,3 +86,21 @@ def test_the_downloaded_collection_asset_writes_the_card_and_shows_it(idc_fixtur
     assert card["selection"]["filters"] == {"body_parts": [idc_fixture.rows[0]["BodyPartExamined"]]}
     assert card["selection"]["idc_release"] == "v25" and card["series"] == metadata["series"].value
     assert all(e.passed for e in result.get_asset_check_evaluations())  # the card is no stray file
+
+
+def test_the_card_keeps_hostile_text_as_text_and_is_written_whole_or_not_at_all(idc_fixture, env, tmp_path):
+    from dataset_assets.core.select.card import card_markdown
+
+    dest = tmp_path / "a`<img src=x onerror=alert(1)>` | x"
+    _download(idc_fixture, env, dest)
+    text = (dest / "DATASET-qin_pet_phantom.md").read_text()
+    where = next(line for line in text.splitlines() if line.startswith("| where |"))
+    assert "<img" not in where and "&lt;img" in where and where.count(" | ") == 1 and where.endswith("\\| x |")
+    card = json.loads((dest / "dataset-qin_pet_phantom.json").read_text())
+    card["collections"] = ["a\u2028b|c"]
+    assert "| collections | a b\\|c |" in card_markdown(card)
+    # A folder in the way of the Markdown card: neither file is written, the download still succeeds.
+    other = tmp_path / "other"
+    (other / "DATASET-qin_pet_phantom.md").mkdir(parents=True)
+    proc = _download(idc_fixture, env, other)
+    assert "dataset card not written" in proc.stderr and not (other / "dataset-qin_pet_phantom.json").exists()

@@ -1006,3 +1006,13 @@ def test_a_file_size_limit_is_explained_when_the_system_names_no_file(idc_fixtur
         "File too large while writing (a file reached the largest size allowed: a process limit such as "
         "`ulimit -f`, or the file system's); everything completed so far is kept",
     )
+
+
+def test_two_downloads_of_one_collection_in_one_process_name_the_thread_not_a_stranger(tmp_path):
+    from dataset_assets.core.errors import DownloadError
+    from dataset_assets.core.transfer.control import collection_locks
+
+    held = collection_locks(tmp_path, ["qin_pet_phantom"])
+    with held, pytest.raises(DownloadError) as caught, collection_locks(tmp_path, ["qin_pet_phantom"]):
+        pass
+    assert f"by another download in this same process (pid {os.getpid()}, another thread)" in str(caught.value)

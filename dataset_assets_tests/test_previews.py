@@ -109,3 +109,46 @@ def test_downloaded_collection_shows_previews(idc_fixture, s3, tmp_path):
     assert metadata["previews"].value.count("](data:image/png;base64,") == 4
     files = sorted(Path(metadata["previews_path"].value).glob("*.png"))
     assert len(files) == 4 and all(_decode_png(f.read_bytes()).size for f in files)
+
+
+def test_an_image_too_large_to_decode_or_deflated_is_named_not_decoded(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    huge, deflated = tmp_path / "huge", tmp_path / "deflated"
+    huge.mkdir()
+    deflated.mkdir()
+    _image(huge / "a.dcm", np.zeros((4, 4), np.uint16))
+    import pydicom
+
+    ds = pydicom.dcmread(huge / "a.dcm")
+    ds.Rows = ds.Columns = 20000  # 763 MB a frame, in a file of a few bytes of pixels
+    ds.save_as(huge / "a.dcm")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.Rows = ds.Columns = 4
+    ds.save_as(deflated / "a.dcm", enforce_file_format=True)
+    assert series_preview(huge, "1", "CT").problem == "a frame would be 762 MB decoded"
+    assert series_preview(deflated, "2", "CT").problem == "deflated datasets are not previewed (their size is unknown)"
+
+
+def test_preview_files_are_never_written_through_a_link(idc_fixture, s3, tmp_path):
+    from dataset_assets.defs.downloads.download_assets import downloaded_collection
+    from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+    from dataset_assets.lib.resources import IdcResource, S5cmdResource
+
+    root, elsewhere = tmp_path / "idc", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / ".dataset_assets" / "previews").mkdir(parents=True)
+    (root / ".dataset_assets" / "previews" / idc_fixture.collection_id).symlink_to(elsewhere)
+    resources = {
+        "idc": IdcResource(
+            index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(root)
+        ),
+        "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
+    }
+    result = dg.materialize(
+        [collection_manifest, downloaded_collection], resources=resources, partition_key=idc_fixture.collection_id
+    )
+    assert result.success  # the data is verified; only the preview files are not written
+    assert list(elsewhere.iterdir()) == []
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path == ["downloaded_collection"]]
+    assert event.materialization.metadata["previews_shown"].value == 4  # still shown inline

@@ -37,8 +37,15 @@ from dataset_assets.core.transfer.progress import parse_line
 BUCKET = "idc-open-metadata"
 #: An object below the release's prefix: ``<table>.parquet`` or ``<table>/<part>.parquet``.
 _OBJECT = re.compile(
-    r"(?P<table>[A-Za-z][A-Za-z0-9_]{0,127})(?:\.parquet|/(?P<part>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.parquet))"
+    r"(?P<table>[a-z][a-z0-9_]{0,127})(?:\.parquet|/(?P<part>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.parquet))"
 )
+#: Names DuckDB gives a meaning of its own in a FROM clause: never a clinical table's.
+_RESERVED = frozenset({"information_schema", "main", "temp", "system", "pg_catalog"})
+
+
+def plain_table_name(name: str) -> bool:
+    """A clinical table name as BigQuery exports them: lower case, letters, digits and ``_``."""
+    return re.fullmatch(r"[a-z][a-z0-9_]{0,127}", name) is not None and name not in _RESERVED
 
 
 def prefix(release: int) -> str:
@@ -108,10 +115,10 @@ def fetch(
     by_table: dict[str, dict[str, int]] = {}
     for name, size in sorted(listed.items()):
         match = _OBJECT.fullmatch(name)
-        if match is None:
+        if match is None or not plain_table_name(match["table"]):
             raise DownloadError(
                 f"the endpoint lists {name!r} below {prefix(release)}, which is not a table file "
-                "(<table>.parquet or <table>/<part>.parquet); nothing was fetched"
+                "(<table>.parquet or <table>/<part>.parquet, the table's name in lower case); nothing was fetched"
             )
         by_table.setdefault(match["table"], {})[name] = size
     missing = sorted(set(wanted) - set(by_table))

@@ -281,19 +281,23 @@ def connect_all(source: IndexSource, store: IndexStore, log: Log = lambda _m: No
             log(f"skipped {path}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})")
     from dataset_assets.core.index import clinical
 
-    existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    # DuckDB's names are case-insensitive: a table is compared in lower case, never replaces a view
+    # that is there, and is created under a quoted name (a keyword such as `select` stays a name).
+    taken = {r[0].lower() for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     for table, files in clinical.tables(clinical_folder(store)).items():
-        if not table.isidentifier() or table in existing:
-            log(f"skipped the clinical table {table}: its name is taken or not a plain name")
+        if not clinical.plain_table_name(table) or table in taken:
+            log(f"skipped the clinical table {table}: its name is taken or not a plain lower-case name")
             continue
+        parts = ", ".join(sql_str(str(f)) for f in files)
         try:
-            con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{', '.join(sql_str(str(f)) for f in files)}])"
-            )
-            read.extend(files)
+            con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet([{parts}])')
+            con.execute(f'SELECT * FROM "{table}" LIMIT 0')
         except duckdb.Error as exc:
-            con.execute(f"DROP VIEW IF EXISTS {table}")
+            con.execute(f'DROP VIEW IF EXISTS "{table}"')  # the name was free: only this view is dropped
             log(f"skipped the clinical table {table}: not readable ({str(exc).splitlines()[0][:120]})")
+            continue
+        taken.add(table)
+        read.extend(files)
     lock_for_user_sql(con, read)
     return con
 

@@ -11,7 +11,9 @@ selections sharing a root never collide.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -90,10 +92,26 @@ def dataset_card(
     }
 
 
+def _md(value: object) -> str:
+    """A value as text in a Markdown table cell: one line, no markup of its own (a path or an
+    index value may hold `|`, backticks, HTML or line breaks)."""
+    text = " ".join(str(value).split())
+    for char, escaped in (
+        ("\\", "\\\\"),
+        ("|", "\\|"),
+        ("`", "\\`"),
+        ("*", "\\*"),
+        ("[", "\\["),
+        ("]", "\\]"),
+    ):
+        text = text.replace(char, escaped)
+    return text.replace("<", "&lt;").replace(">", "&gt;")
+
+
 def card_markdown(card: dict) -> str:
     """The card in words: a page a person reads before using the data."""
     lines = [
-        f"# {card['name']}",
+        f"# {_md(card['name'])}",
         "",
         f"IDC data downloaded and verified file by file with dataset_assets {card['tool']['version']}"
         f" (s5cmd {card['tool']['s5cmd'] or 'unknown'}) on {card['verified_at']}.",
@@ -101,14 +119,14 @@ def card_markdown(card: dict) -> str:
         "| | |",
         "| --- | --- |",
         f"| IDC release | {card['idc_release'] or 'unknown'} |",
-        f"| what | {card['kind']} {card['name']} |",
-        f"| collections | {', '.join(card['collections'])} |",
+        f"| what | {card['kind']} {_md(card['name'])} |",
+        f"| collections | {_md(', '.join(card['collections']))} |",
         f"| series | {card['series']:,} |",
         f"| files | {card['files']:,} |",
         f"| size | {card['size']} ({card['bytes']:,} bytes) |",
         f"| patients / studies | {card['patients']:,} / {card['studies']:,} |",
-        f"| modalities | {', '.join(card['modalities'])} |",
-        f"| where | `{card['download_root']}` |",
+        f"| modalities | {_md(', '.join(card['modalities']))} |",
+        f"| where | {_md(card['download_root'])} |",
         "",
         "## How it was selected",
         "",
@@ -120,19 +138,19 @@ def card_markdown(card: dict) -> str:
         "",
         "| licence | series |",
         "| --- | --- |",
-        *(f"| {lic} | {n:,} |" for lic, n in card["licenses"].items()),
+        *(f"| {_md(lic)} | {n:,} |" for lic, n in card["licenses"].items()),
         "",
     ]
     if card["restricted_licenses"]:
         total = sum(card["restricted_licenses"].values())
         lines += [
             f"**{total:,} series are under licences that restrict their use** "
-            f"({', '.join(card['restricted_licenses'])}); "
+            f"({_md(', '.join(card['restricted_licenses']))}); "
             f"{card['noncommercial_series']:,} of them may not be used commercially. Read the licences before use.",
             "",
         ]
     lines += ["## How to cite", ""]
-    lines += [f"- {c['citation'] or c['doi_url']}" for c in card["citations"]]
+    lines += [f"- {_md(c['citation'] or c['doi_url'])}" for c in card["citations"]]
     lines += ["", f"Machine-readable twin: `dataset-{card['name']}.json` beside this file.", ""]
     return "\n".join(lines)
 
@@ -146,6 +164,9 @@ def card_paths(root: Path, name: str) -> tuple[Path, Path]:
 def write_card(root: Path, card: dict) -> tuple[Path, Path]:
     """Write both files of ``card`` into ``root``, each atomically (never through a link planted there)."""
     markdown, twin = card_paths(root, card["name"])
+    for path in (markdown, twin):  # both or neither: a folder in the way of one stops both
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way of the dataset card", str(path))
     with new_file(twin, "w", encoding="utf-8") as out:
         json.dump(card, out, indent=2, sort_keys=True)
         out.write("\n")

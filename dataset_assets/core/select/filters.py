@@ -67,7 +67,7 @@ class ManifestFilters:
             raise FilterError(f"unknown filter field(s) {', '.join(unknown)}; valid fields: {', '.join(FILTER_FIELDS)}")
         clean: dict[str, object] = {}
         mode = values.pop("analysis_results", "include")
-        if mode not in ANALYSIS_RESULTS:
+        if not isinstance(mode, str) or mode not in ANALYSIS_RESULTS:
             raise FilterError(f"filter analysis_results is {mode!r}; it is one of {', '.join(ANALYSIS_RESULTS)}")
         clean["analysis_results"] = mode
         flag = values.pop("exclude_noncommercial", False)
@@ -75,7 +75,9 @@ class ManifestFilters:
             raise FilterError(f"filter exclude_noncommercial is {flag!r}; it is true or false")
         clean["exclude_noncommercial"] = flag
         for name, raw in values.items():
-            items = [raw] if isinstance(raw, str) else list(raw or [])  # type: ignore[call-overload]
+            if raw is not None and not isinstance(raw, (str, list, tuple, set, frozenset)):
+                raise FilterError(f"filter {name} is {raw!r}; give a string or a list of strings")
+            items = [raw] if isinstance(raw, str) else list(raw or [])
             for item in items:
                 if not isinstance(item, str) or not item.strip():
                     raise FilterError(f"filter {name} has the value {item!r}; values must be non-empty strings")

@@ -65,8 +65,9 @@ def _check_filter_values(con: duckdb.DuckDBPyConnection, collection_id: str, fil
                 ).fetchall()
             ]
             more = ", ..." if len(valid) > 20 else ""
+            shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10:,} more)" if len(missing) > 10 else "")
             raise EmptySelectionError(
-                f"filter {name}={', '.join(missing)} matches no series of collection {collection_id!r}; "
+                f"filter {name}={shown} matches no series of collection {collection_id!r}; "
                 f"valid {column} values there: {', '.join(valid[:20])}{more}"
             )
 

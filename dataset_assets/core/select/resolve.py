@@ -80,6 +80,7 @@ class Selection:
     prior: set[str] = field(default_factory=set)  # crdc_series_uuid of series from an earlier release
     release: int | None = None
     slide_studies: set[str] = field(default_factory=set)  # studies holding SM series: opened in Slim
+    emptied: list[str] = field(default_factory=list)  # collections the filters left nothing of (why, each)
 
     @property
     def series_count(self) -> int:
@@ -332,7 +333,7 @@ def resolve(
                 raise EmptySelectionError(emptied[0])
             shown = "; ".join(emptied[:3]) + ("; ..." if len(emptied) > 3 else "")
             raise EmptySelectionError(f"the filters {base} leave no series of the selection ({shown})")
-    return Selection(manifest, instances, unresolved, set(prior_uuids), release, slides)
+    return Selection(manifest, instances, unresolved, set(prior_uuids), release, slides, emptied)
 
 
 #: Flat layouts are staged per series below this directory (see ``flat``).

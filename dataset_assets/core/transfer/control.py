@@ -20,7 +20,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,17 @@ from dataset_assets.core.errors import BadDestinationError, DownloadError
 from dataset_assets.core.safety import CONTROL_DIR, require_name
 
 #: The folders of a root's control folder; each is made by a download, and never a link.
-CONTROL_FOLDERS = ("", "state", "locks", "claims", "claims/holders", "reservations", "headers", "replaced")
+CONTROL_FOLDERS = (
+    "",
+    "state",
+    "locks",
+    "claims",
+    "claims/holders",
+    "reservations",
+    "headers",
+    "replaced",
+    "previews",
+)
 
 
 def check_control(root: Path) -> None:
@@ -92,6 +102,20 @@ class DownloadRoot:
     def replaced(self) -> Path:
         return self.control / "replaced"
 
+    def previews(self, name: str) -> Path:
+        """The preview thumbnails of a download named ``name``, made here as plain folders:
+        ``BadDestinationError`` when one on the way is a link or not a folder."""
+        folder = self.control
+        for part in ("", "previews", name):  # one level at a time: never a folder made through a link
+            folder = folder / part if part else folder
+            with suppress(FileExistsError):
+                folder.mkdir()
+            if folder.is_symlink() or not folder.is_dir():
+                raise BadDestinationError(
+                    f"{folder} is a link or not a folder; previews are never written through a link"
+                )
+        return folder
+
     def check(self) -> None:
         check_control(self.root)
 
@@ -118,6 +142,8 @@ def collection_locks(root: Path, collections: list[str]) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = handle.read(200).strip() or "another process"
+                if holder == f"pid {os.getpid()}":
+                    holder = f"another download in this same process (pid {os.getpid()}, another thread)"
                 raise DownloadError(
                     f"{_lock_label(collection_id)} is being downloaded into {root} by {holder}; "
                     "wait for it to finish (or stop it) and run again"

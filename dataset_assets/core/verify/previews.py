@@ -16,6 +16,9 @@ from pathlib import Path
 THUMBNAIL_PX = 192
 #: Files larger than this are not decoded for a preview (a whole-slide level, a 4D series).
 MAX_DECODE_BYTES = 64 << 20
+#: Nor is a frame whose pixels would take more than this once decoded (read from the header first:
+#: a small compressed file can hold a huge image).
+MAX_FRAME_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,24 @@ def series_preview(folder: Path, series_uid: str, modality: str) -> Preview:
     try:
         if path.stat().st_size > MAX_DECODE_BYTES:
             return Preview(series_uid, modality, name, None, f"its middle file is over {MAX_DECODE_BYTES >> 20} MB")
-        dataset = pydicom.dcmread(path)
-        if "PixelData" not in dataset:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            return Preview(
+                series_uid, modality, name, None, "deflated datasets are not previewed (their size is unknown)"
+            )
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        if "Rows" not in header or "Columns" not in header:
             return Preview(series_uid, modality, name, None, f"no pixel data ({modality} holds none)")
-        return Preview(series_uid, modality, name, png(thumbnail(dataset.pixel_array)))
+        frame = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1) or 1)
+        frame *= -(-int(header.get("BitsAllocated", 16) or 16) // 8)
+        if frame > MAX_FRAME_BYTES:
+            return Preview(series_uid, modality, name, None, f"a frame would be {frame >> 20:,} MB decoded")
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        from pydicom.pixels import pixel_array
+
+        with open(path, "rb") as handle:  # one frame (the middle one) is decoded, not all of them
+            pixels = pixel_array(handle, index=frames // 2 if frames > 1 else None)
+        return Preview(series_uid, modality, name, png(thumbnail(pixels)))
     except Exception as exc:  # any reason a file cannot be shown is named, never raised
         reason = " ".join(str(exc).split())[:160] or exc.__class__.__name__
         return Preview(series_uid, modality, name, None, f"cannot be decoded: {reason}")

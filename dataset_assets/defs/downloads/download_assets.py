@@ -253,13 +253,15 @@ def _previews(context: dg.AssetExecutionContext, root: Path, manifest, name: str
     found = previews(root, manifest.slice(0, 4).to_pylist())
     folder = DownloadRoot(root).control / "previews" / name
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = DownloadRoot(root).previews(name)
         for p in found:
             if p.png is not None:
                 with new_file(folder / f"{p.series_uid}.png") as out:
                     out.write(p.png)
     except OSError as exc:
         context.log.warning(f"preview files not written: {os_error_text(exc)}")
+    except DatasetError as exc:
+        context.log.warning(f"preview files not written: {exc}")
     missing = [p for p in found if p.png is None]
     return {
         "previews": dg.MetadataValue.md(previews_markdown(found)),
