@@ -236,10 +236,11 @@ def check_readable(path: Path, name: str) -> None:
 
 
 def _remove_old_staging(folder: Path, older_than_s: float = 3600) -> None:
-    """Staging folders a killed fetch left (ours by their name; an hour old: no fetch still uses them)."""
+    """Staging folders a killed fetch left, of indices and of clinical tables (ours by their name; an
+    hour old: no fetch still uses them)."""
     import time
 
-    for path in folder.glob(".incoming-*"):
+    for path in [*folder.glob(".incoming-*"), *folder.glob(".clinical-incoming-*"), *folder.glob("clinical.old-*")]:
         try:
             st = os.lstat(path)
         except OSError:
