@@ -289,7 +289,8 @@ def test_a_collection_being_downloaded_is_locked(s3, manifest, tmp_path):
         collection_locks(root, ["qin_pet_phantom"]),
         pytest.raises(
             DownloadError,
-            match=rf"collection qin_pet_phantom is being downloaded into {root} by another download in this same process \(pid \d+",
+            match=rf"collection qin_pet_phantom is being downloaded into {root} by another download in this same "
+            r"process \(pid \d+",
         ),
     ):
         download(manifest, root, opts(s3), EngineOptions(log=lambda m: None))
