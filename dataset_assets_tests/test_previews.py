@@ -152,3 +152,37 @@ def test_preview_files_are_never_written_through_a_link(idc_fixture, s3, tmp_pat
     assert list(elsewhere.iterdir()) == []
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path == ["downloaded_collection"]]
     assert event.materialization.metadata["previews_shown"].value == 4  # still shown inline
+
+
+def test_a_run_that_fetched_nothing_shows_the_thumbnails_it_kept(idc_fixture, s3, tmp_path):
+    import base64
+
+    from dataset_assets.defs.downloads.download_assets import downloaded_collection
+    from dataset_assets.defs.downloads.manifest_assets import collection_manifest
+    from dataset_assets.lib.resources import IdcResource, S5cmdResource
+
+    resources = {
+        "idc": IdcResource(
+            index_dir=str(idc_fixture.index_dir), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "idc")
+        ),
+        "s5cmd": S5cmdResource(endpoint_url=s3.endpoint_url, retry_count=1),
+    }
+
+    def previews_of_a_run():
+        result = dg.materialize(
+            [collection_manifest, downloaded_collection], resources=resources, partition_key=idc_fixture.collection_id
+        )
+        (event,) = [
+            e for e in result.get_asset_materialization_events() if e.asset_key.path == ["downloaded_collection"]
+        ]
+        return event.materialization.metadata
+
+    first = previews_of_a_run()
+    files = sorted(Path(first["previews_path"].value).glob("*.png"))
+    marker = png(np.full((2, 3), 7, np.uint8))
+    files[0].write_bytes(marker)  # what a re-run shows is what was kept, not decoded again
+    again = previews_of_a_run()
+    assert again["previews_shown"].value == 4 and base64.b64encode(marker).decode() in again["previews"].value
+    files[0].unlink()  # one missing: decoded again, and kept again
+    third = previews_of_a_run()
+    assert third["previews_shown"].value == 4 and files[0].is_file() and files[0].read_bytes() != marker

@@ -107,6 +107,25 @@ def previews(root: Path, rows: list[dict], limit: int = 4) -> list[Preview]:
     ]
 
 
+def kept_previews(folder: Path, rows: list[dict]) -> list[Preview] | None:
+    """The previews of ``rows`` written before in ``folder`` (regular files, never through a link),
+    or ``None`` unless every one of them is there."""
+    import os
+    import stat
+
+    found = []
+    for row in rows:
+        path = folder / f"{row['SeriesInstanceUID']}.png"
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode) or folder.is_symlink():
+                return None
+            data = path.read_bytes()
+        except OSError:
+            return None
+        found.append(Preview(row["SeriesInstanceUID"], row.get("Modality") or "", path.name, data))
+    return found
+
+
 def previews_markdown(found: list[Preview]) -> str:
     """The previews as Markdown: each thumbnail inline (a PNG data URI), the others named with why."""
     import base64

@@ -239,19 +239,29 @@ def materialize_download(
         except (OSError, DatasetError) as exc:  # the data is verified: a card that cannot be written is said
             context.log.warning(f"dataset card not written: {os_error_text(exc) if isinstance(exc, OSError) else exc}")
     if preview_name is not None and manifest.num_rows:
-        metadata.update(_previews(context, root, manifest, preview_name))
+        metadata.update(_previews(context, root, manifest, preview_name, changed=result.transferred_files > 0))
     return dg.MaterializeResult(metadata=metadata)
 
 
-def _previews(context: dg.AssetExecutionContext, root: Path, manifest, name: str) -> dict:
+def _previews(context: dg.AssetExecutionContext, root: Path, manifest, name: str, changed: bool) -> dict:
     """Thumbnails of the first series (middle image, pydicom) as Markdown images, and as PNG files
-    under the control folder; a series that cannot be shown is named, never a failed run."""
+    under the control folder; a series that cannot be shown is named, never a failed run. A run
+    that fetched nothing shows the thumbnails it kept (no DICOM decoded, pydicom not imported)."""
     from dataset_assets.core.fs import new_file
     from dataset_assets.core.transfer.control import DownloadRoot
-    from dataset_assets.core.verify.previews import previews, previews_markdown
+    from dataset_assets.core.verify.previews import kept_previews, previews, previews_markdown
 
-    found = previews(root, manifest.slice(0, 4).to_pylist())
+    rows = manifest.slice(0, 4).to_pylist()
     folder = DownloadRoot(root).control / "previews" / name
+    found = None if changed else kept_previews(folder, rows)
+    if found is not None:
+        return {
+            "previews": dg.MetadataValue.md(previews_markdown(found)),
+            "previews_shown": len(found),
+            "previews_not_shown": dg.MetadataValue.md("none"),
+            "previews_path": dg.MetadataValue.path(str(folder)),
+        }
+    found = previews(root, rows)
     try:
         folder = DownloadRoot(root).previews(name)
         for p in found:
