@@ -22,6 +22,7 @@ An older state that recorded every file name and size is read and kept as digest
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -375,8 +376,7 @@ def compact_state(path: Path, log: Log = print) -> None:
     files = 0  # names held in ``entries``: written out every COMPACT_BATCH_FILES
     with open(journal, "rb") as handle:
         for number, entry in enumerate(_entries(handle)):
-            # A malformed entry (ignored) must not hide the snapshot's good record of its series.
-            if entry is not None and (entry.get("forget") or _record(entry) is not None):
+            if entry is not None:
                 last[entry["target_dir"]] = number
     touched = arrow_build.strings(sorted(last))  # not pa.array: that imports pandas (1 s, 40 MB)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,6 +400,7 @@ def compact_state(path: Path, log: Log = print) -> None:
                                 entries, files = [], 0
                 except (OSError, pa.ArrowException, ValueError, StopIteration):
                     pass  # an unreadable snapshot: what the journal holds is kept
+            restore: list[str] = []  # series whose last entry is malformed: the snapshot's record stands
             with open(journal, "rb") as handle:
                 for number, entry in enumerate(_entries(handle)):
                     if entry is None or last.get(entry["target_dir"]) != number or entry.get("forget"):
@@ -407,9 +408,22 @@ def compact_state(path: Path, log: Log = print) -> None:
                     if (record := _record(entry)) is not None:
                         entries.append((entry["target_dir"], record))
                         files += record.count or 0
+                    else:
+                        restore.append(entry["target_dir"])
                     if files >= COMPACT_BATCH_FILES or len(entries) >= 10_000:
                         _write(writer, dict(entries))
                         entries, files = [], 0
+            if restore and path.is_file() and not path.is_symlink():  # rare: read the snapshot once more
+                import pyarrow.compute as pc
+
+                wanted = arrow_build.strings(sorted(restore))
+                with contextlib.suppress(OSError, pa.ArrowException, ValueError, StopIteration):
+                    batches = arrow_build.iter_parquet(path, SCHEMA.names, 1_000)
+                    next(batches)
+                    for batch in batches:
+                        for row in batch.filter(pc.is_in(batch.column("target_dir"), wanted)).to_pylist():
+                            if (record := _record(row)) is not None:
+                                entries.append((row["target_dir"], record))
             _write(writer, dict(entries))
         finally:
             writer.close()
