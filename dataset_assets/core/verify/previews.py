@@ -110,16 +110,15 @@ def previews(root: Path, rows: list[dict], limit: int = 4) -> list[Preview]:
 def kept_previews(folder: Path, rows: list[dict]) -> list[Preview] | None:
     """The previews of ``rows`` written before in ``folder`` (regular files, never through a link),
     or ``None`` unless every one of them is there."""
-    import os
-    import stat
+    from dataset_assets.core.fs import read_small
 
+    if folder.is_symlink():
+        return None
     found = []
     for row in rows:
         path = folder / f"{row['SeriesInstanceUID']}.png"
         try:
-            if not stat.S_ISREG(os.lstat(path).st_mode) or folder.is_symlink():
-                return None
-            data = path.read_bytes()
+            data = read_small(path, 4 << 20)  # a regular file of ours: no link, no FIFO, nothing huge
         except OSError:
             return None
         found.append(Preview(row["SeriesInstanceUID"], row.get("Modality") or "", path.name, data))
