@@ -193,6 +193,9 @@ def transfer(
 
     selection = select(source, request, note)
     outcome = Transfer(selection, problems=with_prior_counts(selection, request))
+    # The card's citations are read now, while the process is small: DuckDB opened after a large
+    # transfer would add its memory on top of everything the transfer held (measured at 200,000 files).
+    cited = _citations(source, selection) if selection.manifest is not None and request.shard is None else []
     state = state_and_shard(selection, request)
     if selection.manifest is not None and restricted(counts := licence_counts(selection.manifest)):
         note(f"note: {restriction_text(counts)}")
@@ -231,22 +234,26 @@ def transfer(
         outcome.problems += link_flat(selection, request.dest.absolute())
     if outcome.complete and selection.manifest is not None and request.shard is None and state is not None:
         try:
-            outcome.card = write_selection_card(source, request, selection, state.stem)
+            outcome.card = write_selection_card(request, selection, state.stem, cited)
         except OSError as exc:  # the data is verified: a card that cannot be written is said, not fatal
             outcome.card_problem = f"dataset card not written ({exc.strerror or exc})"
     return outcome
 
 
-def write_selection_card(source: idx.IndexSource, request: Request, selection: Selection, name: str) -> Path:
+def _citations(source: idx.IndexSource, selection: Selection) -> list[dict]:
+    from .core.index.citations import citations
+
+    with source.connect() as con:
+        return citations(con, selection.manifest, analysis_results=source.directory / "analysis_results_index.parquet")
+
+
+def write_selection_card(request: Request, selection: Selection, name: str, cited: list[dict]) -> Path:
     """The dataset card of a verified download (see ``core.select.card``); its Markdown path."""
     from importlib.metadata import version
 
-    from .core.index.citations import citations
     from .core.select.card import dataset_card, write_card
     from .core.transfer.s5cmd import binary_version
 
-    with source.connect() as con:
-        cited = citations(con, selection.manifest, analysis_results=source.directory / "analysis_results_index.parquet")
     picked = {
         "target": request.target,
         "by": request.kind,
