@@ -121,8 +121,16 @@ def citations(
     keys = ["collection_id", "source_DOI", "license_short_name"]
     rows = []
     if manifest is not None:  # grouped first: nlst's 592,600 series are a few rows here, not 592,600 dicts
-        grouped = manifest.select(keys).group_by(keys, use_threads=False).aggregate([([], "count_all")])
-        rows = [{**r, "n": r.pop("count_all")} for r in grouped.to_pylist()]
+        import pyarrow.compute as pc
+
+        # value_counts of the (collection, DOI, licence) triples joined by a separator no value holds
+        # (index values hold no control characters): a plain kernel, not Acero's group_by
+        parts = [pc.fill_null(manifest.column(k).cast("string"), "") for k in keys]
+        joined = pc.binary_join_element_wise(*parts, "\x1f")
+        rows = [
+            {**dict(zip(keys, (v or None for v in item["values"].split("\x1f")), strict=True)), "n": item["counts"]}
+            for item in pc.value_counts(joined).to_pylist()
+        ]
     rows += [{**{k: r.get(k) for k in keys}, "n": 1} for r in (extra_series or [])]
     fallback = _original_dois(con, sorted({r["collection_id"] for r in rows if not r["source_DOI"]}))
     shipped = _shipped_sources(con, analysis_results)
