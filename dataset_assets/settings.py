@@ -178,6 +178,12 @@ def process_environment() -> dict[str, str]:
     return dict(os.environ)
 
 
+def arrow_pool_chosen() -> bool:
+    """Whether the user chose Arrow's allocator with Arrow's own ``ARROW_DEFAULT_MEMORY_POOL``
+    (then ``core.arrow_build.give_back_freed_memory`` leaves it alone)."""
+    return bool(os.environ.get("ARROW_DEFAULT_MEMORY_POOL"))
+
+
 def has_display() -> bool:
     """Whether a browser can be opened (Linux: an X or Wayland display, or $BROWSER)."""
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("BROWSER"))

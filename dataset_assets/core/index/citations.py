@@ -123,10 +123,12 @@ def citations(
     if manifest is not None:  # grouped first: nlst's 592,600 series are a few rows here, not 592,600 dicts
         import pyarrow.compute as pc
 
+        from dataset_assets.core.arrow_build import scalar
+
         # value_counts of the (collection, DOI, licence) triples joined by a separator no value holds
         # (index values hold no control characters): a plain kernel, not Acero's group_by
-        parts = [pc.fill_null(manifest.column(k).cast("string"), "") for k in keys]
-        joined = pc.binary_join_element_wise(*parts, "\x1f")
+        parts = [pc.fill_null(manifest.column(k).cast("string"), scalar("")) for k in keys]  # no pandas probe
+        joined = pc.binary_join_element_wise(*parts, scalar("\x1f"))
         rows = [
             {**dict(zip(keys, (v or None for v in item["values"].split("\x1f")), strict=True)), "n": item["counts"]}
             for item in pc.value_counts(joined).to_pylist()

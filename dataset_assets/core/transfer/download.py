@@ -65,6 +65,7 @@ from dataset_assets.core.transfer.control import (
     remove_stale_command_files,
 )
 from dataset_assets.core.transfer.disk import (
+    ENGINE_COLUMNS,
     TEMP_SUFFIX,
     SeriesOnDisk,
     best_record,
@@ -594,7 +595,7 @@ class Download:
         deferred: dict[str, dict] = {}
         try:
             with space_reservation(self.root, self.paths.reservations, self.estimate_bytes, label) as reservation:
-                for rows in self._batches(manifest_rows(self.manifest)):
+                for rows in self._batches(manifest_rows(self.manifest, ENGINE_COLUMNS)):
                     for row in rows:
                         if row.get("target_dir") not in self.failed and not series_problem(row, self.allowed_buckets):
                             self.result.files += row["instanceCount"]
@@ -660,7 +661,7 @@ class Download:
     def _estimate(self) -> int:
         """Bytes still to fetch, judged by the records alone (no disk access): for the space check."""
         missing = 0
-        for row in manifest_rows(self.manifest):
+        for row in manifest_rows(self.manifest, ENGINE_COLUMNS):
             record = best_record(row, self.records, self.shard_records)
             size = row.get("series_bytes")
             if isinstance(size, int) and size > 0 and record is None:
@@ -750,7 +751,7 @@ class Download:
         ``crdc_series_uuid``) to ``<root>/.dataset_assets/replaced/<old uuid>/``: kept, not deleted."""
         revised = []
         in_manifest = set()
-        for row in manifest_rows(self.manifest):
+        for row in manifest_rows(self.manifest, ENGINE_COLUMNS):
             in_manifest.add(row["target_dir"])
             before = self.records.get(row["target_dir"])
             if before is None or before.crdc_series_uuid == row["crdc_series_uuid"]:

@@ -172,12 +172,14 @@ def materialize_download(
     """The body of every downloaded asset (collections, cohorts): read the manifest, run the
     download engine, and turn its outcome into metadata or a one-line ``dg.Failure``, with a
     searchable start and end line in the run's log. ``state_path``: default, the collection's."""
+    from dataset_assets.core.arrow_build import give_back_freed_memory
     from dataset_assets.core.select.manifest import read_manifest
     from dataset_assets.core.transfer import download as dl
     from dataset_assets.core.verify.checks import header_cache_path
     from dataset_assets.core.verify.dicom_headers import header_watch
 
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
+    give_back_freed_memory(settings.arrow_pool_chosen())
     try:
         manifest = read_manifest(manifest_path())
         state = state_path or dl.state_path_for(root, manifest)

@@ -7,6 +7,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
+from dataset_assets import settings
 from dataset_assets.core.errors import DatasetError
 from dataset_assets.core.fmt import human_bytes, markdown_table
 from dataset_assets.core.select.filters import FILTER_FIELDS, ManifestFilters
@@ -98,12 +99,14 @@ def collection_manifest(
     parts, patients, studies, series), each with its S3 URL, size, instance count, licence and
     target directory from the layout template. Stored as one Parquet file per collection in
     `$IDC_MANIFEST_DIR` (query all with DuckDB: `SELECT * FROM 'data/manifests/*.parquet'`)."""
+    from dataset_assets.core.arrow_build import give_back_freed_memory
     from dataset_assets.core.index.citations import citations, license_summary
     from dataset_assets.core.index.source import release_of
     from dataset_assets.core.index.viewer import slide_studies, viewer_url, viewer_urls
     from dataset_assets.core.select import manifest as mf
     from dataset_assets.core.select.card import selection_metadata
 
+    give_back_freed_memory(settings.arrow_pool_chosen())
     collection_id = context.partition_key
     source = idc.source()
     root = idc.download_root()
