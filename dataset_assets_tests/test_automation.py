@@ -45,6 +45,7 @@ def test_release_sensor_requests_refresh_of_older_release(release_24, idc_fixtur
             index_dir=str(release_24), manifest_dir=str(tmp_path / "m"), download_dir=str(tmp_path / "d")
         ),
         "duckdb": DuckDBResource(database=str(tmp_path / "idc.duckdb")),
+        "s5cmd": S5cmdResource(),
     }
     with dg.instance_for_test() as instance:
         assert dg.materialize([idc_index, idc_collections], resources=resources, instance=instance).success

@@ -10,7 +10,6 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from dataset_assets.defs.catalog.index_assets import idc_index
-from dataset_assets.defs.catalog.index_checks import index_checks
 from dataset_assets.defs.downloads.checks import download_checks
 from dataset_assets.defs.downloads.download_assets import downloaded_collection
 from dataset_assets.defs.downloads.jobs import verify_downloads_job
@@ -119,9 +118,7 @@ def test_header_check_sampling_is_stated(env):
 
 def test_index_checks_pass_on_real_index_and_fail_on_null_urls(idc_fixture, tmp_path):
     db = DuckDBResource(database=str(tmp_path / "real.duckdb"))
-    real = dg.materialize(
-        [idc_index, *index_checks], resources={"idc": IdcResource(), "duckdb": db, "s5cmd": S5cmdResource()}
-    )
+    real = dg.materialize([idc_index], resources={"idc": IdcResource(), "duckdb": db, "s5cmd": S5cmdResource()})
     assert all(e.passed for e in real.get_asset_check_evaluations())  # 1,044,191 rows, every one safe
 
     broken = tmp_path / "broken"
@@ -137,7 +134,7 @@ def test_index_checks_pass_on_real_index_and_fail_on_null_urls(idc_fixture, tmp_
         "duckdb": DuckDBResource(database=str(tmp_path / "b.duckdb")),
         "s5cmd": S5cmdResource(),
     }
-    result = dg.materialize([idc_index, *index_checks], resources=resources, raise_on_error=False)
+    result = dg.materialize([idc_index], resources=resources, raise_on_error=False)
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     safe = evaluations["idc_index_rows_are_safe"]
     assert not safe.passed and safe.metadata["url_not_bucket_uuid"].value == 2, safe.description

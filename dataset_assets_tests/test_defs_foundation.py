@@ -13,7 +13,7 @@ from dataset_assets.core.index import source as idx
 from dataset_assets.definitions import defs
 from dataset_assets.defs.catalog.index_assets import idc_collections, idc_index
 from dataset_assets.defs.downloads.manifest_assets import collection_manifest
-from dataset_assets.lib.resources import IdcResource
+from dataset_assets.lib.resources import IdcResource, S5cmdResource
 
 
 @pytest.fixture
@@ -21,6 +21,7 @@ def resources(tmp_path):
     return {
         "idc": IdcResource(manifest_dir=str(tmp_path / "manifests"), download_dir=str(tmp_path / "idc")),
         "duckdb": DuckDBResource(database=str(tmp_path / "db" / "idc.duckdb")),
+        "s5cmd": S5cmdResource(),  # the index's row check reads the allowed buckets from it
     }
 
 

@@ -8,9 +8,10 @@ import dagster as dg
 from dataset_assets import settings
 from dataset_assets.core.fmt import human_bytes
 from dataset_assets.core.index import source as idx
+from dataset_assets.defs.catalog.index_checks import INDEX_CHECKS, INDEX_KEY, index_check_results
 from dataset_assets.lib.groups import INDEX_GROUP, OWNERS
 from dataset_assets.lib.metadata import index_column_schema, table_preview
-from dataset_assets.lib.resources import IdcResource, IndexDatabase
+from dataset_assets.lib.resources import IdcResource, IndexDatabase, S5cmdResource
 
 IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
 
@@ -18,24 +19,39 @@ IDC_PORTAL = "https://portal.imaging.datacommons.cancer.gov/explore/"
 #: The index is reloaded every Monday (``weekly_index_refresh``): older than that, it shows as stale.
 INDEX_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(days=9), warn_window=timedelta(days=8))
 
+INDEX_DESCRIPTION = """The series-level index of NCI Imaging Data Commons (one row per DICOM series), from the
+installed `idc-index-data` package, in the project's DuckDB database (`$IDC_DUCKDB_PATH`)
+with `collections_index`, `prior_versions_index` and `version_metadata_index`: views over a
+snapshot of the package's Parquet files beside the database (`<name>_index_files/`), so a
+package upgrade changes nothing until the asset is materialized again. Its data version is the
+IDC release (e.g. `v25`), so an unchanged release shows as unchanged. Its two checks are
+evaluated in the same step (see `index_checks`)."""
 
-@dg.asset(
-    group_name=INDEX_GROUP,
-    kinds={"duckdb", "parquet"},
-    owners=OWNERS,
-    tags={"domain": "idc"},
-    freshness_policy=INDEX_FRESHNESS,
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            INDEX_KEY,
+            group_name=INDEX_GROUP,
+            kinds={"duckdb", "parquet"},
+            owners=OWNERS,
+            tags={"domain": "idc"},
+            freshness_policy=INDEX_FRESHNESS,
+            description=INDEX_DESCRIPTION,
+        )
+    ],
+    check_specs=INDEX_CHECKS,
+    can_subset=True,
+    name="idc_index",
 )
-def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: IndexDatabase) -> dg.MaterializeResult:
-    """The series-level index of NCI Imaging Data Commons (one row per DICOM series), from the
-    installed `idc-index-data` package, in the project's DuckDB database (`$IDC_DUCKDB_PATH`)
-    with `collections_index`, `prior_versions_index` and `version_metadata_index`: views over a
-    snapshot of the package's Parquet files beside the database (`<name>_index_files/`), so a
-    package upgrade changes nothing until the asset is materialized again. Its data version is the
-    IDC release (e.g. `v25`), so an
-    unchanged release shows as unchanged."""
+def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: IndexDatabase, s5cmd: S5cmdResource):
     source = idc.source()
     database = Path(duckdb.database)
+    if INDEX_KEY not in context.selected_asset_keys:  # the checks alone, on the database as it is
+        with duckdb.get_connection() as con:
+            facts = idx.index_facts(con)
+        yield from index_check_results(facts, s5cmd.buckets(), context.selected_asset_check_keys)
+        return
     database.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.get_connection() as con:
         idx.load_into(con, source, snapshot_dir=database.parent / f"{database.stem}_index_files")
@@ -52,7 +68,8 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: Index
         human_bytes(totals["bytes"]),
     )
     columns = index_column_schema(schema_dir(source), "idc_index")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
+        asset_key=INDEX_KEY,
         data_version=dg.DataVersion(f"v{release}"),
         metadata={
             "idc_release": f"v{release}",
@@ -72,6 +89,7 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: Index
             "idc_portal": dg.MetadataValue.url(IDC_PORTAL),
         },
     )
+    yield from index_check_results(facts, s5cmd.buckets(), context.selected_asset_check_keys)
 
 
 @dg.asset(
