@@ -22,7 +22,7 @@ from dataset_assets.core.select.manifest import build_manifest
 from dataset_assets.core.transfer.download import EngineOptions, download, state_path_for
 from dataset_assets.core.transfer.s5cmd import S5cmdOptions
 from dataset_assets.core.verify.checks import check_headers, check_tree
-from dataset_assets.core.verify.dicom_headers import header_watch
+from dataset_assets.core.verify.dicom_headers import HEADER_FIELDS, header_watch
 from dataset_assets_tests.support.fixture import write_dicom
 from dataset_assets_tests.support.procs import live_processes
 
@@ -197,7 +197,10 @@ def test_default_processes_are_capped(monkeypatch):
     assert verify.default_processes() == 1
 
 
-def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifest, tmp_path):
+@pytest.mark.parametrize("columns", [None, HEADER_FIELDS], ids=["whole-rows", "header-fields-only"])
+def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifest, tmp_path, columns):
+    """Headers are read as files land, whether the watch gets whole rows or only the columns it
+    declares (the Dagster step's slim rows once lost PatientID, and every header was read again)."""
     from dataset_assets.core.verify.checks import header_cache_path
 
     root = tmp_path / "dl"
@@ -206,7 +209,7 @@ def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifes
         manifest,
         root,
         S5cmdOptions(endpoint_url=s3.endpoint_url, retry_count=1),
-        EngineOptions(log=lambda m: None, watch_batch=header_watch(cache)),
+        EngineOptions(log=lambda m: None, watch_batch=header_watch(cache), watch_columns=columns),
     )
     first = check_headers(manifest, root, processes=1, cache_path=cache)
     assert first.passed and first.checked == 24 and first.notes["read"] == 0  # read as the files landed

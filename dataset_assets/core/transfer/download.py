@@ -232,6 +232,8 @@ class EngineOptions:
     progress_interval_s: float = 5.0
     check_endpoint_first: bool = True
     watch_batch: WatchBatch | None = None
+    # the manifest columns ``watch_batch`` reads beside the engine's own (None: every column)
+    watch_columns: tuple[str, ...] | None = None
     batch_files: int = BATCH_FILES
     batch_bytes: int = BATCH_BYTES
     batch_series: int = BATCH_SERIES
@@ -263,6 +265,10 @@ class Download:
         self.stall_timeout_s, self.allowed_buckets = engine.stall_timeout_s, engine.allowed_buckets
         self.batch_files, self.batch_bytes = engine.batch_files, engine.batch_bytes
         self.batch_series = engine.batch_series
+        # a batch's rows hold the columns the engine and its watch read, not the whole row
+        watched = () if engine.watch_batch is None else engine.watch_columns
+        extra = () if watched is None else tuple(sorted(set(watched) - set(ENGINE_COLUMNS)))
+        self.row_columns = None if watched is None else ENGINE_COLUMNS + extra
         self.paths = DownloadRoot(root)
         self.control = self.paths.control
         self.started = time.monotonic()
@@ -595,7 +601,7 @@ class Download:
         deferred: dict[str, dict] = {}
         try:
             with space_reservation(self.root, self.paths.reservations, self.estimate_bytes, label) as reservation:
-                for rows in self._batches(manifest_rows(self.manifest, ENGINE_COLUMNS)):
+                for rows in self._batches(manifest_rows(self.manifest, self.row_columns)):
                     for row in rows:
                         if row.get("target_dir") not in self.failed and not series_problem(row, self.allowed_buckets):
                             self.result.files += row["instanceCount"]
@@ -661,7 +667,7 @@ class Download:
     def _estimate(self) -> int:
         """Bytes still to fetch, judged by the records alone (no disk access): for the space check."""
         missing = 0
-        for row in manifest_rows(self.manifest, ENGINE_COLUMNS):
+        for row in manifest_rows(self.manifest, self.row_columns):
             record = best_record(row, self.records, self.shard_records)
             size = row.get("series_bytes")
             if isinstance(size, int) and size > 0 and record is None:
@@ -751,7 +757,7 @@ class Download:
         ``crdc_series_uuid``) to ``<root>/.dataset_assets/replaced/<old uuid>/``: kept, not deleted."""
         revised = []
         in_manifest = set()
-        for row in manifest_rows(self.manifest, ENGINE_COLUMNS):
+        for row in manifest_rows(self.manifest, self.row_columns):
             in_manifest.add(row["target_dir"])
             before = self.records.get(row["target_dir"])
             if before is None or before.crdc_series_uuid == row["crdc_series_uuid"]:

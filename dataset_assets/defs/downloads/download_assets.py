@@ -176,7 +176,7 @@ def materialize_download(
     from dataset_assets.core.select.manifest import read_manifest
     from dataset_assets.core.transfer import download as dl
     from dataset_assets.core.verify.checks import header_cache_path
-    from dataset_assets.core.verify.dicom_headers import header_watch
+    from dataset_assets.core.verify.dicom_headers import HEADER_FIELDS, header_watch
 
     die_with_launcher()  # a SIGKILLed `dagster asset materialize` takes this step and s5cmd along
     give_back_freed_memory(settings.arrow_pool_chosen())
@@ -205,6 +205,7 @@ def materialize_download(
                 allowed_buckets=s5cmd.buckets(),
                 # headers read as files land, for the check (a shard adds to its collection's cache)
                 watch_batch=header_watch(header_cache_path(root, manifest, headers_of or state)),
+                watch_columns=HEADER_FIELDS,
             ),
         )
     except (IncompleteDownloadError, TransferStoppedError) as exc:
