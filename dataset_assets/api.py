@@ -100,9 +100,6 @@ def entries_of(target: str, kind: str, note: Callable[[str], None] = _ignore) ->
 def select(source: idx.IndexSource, request: Request, note: Callable[[str], None] = _ignore) -> Selection:
     """Resolve the request's TARGET; unresolvable entries are an error unless ``skip_unresolved``
     (then each is handed to ``note``, and the rest goes on)."""
-    from .core.arrow_build import give_back_freed_memory
-
-    give_back_freed_memory(settings.arrow_pool_chosen())
     entries = entries_of(request.target, request.kind, note)
     with source.connect() as con:
         selection = resolve(

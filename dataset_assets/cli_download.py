@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import settings
 from .api import Request, citation_records, select, state_and_shard, transfer, verify_report, with_prior_counts
 from .cli_errors import EXIT_INCOMPLETE, Failure
 from .core.fmt import human_bytes, human_duration
@@ -29,9 +30,19 @@ from .core.transfer.state import load_state
 INSTANCE_INDEX = "sm_instance_index"
 
 
+def our_process_allocates_for_scale() -> None:
+    """The command's process is ours: Arrow gives freed memory back (``arrow_build.give_back_freed_memory``)
+    unless the user chose Arrow's pool with ``ARROW_DEFAULT_MEMORY_POOL``. The Python API leaves the
+    host program's allocator alone."""
+    from .core.arrow_build import give_back_freed_memory
+
+    give_back_freed_memory(settings.arrow_pool_chosen())
+
+
 def run_download(request: Request, source: idx.IndexSource, *, dry_run: bool, as_json: bool, view=None) -> None:
     """``dataset idc download``: a dry-run report, or the API's ``transfer`` with its progress
     shown and its outcome said in closing lines and the exit code."""
+    our_process_allocates_for_scale()
     if dry_run:
         selection = select(source, request, _stderr)
         problems = with_prior_counts(selection, request)
@@ -90,6 +101,7 @@ def summary_lines(result, done, instances: int, dest: Path, *, failed: bool) -> 
 
 def verify_selection(request: Request, source: idx.IndexSource) -> int:
     """``dataset idc verify`` (the API's ``verify_report``), said in lines; returns the exit code."""
+    our_process_allocates_for_scale()
     report = verify_report(request, source, _stderr)
     if report.passed:
         click.echo(f"complete: all {report.checked:,} series in {request.dest} verified file by file")

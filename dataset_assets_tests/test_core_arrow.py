@@ -327,3 +327,24 @@ def test_arrow_gives_freed_memory_back_unless_the_user_chose_a_pool():
     chosen = {**env, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=chosen, timeout=120)
     assert done.stdout.strip() == "mimalloc", done.stderr[-2000:]
+
+
+def test_the_cli_switches_the_allocator_and_the_python_api_leaves_the_hosts(tmp_path):
+    """A download or dry run from the command line runs in our process; a program calling the API
+    keeps the Arrow pool it has (a library does not change a process-wide setting)."""
+    script = textwrap.dedent(
+        f"""
+        import pyarrow as pa
+        default = pa.default_memory_pool().backend_name
+        from dataset_assets.api import IDC
+        IDC().select("qin_pet_phantom", {str(tmp_path / "api")!r})
+        api = pa.default_memory_pool().backend_name
+        from dataset_assets.cli import main
+        main(["idc", "download", "qin_pet_phantom", {str(tmp_path / "cli")!r}, "--dry-run"], standalone_mode=False)
+        print(default, api, pa.default_memory_pool().backend_name)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    default, api, cli = done.stdout.split()[-3:]
+    assert default != "system" and api == default and cli == "system", done.stderr[-2000:]

@@ -221,3 +221,16 @@ def test_header_check_reads_only_new_or_changed_files_with_its_cache(s3, manifes
     assert not second.passed and second.notes["read"] == 0 and "someone-else" in second.problems[0]
     third = check_headers(manifest, root, processes=1, cache_path=cache, reread=True)
     assert not third.passed and third.notes["read"] == 23  # everything read; the bad file is never cached
+
+
+def test_watch_columns_are_checked_when_the_download_is_made(manifest, tmp_path):
+    """A string or a misspelled column would hand the watch None for what it compares, and every
+    header would be read again at the check: refused at once, in one line."""
+    from dataset_assets.core.errors import OptionError
+    from dataset_assets.core.transfer.download import Download
+
+    with pytest.raises(OptionError, match="not a list of column names"):
+        EngineOptions(watch_columns="PatientID")
+    engine = EngineOptions(watch_batch=header_watch(tmp_path / "h.parquet"), watch_columns=("PatientId",))
+    with pytest.raises(OptionError, match=r"\['PatientId'\] are not columns of the manifest"):
+        Download(manifest, tmp_path / "dl", S5cmdOptions(endpoint_url="http://127.0.0.1:1"), engine)

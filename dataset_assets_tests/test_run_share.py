@@ -21,7 +21,10 @@ from dataset_assets.lib.resources import IdcResource, IndexDatabase, S5cmdResour
 
 #: Packages a run of any asset must not pay for when the definitions load: the steps that need
 #: them import them (Arrow, DuckDB, pandas, DICOM, HTTP, the index package's own import).
-HEAVY = ("numpy", "pandas", "pyarrow", "duckdb", "dagster_duckdb", "pydicom", "requests", "urllib3", "idc_index_data")
+HEAVY = (
+    "numpy", "pandas", "pyarrow", "duckdb", "dagster_duckdb", "pydicom", "requests", "urllib3", "idc_index_data",
+    "tomlkit",  # Dagster's loader parses pyproject.toml with it; ours builds the tree from the defs package
+)  # fmt: skip
 
 #: The only modules of ours the definitions may load: declarations and light checks. The engine,
 #: manifests, states, verification and the CLI load inside the steps that use them.
@@ -277,3 +280,53 @@ def test_a_fifo_or_link_planted_at_a_cache_file_is_never_waited_on_or_followed(i
     result, checks = _materialize(folder, database)
     assert result.success and all(c.passed for c in checks.values())
     assert facts.is_file()
+
+
+def test_checks_alone_on_a_database_that_never_held_the_index_say_so_in_one_line(idc_fixture, tmp_path):
+    """The index's checks run alone (the UI's "Execute checks") read the database as it is: one that
+    never held the index fails with one line naming it, and no empty database file is left."""
+    database = tmp_path / "db" / "idc.duckdb"
+    resources = {
+        "idc": IdcResource(index_dir=str(idc_fixture.index_dir)),
+        "duckdb": IndexDatabase(database=str(database)),
+        "s5cmd": S5cmdResource(),
+    }
+    result = dg.materialize(
+        [idc_index], resources=resources, selection=dg.AssetSelection.checks(*INDEX_CHECK_KEYS), raise_on_error=False
+    )
+    assert not result.success and not database.exists()
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "never materialized" in message and str(database) in message and "Traceback" not in message
+    database.parent.mkdir()
+    import duckdb
+
+    duckdb.connect(str(database)).close()  # a database of something else
+    result = dg.materialize(
+        [idc_index], resources=resources, selection=dg.AssetSelection.checks(*INDEX_CHECK_KEYS), raise_on_error=False
+    )
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "never materialized" in failure.step_failure_data.error.message
+
+
+def test_both_loaders_give_the_same_definitions_and_only_dagsters_adds_the_catalogue():
+    """The defs package's own component tree (the default) and ``dg.load_from_defs_folder``
+    (``DATASET_COMPONENT_CATALOGUE=1``) load the same assets, checks, jobs, schedules, sensors and
+    resources; Dagster's adds the UI's catalogue of component types."""
+    script = (
+        "import json, dataset_assets.definitions as d\n"
+        "r = d.defs.get_repository_def()\n"
+        "print(json.dumps({'assets': sorted(k.to_user_string() for k in r.asset_graph.get_all_asset_keys()),\n"
+        "  'checks': sorted(str(k) for k in r.asset_graph.asset_check_keys), 'jobs': sorted(r.job_names),\n"
+        "  'schedules': sorted(s.name for s in r.schedule_defs), 'sensors': sorted(s.name for s in r.sensor_defs),\n"
+        "  'resources': sorted(r.get_top_level_resources()), 'metadata': sorted((d.defs.metadata or {}))}))\n"
+    )
+    found = {}
+    for value in ("", "1"):
+        env = {**os.environ, "DATASET_COMPONENT_CATALOGUE": value}
+        done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        found[value] = json.loads(done.stdout.strip().splitlines()[-1])
+    ours, dagsters = found[""], found["1"]
+    assert ours.pop("metadata") == [] and dagsters.pop("metadata") == ["plugin_component_types_json"]
+    assert ours == dagsters and "idc_index" in ours["assets"] and len(ours["checks"]) >= 10

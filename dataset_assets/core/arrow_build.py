@@ -32,9 +32,10 @@ def give_back_freed_memory(user_chose: bool = False) -> None:
     mimalloc keeps the segments each thread freed for reuse, so the short-lived arrays of a large
     selection (layout rendering, series per batch) stay in the process: measured at 200,000 files,
     planning held 12 MB more than at 20,000 with mimalloc and 4 MB with the system allocator.
-    Our arrays are small and few, so the allocator's speed does not show. Called by the entry
-    points (the CLI, ``api.IDC``, the download steps) with ``user_chose`` from
-    ``settings.arrow_pool_chosen()``: a user's ``ARROW_DEFAULT_MEMORY_POOL`` is left alone.
+    Our arrays are small and few, so the allocator's speed does not show. Called where the
+    process is ours (the CLI's download and verify, the Dagster download steps), never by the
+    Python API, with ``user_chose`` from ``settings.arrow_pool_chosen()``: a user's
+    ``ARROW_DEFAULT_MEMORY_POOL`` is left alone.
     """
     if not user_chose and pa.default_memory_pool().backend_name != "system":
         pa.set_memory_pool(pa.system_memory_pool())

@@ -247,6 +247,15 @@ class EngineOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name} {value!r} is not a whole number >= 1")
         object.__setattr__(self, "allowed_buckets", tuple(self.allowed_buckets))
+        columns = self.watch_columns
+        if columns is not None and (
+            isinstance(columns, str)
+            or not isinstance(columns, (tuple, list))
+            or not all(isinstance(c, str) and c for c in columns)
+        ):
+            raise OptionError(f"watch_columns {columns!r} is not a list of column names (None: whole rows)")
+        if columns is not None:
+            object.__setattr__(self, "watch_columns", tuple(columns))
 
 
 class Download:
@@ -267,6 +276,9 @@ class Download:
         self.batch_series = engine.batch_series
         # a batch's rows hold the columns the engine and its watch read, not the whole row
         watched = () if engine.watch_batch is None else engine.watch_columns
+        missing = sorted(set(watched or ()) - set(manifest.column_names))
+        if missing:  # the watch would get None for them and match nothing: said now, not found out later
+            raise OptionError(f"watch_columns {missing} are not columns of the manifest")
         extra = () if watched is None else tuple(sorted(set(watched) - set(ENGINE_COLUMNS)))
         self.row_columns = None if watched is None else ENGINE_COLUMNS + extra
         self.paths = DownloadRoot(root)

@@ -48,8 +48,7 @@ def idc_index(context: dg.AssetExecutionContext, idc: IdcResource, duckdb: Index
     source = idc.source()
     database = Path(duckdb.database)
     if INDEX_KEY not in context.selected_asset_keys:  # the checks alone, on the database as it is
-        with duckdb.get_connection() as con:
-            facts = idx.index_facts(con)
+        facts = _facts_of_materialized(duckdb)
         yield from index_check_results(facts, s5cmd.buckets(), context.selected_asset_check_keys)
         return
     database.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +151,24 @@ def idc_collections(context: dg.AssetExecutionContext, duckdb: IndexDatabase) ->
             ),  # fmt: skip
         },
     )
+
+
+def _facts_of_materialized(duckdb: IndexDatabase) -> dict:
+    """The facts of the index in the database, for the checks run alone; a database that never
+    held it is said in one line (and no empty database file is left behind)."""
+    import duckdb as duckdb_module
+
+    never = dg.Failure(
+        f"the index was never materialized into {duckdb.database}: materialize idc_index first "
+        "(its checks run in the same step)"
+    )
+    if duckdb.database != ":memory:" and not Path(duckdb.database).is_file():
+        raise never
+    with duckdb.get_connection() as con:
+        try:
+            return idx.index_facts(con)
+        except duckdb_module.CatalogException:
+            raise never from None
 
 
 def schema_dir(source: idx.IndexSource) -> Path:

@@ -7,6 +7,8 @@ of Dagster's bookkeeping and two more database connections, more than the checks
 Selected alone (the UI's "Execute checks", ``AssetSelection.checks``) they run without
 materializing the index, on the database as it is."""
 
+import inspect
+
 import dagster as dg
 
 INDEX_KEY = dg.AssetKey("idc_index")
@@ -67,8 +69,12 @@ def urls_present(facts: dict) -> dg.AssetCheckResult:
 
 #: The checks of ``idc_index``: a warning, and one that blocks what reads the index.
 INDEX_CHECKS = [
-    dg.AssetCheckSpec("idc_index_rows_are_safe", asset=INDEX_KEY, blocking=False, description=rows_are_safe.__doc__),
-    dg.AssetCheckSpec("idc_index_urls_present", asset=INDEX_KEY, blocking=True, description=urls_present.__doc__),
+    dg.AssetCheckSpec(
+        "idc_index_rows_are_safe", asset=INDEX_KEY, blocking=False, description=inspect.getdoc(rows_are_safe)
+    ),
+    dg.AssetCheckSpec(
+        "idc_index_urls_present", asset=INDEX_KEY, blocking=True, description=inspect.getdoc(urls_present)
+    ),
 ]
 INDEX_CHECK_KEYS = [spec.key for spec in INDEX_CHECKS]
 
