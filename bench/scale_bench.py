@@ -9,7 +9,8 @@ a pool of K real DICOM files written with pydicom, so the tree costs no disk), t
 into a fresh destination under --work-root (/dev/shm):
 
 1. raw s5cmd: one `s5cmd run` of the `cp` lines the engine writes (same flags, 64 workers);
-2. `dataset idc download nlst DEST`: wall time, peak RSS of the Python process and of its s5cmd;
+2. `dataset idc download nlst DEST`, --downloads times (default 3): wall time and peak RSS of the
+   Python process (medians: the peak varies by several MB from run to run) and of its s5cmd;
 3. the same command again on the complete destination (requests counted by the server);
 4. `--dry-run` (text) and `--dry-run --json`: time and peak RSS;
 5. a download killed with SIGKILL when half the files have been served, then the resume: its
@@ -32,6 +33,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from statistics import median
 from urllib.parse import parse_qs, urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,11 +244,16 @@ def one_size(a, files: int, work: Path, pool: list[Path]) -> dict:
         shutil.rmtree(work / "raw", ignore_errors=True)
         print(f"  raw s5cmd: {out['raw']['s']} s, {out['raw']['rss_mb']} MB", flush=True)
 
-        servers.ask("reset")
-        out["cli"] = measure([*cli, str(fresh(work / "cli")), *workers], env)
-        out["cli"]["server"] = servers.ask()
-        print(f"  dataset idc download: {out['cli']['s']} s, {out['cli']['rss_mb']} MB "
-              f"(s5cmd {out['cli']['s5cmd_rss_mb']} MB), rc {out['cli']['rc']}", flush=True)  # fmt: skip
+        runs = []  # peak RSS varies by several MB from run to run (the heap's history): the median of N
+        for _ in range(a.downloads):
+            servers.ask("reset")
+            run = measure([*cli, str(fresh(work / "cli")), *workers], env)
+            run["server"] = servers.ask()
+            runs.append(run)
+            print(f"  dataset idc download: {run['s']} s, {run['rss_mb']} MB "
+                  f"(s5cmd {run['s5cmd_rss_mb']} MB), rc {run['rc']}", flush=True)  # fmt: skip
+        out["cli"] = {**runs[-1], "s": median([r["s"] for r in runs]), "rss_mb": median([r["rss_mb"] for r in runs]),
+                      "runs": [{k: r[k] for k in ("s", "rss_mb", "rc")} for r in runs]}  # fmt: skip
 
         servers.ask("reset")
         out["rerun"] = measure([*cli, str(work / "cli"), *workers], env)
@@ -321,6 +328,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=64)
     p.add_argument("--work-root", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     p.add_argument("--no-kill", action="store_true", help="skip the SIGKILL-and-resume case")
+    p.add_argument("--downloads", type=int, default=3, help="CLI downloads per size (medians of time and peak RSS)")
     a = p.parse_args()
     if a.serve:
         return serve(a.serve, a.port)
